@@ -1,0 +1,3 @@
+from petune.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The hooks petune offers to plugins — the one module a plugin author reads.
+
+A plugin is a module (or object) exposed through the ``petune`` entry-point group
+in its package's ``pyproject.toml``::
+
+    [project.entry-points.petune]
+    my_strategy = "my_package.my_module"
+
+and implementing any of the hooks below with ``@petune.hookimpl``::
+
+    from petune import hookimpl
+
+    @hookimpl
+    def register_strategies(register):
+        register(MyStrategy)
+
+First-party strategies, tasks and model sources are registered the same way, from
+``petune_plugins`` (see ``plugins/`` in the repository).
+
+Order: first-party plugins are registered first, then third-party packages sorted
+by distribution name and then entry-point name. Registration hooks are called once
+per plugin in that order; lifecycle hooks (``on_run_start``, ``on_run_end``,
+``trainer_callbacks``) also run in that order. Registering a name that is already
+taken is an error naming both packages.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("petune")
+
+
+@hookspec
+def register_strategies(register):
+    """Register strategy classes: ``register(MyStrategy)``.
+
+    A strategy subclasses :class:`petune.api.Strategy` and decides which parameters
+    train (full, LoRA, adapters, ...).
+    """
+
+
+@hookspec
+def register_tasks(register):
+    """Register task classes: ``register(MyTask)``.
+
+    A task subclasses :class:`petune.api.Task` and owns data loading, the model head,
+    collator, metrics and the trainer it runs on.
+    """
+
+
+@hookspec
+def register_model_sources(register):
+    """Register model-source classes: ``register(MySource)``.
+
+    A model source subclasses :class:`petune.api.ModelSource` and turns a recipe's
+    ``[model] name`` into a local folder in transformers format.
+    """
+
+
+@hookspec
+def on_run_start(run):
+    """Called once a run's plan is fixed, before training. ``run`` is a
+    :class:`petune.runner.Run` (recipe, run folder, task, strategy)."""
+
+
+@hookspec
+def trainer_callbacks(run):
+    """Return a list of ``transformers.TrainerCallback`` objects to add to the trainer."""
+
+
+@hookspec
+def on_run_end(run, result):
+    """Called after a run ends. ``result`` is a :class:`petune.runner.RunResult`
+    (status ``"completed"``, ``"failed"`` or ``"interrupted"``, metrics, error)."""

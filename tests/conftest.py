@@ -1,0 +1,48 @@
+"""Shared fixtures: offline mode, the plugin host, tiny random models, real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PETUNE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def host():
+    from petune.plugins import PluginHost
+
+    return PluginHost()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_path() -> Path:
+    """A 2-layer Llama-like causal LM with random weights (cached)."""
+    from petune_plugins.sources.random_init import RandomInitSource
+
+    return RandomInitSource().resolve("random:tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_path() -> Path:
+    """A 2-layer BERT-like encoder with random weights (cached)."""
+    from petune_plugins.sources.random_init import RandomInitSource
+
+    return RandomInitSource().resolve("random:tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets in ../shared/data; tests using them skip when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real datasets not found at {SHARED_DATA} (set PETUNE_SHARED_DATA or put ../shared/data beside the repo)")
+    return SHARED_DATA
