@@ -42,14 +42,17 @@ class Options(BaseModel):
 
 
 def _resolve_against_recipe(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
+    context = info.context or {}
     value = value.expanduser()
-    if base is not None and not value.is_absolute():
-        value = Path(base) / value
+    if context.get("base_dir") is not None and not value.is_absolute():
+        value = Path(context["base_dir"]) / value
+    if context.get("check_paths") and not value.exists():
+        raise ValueError(f"file not found: {value}")
     return value
 
 
-#: A data path in an options schema: relative paths resolve against the recipe's folder.
+#: A data path in an options schema: relative paths resolve against the recipe's folder,
+#: and must exist when a recipe is validated for a run.
 DataPath = Annotated[Path, Strict(False), AfterValidator(_resolve_against_recipe)]
 
 

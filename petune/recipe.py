@@ -234,11 +234,11 @@ def _check_section(problems: _Problems, data: dict, section: str, schema: type[O
 
 
 def validate(data: dict, host, *, path: Path | None = None, text: str | None = None,
-             overrides: list[str] = ()) -> Recipe:
+             overrides: list[str] = (), check_paths: bool = True) -> Recipe:
     """Check every section against its schema (plugins own [task] and [strategy])."""
     overridden = {o.partition("=")[0].strip() for o in overrides}
     problems = _Problems(path, text, overridden)
-    context = {"base_dir": path.parent.resolve() if path else Path.cwd()}
+    context = {"base_dir": path.parent.resolve() if path else Path.cwd(), "check_paths": check_paths}
 
     for key in data:
         if key not in SECTIONS:
@@ -285,9 +285,9 @@ def validate(data: dict, host, *, path: Path | None = None, text: str | None = N
     )
 
 
-def load_recipe(path: str | Path, host, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, host, overrides: list[str] = (), *, check_paths: bool = True) -> Recipe:
     """Read, override and validate a recipe file."""
     path = Path(path)
     data, text = read_toml(path)
     apply_overrides(data, list(overrides))
-    return validate(data, host, path=path, text=text, overrides=list(overrides))
+    return validate(data, host, path=path, text=text, overrides=list(overrides), check_paths=check_paths)

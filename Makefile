@@ -1,0 +1,34 @@
+# make run   — set up, then train the Quickstart recipe (QLoRA SFT on the packaged Gemma 3 270M)
+# make test  — set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.petune-installed
+
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: 2.13.0 is a CPU wheel on the dev/CI machines,
+# while an unpinned torch would pull several GB of CUDA packages there.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/petune run recipes/qlora_sft.toml --overwrite
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(VENV)/bin/petune bench --smoke
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,155 @@
+"""The ``petune`` command. Exit codes: 0 ok, 2 user error (recipe, data, arguments), 1 internal failure."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from rich.markup import escape
+from rich.table import Table
+
+from petune import __version__
+from petune.console import err, out
+from petune.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _host():
+    from petune.plugins import get_host
+
+    host = get_host()
+    for failure in host.failures:
+        err.print(f"[yellow]warning[/]: {escape(str(failure))}", soft_wrap=True)
+    return host
+
+
+def _recipe(args):
+    from petune.recipe import load_recipe
+
+    return load_recipe(args.recipe, _host(), args.set or [])
+
+
+# -- commands -------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from petune import runner
+
+    recipe = _recipe(args)
+    result = runner.run(recipe, _host(), dry_run=args.dry_run, resume=args.resume, overwrite=args.overwrite)
+    if result.status == "completed":
+        err.print(f"[green]done[/]: run saved in [bold]{escape(str(recipe.output_dir))}[/]")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    host = _host()
+    recipe = _recipe(args)
+    task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
+    with host.blame("strategy", strategy.name, "check"):
+        strategy.check(task, None, recipe.strategy)
+    out.print(f"[green]ok[/]: {escape(str(args.recipe))} — model {escape(recipe.model.name)}, "
+              f"task {recipe.task_name}, strategy {recipe.strategy_name}, output {escape(recipe.output.dir)}")
+    return 0
+
+
+def cmd_plugins(args) -> int:
+    rows = _host().listing()  # load failures are reported on stderr, one line each
+    if args.json:
+        print(json.dumps([{k: r[k] for k in ("name", "kind", "package", "version")} for r in rows], indent=2))
+        return 0
+    table = Table(title="Installed plugins", title_justify="left")
+    for col in ("kind", "name", "package", "version", "description"):
+        table.add_column(col)
+    for r in sorted(rows, key=lambda r: (r["kind"], r["name"])):
+        table.add_row(r["kind"], r["name"], r["package"], r["version"], r["description"])
+    out.print(table)
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    table = Table(title=f"Bundled recipes ({RECIPES_DIR})", title_justify="left")
+    table.add_column("recipe", style="bold")
+    table.add_column("what it shows")
+    for path in sorted(RECIPES_DIR.glob("*.toml")):
+        table.add_row(f"recipes/{path.name}", _recipe_summary(path))
+    out.print(table)
+    return 0
+
+
+def _recipe_summary(path: Path) -> str:
+    for line in path.read_text(encoding="utf-8").splitlines():
+        text = line.strip().lstrip("#").strip()
+        if line.startswith("#") and text:
+            return text
+    return ""
+
+
+def cmd_env(args) -> int:
+    from petune.artifacts import device_description, package_versions
+    from petune.console import key_value_table
+
+    host = _host()
+    rows = list(package_versions().items()) + [("device", device_description())]
+    rows += [(f"plugin {r['kind']} {r['name']}", f"{r['package']} {r['version']}") for r in host.listing()]
+    rows += [("plugin failure", str(f)) for f in host.failures]
+    out.print(key_value_table(f"petune {__version__} environment", rows))
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="petune", description="Parameter-efficient fine-tuning from TOML recipes.")
+    parser.add_argument("--version", action="version", version=f"petune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_recipe(p):
+        p.add_argument("recipe", type=Path, help="recipe .toml file")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a recipe value, typed like TOML (repeatable): --set train.learning_rate=1e-4")
+        return p
+
+    p = with_recipe(sub.add_parser("run", help="train, save and evaluate a recipe"))
+    p.add_argument("--dry-run", action="store_true", help="print the plan (with parameter counts) and exit")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=cmd_run)
+
+    p = with_recipe(sub.add_parser("validate", help="check a recipe without loading anything heavy"))
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plugins", help="list strategies, tasks and model sources, with their packages")
+    p.add_argument("--json", action="store_true", help="print JSON: [{name, kind, package, version}]")
+    p.set_defaults(func=cmd_plugins)
+
+    sub.add_parser("recipes", help="list the bundled recipes").set_defaults(func=cmd_recipes)
+    sub.add_parser("env", help="versions and device, for bug reports").set_defaults(func=cmd_env)
+
+    from petune import commands  # commands on finished runs (eval, predict, generate, chat, merge)
+
+    commands.add_to(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse exits 2 on bad arguments
+    try:
+        return args.func(args) or 0
+    except UserError as exc:
+        err.print(f"[bold red]error[/]: {escape(str(exc))}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        return 130
+    except Exception:
+        err.print_exception(max_frames=20)
+        err.print("[bold red]internal error[/]: this is a bug in petune or a plugin; please report it with `petune env`")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Commands on a finished run folder: eval, predict, generate, chat, merge.
+
+Each needs only the run folder and the input given; the task plugin does the work.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.markup import escape
+
+from petune.console import err, metrics_table, out
+from petune.errors import UserError
+
+
+def _load(run_dir, **kwargs):
+    from petune.cli import _host
+    from petune.runner import load_run
+
+    with err.status(f"loading {run_dir} ..."):
+        return load_run(run_dir, _host(), **kwargs)
+
+
+def _needs(run, method: str, what: str):
+    if not callable(getattr(run.task, method, None)):
+        raise UserError(f"task {run.task.name!r} does not support {what}", where=str(run.dir))
+    return getattr(run.task, method)
+
+
+def cmd_eval(args) -> int:
+    from petune import artifacts
+    from petune.runner import training_arguments
+
+    run = _load(args.run_dir)
+    options = run.recipe.task
+    if args.data is not None:
+        if "test" not in type(options).model_fields:
+            raise UserError(f"task {run.task.name!r} has no 'test' data option to replace", where="--data")
+        options = options.model_copy(update={"test": args.data.resolve()})
+    out_dir = Path(args.out) if args.out else run.dir / "eval"
+    data = run.task.load_data(options, run.tokenizer)
+    args_dict = training_arguments(run.recipe, out_dir, run.task, data)
+    args_dict.update(eval_strategy="no", load_best_model_at_end=False, report_to="none")
+    trainer = run.task.make_trainer(model=run.model, tokenizer=run.tokenizer, data=data, options=options,
+                                    args=args_dict, callbacks=[])
+    metrics = run.task.evaluate(trainer, data, options, out_dir)
+    artifacts.write_json(out_dir / "metrics.json", metrics)
+    out.print(metrics_table(f"Evaluation — {run.dir}", metrics))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    run = _load(args.run_dir)
+    predict = _needs(run, "predict", "predict")
+    if args.input is None or str(args.input) == "-":
+        text, source = sys.stdin.read(), "<stdin>"
+    else:
+        try:
+            text, source = Path(args.input).read_text(encoding="utf-8"), str(args.input)
+        except FileNotFoundError:
+            raise UserError("input file not found", where=str(args.input)) from None
+        except UnicodeDecodeError as exc:
+            raise UserError(f"not UTF-8 text (byte {exc.start})", where=str(args.input)) from None
+    rows = run.task.parse_inputs(run.recipe.task, text, source)
+    predictions = predict(run.model, run.tokenizer, run.recipe.task, run.state, rows)
+    formatted = run.task.format_predictions(rows, predictions)
+    if args.output:
+        from petune import artifacts
+
+        artifacts.write_text(Path(args.output), formatted)
+        err.print(f"wrote {len(predictions)} predictions to {escape(str(args.output))}")
+    else:
+        sys.stdout.write(formatted)
+    return 0
+
+
+def _generation_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    run = _load(args.run_dir)
+    generate = _needs(run, "generate", "text generation (try `petune predict`)")
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
+    text = generate(run.model, run.tokenizer, run.recipe.task, run.state, messages, **_generation_kwargs(args))
+    out.print(escape(text), soft_wrap=True)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    run = _load(args.run_dir)
+    generate = _needs(run, "generate", "chat")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    err.print("[dim]chat with the run; empty line or Ctrl-D to quit, /reset to start over[/]")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        reply = generate(run.model, run.tokenizer, run.recipe.task, run.state, messages, **_generation_kwargs(args))
+        messages.append({"role": "assistant", "content": reply})
+        out.print(f"[bold cyan]model>[/] {escape(reply)}")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from petune import artifacts
+
+    out_dir = Path(args.out)
+    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
+        raise UserError("merge output folder already exists", where=str(out_dir), hint="pass --overwrite or pick another --out")
+    # Merge into a 16/32-bit base: folding LoRA into 4-bit weights would round it away.
+    run = _load(args.run_dir, quantized=False)
+    if run.strategy.load_kwargs(run.recipe.strategy).get("quantization_config") is not None:
+        err.print("[yellow]note[/]: the adapter was trained on a 4-bit base; merging into the 16-bit base "
+                  "(not into 4-bit weights, which would lose accuracy). Outputs differ slightly from the 4-bit run.")
+    merged = run.strategy.merge(run.model)
+
+    def fill(tmp: Path):
+        merged.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+
+    artifacts.write_dir(out_dir, fill)
+    out.print(f"[green]merged[/] model written to [bold]{escape(str(out_dir))}[/] "
+              f"(load with transformers' from_pretrained)")
+    return 0
+
+
+def add_to(sub) -> None:
+    def run_arg(p):
+        p.add_argument("run_dir", type=Path, help="a finished run folder")
+        return p
+
+    p = run_arg(sub.add_parser("eval", help="re-evaluate a finished run"))
+    p.add_argument("--data", type=Path, help="evaluate on this file instead of the recipe's test split")
+    p.add_argument("--out", type=Path, help="where to write the reports (default RUN_DIR/eval)")
+    p.set_defaults(func=cmd_eval)
+
+    p = run_arg(sub.add_parser("predict", help="predict labels / entities for an input file or stdin"))
+    p.add_argument("--input", type=Path, help="input file (default: stdin)")
+    p.add_argument("--output", type=Path, help="write predictions here (default: stdout)")
+    p.set_defaults(func=cmd_predict)
+
+    for name, help_text, func in (("generate", "generate an answer to one prompt", cmd_generate),
+                                  ("chat", "chat interactively with a causal-LM run", cmd_chat)):
+        p = run_arg(sub.add_parser(name, help=help_text))
+        if name == "generate":
+            p.add_argument("--prompt", required=True, help="the user message")
+        p.add_argument("--system", help="a system message")
+        p.add_argument("--max-new-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int, default=None)
+        p.set_defaults(func=func)
+
+    p = run_arg(sub.add_parser("merge", help="merge a LoRA/QLoRA run into a standalone 16-bit model"))
+    p.add_argument("--out", required=True, type=Path, help="output folder for the merged model")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_merge)

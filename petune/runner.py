@@ -1,0 +1,259 @@
+"""The pipeline: recipe → model → data → strategy → train → save → evaluate → report.
+
+It knows no concrete strategy or task: everything that varies is a plugin (petune/api.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from petune import artifacts
+from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters
+from petune.console import err, human_count, is_main_process, key_value_table, metrics_table, out, training_progress_callback
+from petune.errors import UserError
+from petune.models import resolve_model
+from petune.plugins import PluginHost
+from petune.recipe import Recipe, load_recipe
+
+
+@dataclass
+class Run:
+    """What lifecycle hooks receive: the plan of one run."""
+
+    recipe: Recipe
+    dir: Path
+    task: Task
+    strategy: Strategy
+    model_info: ModelInfo | None = None
+    data: TaskData | None = None
+
+
+@dataclass
+class RunResult:
+    status: str  # "completed" | "failed" | "interrupted" | "planned"
+    metrics: dict = field(default_factory=dict)
+    error: str | None = None
+    trainable_parameters: int = 0
+    total_parameters: int = 0
+
+
+# -- the flow -------------------------------------------------------------------------------
+def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool = False, overwrite: bool = False) -> RunResult:
+    task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
+    with host.blame("strategy", strategy.name, "check"):
+        strategy.check(task, None, recipe.strategy)  # refuse what is impossible before anything loads
+    if not dry_run:
+        artifacts.prepare_run_dir(recipe.output_dir, resume=resume, overwrite=overwrite)
+
+    info = resolve_model(recipe.model.name, host.model_sources())
+    with host.blame("task", task.name, "check"):
+        task.check(info, recipe.task)
+    with host.blame("strategy", strategy.name, "check"):
+        strategy.check(task, info, recipe.strategy)
+
+    from transformers import AutoTokenizer, set_seed
+
+    set_seed(recipe.train.seed)  # one seed for data order, head and adapter initialisation
+    tokenizer = AutoTokenizer.from_pretrained(info.path)
+    with host.blame("task", task.name, "load_data"):
+        data = task.load_data(recipe.task, tokenizer)
+    model = build_trainable_model(recipe, host, task, strategy, info, data.state)
+    trainable, total = count_parameters(model)
+    the_run = Run(recipe, recipe.output_dir, task, strategy, info, data)
+    show_plan(the_run, trainable, total)
+    if dry_run:
+        return RunResult("planned", trainable_parameters=trainable, total_parameters=total)
+
+    run_dir = recipe.output_dir
+    artifacts.start_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    artifacts.write_toml(run_dir / "recipe.toml", recipe.resolved())
+    artifacts.write_json(run_dir / "task_state.json", data.state)
+    manifest = artifacts.new_manifest(recipe, host.listing())
+    manifest.update(trainable_parameters=trainable, total_parameters=total)
+    artifacts.write_json(run_dir / "manifest.json", manifest)
+    host.call("on_run_start", run=the_run)
+
+    result = RunResult("failed", trainable_parameters=trainable, total_parameters=total)
+    try:
+        args = training_arguments(recipe, run_dir, task, data)
+        callbacks = [training_progress_callback(), *early_stopping(recipe)]
+        callbacks += [cb for cbs in host.call("trainer_callbacks", run=the_run) for cb in cbs]
+        with host.blame("task", task.name, "make_trainer"):
+            trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,
+                                        args=args, callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=resume and has_checkpoint(run_dir))
+
+        if is_main_process():
+            artifacts.write_dir(run_dir / strategy.artifact, lambda p: strategy.save(trainer.model, p))
+            artifacts.write_dir(run_dir / "tokenizer", tokenizer.save_pretrained)
+        with host.blame("task", task.name, "evaluate"):
+            result.metrics = task.evaluate(trainer, data, recipe.task, run_dir)
+        result.status = "completed"
+        if is_main_process():
+            artifacts.write_json(run_dir / "metrics.json", result.metrics)
+            artifacts.write_json(run_dir / "log_history.json", trainer.state.log_history)
+            artifacts.plot_loss(trainer.state.log_history, run_dir / "plots" / "loss.png")
+            out.print(metrics_table(f"Results — {run_dir}", result.metrics))
+        return result
+    except KeyboardInterrupt:
+        result.status, result.error = "interrupted", "stopped by the user"
+        raise
+    except BaseException as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        manifest.update(status=result.status, ended=artifacts.now(), error=result.error)
+        if is_main_process():
+            artifacts.write_json(run_dir / "manifest.json", manifest)
+        host.call("on_run_end", run=the_run, result=result)
+
+
+def build_trainable_model(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy, info: ModelInfo, state: dict):
+    load_kwargs = {"dtype": model_dtype(recipe.model.dtype), **strategy.load_kwargs(recipe.strategy)}
+    with host.blame("task", task.name, "build_model"):
+        model = task.build_model(info, recipe.task, state, **load_kwargs)
+    with host.blame("strategy", strategy.name, "apply"):
+        return strategy.apply(model, task, recipe.strategy)
+
+
+# -- loading a finished run -----------------------------------------------------------------
+@dataclass
+class LoadedRun:
+    dir: Path
+    recipe: Recipe
+    task: Task
+    strategy: Strategy
+    state: dict
+    model: object
+    tokenizer: object
+
+
+def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True) -> LoadedRun:
+    """Rebuild a finished run's model (base + trained weights) from its folder alone.
+    ``quantized=False`` loads the base in 16/32-bit even for 4-bit strategies (for merging)."""
+    run_dir = Path(run_dir)
+    for needed in ("recipe.toml", "task_state.json", "tokenizer"):
+        if not (run_dir / needed).exists():
+            raise UserError(f"not a finished petune run (no {needed})", where=str(run_dir),
+                            hint="give the output folder of a completed `petune run`")
+    recipe = load_recipe(run_dir / "recipe.toml", host, check_paths=False)
+    task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
+    if not (run_dir / strategy.artifact).exists():
+        raise UserError(f"the run has no {strategy.artifact}/ folder (did it finish?)", where=str(run_dir))
+    from transformers import AutoTokenizer
+
+    info = resolve_model(recipe.model.name, host.model_sources())
+    state = artifacts.read_json(run_dir / "task_state.json")
+    load_kwargs = {"dtype": model_dtype(recipe.model.dtype)}
+    if quantized:
+        load_kwargs.update(strategy.load_kwargs(recipe.strategy))
+    with host.blame("task", task.name, "build_model"):
+        base = task.build_model(info, recipe.task, state, **load_kwargs)
+    with host.blame("strategy", strategy.name, "restore"):
+        model = strategy.restore(base, run_dir / strategy.artifact, task, recipe.strategy)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    return LoadedRun(run_dir, recipe, task, strategy, state, model, tokenizer)
+
+
+# -- pieces ---------------------------------------------------------------------------------
+def model_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def precision_flags(precision: str) -> dict:
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData) -> dict:
+    """transformers.TrainingArguments keyword arguments from [train] and [eval]."""
+    t, e = recipe.train, recipe.eval
+    eval_strategy = e.strategy if data.validation is not None else "no"
+    metric = e.metric or task.primary_metric
+    keep_best = e.early_stopping_patience is not None and eval_strategy != "no"
+    args = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=e.batch_size or t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        seed=t.seed,
+        data_seed=t.seed,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        eval_strategy=eval_strategy,
+        eval_steps=e.steps,
+        save_strategy=eval_strategy if keep_best else "steps",
+        save_steps=e.steps if keep_best and eval_strategy == "steps" else t.save_steps,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model=metric,
+        greater_is_better=not metric.endswith("loss") and metric != "perplexity",
+        report_to=list(t.report_to) or "none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        **precision_flags(t.precision),
+    )
+    if "tensorboard" in t.report_to:
+        import os
+
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    return args
+
+
+def early_stopping(recipe: Recipe) -> list:
+    if recipe.eval.early_stopping_patience is None:
+        return []
+    from transformers import EarlyStoppingCallback
+
+    return [EarlyStoppingCallback(early_stopping_patience=recipe.eval.early_stopping_patience)]
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("checkpoint-*"))
+
+
+def show_plan(run: Run, trainable: int, total: int) -> None:
+    if not is_main_process():
+        return
+    r = run.recipe
+    data = run.data
+    sizes = ", ".join(f"{name} {len(split)}" for name, split in
+                      (("train", data.train), ("validation", data.validation), ("test", data.test)) if split is not None)
+    rows = [
+        ("model", f"{r.model.name}  ({run.model_info.model_type}, {run.model_info.path})"),
+        ("task", f"{r.task_name}  {_options_text(r.task)}"),
+        ("strategy", f"{r.strategy_name}  {_options_text(r.strategy)}"),
+        ("data", sizes),
+        ("parameters", f"{human_count(trainable)} trainable of {human_count(total)} ({100 * trainable / max(total, 1):.3f}%)"),
+        ("batch", f"{r.train.batch_size} × grad_accum {r.train.grad_accum}"),
+        ("schedule", f"max_steps {r.train.max_steps}" if r.train.max_steps else f"{r.train.epochs:g} epochs"),
+        ("output", str(run.dir)),
+    ]
+    rows += [(f"note: {k}", v) for k, v in data.notes.items()]
+    err.print(key_value_table("Plan", rows))
+
+
+def _options_text(options) -> str:
+    return " ".join(f"{k}={v}" for k, v in options.model_dump(mode="json").items() if v is not None)
