@@ -96,7 +96,7 @@ class ModelInfo:
         archs = self.config.architectures or []
         if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
             return True
-        from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
         return self.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not archs
 

@@ -41,7 +41,7 @@ def cmd_run(args) -> int:
     result = runner.run(recipe, _host(), dry_run=args.dry_run, resume=args.resume, overwrite=args.overwrite)
     if result.status == "completed":
         err.print(f"[green]done[/]: run saved in [bold]{escape(str(recipe.output_dir))}[/]")
-    return 0
+    return 130 if result.status == "interrupted" else 0
 
 
 def cmd_validate(args) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from petune.api import Options
 from petune.errors import RecipeError, UserError
@@ -24,6 +24,15 @@ SECTIONS = ("model", "task", "strategy", "train", "eval", "output")
 class ModelSection(Options):
     name: str = Field(description="packaged model, Hub id, local folder or .gguf file")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _relative_to_recipe(cls, name: str, info: ValidationInfo) -> str:
+        """./ and ../ model paths resolve against the recipe's folder, like data paths."""
+        base = (info.context or {}).get("base_dir")
+        if base is not None and name.startswith(("./", "../")):
+            return str((Path(base) / name).resolve())
+        return name
 
 
 class TrainSection(Options):

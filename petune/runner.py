@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petune import artifacts
+from petune import artifacts, checkpoints
 from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters
 from petune.console import err, human_count, is_main_process, key_value_table, metrics_table, out, training_progress_callback
 from petune.errors import UserError
@@ -66,23 +66,34 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
         return RunResult("planned", trainable_parameters=trainable, total_parameters=total)
 
     run_dir = recipe.output_dir
-    artifacts.start_run_dir(run_dir, overwrite=overwrite, resume=resume)
-    artifacts.write_toml(run_dir / "recipe.toml", recipe.resolved())
-    artifacts.write_json(run_dir / "task_state.json", data.state)
+    check_disk_space(run_dir, recipe, strategy, trainable, total)
+    resume_from = checkpoints.newest_valid(run_dir) if resume else None
+    if resume:
+        err.print(f"resuming from {resume_from}" if resume_from else "[yellow]no valid checkpoint: starting from step 0[/]")
+    if is_main_process():
+        artifacts.start_run_dir(run_dir, overwrite=overwrite, resume=resume)
+        artifacts.write_toml(run_dir / "recipe.toml", recipe.resolved())
+        artifacts.write_json(run_dir / "task_state.json", data.state)
     manifest = artifacts.new_manifest(recipe, host.listing())
-    manifest.update(trainable_parameters=trainable, total_parameters=total)
-    artifacts.write_json(run_dir / "manifest.json", manifest)
+    manifest.update(trainable_parameters=trainable, total_parameters=total, resumed_from=str(resume_from) if resume_from else None)
+    if is_main_process():
+        artifacts.write_json(run_dir / "manifest.json", manifest)
     host.call("on_run_start", run=the_run)
 
     result = RunResult("failed", trainable_parameters=trainable, total_parameters=total)
     try:
         args = training_arguments(recipe, run_dir, task, data)
-        callbacks = [training_progress_callback(), *early_stopping(recipe)]
+        callbacks = [training_progress_callback(), *checkpoints.callbacks(), *early_stopping(recipe)]
         callbacks += [cb for cbs in host.call("trainer_callbacks", run=the_run) for cb in cbs]
         with host.blame("task", task.name, "make_trainer"):
             trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,
                                         args=args, callbacks=callbacks)
-        trainer.train(resume_from_checkpoint=resume and has_checkpoint(run_dir))
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if checkpoints.stop_requested(callbacks):
+            result.status, result.error = "interrupted", "stopped by a signal after writing a checkpoint"
+            err.print(f"[yellow]stopped[/] at step {trainer.state.global_step}; continue with: "
+                      f"petune run {recipe.path} --resume" + "".join(f" --set {o}" for o in recipe.overrides))
+            return result
 
         if is_main_process():
             artifacts.write_dir(run_dir / strategy.artifact, lambda p: strategy.save(trainer.model, p))
@@ -230,8 +241,25 @@ def early_stopping(recipe: Recipe) -> list:
     return [EarlyStoppingCallback(early_stopping_patience=recipe.eval.early_stopping_patience)]
 
 
-def has_checkpoint(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob("checkpoint-*"))
+def check_disk_space(run_dir: Path, recipe: Recipe, strategy: Strategy, trainable: int, total: int) -> None:
+    """Refuse to start a run whose checkpoints and artifacts cannot fit on the disk."""
+    import shutil
+
+    # per checkpoint: trainable weights (fp32) + two Adam states; full models also save every weight
+    checkpoint = trainable * 12 + (total * 4 if strategy.artifact == "model" else 0)
+    final = trainable * 4 + (total * 4 if strategy.artifact == "model" else 0)
+    needed = checkpoint * (recipe.train.save_total_limit + 1) + final + 50 * 2**20
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        from petune.console import human_bytes
+
+        raise UserError(f"not enough disk space: the run needs about {human_bytes(needed)} "
+                        f"({recipe.train.save_total_limit} checkpoints of {human_bytes(checkpoint)} + final artifacts), "
+                        f"{human_bytes(free)} is free", where=str(parent),
+                        hint="free some space, lower train.save_total_limit, or set output.dir on a larger disk")
 
 
 def show_plan(run: Run, trainable: int, total: int) -> None:

@@ -1,0 +1,96 @@
+"""Checkpoints that survive crashes, resume from the newest valid one, and a clean stop on Ctrl-C.
+
+The HF Trainer writes ``checkpoints/checkpoint-N/`` in place. A checkpoint only counts
+once petune has seen the trainer finish it and written ``petune-complete.json`` into it
+(atomically), so a crash mid-write leaves a folder without the marker: never mistaken
+for a whole checkpoint, skipped with a warning on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+
+from petune import artifacts
+from petune.console import err, is_main_process
+
+MARKER = "petune-complete.json"
+
+
+def _step(path: Path) -> int:
+    m = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def is_valid(path: Path) -> bool:
+    """A checkpoint is whole when petune marked it and its trainer state parses."""
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all((path / name).exists() for name in marker.get("files", []))
+
+
+def newest_valid(run_dir: Path) -> Path | None:
+    """The newest whole checkpoint; broken ones are reported and skipped."""
+    candidates = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*") if _step(p) >= 0), key=_step, reverse=True)
+    for path in candidates:
+        if is_valid(path):
+            return path
+        err.print(f"[yellow]warning[/]: skipping incomplete or corrupt checkpoint {path}")
+    return None
+
+
+def callbacks() -> list:
+    """Mark finished checkpoints; stop cleanly (with a checkpoint) on SIGINT/SIGTERM."""
+    from transformers import TrainerCallback
+
+    class MarkCompleteCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if not is_main_process():
+                return
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MARKER)
+                artifacts.write_json(path / MARKER, {"step": state.global_step, "files": files})
+
+    class StopOnSignal(TrainerCallback):
+        """First Ctrl-C / SIGTERM: checkpoint at the end of this step and stop.
+        A second Ctrl-C stops at once."""
+
+        def __init__(self):
+            self.requested = False
+            self._previous = {}
+
+        def _handler(self, signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            err.print(f"\n[yellow]{signal.Signals(signum).name}[/]: saving a checkpoint, then stopping "
+                      "(press Ctrl-C again to stop at once)")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self._previous[sig] = signal.signal(sig, self._handler)
+                except ValueError:  # not in the main thread: leave signals alone
+                    pass
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous)
+            self._previous.clear()
+
+    return [MarkCompleteCheckpoints(), StopOnSignal()]
+
+
+def stop_requested(callback_list: list) -> bool:
+    return any(getattr(cb, "requested", False) for cb in callback_list)
