@@ -1,0 +1,140 @@
+"""Helpers the first-party strategies share: finding the transformer blocks, the task
+head, quantisation checks, and the peft plumbing used by lora, qlora and prompt_tuning.
+
+Private to ``petune_plugins.strategies``; third-party strategies should not import it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import Field
+
+from petune.api import ModelInfo, Options, Task
+from petune.errors import Refusal, UserError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel
+
+
+# -- model anatomy -------------------------------------------------------------------------
+def find_layers(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
+    """The stack of transformer blocks (``bert.encoder.layer``, ``model.layers`` ...): the
+    ModuleList of same-class modules holding the most parameters. Generic on purpose: no
+    table of architectures to keep up to date."""
+    import torch
+
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size and (best is None or size > best[2]):
+                best = (name, module, size)
+    if best is None:
+        raise Refusal(f"cannot find the transformer layers of {type(model).__name__}")
+    return best[0], best[1]
+
+
+def head_modules(task: Task, model: "torch.nn.Module") -> list[str]:
+    """The task's head module names, checked to exist (a typo would silently train nothing)."""
+    names = list(task.head_modules(model))
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"task {task.name!r} names head module {name!r}, which {type(model).__name__} does not have") from None
+    return names
+
+
+def is_4bit(model: "torch.nn.Module") -> bool:
+    """True when some weights are bitsandbytes 4-bit (packed, with a quant_state)."""
+    return any(getattr(p, "quant_state", None) is not None for p in model.parameters())
+
+
+def quantization_method(model_info: ModelInfo | None) -> str | None:
+    """The quantisation a checkpoint's weights still have when loaded (``gptq``, ``awq``,
+    ``bitsandbytes`` ...). GGUF does not count: transformers dequantises it on load."""
+    if model_info is None:
+        return None
+    qc = getattr(model_info.config, "quantization_config", None)
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = str(getattr(method, "value", method) or "unknown")
+    return None if method == "gguf" else method
+
+
+# -- peft: shared by lora, qlora and prompt_tuning ---------------------------------------------
+class LoraOptions(Options):
+    """LoRA: train low-rank updates ``B·A`` beside frozen linear layers."""
+
+    r: int = Field(16, ge=1, description="rank of the update matrices")
+    alpha: int = Field(32, ge=1, description="scaling numerator: updates are scaled by alpha / r (alpha / sqrt(r) with use_rslora)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = Field(
+        "all-linear", description="'all-linear' (every linear layer but the output layer) or module names, e.g. ['q_proj', 'v_proj']")
+    use_dora: bool = Field(False, description="DoRA: also train a magnitude vector per output feature")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train as well")
+
+
+def _check_target_names(model: "torch.nn.Module", names: list[str]) -> None:
+    """peft matches a name against the end of a module path; say which names match nothing."""
+    paths = [n for n, _ in model.named_modules()]
+    missing = [t for t in names if not any(p == t or p.endswith("." + t) for p in paths)]
+    if missing:
+        import torch
+
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"target_modules {missing} match no module of {type(model).__name__}",
+                        where="strategy.target_modules", hint=f"linear layers here: {', '.join(linear)}")
+
+
+def lora_config(options: LoraOptions, task: Task, model: "torch.nn.Module"):
+    from peft import LoraConfig
+
+    targets = options.target_modules
+    if isinstance(targets, list):
+        _check_target_names(model, targets)
+    return LoraConfig(
+        task_type=task.peft_task_type,
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=targets if targets == "all-linear" else list(targets),
+        use_dora=options.use_dora,
+        use_rslora=options.use_rslora,
+        bias=options.bias,
+        # the head is trained in full and saved with the adapter: a reloaded classifier
+        # must not come back with the base model's random head
+        modules_to_save=head_modules(task, model) or None,
+    )
+
+
+def apply_lora(model: "PreTrainedModel", task: Task, options: LoraOptions):
+    from peft import get_peft_model
+
+    # Frozen embeddings give inputs that need no grad; with (reentrant) gradient
+    # checkpointing nothing would then reach the adapters. Cheap insurance either way.
+    model.enable_input_require_grads()
+    return get_peft_model(model, lora_config(options, task, model))
+
+
+def restore_peft(base: "PreTrainedModel", path: Path):
+    """Load an adapter saved by ``save_pretrained`` onto a fresh base (plain peft)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, str(path))
+
+
+def merge_lora(model) -> "PreTrainedModel":
+    """Fold LoRA into the base weights and return the plain transformers model."""
+    if is_4bit(model):
+        warnings.warn(
+            "merging LoRA into 4-bit weights: they are dequantised, summed and quantised again, which "
+            "loses accuracy. Load the base unquantised (bf16/fp32), restore the adapter on it, then merge.",
+            UserWarning, stacklevel=2)
+    return model.merge_and_unload()

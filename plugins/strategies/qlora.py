@@ -1,0 +1,98 @@
+"""QLoRA: base weights loaded in 4-bit (bitsandbytes NF4/FP4), LoRA adapters trained on top.
+
+Preparing the quantised model deliberately avoids peft's ``prepare_model_for_kbit_training``:
+it upcasts every non-quantised parameter (embeddings, norms, head) to fp32, which costs
+gigabytes and halves speed on large models for no gain here. Instead: the base stays in its
+load dtype, inputs are made to require grad (so gradient checkpointing reaches the adapters),
+and peft keeps the LoRA weights themselves in fp32. Gradient checkpointing, when the recipe
+asks for it, is switched on by the trainer with ``use_reentrant=False``.
+
+Merging: folding LoRA into 4-bit weights re-quantises them and loses accuracy. The merge
+path loads the base *without* ``load_kwargs`` (bf16/fp32), restores the adapter onto it
+(a plain peft adapter: it loads on any precision) and merges there. Merging a 4-bit model
+still works but warns.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from petune import hookimpl
+from petune.api import Strategy
+from petune.errors import Refusal
+from petune_plugins.strategies._common import LoraOptions, apply_lora, head_modules, merge_lora, quantization_method, restore_peft
+
+# Kept in full precision when quantising: output layers and the usual task-head names.
+# (Giving bitsandbytes any skip list replaces transformers' own default, which only covers
+# the output layer and misses e.g. BERT's ``classifier``.) apply() double-checks the head.
+_UNQUANTISED = ["lm_head", "embed_out", "score", "classifier", "qa_outputs", "pooler.dense"]
+
+
+class QloraOptions(LoraOptions):
+    """LoRA options plus how the frozen base is quantised."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normally distributed weights")
+    double_quant: bool = Field(True, description="quantise the quantisation constants too (~0.4 bit/param saved)")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="dtype the 4-bit weights are dequantised to for matmuls")
+
+
+class QloraStrategy(Strategy):
+    name = "qlora"
+    description = "LoRA on a 4-bit (NF4) quantised base via bitsandbytes"
+    Options = QloraOptions
+    artifact = "adapter"
+
+    def check(self, task, model_info, options):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise Refusal(f"qlora needs bitsandbytes, which cannot be imported ({exc})",
+                          where="strategy.name", hint="pip install bitsandbytes, or use strategy 'lora'") from None
+        method = quantization_method(model_info)
+        if method is not None:
+            raise Refusal(f"model {model_info.name!r} is already quantised ({method}); qlora would quantise it again",
+                          where="strategy.name", hint="use strategy 'lora' on this model")
+
+    def load_kwargs(self, options):
+        import torch
+        from accelerate import PartialState
+        from transformers import BitsAndBytesConfig
+
+        return {
+            # bitsandbytes weights cannot be moved after loading (the Trainer does not try),
+            # so they load straight onto this process's device (its GPU under DDP, else CPU).
+            "device_map": {"": PartialState().device},
+            "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=options.quant_type,
+            bnb_4bit_use_double_quant=options.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype),
+            llm_int8_skip_modules=_UNQUANTISED,
+            ),
+        }
+
+    def apply(self, model, task, options):
+        for name in head_modules(task, model):
+            if any(getattr(p, "quant_state", None) is not None for p in model.get_submodule(name).parameters()):
+                raise Refusal(f"the task head {name!r} was loaded in 4-bit and cannot train",
+                              hint="report this model to petune: its head name is not in the skip list")
+        model = apply_lora(model, task, options)
+        model.train()
+        return model
+
+    def save(self, model, path):
+        model.save_pretrained(path)
+
+    def restore(self, base, path, task, options):
+        return restore_peft(base, path)
+
+    def merge(self, model):
+        return merge_lora(model)
+
+
+@hookimpl
+def register_strategies(register):
+    register(QloraStrategy)
