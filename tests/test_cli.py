@@ -64,7 +64,7 @@ def test_validate_misspelt_strategy_key_exits_2_with_suggestion(recipe_dir):
     result = petune("validate", str(recipe_dir / "r.toml"))
     assert result.returncode == 2
     assert "strategy.rr: unknown key — did you mean strategy.r?" in result.stderr
-    assert "r.toml:11" in result.stderr
+    assert "r.toml:10" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 
@@ -72,7 +72,7 @@ def test_validate_toml_syntax_error_exits_2_with_line_and_column(recipe_dir):
     (recipe_dir / "r.toml").write_text(RECIPE.replace('r = 4', 'r = 4 4'))
     result = petune("validate", str(recipe_dir / "r.toml"))
     assert result.returncode == 2
-    assert "line 11, column" in result.stderr
+    assert "line 10, column" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
 
 

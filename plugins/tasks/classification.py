@@ -1,0 +1,738 @@
+"""Text classification: one label per text (or text pair), from CSV, TSV, JSONL or JSON files.
+
+Data
+    ``train`` (required), ``validation`` and ``test`` are files. Without a validation
+    file, ``validation_split`` (default 0.1) of the training file is held out with
+    ``split_seed``; the label set then comes from the whole training file.
+    Columns are named (header / JSON field) or given as 0-based positions (tables only):
+    ``text_column`` (a list joins several columns with ``text_separator``, e.g. AG News
+    title + description), ``text_pair_column`` (a second segment, e.g. NLI hypothesis),
+    ``label_column``. Unset columns are found by name (text/sentence/content/..,
+    label/class/category/..), or, in a 2-column file without header, are text then label.
+    ``header = "auto"`` is true when any column is given by name, else detected
+    (see :func:`datafiles.looks_like_header`).
+    Each split can be a table of its own settings, for files of different layouts::
+
+        train = "ag_news/train_subset10k_alps.tsv"          # text<TAB>class name, no header
+        test = { path = "ag_news/test.csv", header = false, text_column = [1, 2], label_column = 0,
+                 label_map = { 1 = "World", 2 = "Sports", 3 = "Business", 4 = "Sci/Tech" } }
+
+    ``label_map`` renames label values as read (values not in it are kept), so the
+    integer classes of one file can match the names of another.
+
+Labels
+    The label list is the sorted set of training labels (numerically when all are
+    integers), saved in ``state["labels"]`` (index = class id) and in the model config's
+    id2label. A validation/test label not in it is a DataError naming the file and lines.
+
+Metrics
+    accuracy, macro_f1, macro_precision, macro_recall (flat, per split); per-class
+    precision/recall/F1 in ``reports/classification_report_<split>.{json,txt}``, the
+    confusion matrix in ``reports/confusion_matrix_<split>.json`` and
+    ``plots/confusion_matrix_<split>.png``.
+
+This module also holds the helpers the NER task shares (seeded split, padding
+collator, head detection, model inputs).
+"""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import random
+import re
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from petune_plugins.tasks import datafiles, reports
+from pydantic import BeforeValidator, Field, field_validator, model_serializer, model_validator
+
+from petune import hookimpl
+from petune.api import DataPath, ModelInfo, Options, Task, TaskData
+from petune.errors import DataError, Refusal
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, Trainer
+
+#: a column: its header name / JSON field, or its 0-based position in a table (-1 = last)
+Column = int | str
+TEXT_NAMES = ("text", "sentence", "content", "review", "document", "body", "utterance")
+LABEL_NAMES = ("label", "labels", "class", "category", "target", "sentiment", "intent")
+DEFAULT_MAX_LENGTH = 128
+DEFAULT_VALIDATION_SPLIT = 0.1
+_INTEGER = re.compile(r"[-+]?\d+")
+
+
+# -- options --------------------------------------------------------------------------------
+def _delimiter(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";"}.get(value.lower(), value)
+    if len(value) != 1:
+        raise ValueError("expected one character, \"tab\" or \"comma\"")
+    return value
+
+
+class DataFile(Options):
+    """A data file with settings of its own; unset ones come from [task]."""
+
+    path: DataPath
+    text_column: Column | list[Column] | None = None
+    text_pair_column: Column | list[Column] | None = None
+    label_column: Column | None = None
+    header: bool | Literal["auto"] | None = None
+    delimiter: str | None = None
+    label_map: dict[str, str] | None = None
+
+    _check_delimiter = field_validator("delimiter")(_delimiter)
+
+    @model_serializer(mode="wrap")
+    def _compact(self, handler):
+        # the resolved recipe shows a plain path when nothing else is set (and never a None)
+        data = {k: v for k, v in handler(self).items() if v is not None}
+        return data["path"] if list(data) == ["path"] else data
+
+
+def _as_data_file(value):
+    if isinstance(value, (str, Path)):
+        return {"path": value}
+    if isinstance(value, dict):
+        return value
+    raise ValueError("expected a file path, or a table like { path = \"...\", label_column = 0 }")
+
+
+#: a split's file: a path, or a table with ``path`` and per-file settings
+SplitFile = Annotated[DataFile, BeforeValidator(_as_data_file)]
+
+
+class ClassificationOptions(Options):
+    train: SplitFile = Field(description="training file (.csv, .tsv, .jsonl, .json)")
+    validation: SplitFile | None = Field(None, description="validation file (else validation_split of train)")
+    test: SplitFile | None = Field(None, description="test file, evaluated after training")
+    validation_split: float | None = Field(None, ge=0, lt=1, description="share of train held out when there is "
+                                           "no validation file (default 0.1; 0 = none)")
+    split_seed: int = Field(42, description="seed of the validation split")
+    text_column: Column | list[Column] | None = Field(None, description="text column: name or 0-based position; "
+                                                      "a list joins columns")
+    text_pair_column: Column | list[Column] | None = Field(None, description="optional second text segment")
+    label_column: Column | None = Field(None, description="label column: name or 0-based position")
+    header: bool | Literal["auto"] = Field("auto", description="tables: first row is a header (auto: detect)")
+    delimiter: str | None = Field(None, description="table delimiter (default: from the extension)")
+    label_map: dict[str, str] = Field(default_factory=dict, description="rename label values as read, "
+                                      "e.g. { 1 = \"World\" }")
+    text_separator: str = Field(" ", description="joins the columns of a list-valued text_column")
+    max_length: int | None = Field(None, ge=8, description=f"tokens per example (default {DEFAULT_MAX_LENGTH}); "
+                                   "longer texts are truncated and counted")
+    max_rows: int | None = Field(None, ge=1, description="read at most this many rows per file (quick runs)")
+
+    _check_delimiter = field_validator("delimiter")(_delimiter)
+
+    @model_validator(mode="after")
+    def _one_way_to_validate(self):
+        if self.validation is not None and self.validation_split:
+            raise ValueError("give either a validation file or validation_split, not both")
+        return self
+
+
+# -- shared helpers (also used by the NER task) ----------------------------------------------
+def seeded_split(items: list, ratio: float, seed: int, source: str) -> tuple[list, list]:
+    """Hold out ``round(ratio * n)`` (at least 1) items chosen with ``seed``; both parts
+    keep file order."""
+    if not ratio:
+        return items, []
+    if len(items) < 2:
+        raise DataError(f"{len(items)} example(s) cannot be split into train and validation", where=source,
+                        hint="add data, give a validation file, or set validation_split = 0")
+    held_count = min(len(items) - 1, max(1, round(ratio * len(items))))
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:held_count])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def model_limit(tokenizer: PreTrainedTokenizerBase, positions: int | None = None) -> int | None:
+    """The most tokens the model takes: the tokenizer's model_max_length (when set) and
+    the config's position embeddings (when known)."""
+    limits = [n for n in (getattr(tokenizer, "model_max_length", None), positions) if n and n < 1_000_000]
+    return min(limits) if limits else None
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Give a tokenizer without a pad token its EOS (or UNK) token; True if changed."""
+    if tokenizer.pad_token is not None:
+        return False
+    substitute = tokenizer.eos_token or tokenizer.unk_token
+    if substitute is None:
+        raise Refusal("the tokenizer has no pad, EOS or UNK token to pad batches with",
+                      hint="use a model whose tokenizer defines a pad token")
+    tokenizer.pad_token = substitute
+    return True
+
+
+def base_model(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if callable(get) else model
+
+
+def accepted_inputs(model) -> set[str] | None:
+    """The keyword arguments the model's forward names (None when it names none and takes
+    only ``**kwargs``). Batches keep only these, so tokenizer outputs a model does not
+    know (token_type_ids for Llama) never reach it; the Trainer's own column removal
+    cannot see through peft wrappers."""
+    params = inspect.signature(base_model(model).forward).parameters
+    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return named or None
+
+
+def load_with_head(auto_class, model_info: ModelInfo, **kwargs):
+    """``auto_class.from_pretrained`` that remembers which modules the checkpoint did not
+    have (new head, or e.g. a BERT pooler missing from an MLM checkpoint): they start
+    random, so they must train and be saved with an adapter (see find_head_modules)."""
+    model, loading = auto_class.from_pretrained(model_info.path, output_loading_info=True, **kwargs)
+    model.petune_new_modules = sorted({key.rpartition(".")[0] for key in loading.get("missing_keys", ()) if "." in key})
+    return model
+
+
+def find_head_modules(model, known: Sequence[str] = ("classifier", "score", "classification_head", "qa_outputs")) -> list[str]:
+    """Modules that must train and be saved with an adapter: the task head — top-level
+    children with weights other than the base model (BERT: ["classifier"], Llama:
+    ["score"], DistilBERT: ["pre_classifier", "classifier"]), else well-known names —
+    plus any other module the checkpoint lacked (tiny BERT: "bert.pooler.dense"), which
+    would otherwise stay random and be re-drawn differently when the run is loaded."""
+    model = base_model(model)
+    prefix = getattr(model, "base_model_prefix", None)
+    heads = [name for name, child in model.named_children()
+             if name != prefix and any(True for _ in child.parameters())]
+    if not heads:
+        heads = [name for name in known if hasattr(model, name)]
+    new = [m for m in getattr(model, "petune_new_modules", []) if not any(m == h or m.startswith(h + ".") for h in heads)]
+    return heads + new
+
+
+def model_device(model):
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+class PadCollator:
+    """Pads a batch on the right: input_ids with the pad id, attention_mask and
+    token_type_ids with 0, labels with -100 (sequence labels are scalars and stay).
+    Keeps only the model's inputs (metadata columns such as word indices are dropped)."""
+
+    def __init__(self, pad_token_id: int, keep: set[str] | None = None, drop: Sequence[str] = ()):
+        self.pad_token_id = pad_token_id
+        self.keep = keep
+        self.drop = set(drop)
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        names = [k for k in features[0] if k not in self.drop and (self.keep is None or k in self.keep)]
+        longest = max(len(f["input_ids"]) for f in features)
+        batch = {}
+        for name in names:
+            values = [f[name] for f in features]
+            if name == "labels" and not isinstance(values[0], (list, tuple)):
+                batch[name] = torch.tensor(values, dtype=torch.long)
+                continue
+            fill = {"input_ids": self.pad_token_id, "labels": -100}.get(name, 0)
+            batch[name] = torch.tensor([list(v) + [fill] * (longest - len(v)) for v in values], dtype=torch.long)
+        return batch
+
+
+def check_data_paths(options: Options, names: Sequence[str] = ("train", "validation", "test")) -> None:
+    """Refuse missing data files before any model loads."""
+    for name in names:
+        value = getattr(options, name, None)
+        path = getattr(value, "path", value)
+        if path is None:
+            continue
+        path = Path(path)
+        if not path.exists():
+            raise DataError("file not found", where=str(path), hint=f"check task.{name}; relative paths are "
+                                                                     "relative to the recipe's folder")
+        if path.is_dir():
+            raise DataError("is a folder, expected a data file", where=str(path), hint=f"check task.{name}")
+
+
+def refuse_unless_head(model_info: ModelInfo, mapping_name: str, what: str) -> None:
+    from transformers.models.auto import modeling_auto
+
+    supported = getattr(modeling_auto, mapping_name)
+    if model_info.model_type not in supported:
+        raise Refusal(f"model {model_info.name!r} (type {model_info.model_type!r}) has no {what} head in transformers",
+                      where="model.name", hint=f"use an encoder such as BERT/RoBERTa/DeBERTa or a decoder such as "
+                                               f"Llama/Qwen/Mistral that has a {what} class")
+
+
+def check_max_length(model_info: ModelInfo, max_length: int | None) -> None:
+    limit = model_info.max_positions
+    if max_length is not None and limit and max_length > limit:
+        raise Refusal(f"max_length = {max_length} is more than the model takes ({limit} positions)",
+                      where="task.max_length", hint=f"set task.max_length to at most {limit}")
+
+
+# -- reading examples -----------------------------------------------------------------------
+@dataclass
+class Example:
+    text: str
+    pair: str | None
+    label: str | None
+    where: str
+
+
+@dataclass
+class FileSettings:
+    """A split's settings: the file's own, else the [task] ones."""
+
+    path: Path | None
+    text_column: Column | list[Column] | None
+    text_pair_column: Column | list[Column] | None
+    label_column: Column | None
+    header: bool | str
+    delimiter: str | None
+    label_map: dict[str, str]
+    separator: str
+
+    @classmethod
+    def of(cls, options: ClassificationOptions, data_file: DataFile | str | Path | None = None) -> FileSettings:
+        if isinstance(data_file, (str, Path)):  # e.g. `petune eval --data` swaps in a plain path
+            data_file = DataFile(path=Path(data_file))
+
+        def pick(name):
+            own = getattr(data_file, name, None) if data_file is not None else None
+            return own if own is not None else getattr(options, name)
+
+        return cls(path=data_file.path if data_file else None, text_column=pick("text_column"),
+                   text_pair_column=pick("text_pair_column"), label_column=pick("label_column"),
+                   header=pick("header"), delimiter=pick("delimiter"), label_map=pick("label_map") or {},
+                   separator=options.text_separator)
+
+    def named_columns(self) -> bool:
+        columns = [self.label_column, *_as_list(self.text_column), *_as_list(self.text_pair_column)]
+        return any(isinstance(c, str) for c in columns)
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
+def _is_records(source: str) -> bool:
+    return Path(source).suffix.lower() in datafiles.JSONL_SUFFIXES | datafiles.JSON_SUFFIXES
+
+
+def read_examples(settings: FileSettings, *, need_label: bool = True, max_rows: int | None = None,
+                  text: str | None = None, source: str | None = None,
+                  known_labels: Collection[str] = ()) -> list[Example]:
+    """Examples from ``settings.path`` (or from ``text`` already read, named ``source``).
+    ``known_labels`` (the training labels) settle ``header = "auto"`` for evaluation
+    files: a first row holding a training label is data, not a header."""
+    source = source or str(settings.path)
+    if _is_records(source):
+        if text is None:
+            records = datafiles.read_records(settings.path, max_rows=max_rows)
+        elif Path(source).suffix.lower() in datafiles.JSONL_SUFFIXES or text.lstrip().startswith("{"):
+            records = datafiles.parse_jsonl(datafiles.text_lines(text), source, max_rows=max_rows)
+        else:
+            records = datafiles.parse_json_records(text, source, max_rows=max_rows)
+        return _examples_from_records(records, settings, source, need_label)
+    header = settings.header
+    if header == "auto" and settings.named_columns():
+        header = True  # a column name needs a header row
+
+    def parse(header):
+        lines = datafiles.iter_lines(settings.path) if text is None else datafiles.text_lines(text)
+        return datafiles.parse_table(lines, source, delimiter=settings.delimiter, header=header, max_rows=max_rows)
+
+    table = parse(header)
+    if header == "auto" and table.columns is not None and any(
+            settings.label_map.get(cell, cell) in known_labels for cell in table.columns):
+        table = parse(False)
+    return _examples_from_table(table, settings, need_label)
+
+
+def _default_by_name(names: Sequence[str], candidates: Sequence[str]) -> str | None:
+    lowered = {n.strip().lower(): n for n in names}
+    return next((lowered[c] for c in candidates if c in lowered), None)
+
+
+def _examples_from_table(table: datafiles.Table, settings: FileSettings, need_label: bool) -> list[Example]:
+    text_cols = [table.index(c, "text_column") for c in _as_list(settings.text_column)]
+    pair_cols = [table.index(c, "text_pair_column") for c in _as_list(settings.text_pair_column)]
+    label_col = None
+    if settings.label_column is not None:
+        try:
+            label_col = table.index(settings.label_column, "label_column")
+        except DataError:
+            if need_label:
+                raise  # input to predict may come without its label column
+
+    if table.columns is not None:  # unset columns: found by their usual names
+        if not text_cols:
+            name = _default_by_name(table.columns, TEXT_NAMES)
+            text_cols = [table.index(name)] if name else []
+        if label_col is None:
+            name = _default_by_name(table.columns, LABEL_NAMES)
+            label_col = table.index(name) if name else None
+    elif table.width == 2:  # no header, two columns: text then label unless told otherwise
+        if not text_cols:
+            text_cols = [1 if label_col == 0 else 0]
+        if label_col is None and text_cols[0] in (0, 1) and 1 - text_cols[0] not in pair_cols:
+            label_col = 1 - text_cols[0]
+    elif table.width == 1 and not text_cols and not need_label:
+        text_cols = [0]
+
+    if not text_cols:
+        raise DataError("cannot tell which column holds the text", where=table.source,
+                        hint="set task.text_column (a header name or a 0-based position); " + table._columns_hint())
+    if need_label and label_col is None:
+        raise DataError("cannot tell which column holds the label", where=table.source,
+                        hint="set task.label_column (a header name or a 0-based position); " + table._columns_hint())
+    if label_col is not None and (label_col in text_cols or label_col in pair_cols):
+        raise DataError(f"the label column ({label_col}) is also a text column", where=table.source,
+                        hint=table._columns_hint())
+
+    examples = []
+    for row in table.rows:
+        text = settings.separator.join(row[i].strip() for i in text_cols if row[i].strip())
+        pair = settings.separator.join(row[i].strip() for i in pair_cols if row[i].strip()) if pair_cols else None
+        label = _label_value(row[label_col], row.where, settings.label_map) if label_col is not None else None
+        examples.append(Example(text, pair, label, row.where))
+    return examples
+
+
+def _examples_from_records(records: list[datafiles.Record], settings: FileSettings, source: str,
+                           need_label: bool) -> list[Example]:
+    for option in ("text_column", "text_pair_column", "label_column"):
+        for column in _as_list(getattr(settings, option)):
+            if isinstance(column, int):
+                raise DataError(f"{option} = {column}: JSON records have field names, not positions", where=source,
+                                hint=f"use the field name, e.g. {option} = \"text\"; fields of the first record: "
+                                     + ", ".join(records[0]))
+    fields = list(records[0])
+    text_cols = _as_list(settings.text_column) or [c for c in [_default_by_name(fields, TEXT_NAMES)] if c]
+    pair_cols = _as_list(settings.text_pair_column)
+    label_col = settings.label_column or _default_by_name(fields, LABEL_NAMES)
+    if not text_cols:
+        raise DataError("cannot tell which field holds the text", where=records[0].where,
+                        hint="set task.text_column; fields: " + ", ".join(fields))
+    if need_label and label_col is None:
+        raise DataError("cannot tell which field holds the label", where=records[0].where,
+                        hint="set task.label_column; fields: " + ", ".join(fields))
+
+    def field(record, name, option):
+        if name not in record:
+            raise DataError(f"no field {name!r} ({option})", where=record.where,
+                            hint="fields of this record: " + (", ".join(record) or "none"))
+        value = record[name]
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise DataError(f"field {name!r} is {datafiles._json_type(value)}, expected text", where=record.where)
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)  # label 1.0 and label 1 are the same class
+        return str(value).strip()
+
+    examples = []
+    for record in records:
+        text = settings.separator.join(t for t in (field(record, c, "text_column") for c in text_cols) if t.strip())
+        pair = settings.separator.join(field(record, c, "text_pair_column") for c in pair_cols) if pair_cols else None
+        label = None
+        if label_col is not None and (need_label or label_col in record):
+            label = _label_value(field(record, label_col, "label_column"), record.where, settings.label_map)
+        examples.append(Example(text, pair, label, record.where))
+    return examples
+
+
+def _label_value(value: str, where: str, label_map: dict[str, str]) -> str:
+    label = value.strip()
+    if not label:
+        raise DataError("empty label", where=where, hint="every training/evaluation row needs a label")
+    return label_map.get(label, label)
+
+
+def sort_labels(labels) -> list[str]:
+    """Sorted label names: numerically when all are integers ("2" before "10")."""
+    labels = set(labels)
+    if all(_INTEGER.fullmatch(x) for x in labels):
+        return sorted(labels, key=lambda x: (int(x), x))
+    return sorted(labels)
+
+
+def check_known_labels(examples: list[Example], known: Sequence[str], source: str) -> None:
+    known = set(known)
+    unknown: dict[str, list[str]] = {}
+    for example in examples:
+        if example.label not in known:
+            unknown.setdefault(example.label, []).append(example.where.rpartition(":")[2])
+    if unknown:
+        listed = "; ".join(f"{label!r} (line {', '.join(lines[:3])}{', ...' if len(lines) > 3 else ''})"
+                           for label, lines in sorted(unknown.items())[:10])
+        raise DataError(f"label(s) not in the training data: {listed}", where=source,
+                        hint=f"training labels are: {', '.join(sorted(known))}; fix the file or rename "
+                             f"its labels with label_map (e.g. label_map = {{ 1 = \"World\" }})")
+
+
+# -- encoding -------------------------------------------------------------------------------
+def encode(tokenizer, examples: list[Example], max_length: int, label_ids: dict[str, int] | None):
+    """Tokenize examples into a ``datasets.Dataset`` (input_ids, attention_mask, labels);
+    returns it with the number of truncated examples."""
+    from datasets import Dataset
+
+    texts = [e.text for e in examples]
+    pairs = [e.pair or "" for e in examples] if any(e.pair is not None for e in examples) else None
+    encoded = dict(tokenizer(texts, pairs, truncation=False, verbose=False))
+    too_long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
+    if too_long:  # only these are tokenized again, with truncation
+        again = tokenizer([texts[i] for i in too_long], [pairs[i] for i in too_long] if pairs else None,
+                          truncation=True, max_length=max_length)
+        for key, values in encoded.items():
+            for j, i in enumerate(too_long):
+                values[i] = again[key][j]
+    columns = {key: list(values) for key, values in encoded.items()}
+    if label_ids is not None:
+        columns["labels"] = [label_ids[e.label] for e in examples]
+    return Dataset.from_dict(columns), len(too_long)
+
+
+# -- the task -------------------------------------------------------------------------------
+class ClassificationTask(Task):
+    name = "classification"
+    description = "text (or text-pair) classification from CSV/TSV/JSONL files; accuracy, macro-F1, confusion matrix"
+    Options = ClassificationOptions
+    peft_task_type = "SEQ_CLS"
+    primary_metric = "accuracy"
+
+    def __init__(self):
+        self._positions: int | None = None  # the model's position limit, learnt in check()
+
+    def check(self, model_info: ModelInfo, options: ClassificationOptions) -> None:
+        refuse_unless_head(model_info, "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "sequence-classification")
+        check_max_length(model_info, options.max_length)
+        check_data_paths(options)
+        self._positions = model_info.max_positions
+
+    # -- data -------------------------------------------------------------------------------
+    def load_data(self, options: ClassificationOptions, tokenizer) -> TaskData:
+        train_settings = FileSettings.of(options, options.train)
+        train = read_examples(train_settings, max_rows=options.max_rows)
+        labels = sort_labels(e.label for e in train)
+        _check_label_column(train, labels, train_settings)
+
+        validation: list[Example] = []
+        if options.validation is not None:
+            validation = read_examples(FileSettings.of(options, options.validation), max_rows=options.max_rows,
+                                       known_labels=labels)
+            check_known_labels(validation, labels, str(getattr(options.validation, "path", options.validation)))
+        else:
+            ratio = DEFAULT_VALIDATION_SPLIT if options.validation_split is None else options.validation_split
+            train, validation = seeded_split(train, ratio, options.split_seed, str(train_settings.path))
+        test: list[Example] = []
+        if options.test is not None:
+            test = read_examples(FileSettings.of(options, options.test), max_rows=options.max_rows,
+                                 known_labels=labels)
+            check_known_labels(test, labels, str(getattr(options.test, "path", options.test)))
+
+        padded = ensure_pad_token(tokenizer)
+        requested = options.max_length or DEFAULT_MAX_LENGTH
+        limit = model_limit(tokenizer, self._positions)
+        max_length = min(requested, limit) if limit else requested
+        label_ids = {label: i for i, label in enumerate(labels)}
+        notes: dict = {"labels": len(labels)}
+        splits = {}
+        truncated = 0
+        for split, examples in (("train", train), ("validation", validation), ("test", test)):
+            if examples:
+                splits[split], cut = encode(tokenizer, examples, max_length, label_ids)
+                truncated += cut
+                notes[f"{split}_rows"] = len(examples)
+        notes["truncated"] = truncated
+        if max_length < requested:
+            notes["max_length_lowered_to"] = max_length
+        if padded:
+            notes["pad_token_set_to"] = tokenizer.pad_token
+        state = {"labels": labels, "max_length": max_length, "pad_token_id": tokenizer.pad_token_id,
+                 "text_pair": any(e.pair is not None for e in train)}
+        return TaskData(train=splits["train"], validation=splits.get("validation"), test=splits.get("test"),
+                        state=state, notes=notes)
+
+    # -- model ------------------------------------------------------------------------------
+    def build_model(self, model_info: ModelInfo, options: ClassificationOptions, state: dict, **load_kwargs):
+        from transformers import AutoModelForSequenceClassification
+
+        labels = state["labels"]
+        if state.get("pad_token_id") is not None:
+            load_kwargs.setdefault("pad_token_id", state["pad_token_id"])  # decoder heads need it to find the last token
+        return load_with_head(
+            AutoModelForSequenceClassification, model_info, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, problem_type="single_label_classification",
+            **load_kwargs)
+
+    def head_modules(self, model) -> list[str]:
+        return find_head_modules(model)
+
+    # -- training ---------------------------------------------------------------------------
+    def make_trainer(self, *, model, tokenizer, data: TaskData, options, args: dict, callbacks: list) -> Trainer:
+        labels = data.state["labels"]
+
+        def compute_metrics(prediction) -> dict:
+            logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+            report = reports.classification_report(prediction.label_ids, logits.argmax(-1), labels)
+            return flat_metrics(report)
+
+        return build_trainer(model=model, tokenizer=tokenizer, data=data, args=args, callbacks=callbacks,
+                             collator=PadCollator(tokenizer.pad_token_id, accepted_inputs(model)),
+                             compute_metrics=compute_metrics)
+
+    def evaluate(self, trainer: Trainer, data: TaskData, options, run_dir: Path) -> dict[str, dict]:
+        labels = data.state["labels"]
+        results = {}
+        for split in ("validation", "test"):
+            dataset = getattr(data, split)
+            if dataset is None or len(dataset) == 0:
+                continue
+            output = trainer.predict(dataset, metric_key_prefix=split)
+            logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
+            report = reports.classification_report(output.label_ids, logits.argmax(-1), labels)
+            results[split] = flat_metrics(report)
+            if f"{split}_loss" in output.metrics:
+                results[split]["loss"] = float(output.metrics[f"{split}_loss"])
+            if trainer.is_world_process_zero():
+                write_classification_reports(report, split, Path(run_dir))
+        return results
+
+    # -- predict ----------------------------------------------------------------------------
+    def parse_inputs(self, options: ClassificationOptions, text: str, source: str) -> list[dict]:
+        """Rows to classify: a CSV/TSV/JSONL/JSON file read with the recipe's columns (a
+        label column, if present, is kept as "label"; with ``header = "auto"`` and columns
+        by position, a table has a header only if its first row holds a usual column name
+        such as text/sentence/label), or plain text — one text per line,
+        ``text<TAB>text_pair`` when the model was trained on pairs."""
+        suffix = Path(source).suffix.lower()
+        settings = FileSettings.of(options)
+        if suffix in datafiles.TABLE_SUFFIXES and settings.header == "auto" and not settings.named_columns():
+            # a header guessed wrong would drop a row without a word: here only usual names count
+            settings.header = _has_usual_names(text, settings.delimiter or datafiles.guess_delimiter(source))
+        if suffix in datafiles.TABLE_SUFFIXES or _is_records(source):
+            examples = read_examples(settings, need_label=False, text=text, source=source)
+            return [{"text": e.text, "text_pair": e.pair, "label": e.label, "where": e.where} for e in examples]
+        rows = []
+        paired = options.text_pair_column is not None
+        for number, line in datafiles.text_lines(text):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            first, _, second = line.partition("\t") if paired else (line, "", "")
+            rows.append({"text": first, "text_pair": second if paired else None, "label": None,
+                         "where": datafiles.where(source, number)})
+        if not rows:
+            raise DataError("no text to classify", where=source, hint="give one text per line")
+        return rows
+
+    def predict(self, model, tokenizer, options, state: dict, rows: list[dict], batch_size: int = 32) -> list[dict]:
+        import torch
+
+        labels = state.get("labels") or [model.config.id2label[i] for i in range(model.config.num_labels)]
+        max_length = state.get("max_length") or options.max_length or DEFAULT_MAX_LENGTH
+        ensure_pad_token(tokenizer)
+        keep = accepted_inputs(model)
+        device = model_device(model)
+        model.eval()
+        predictions = []
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            pairs = [r.get("text_pair") or "" for r in batch] if any(r.get("text_pair") is not None for r in batch) else None
+            encoded = tokenizer([r["text"] for r in batch], pairs, truncation=True, max_length=max_length,
+                                padding=True, return_tensors="pt")
+            inputs = {k: v.to(device) for k, v in encoded.items() if keep is None or k in keep}
+            with torch.no_grad():
+                probabilities = model(**inputs).logits.float().softmax(-1).cpu()
+            for row_probabilities in probabilities.tolist():
+                best = max(range(len(labels)), key=row_probabilities.__getitem__)
+                predictions.append({"label": labels[best], "probability": row_probabilities[best],
+                                    "probabilities": dict(zip(labels, row_probabilities))})
+        return predictions
+
+    def format_predictions(self, rows: list[dict], predictions: list[dict]) -> str:
+        """TSV with a header: text, [text_pair,] label, probability."""
+        paired = any(r.get("text_pair") is not None for r in rows)
+        header = ["text", "text_pair", "label", "probability"] if paired else ["text", "label", "probability"]
+        lines = ["\t".join(header)]
+        for row, prediction in zip(rows, predictions):
+            cells = [row["text"], row.get("text_pair") or ""] if paired else [row["text"]]
+            cells += [prediction["label"], f"{prediction['probability']:.4f}"]
+            lines.append("\t".join(_one_line(c) for c in cells))
+        return "\n".join(lines) + "\n"
+
+
+def _has_usual_names(text: str, delimiter: str) -> bool:
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    cells = next(csv.reader([first], delimiter=delimiter), [])
+    return any(cell.strip().lower() in TEXT_NAMES + LABEL_NAMES + ("text_pair", "id") for cell in cells)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"[\t\r\n]+", " ", str(text))
+
+
+def _check_label_column(train: list[Example], labels: list[str], settings: FileSettings) -> None:
+    """Catch a label column that is really text, and a training set with one class."""
+    source = str(settings.path)
+    if len(labels) < 2:
+        raise DataError(f"the training data has a single label ({labels[0]!r}); a classifier needs at least two",
+                        where=source, hint="check task.label_column, or that max_rows does not cut off the other classes")
+    if len(train) >= 20 and len(labels) > 0.5 * len(train):
+        examples = ", ".join(repr(datafiles._shorten(x, 30)) for x in labels[:3])
+        raise DataError(f"the label column has {len(labels)} different values in {len(train)} rows ({examples}, ...): "
+                        "it looks like text, not labels", where=source,
+                        hint="set task.label_column (and task.text_column) to the right columns")
+
+
+def flat_metrics(report: dict) -> dict[str, float]:
+    return {key: float(report[key]) for key in ("accuracy", "macro_f1", "macro_precision", "macro_recall")}
+
+
+def write_classification_reports(report: dict, split: str, run_dir: Path) -> None:
+    """reports/classification_report_<split>.{json,txt}, reports/confusion_matrix_<split>.json,
+    plots/confusion_matrix_<split>.png."""
+    report_dir = run_dir / "reports"
+    labels, matrix = report["labels"], report["confusion_matrix"]
+    per_class = {k: v for k, v in report.items() if k not in ("labels", "confusion_matrix")}
+    reports.write_json(report_dir / f"classification_report_{split}.json", {"split": split, **per_class})
+    reports.write_text(report_dir / f"classification_report_{split}.txt",
+                       f"classification report ({split})\n\n" + reports.format_classification_report(report)
+                       + "\nconfusion matrix (rows: true, columns: predicted)\n\n"
+                       + reports.format_confusion_matrix(labels, matrix))
+    reports.write_json(report_dir / f"confusion_matrix_{split}.json",
+                       {"split": split, "labels": labels, "rows": "true", "columns": "predicted", "matrix": matrix})
+    reports.plot_confusion_matrix(labels, matrix, run_dir / "plots" / f"confusion_matrix_{split}.png",
+                                  title=f"Confusion matrix ({split})")
+
+
+def build_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks: list, collator, compute_metrics,
+                  preprocess_logits=None) -> Trainer:
+    """A transformers Trainer over the task's splits; our collator picks the model
+    inputs, so the Trainer must not drop columns itself."""
+    from transformers import Trainer, TrainingArguments
+
+    args = dict(args)
+    args["remove_unused_columns"] = False
+    args.setdefault("label_names", ["labels"])  # peft wrappers hide `labels` from the Trainer's signature check
+    if data.validation is None:  # nothing to evaluate on: evaluation and best-model tracking cannot run
+        args["eval_strategy"] = "no"
+        args["load_best_model_at_end"] = False
+        args.pop("metric_for_best_model", None)
+    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=data.train,
+                   eval_dataset=data.validation, processing_class=tokenizer, data_collator=collator,
+                   compute_metrics=compute_metrics, callbacks=list(callbacks or []),
+                   preprocess_logits_for_metrics=preprocess_logits)
+
+
+@hookimpl
+def register_tasks(register):
+    register(ClassificationTask)

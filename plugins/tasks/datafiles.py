@@ -1,0 +1,376 @@
+"""Readers for the data files tasks take — CSV/TSV, JSON Lines, JSON — with errors for people.
+
+Every problem is a :class:`petune.errors.DataError` whose ``where`` is ``file:line``
+(or the file alone when no line applies) and whose hint says what to do: a file that
+is missing, empty or not UTF-8 (the line and column of the first bad byte are named),
+invalid JSON, a row with the wrong number of fields, a column that does not exist.
+
+The API, for any task::
+
+    read_table(path, delimiter=None, header="auto", max_rows=None) -> Table
+        columns, rows = read_table(path)   # columns: list[str] | None; rows: list[Row]
+        table.index("label") / table.index(0)   # a column by name or position -> position
+    read_jsonl(path, max_rows=None) -> list[Record]           # one JSON object per line
+    read_json_records(path, max_rows=None) -> list[Record]    # a JSON array of objects
+    read_records(path, max_rows=None) -> list[Record]         # by extension: .jsonl/.json/.csv/.tsv
+    iter_lines(path) -> (line number, line) pairs, UTF-8 checked line by line
+    text_lines(text) -> the same pairs for text already read (stdin)
+    parse_table(lines, source, ...) / parse_jsonl(lines, source, ...)  # readers over such pairs
+    parse_json_records(text, source, ...)
+
+``Record`` is a ``dict`` and ``Row`` a ``list`` of strings; both carry ``.where``
+(``"file:line"``) so a later check can point at the exact line.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import itertools
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from petune.errors import DataError
+
+TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+JSON_SUFFIXES = {".json"}
+
+_UTF8_HINT = "save the file as UTF-8 (for example: iconv -f latin1 -t utf-8 old.csv > new.csv)"
+_NAME = re.compile(r"[^\W\d][\w\-./#]*")
+_NUMBER = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
+
+
+class Record(dict):
+    """A JSON object (or a table row keyed by column name) that knows where it came from."""
+
+    where: str = ""
+
+    @classmethod
+    def at(cls, data: dict, where: str) -> Record:
+        record = cls(data)
+        record.where = where
+        return record
+
+
+class Row(list):
+    """The fields of one table row (strings) plus ``.where`` (``file:line``)."""
+
+    where: str = ""
+
+    @classmethod
+    def at(cls, fields: list[str], where: str) -> Row:
+        row = cls(fields)
+        row.where = where
+        return row
+
+
+@dataclass
+class Table:
+    """A CSV/TSV file: ``columns`` (the header, or None), ``rows`` and the ``source`` they
+    came from. Unpacks as ``columns, rows = table``."""
+
+    columns: list[str] | None
+    rows: list[Row]
+    source: str = ""
+
+    def __iter__(self):
+        return iter((self.columns, self.rows))
+
+    @property
+    def width(self) -> int:
+        return len(self.columns) if self.columns is not None else (len(self.rows[0]) if self.rows else 0)
+
+    def index(self, column: int | str, option: str = "column") -> int:
+        """Position of ``column`` — a header name or a 0-based position (negative counts
+        from the end). ``option`` names the setting it came from, for the error."""
+        if isinstance(column, int):
+            position = column if column >= 0 else self.width + column
+            if not 0 <= position < self.width:
+                raise DataError(
+                    f"{option} = {column}: the file has {self.width} column(s) (positions 0 to {self.width - 1})",
+                    where=self.source, hint=self._columns_hint())
+            return position
+        if self.columns is None:
+            raise DataError(f"{option} = {column!r} names a column, but the file has no header row",
+                            where=self.source, hint=f"use a 0-based position instead, e.g. {option} = 0, "
+                                                    "or add a header line; " + self._columns_hint())
+        matches = [i for i, name in enumerate(self.columns) if name == column]
+        if not matches:  # be lenient about case and surrounding spaces, never about spelling
+            matches = [i for i, name in enumerate(self.columns) if name.strip().lower() == column.strip().lower()]
+        if len(matches) > 1:
+            raise DataError(f"{option} = {column!r}: the header has {len(matches)} columns of that name",
+                            where=f"{self.source}:1", hint="rename one of them or give the position instead")
+        if not matches:
+            raise DataError(f"{option} = {column!r}: no such column", where=f"{self.source}:1", hint=self._columns_hint())
+        return matches[0]
+
+    def _columns_hint(self) -> str:
+        if self.columns is not None:
+            return "columns are: " + ", ".join(f"{i}={name!r}" for i, name in enumerate(self.columns))
+        first = self.rows[0] if self.rows else []
+        preview = ", ".join(f"{i}={_shorten(v)!r}" for i, v in enumerate(first))
+        return f"no header; the first row is: {preview}"
+
+
+def where(source: str | Path, line: int | None = None) -> str:
+    """``file:line`` as errors show it."""
+    return f"{source}:{line}" if line else str(source)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# -- lines ----------------------------------------------------------------------------------
+def _open_binary(path: Path):
+    try:
+        return open(path, "rb")  # the caller closes it
+    except FileNotFoundError:
+        raise DataError("file not found", where=str(path),
+                        hint="relative paths in a recipe are relative to the recipe's folder") from None
+    except IsADirectoryError:
+        raise DataError("is a folder, expected a data file", where=str(path)) from None
+    except PermissionError:
+        raise DataError("cannot read the file: permission denied", where=str(path)) from None
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` for each line of a UTF-8 file, line endings kept and a
+    leading BOM dropped. Decoding goes line by line, so a bad byte is reported with its
+    line and column."""
+    path = Path(path)
+    with _open_binary(path) as handle:
+        for number, raw in enumerate(handle, 1):
+            if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataError("the file is UTF-16 text, expected UTF-8", where=where(path, 1), hint=_UTF8_HINT)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[: exc.start].decode("utf-8", "replace")) + 1
+                raise DataError(f"not UTF-8 text: byte 0x{raw[exc.start]:02x} at line {number}, column {column} "
+                                "cannot be decoded", where=where(path, number), hint=_UTF8_HINT) from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")
+            yield number, line
+
+
+def text_lines(text: str) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` for text already in memory (line endings kept)."""
+    return enumerate(text.removeprefix("\ufeff").splitlines(keepends=True), 1)
+
+
+def read_text(path: str | Path) -> str:
+    """The whole file as text (UTF-8 checked line by line, like :func:`iter_lines`)."""
+    return "".join(line for _, line in iter_lines(path))
+
+
+# -- tables ---------------------------------------------------------------------------------
+def guess_delimiter(source: str | Path, first_line: str = "") -> str:
+    """The delimiter from the extension (.csv comma, .tsv/.tab tab); otherwise a tab if
+    the first line has one, else a comma."""
+    suffix = Path(str(source)).suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        return TABLE_SUFFIXES[suffix]
+    return "\t" if "\t" in first_line else ","
+
+
+def looks_like_header(first: list[str], rows: list[list[str]]) -> bool:
+    """``header = "auto"``: the first row is a header when its cells are distinct,
+    non-numeric, short names that do not reappear in the same column below, and
+    either some column below is numeric or every cell looks like a column name (one
+    word starting with a letter: ``text``, ``class_index``, ``Sci/Tech``)."""
+    cells = [c.strip() for c in first]
+    if not cells or any(not c or _NUMBER.fullmatch(c) for c in cells) or len(set(cells)) != len(cells):
+        return False
+    sample = [r for r in rows[:50] if len(r) == len(first)]
+    for j, name in enumerate(cells):
+        if any(r[j].strip() == name for r in sample):
+            return False
+    numeric_below = any(sample and all(_NUMBER.fullmatch(r[j].strip() or "x") for r in sample) for j in range(len(cells)))
+    name_like = all(len(c) <= 40 and _NAME.fullmatch(c) for c in cells)
+    return numeric_below or name_like
+
+
+def parse_table(lines: Iterable[tuple[int, str]], source: str, *, delimiter: str | None = None,
+                header: bool | str = "auto", max_rows: int | None = None) -> Table:
+    """Parse CSV/TSV ``lines`` (as from :func:`iter_lines` or :func:`text_lines`).
+
+    Standard CSV quoting applies to both CSV and TSV (``"a ""quoted"" text"``); blank
+    lines are skipped; every row must have as many fields as the header (or, without a
+    header, as the first row)."""
+    lines = iter(lines)
+    peeked = []  # lines up to the first non-blank one, to guess the delimiter from
+    for item in lines:
+        peeked.append(item)
+        if item[1].strip():
+            break
+    if not any(line.strip() for _, line in peeked):
+        raise DataError("the file is empty" if not peeked else "the file has only blank lines", where=source,
+                        hint="check the path, or that the file was fully written")
+    if delimiter is None:
+        delimiter = guess_delimiter(source, peeked[-1][1])
+    numbers: list[int] = []  # line number of every line the csv reader has taken
+
+    def feed():
+        for number, line in itertools.chain(peeked, lines):
+            numbers.append(number)
+            yield line
+
+    reader = csv.reader(feed(), delimiter=delimiter, strict=True)
+    wanted = None if max_rows is None else max_rows + 1  # + a possible header
+    parsed: list[tuple[int, list[str]]] = []
+    consumed = 0  # lines read before this row: a quoted field may span lines
+    try:
+        for fields in reader:
+            start = numbers[consumed]
+            consumed = reader.line_num
+            if fields and any(f.strip() for f in fields):
+                parsed.append((start, fields))
+                if wanted is not None and len(parsed) >= wanted:
+                    break
+    except csv.Error as exc:
+        raise DataError(f"cannot parse this row: {exc}", where=where(source, numbers[min(consumed, len(numbers) - 1)]),
+                        hint="look for an unbalanced double quote; a quoted field must end with \" before "
+                             "the delimiter") from None
+
+    if header == "auto":
+        header = looks_like_header(parsed[0][1], [f for _, f in parsed[1:]])
+    columns = None
+    if header:
+        columns = [c.strip() for c in parsed[0][1]]
+        parsed = parsed[1:]
+        if not parsed:
+            raise DataError("the file has a header row but no data rows", where=source)
+    width = len(columns) if columns is not None else len(parsed[0][1])
+    rows = []
+    for start, fields in parsed:
+        if len(fields) != width:
+            what = f"the header has {width}" if columns is not None else f"the first row has {width}"
+            name = "tabs" if delimiter == "\t" else repr(delimiter)
+            raise DataError(f"this row has {len(fields)} field(s), {what}", where=where(source, start),
+                            hint=f"a field that contains {name} must be quoted (\"...\"); "
+                                 f"row: {_shorten(delimiter.join(fields), 80)!r}")
+        rows.append(Row.at(fields, where(source, start)))
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+    return Table(columns, rows, str(source))
+
+
+def read_table(path: str | Path, delimiter: str | None = None, header: bool | str = "auto",
+               max_rows: int | None = None) -> Table:
+    """Read a CSV/TSV file. ``delimiter=None`` picks it from the extension;
+    ``header`` is True, False or "auto" (see :func:`looks_like_header`)."""
+    return parse_table(iter_lines(path), str(path), delimiter=delimiter, header=header, max_rows=max_rows)
+
+
+# -- JSON -----------------------------------------------------------------------------------
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def parse_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int | None = None) -> list[Record]:
+    """One JSON object per non-blank line."""
+    records: list[Record] = []
+    seen_any = False
+    for number, line in lines:
+        text = line.strip()
+        if not text:
+            continue
+        seen_any = True
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            hint = "each line must be one complete JSON object, e.g. {\"text\": \"...\", \"label\": \"...\"}"
+            if number == 1 and text in ("[", "{"):
+                hint = "this looks like a JSON document spread over lines; name the file .json"
+            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", where=where(source, number),
+                            hint=hint) from None
+        if not isinstance(value, dict):
+            raise DataError(f"expected a JSON object on each line, found {_json_type(value)}",
+                            where=where(source, number))
+        records.append(Record.at(value, where(source, number)))
+        if max_rows is not None and len(records) >= max_rows:
+            break
+    if not seen_any:
+        raise DataError("the file is empty", where=source)
+    return records
+
+
+def read_jsonl(path: str | Path, max_rows: int | None = None) -> list[Record]:
+    """Read a JSON Lines file: a list of dicts, each with ``.where`` = ``file:line``."""
+    return parse_jsonl(iter_lines(path), str(path), max_rows=max_rows)
+
+
+def parse_json_records(text: str, source: str, *, max_rows: int | None = None) -> list[Record]:
+    """A JSON array of objects; each record's ``.where`` is the line where it starts."""
+    if not text.strip():
+        raise DataError("the file is empty", where=source)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        hint = None
+        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
+            hint = "this looks like JSON Lines (one object per line); name the file .jsonl"
+        raise DataError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+                        where=where(source, exc.lineno), hint=hint) from None
+    if not isinstance(value, list):
+        raise DataError(f"expected a JSON array of objects at the top level, found {_json_type(value)}",
+                        where=source, hint="write the records as [{...}, {...}], or one object per line in a .jsonl file")
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+    records = []
+    for number, (offset, item) in enumerate(_array_items(text), 1):
+        line = bisect.bisect_right(line_starts, offset)
+        if not isinstance(item, dict):
+            raise DataError(f"item {number} of the array is {_json_type(item)}, expected an object",
+                            where=where(source, line))
+        records.append(Record.at(item, where(source, line)))
+        if max_rows is not None and len(records) >= max_rows:
+            break
+    if not records:
+        raise DataError("the JSON array is empty", where=source)
+    return records
+
+
+def _array_items(text: str) -> Iterator[tuple[int, object]]:
+    """(offset, value) of each item of a top-level JSON array already known to be valid."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[\s,]*")
+    i = ws.match(text, 0).end() + 1  # past "["
+    while True:
+        i = ws.match(text, i).end()
+        if text[i] == "]":
+            return
+        value, end = decoder.raw_decode(text, i)
+        yield i, value
+        i = end
+
+
+def read_json_records(path: str | Path, max_rows: int | None = None) -> list[Record]:
+    """Read a .json file holding an array of objects (e.g. Alpaca data)."""
+    return parse_json_records(read_text(path), str(path), max_rows=max_rows)
+
+
+def read_records(path: str | Path, max_rows: int | None = None) -> list[Record]:
+    """Read records from any supported file, by extension: .jsonl/.ndjson (JSON Lines),
+    .json (an array of objects; JSON Lines content is accepted too), .csv/.tsv (header
+    row required; values are strings)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return read_jsonl(path, max_rows)
+    if suffix in JSON_SUFFIXES:
+        text = read_text(path)
+        stripped = text.lstrip()
+        if stripped.startswith("{"):  # JSON Lines saved as .json: common, and unambiguous
+            return parse_jsonl(text_lines(text), str(path), max_rows=max_rows)
+        return parse_json_records(text, str(path), max_rows=max_rows)
+    if suffix in TABLE_SUFFIXES:
+        table = read_table(path, header=True, max_rows=max_rows)
+        return [Record.at(dict(zip(table.columns, row)), row.where) for row in table.rows]
+    raise DataError(f"unsupported file type {suffix or '(no extension)'!r}", where=str(path),
+                    hint="use .jsonl, .json, .csv or .tsv")

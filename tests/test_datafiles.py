@@ -1,0 +1,187 @@
+"""The shared data-file readers: formats, line numbers, and errors that name file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from petune_plugins.tasks import datafiles
+
+from petune.errors import DataError
+
+
+def write(tmp_path, name, content, mode="w"):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return path
+
+
+# -- tables ---------------------------------------------------------------------------------
+def test_csv_with_header_by_name(tmp_path):
+    path = write(tmp_path, "d.csv", "text,label\n\"a, quoted\"\"text\"\"\",pos\nplain,neg\n")
+    table = datafiles.read_table(path)
+    columns, rows = table  # unpacks like a (columns, rows) pair
+    assert columns == ["text", "label"]
+    assert rows == [['a, quoted"text"', "pos"], ["plain", "neg"]]
+    assert [r.where for r in rows] == [f"{path}:2", f"{path}:3"]
+    assert table.index("label") == 1 and table.index(" LABEL ") == 1 and table.index(-1) == 1
+
+
+def test_tsv_without_header_by_position(tmp_path):
+    path = write(tmp_path, "d.tsv", "a long text about sports\tSports\nanother one\tSports\nnews\tWorld\n")
+    columns, rows = datafiles.read_table(path)
+    assert columns is None
+    assert rows[0] == ["a long text about sports", "Sports"]
+    assert datafiles.read_table(path).index(0) == 0
+
+
+def test_header_auto_detection():
+    sst2 = [["sentence", "label"], ["a fine film", "1"], ["dull", "0"]]
+    ag_news = [["p2pnet.net News:- The US Federal Trade Commission has filed", "Sci/Tech"],
+               ["It #39;s over.", "Sci/Tech"]]
+    ag_test = [["3", "Fears for T N pension", "Unions representing workers"], ["4", "The Race", "SPACE.com"]]
+    assert datafiles.looks_like_header(sst2[0], sst2[1:])
+    assert not datafiles.looks_like_header(ag_news[0], ag_news[1:])
+    assert not datafiles.looks_like_header(ag_test[0], ag_test[1:])
+
+
+def test_header_forced_either_way(tmp_path):
+    path = write(tmp_path, "d.csv", "text,label\nx,y\n")
+    assert datafiles.read_table(path, header=False).rows[0] == ["text", "label"]
+    assert datafiles.read_table(path, header=True).columns == ["text", "label"]
+
+
+def test_multiline_quoted_field_keeps_line_numbers(tmp_path):
+    path = write(tmp_path, "d.tsv", "text\tlabel\n\"two\nlines\"\ta\n\nnext\tb\n")
+    _, rows = datafiles.read_table(path)
+    assert rows[0] == ["two\nlines", "a"]
+    assert rows[0].where.endswith(":2") and rows[1].where.endswith(":5")
+
+
+def test_bom_crlf_and_max_rows(tmp_path):
+    path = write(tmp_path, "d.csv", b"\xef\xbb\xbftext,label\r\na,1\r\nb,2\r\nc,3\r\n")
+    table = datafiles.read_table(path, max_rows=2)
+    assert table.columns == ["text", "label"] and table.rows == [["a", "1"], ["b", "2"]]
+
+
+def test_delimiter_from_content_and_text_input():
+    table = datafiles.parse_table(datafiles.text_lines("x\ty\nz\tw\n"), "<stdin>", header=False)
+    assert table.rows == [["x", "y"], ["z", "w"]]
+    assert table.rows[1].where == "<stdin>:2"
+
+
+# -- JSON -----------------------------------------------------------------------------------
+def test_jsonl_records_know_their_line(tmp_path):
+    path = write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n')
+    records = datafiles.read_jsonl(path)
+    assert records == [{"text": "a", "label": 1}, {"text": "b", "label": 0}]
+    assert records[1].where == f"{path}:3"
+    assert json.dumps(records[0])  # still a plain dict for everything else
+
+
+def test_json_array_records_and_lines(tmp_path):
+    path = write(tmp_path, "d.json", '[\n  {"instruction": "a"},\n  {"instruction": "b",\n   "input": ""}\n]\n')
+    records = datafiles.read_json_records(path)
+    assert [r["instruction"] for r in records] == ["a", "b"]
+    assert [r.where for r in records] == [f"{path}:2", f"{path}:3"]
+
+
+def test_read_records_by_extension(tmp_path):
+    as_jsonl_in_json = write(tmp_path, "lines.json", '{"a": 1}\n{"a": 2}\n')
+    assert [r["a"] for r in datafiles.read_records(as_jsonl_in_json)] == [1, 2]
+    table = write(tmp_path, "t.tsv", "a\tb\n1\t2\n")
+    assert datafiles.read_records(table) == [{"a": "1", "b": "2"}]
+    with pytest.raises(DataError, match="unsupported file type"):
+        datafiles.read_records(write(tmp_path, "x.parquet", "PAR1"))
+
+
+# -- errors ---------------------------------------------------------------------------------
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(DataError, match="file not found") as err:
+        datafiles.read_table(tmp_path / "nope.csv")
+    assert err.value.where == str(tmp_path / "nope.csv")
+    with pytest.raises(DataError, match="is a folder"):
+        datafiles.read_jsonl(tmp_path)
+
+
+def test_non_utf8_names_line_and_column(tmp_path):
+    path = write(tmp_path, "d.csv", "text,label\nok,1\ncaf\xe9,2\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8") as err:
+        datafiles.read_table(path)
+    assert err.value.where == f"{path}:3"
+    assert "column 4" in err.value.message and "UTF-8" in err.value.hint
+
+
+def test_utf16_is_named(tmp_path):
+    path = write(tmp_path, "d.csv", "text,label\nx,1\n".encode("utf-16"))
+    with pytest.raises(DataError, match="UTF-16"):
+        datafiles.read_table(path)
+
+
+@pytest.mark.parametrize("content, message", [("", "empty"), ("\n  \n", "only blank lines")])
+def test_empty_files(tmp_path, content, message):
+    path = write(tmp_path, "d.csv", content)
+    with pytest.raises(DataError, match=message) as err:
+        datafiles.read_table(path)
+    assert err.value.where == str(path)
+    with pytest.raises(DataError, match="empty"):
+        datafiles.read_jsonl(write(tmp_path, "e.jsonl", content))
+    with pytest.raises(DataError, match="empty"):
+        datafiles.read_json_records(write(tmp_path, "e.json", content))
+
+
+def test_header_without_rows(tmp_path):
+    with pytest.raises(DataError, match="no data rows"):
+        datafiles.read_table(write(tmp_path, "d.csv", "text,label\n"), header=True)
+
+
+def test_row_with_wrong_field_count_names_line(tmp_path):
+    path = write(tmp_path, "d.tsv", "text\tlabel\nfine\t1\nan extra\ttab\t0\n")
+    with pytest.raises(DataError, match="3 field") as err:
+        datafiles.read_table(path)
+    assert err.value.where == f"{path}:3" and "quoted" in err.value.hint
+
+
+def test_unbalanced_quote_names_row(tmp_path):
+    path = write(tmp_path, "d.csv", 'text,label\nok,1\n"broken" here,2\n')
+    with pytest.raises(DataError, match="cannot parse") as err:
+        datafiles.read_table(path)
+    assert err.value.where == f"{path}:3"
+
+
+def test_missing_column_lists_the_columns(tmp_path):
+    table = datafiles.read_table(write(tmp_path, "d.csv", "sentence,label\nx,1\n"))
+    with pytest.raises(DataError, match="'text': no such column") as err:
+        table.index("text", "text_column")
+    assert "0='sentence'" in err.value.hint and err.value.where.endswith("d.csv:1")
+    with pytest.raises(DataError, match="has 2 column"):
+        table.index(5, "label_column")
+    headerless = datafiles.read_table(write(tmp_path, "n.csv", "x,1\ny,2\n"), header=False)
+    with pytest.raises(DataError, match="no header row"):
+        headerless.index("label", "label_column")
+
+
+def test_invalid_jsonl_line(tmp_path):
+    path = write(tmp_path, "d.jsonl", '{"text": "a"}\n{"text": "b",}\n')
+    with pytest.raises(DataError, match="invalid JSON") as err:
+        datafiles.read_jsonl(path)
+    assert err.value.where == f"{path}:2"
+    with pytest.raises(DataError, match="expected a JSON object") as err:
+        datafiles.read_jsonl(write(tmp_path, "l.jsonl", '{"a": 1}\n[1, 2]\n'))
+    assert err.value.where.endswith(":2")
+
+
+def test_invalid_json_document(tmp_path):
+    path = write(tmp_path, "d.json", '[\n {"a": 1},\n {"a": 2\n]\n')
+    with pytest.raises(DataError, match="invalid JSON") as err:
+        datafiles.read_json_records(path)
+    assert err.value.where == f"{path}:4"
+    with pytest.raises(DataError, match="item 2 of the array is a string") as err:
+        datafiles.read_json_records(write(tmp_path, "s.json", '[{"a": 1},\n"x"]'))
+    assert err.value.where.endswith(":2")
+    with pytest.raises(DataError, match="JSON Lines") as err:
+        datafiles.parse_json_records('{"a": 1}\n{"a": 2}\n', "x.json")
+    assert "JSON Lines" in err.value.hint
