@@ -88,6 +88,7 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
         with host.blame("task", task.name, "make_trainer"):
             trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,
                                         args=args, callbacks=callbacks)
+        quiet_trainer(trainer)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if checkpoints.stop_requested(callbacks):
             result.status, result.error = "interrupted", "stopped by a signal after writing a checkpoint"
@@ -169,6 +170,12 @@ def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True) -
 
 
 # -- pieces ---------------------------------------------------------------------------------
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def model_dtype(name: str):
     import torch
 
@@ -224,6 +231,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
+        dataloader_pin_memory=_has_cuda(),
         **precision_flags(t.precision),
     )
     if "tensorboard" in t.report_to:
@@ -231,6 +239,14 @@ def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData
 
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     return args
+
+
+def quiet_trainer(trainer) -> None:
+    """Our rich progress bar replaces the trainer's own printing of raw log dicts."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for cls in (PrinterCallback, ProgressCallback):
+        trainer.remove_callback(cls)
 
 
 def early_stopping(recipe: Recipe) -> list:
