@@ -58,6 +58,7 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     with host.blame("task", task.name, "load_data"):
         data = task.load_data(recipe.task, tokenizer)
+    check_batch_size(recipe, data)
     model = build_trainable_model(recipe, host, task, strategy, info, data.state)
     trainable, total = count_parameters(model)
     the_run = Run(recipe, recipe.output_dir, task, strategy, info, data)
@@ -255,6 +256,15 @@ def early_stopping(recipe: Recipe) -> list:
     from transformers import EarlyStoppingCallback
 
     return [EarlyStoppingCallback(early_stopping_patience=recipe.eval.early_stopping_patience)]
+
+
+def check_batch_size(recipe: Recipe, data: TaskData) -> None:
+    n = len(data.train)
+    if n == 0:
+        raise UserError("the training set is empty after loading", where="task.train")
+    if recipe.train.batch_size > n:
+        raise UserError(f"batch_size {recipe.train.batch_size} is larger than the training set ({n} examples)",
+                        where="train.batch_size", hint=f"use train.batch_size <= {n}, or more training data")
 
 
 def check_disk_space(run_dir: Path, recipe: Recipe, strategy: Strategy, trainable: int, total: int) -> None:
