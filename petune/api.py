@@ -139,6 +139,10 @@ class Task(_Plugin):
     peft_task_type: ClassVar[str]
     #: the metric the runner reports as "best" (key in the validation metrics), e.g. "accuracy".
     primary_metric: ClassVar[str] = "loss"
+    #: True for language-modelling losses averaged over tokens: under several processes the
+    #: trainer then normalises by the token count across all of them. False for per-example
+    #: losses (classification), where that normalisation would scale the loss by the process count.
+    token_level_loss: ClassVar[bool] = False
 
     def check(self, model_info: ModelInfo, options: Options) -> None:
         """Raise :class:`petune.errors.Refusal` if this model cannot do this task."""
@@ -178,6 +182,10 @@ class Strategy(_Plugin):
     def check(self, task: Task, model_info: ModelInfo | None, options: Options) -> None:
         """Raise :class:`petune.errors.Refusal` for mixes that cannot work. ``model_info``
         is None when only the recipe is being validated (nothing loaded)."""
+
+    def check_recipe(self, recipe) -> None:
+        """Refuse settings elsewhere in the recipe this strategy cannot work with (e.g.
+        [train] gradient checkpointing, [distributed] backend), before anything loads."""
 
     def load_kwargs(self, options: Options) -> dict:
         """Extra ``from_pretrained`` keyword arguments (e.g. ``quantization_config``)."""

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from rich.markup import escape
@@ -35,9 +36,12 @@ def _recipe(args):
 
 # -- commands -------------------------------------------------------------------------------
 def cmd_run(args) -> int:
-    from petune import runner
+    from petune import launch, runner
 
     recipe = _recipe(args)
+    processes = args.num_processes or recipe.distributed.num_processes or 1
+    if processes > 1 and not launch.inside_launcher():
+        return launch.relaunch(processes, args.argv)
     result = runner.run(recipe, _host(), dry_run=args.dry_run, resume=args.resume, overwrite=args.overwrite)
     if result.status == "completed":
         err.print(f"[green]done[/]: run saved in [bold]{escape(str(recipe.output_dir))}[/]")
@@ -45,11 +49,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    from petune.runner import check_recipe
+
     host = _host()
     recipe = _recipe(args)
-    task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
-    with host.blame("strategy", strategy.name, "check"):
-        strategy.check(task, None, recipe.strategy)
+    check_recipe(recipe, host, host.task(recipe.task_name), host.strategy(recipe.strategy_name))
     out.print(f"[green]ok[/]: {escape(str(args.recipe))} — model {escape(recipe.model.name)}, "
               f"task {recipe.task_name}, strategy {recipe.strategy_name}, output {escape(recipe.output.dir)}")
     return 0
@@ -115,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (with parameter counts) and exit")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--num-processes", type=int, metavar="N",
+                   help="train with N processes (DDP, or FSDP/DeepSpeed from [distributed]) via accelerate")
     p.set_defaults(func=cmd_run)
 
     p = with_recipe(sub.add_parser("validate", help="check a recipe without loading anything heavy"))
@@ -135,8 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # Deprecation chatter from the libraries underneath is not for petune's users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse exits 2 on bad arguments
+    args.argv = argv
     try:
         return args.func(args) or 0
     except UserError as exc:

@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from petune.api import Options
+from petune.api import DataPath, Options
 from petune.errors import RecipeError, UserError
 
-SECTIONS = ("model", "task", "strategy", "train", "eval", "output")
+SECTIONS = ("model", "task", "strategy", "train", "eval", "output", "distributed")
 
 
 class ModelSection(Options):
@@ -49,6 +49,7 @@ class TrainSection(Options):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 42
+    shuffle: bool = Field(True, description="shuffle the training examples (seeded by seed)")
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(200, ge=1, description="write a checkpoint every N steps")
     save_total_limit: int = Field(2, ge=1, description="keep the last K checkpoints")
@@ -75,7 +76,45 @@ class OutputSection(Options):
     dir: str = Field(description="run folder, relative to the current directory")
 
 
-_CORE = {"model": ModelSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection}
+class FsdpSection(Options):
+    """Passed to the HF Trainer's FSDP integration (accelerate underneath)."""
+
+    sharding_strategy: Literal["full_shard", "shard_grad_op", "hybrid_shard", "no_shard"] = "full_shard"
+    cpu_offload: bool = False
+    activation_checkpointing: bool = False
+    use_orig_params: bool = True  # needed when only some parameters train (LoRA, adapters)
+
+
+class DeepSpeedSection(Options):
+    """A DeepSpeed ZeRO configuration, or a full DeepSpeed JSON passed through as is."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    config_file: DataPath | None = Field(None, description="a complete DeepSpeed JSON config (other keys ignored)")
+
+
+class DistributedSection(Options):
+    backend: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    num_processes: int | None = Field(None, ge=1, description="processes to start (petune run --num-processes wins)")
+    fsdp: FsdpSection | None = None
+    deepspeed: DeepSpeedSection | None = None
+
+    @model_validator(mode="after")
+    def _matching_tables(self):
+        if self.fsdp is not None and self.backend != "fsdp":
+            raise ValueError("[distributed.fsdp] needs backend = 'fsdp'")
+        if self.deepspeed is not None and self.backend != "deepspeed":
+            raise ValueError("[distributed.deepspeed] needs backend = 'deepspeed'")
+        if self.backend == "fsdp" and self.fsdp is None:
+            self.fsdp = FsdpSection()
+        if self.backend == "deepspeed" and self.deepspeed is None:
+            self.deepspeed = DeepSpeedSection()
+        return self
+
+
+_CORE = {"model": ModelSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection,
+         "distributed": DistributedSection}
 
 
 @dataclass
@@ -89,6 +128,7 @@ class Recipe:
     train: TrainSection
     eval: EvalSection
     output: OutputSection
+    distributed: DistributedSection = field(default_factory=DistributedSection)
     overrides: list[str] = field(default_factory=list)
 
     @property
@@ -107,6 +147,7 @@ class Recipe:
             "train": dump(self.train),
             "eval": dump(self.eval),
             "output": dump(self.output),
+            "distributed": dump(self.distributed),
         }
 
 
@@ -195,9 +236,13 @@ class _Problems:
         self.path, self.text, self.overridden, self.items = path, text, overridden, []
 
     def add(self, dotted: str, message: str) -> None:
-        section, _, key = dotted.partition(".")
         where = str(self.path) if self.path else "recipe"
-        line = None if dotted in self.overridden else _line_of(self.text, section, key.split(".")[0] if key else None)
+        line = None
+        if dotted not in self.overridden:
+            table, _, key = dotted.rpartition(".")
+            section, _, first = dotted.partition(".")
+            line = (_line_of(self.text, table, key) if table else None) or \
+                _line_of(self.text, section, first.split(".")[0] if first else None)
         if line:
             where += f":{line}"
         elif dotted in self.overridden:
@@ -211,13 +256,14 @@ class _Problems:
         self.add(dotted, f"unknown key{hint}")
 
     def from_validation(self, prefix: str, schema: type[Options], exc: ValidationError) -> None:
-        valid = list(schema.model_fields)
         for err in exc.errors():
             loc = [str(p) for p in err["loc"]]
             dotted = ".".join([prefix, *loc])
-            if err["type"] == "extra_forbidden" and len(loc) == 1:
-                self.unknown(prefix, loc[0], valid)
-                continue
+            if err["type"] == "extra_forbidden":
+                inner = _schema_at(schema, loc[:-1])
+                if inner is not None:
+                    self.unknown(".".join([prefix, *loc[:-1]]), loc[-1], list(inner.model_fields))
+                    continue
             msg = _EXPECTED.get(err["type"])
             if msg is None:
                 msg = err["msg"]
@@ -232,6 +278,22 @@ class _Problems:
             head = "recipe is not valid" if len(self.items) > 1 else self.items[0]
             body = "\n".join(f"  {line}" for line in self.items) if len(self.items) > 1 else ""
             raise RecipeError(head + ("\n" + body if body else ""))
+
+
+def _schema_at(schema: type[Options], path: list[str]) -> type[Options] | None:
+    """The options schema of a nested table, e.g. DistributedSection → ["fsdp"] → FsdpSection."""
+    import typing
+
+    for key in path:
+        field_info = schema.model_fields.get(key)
+        if field_info is None:
+            return None
+        candidates = [a for a in (typing.get_args(field_info.annotation) or (field_info.annotation,))
+                      if isinstance(a, type) and issubclass(a, Options)]
+        if not candidates:
+            return None
+        schema = candidates[0]
+    return schema
 
 
 def _check_section(problems: _Problems, data: dict, section: str, schema: type[Options], context: dict) -> Options | None:
@@ -290,7 +352,7 @@ def validate(data: dict, host, *, path: Path | None = None, text: str | None = N
     return Recipe(
         path=path, model=parsed["model"], task_name=plugins["task"][0], task=plugins["task"][1],
         strategy_name=plugins["strategy"][0], strategy=plugins["strategy"][1], train=parsed["train"],
-        eval=parsed["eval"], output=parsed["output"], overrides=list(overrides),
+        eval=parsed["eval"], output=parsed["output"], distributed=parsed["distributed"], overrides=list(overrides),
     )
 
 

@@ -40,10 +40,12 @@ class RunResult:
 
 # -- the flow -------------------------------------------------------------------------------
 def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool = False, overwrite: bool = False) -> RunResult:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
-    with host.blame("strategy", strategy.name, "check"):
-        strategy.check(task, None, recipe.strategy)  # refuse what is impossible before anything loads
-    if not dry_run:
+    check_recipe(recipe, host, task, strategy)  # refuse what is impossible before anything loads
+    if not dry_run and is_main_process():
         artifacts.prepare_run_dir(recipe.output_dir, resume=resume, overwrite=overwrite)
 
     info = resolve_model(recipe.model.name, host.model_sources())
@@ -120,6 +122,13 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
         if is_main_process():
             artifacts.write_json(run_dir / "manifest.json", manifest)
         host.call("on_run_end", run=the_run, result=result)
+
+
+def check_recipe(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy) -> None:
+    """The checks that need no model: the strategy × task mix and the recipe as a whole."""
+    with host.blame("strategy", strategy.name, "check"):
+        strategy.check(task, None, recipe.strategy)
+        strategy.check_recipe(recipe)
 
 
 def build_trainable_model(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy, info: ModelInfo, state: dict):
@@ -216,8 +225,9 @@ def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData
         optim=t.optimizer,
         seed=t.seed,
         data_seed=t.seed,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        train_sampling_strategy="random" if t.shuffle else "sequential",
+        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name for gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
@@ -233,13 +243,52 @@ def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         dataloader_pin_memory=_has_cuda(),
+        use_cpu=not _has_cuda(),
+        average_tokens_across_devices=task.token_level_loss,
         **precision_flags(t.precision),
+        **distributed_arguments(recipe),
     )
     if "tensorboard" in t.report_to:
         import os
 
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
     return args
+
+
+def distributed_arguments(recipe: Recipe) -> dict:
+    """FSDP / DeepSpeed settings for the HF Trainer; DDP needs none (the launcher sets it up)."""
+    d = recipe.distributed
+    if d.backend == "fsdp":
+        f = d.fsdp
+        return {"fsdp": f"{f.sharding_strategy} auto_wrap" + (" offload" if f.cpu_offload else ""),
+                "fsdp_config": {"activation_checkpointing": f.activation_checkpointing,
+                                "use_orig_params": f.use_orig_params, "cpu_ram_efficient_loading": True}}
+    if d.backend == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError("distributed.backend = 'deepspeed' needs the deepspeed package", where="distributed.backend",
+                            hint="pip install deepspeed (on the GPU machines), or use backend 'fsdp'") from None
+        ds = d.deepspeed
+        if ds.config_file is not None:
+            return {"deepspeed": str(ds.config_file)}
+        zero: dict = {"stage": ds.zero_stage}
+        if ds.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if ds.offload_param:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+        if ds.zero_stage == 3:
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        return {"deepspeed": {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+                              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                              "gradient_clipping": "auto", "train_batch_size": "auto"}}
+    return {}
+
+
+def world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def quiet_trainer(trainer) -> None:
@@ -301,7 +350,9 @@ def show_plan(run: Run, trainable: int, total: int) -> None:
         ("strategy", f"{r.strategy_name}  {_options_text(r.strategy)}"),
         ("data", sizes),
         ("parameters", f"{human_count(trainable)} trainable of {human_count(total)} ({100 * trainable / max(total, 1):.3f}%)"),
-        ("batch", f"{r.train.batch_size} × grad_accum {r.train.grad_accum}"),
+        ("batch", f"{r.train.batch_size} per device × {world_size()} process(es) × grad_accum {r.train.grad_accum}"
+                  f" = {r.train.batch_size * world_size() * r.train.grad_accum} per step"),
+        ("distributed", r.distributed.backend if world_size() > 1 else "single process"),
         ("schedule", f"max_steps {r.train.max_steps}" if r.train.max_steps else f"{r.train.epochs:g} epochs"),
         ("output", str(run.dir)),
     ]

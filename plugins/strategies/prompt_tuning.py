@@ -15,8 +15,8 @@ Refused mixes (see ``check``):
   token, which it finds from input_ids; prompt tuning passes embeddings instead, so with
   right padding it would read a pad position. Prefix tuning keeps input_ids.
 * prefix × gradient checkpointing: transformers drops ``past_key_values`` — the prefix — in
-  checkpointed layers. The recipe's [train] section is not visible to ``check``, so the
-  first training forward pass stops with an error instead of silently training without it.
+  checkpointed layers: ``check_recipe`` refuses the mix before anything loads, and a guard on
+  the first training forward pass catches checkpointing switched on some other way.
 """
 
 from __future__ import annotations
@@ -71,6 +71,12 @@ class PromptTuningStrategy(Strategy):
             raise Refusal("prompt tuning feeds embeddings instead of input_ids, so a decoder's classifier cannot "
                           "find the last real token of padded inputs",
                           where="strategy.method", hint="use method = 'prefix' or strategy 'lora'")
+
+    def check_recipe(self, recipe):
+        if recipe.strategy.method == "prefix" and recipe.train.gradient_checkpointing:
+            raise Refusal("prefix tuning does not work with gradient checkpointing: transformers drops the "
+                          "prefix (past_key_values) in checkpointed layers",
+                          where="train.gradient_checkpointing", hint="set it to false, or use method = 'prompt'")
 
     def apply(self, model, task, options):
         from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model

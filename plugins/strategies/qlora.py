@@ -37,6 +37,8 @@ class QloraOptions(LoraOptions):
     double_quant: bool = Field(True, description="quantise the quantisation constants too (~0.4 bit/param saved)")
     compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype the 4-bit weights are dequantised to for matmuls")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8", description="dtype the packed 4-bit weights are stored in; FSDP needs it equal to the other weights'")
 
 
 class QloraStrategy(Strategy):
@@ -56,6 +58,15 @@ class QloraStrategy(Strategy):
             raise Refusal(f"model {model_info.name!r} is already quantised ({method}); qlora would quantise it again",
                           where="strategy.name", hint="use strategy 'lora' on this model")
 
+    def check_recipe(self, recipe):
+        options = recipe.strategy
+        if recipe.distributed.backend in ("fsdp", "deepspeed") and options.quant_storage == "uint8":
+            # FSDP/ZeRO-3 flatten all weights of a layer into one tensor: the packed 4-bit
+            # weights must be stored in the same dtype as the rest of the model.
+            raise Refusal(f"qlora with {recipe.distributed.backend} needs the 4-bit weights stored in the model's "
+                          "float dtype", where="strategy.quant_storage",
+                          hint=f"set strategy.quant_storage = \"{options.compute_dtype}\" (same as compute_dtype)")
+
     def load_kwargs(self, options):
         import torch
         from accelerate import PartialState
@@ -71,6 +82,7 @@ class QloraStrategy(Strategy):
             bnb_4bit_use_double_quant=options.double_quant,
             bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype),
             llm_int8_skip_modules=_UNQUANTISED,
+            bnb_4bit_quant_storage=getattr(torch, options.quant_storage),
             ),
         }
 

@@ -618,6 +618,7 @@ class SftTask(Task):
     Options = SftOptions
     peft_task_type = "CAUSAL_LM"
     primary_metric = "loss"
+    token_level_loss = True
 
     def check(self, model_info: ModelInfo, options: SftOptions) -> None:
         if not _is_decoder_only(model_info):

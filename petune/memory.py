@@ -1,0 +1,588 @@
+"""Peak training memory, predicted before anything loads: ``petune estimate`` and the plan.
+
+What is counted (bytes, on the device that trains: GPU memory as torch's allocator counts
+it, or the process's resident-memory growth on CPU):
+
+weights
+    Every parameter at its storage precision: the load dtype, or 4-bit for the linear
+    layers a ``BitsAndBytesConfig(load_in_4bit)`` quantises — 0.5 byte per weight plus the
+    quantisation constants (an fp32 absmax per block of 64: +0.0625 byte; with double
+    quantisation an 8-bit absmax and fp32 second-level constants: +0.016 byte).
+gradients
+    One per trainable parameter, in that parameter's dtype.
+optimizer
+    AdamW (torch): two states per trainable parameter in its dtype (8 bytes for fp32
+    LoRA weights); 8-bit AdamW: 2 bytes (tensors under 4096 values keep 32-bit states);
+    paged optimisers live in CUDA unified memory, which torch's allocator does not count
+    (shown, not added); SGD: none; Adafactor: factored second moments.
+activations
+    What autograd keeps for the backward pass, found by running the model's forward on
+    the *meta device* (shapes only: no memory, no weights, well under a second even for
+    8B) with a hook that records every tensor saved for backward, layer by layer.
+    Attention is counted as a fused kernel keeps it (q, k, v, output, log-sum-exp: no
+    seq × seq matrix), as SDPA does on GPU and CPU. With gradient checkpointing only each
+    layer's input is kept, plus one layer's worth while it is recomputed. A backward
+    workspace (gradients of the largest activations while a layer's backward runs) is
+    added on top.
+logits & loss
+    Plain cross-entropy (transformers' loss) materialises the full-vocabulary logits in
+    fp32: at the start of backward, log-softmax output + its gradient + the gradient of
+    the logits are alive together: 12 bytes × tokens × vocabulary. A task whose trainer
+    computes the loss in chunks (TRL's fused LM head: ``loss_memory = "chunked"``) only
+    holds one tile of 4096 tokens × 32768 vocabulary entries plus fp32 hidden-size
+    gradients.
+runtime
+    GPU: cuBLAS workspaces and autocast's bf16 copies of fp32 trainable weights. CPU: the
+    memory a training process touches besides the model (thread pools, kernels' scratch,
+    the dataset and trainer objects), a constant measured with the tiny models.
+
+The peak is ``weights + optimizer + max(activations + logits + head gradients,
+gradients + optimizer-step temporaries)``: activations are freed during backward as
+gradients appear. Batches are assumed padded to the task's ``max_length`` (the worst case).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+GiB = 2**30
+MiB = 2**20
+#: CPU: resident memory a petune training process adds besides the model (measured, tiny models)
+CPU_RUNTIME_BYTES = 48 * MiB
+#: GPU: cuBLAS / cuBLASLt workspaces and allocator rounding
+CUDA_RUNTIME_BYTES = 64 * MiB
+#: TRL's fused LM head tile: tokens × vocabulary entries
+CHUNK_TOKENS, CHUNK_VOCAB = 4096, 32768
+#: bitsandbytes keeps 32-bit optimizer states for tensors smaller than this
+BNB_MIN_8BIT_SIZE = 4096
+PARTS = ("weights", "gradients", "optimizer", "activations", "logits", "runtime")
+
+
+@dataclass
+class MemoryEstimate:
+    """Predicted peak training memory, in bytes, with its parts."""
+
+    parts: dict[str, int]
+    peak: int
+    device: str
+    capacity: int | None
+    trainable: int
+    total: int
+    batch: int
+    seq: int
+    gradient_checkpointing: bool
+    details: dict = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.peak <= self.capacity
+
+    @property
+    def warning(self) -> str | None:
+        if self.fits:
+            return None
+        hint = ("turn on train.gradient_checkpointing, lower train.batch_size or task.max_length"
+                if not self.gradient_checkpointing else "lower train.batch_size or task.max_length, or use qlora")
+        return (f"predicted peak {human(self.peak)} is more than the {self.device} has "
+                f"({human(self.capacity)}): {hint}")
+
+    def as_dict(self) -> dict:
+        return {"parts": self.parts, "peak": self.peak, "device": self.device, "capacity": self.capacity,
+                "trainable": self.trainable, "total": self.total, "batch": self.batch, "seq": self.seq,
+                "gradient_checkpointing": self.gradient_checkpointing, "details": self.details}
+
+
+def human(n: float | None) -> str:
+    if n is None:
+        return "?"
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# -- the device ------------------------------------------------------------------------------
+def device_capacity(device: str) -> int | None:
+    """Total memory of the CUDA device, or of the machine for CPU training."""
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(torch.device(device).index or 0).total_memory
+        return None
+    try:
+        import psutil
+
+        return psutil.virtual_memory().total
+    except ImportError:
+        return None
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- parameters ----------------------------------------------------------------------------
+def _quantised_bytes_per_param(quant) -> float:
+    block = int(getattr(quant, "bnb_4bit_blocksize", 64) or 64) if quant is not None else 64
+    if quant is not None and getattr(quant, "bnb_4bit_use_double_quant", False):
+        return 0.5 + 1 / block + 4 / (block * 256)
+    return 0.5 + 4 / block
+
+
+def _is_4bit(quant) -> bool:
+    return quant is not None and bool(getattr(quant, "load_in_4bit", False))
+
+
+def _skipped(name: str, skip: list[str]) -> bool:
+    parts = name.split(".")
+    return any(s in parts or name.endswith("." + s) or ("." + s + ".") in ("." + name + ".") for s in skip)
+
+
+def parameter_inventory(model, quant=None) -> dict:
+    """Counts and bytes of a model's parameters (meta tensors are fine), with the linear
+    weights that ``quant`` (a 4-bit BitsAndBytesConfig) would store in 4 bits."""
+    import torch
+
+    skip = list(getattr(quant, "llm_int8_skip_modules", None) or ["lm_head"]) if _is_4bit(quant) else []
+    linear_weights = set()
+    if _is_4bit(quant):
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not _skipped(name, skip):
+                linear_weights.add(id(module.weight))
+    q_bytes = _quantised_bytes_per_param(quant)
+    seen = set()
+    inv = {"total": 0, "trainable": 0, "weights": 0.0, "quantised": 0, "trainable_params": []}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        inv["total"] += n
+        if p.requires_grad:
+            inv["trainable"] += n
+            inv["trainable_params"].append((name, tuple(p.shape), p.dtype))
+            inv["weights"] += n * p.element_size()
+        elif id(p) in linear_weights:
+            inv["quantised"] += n
+            inv["weights"] += n * q_bytes
+        else:
+            inv["weights"] += n * p.element_size()
+    return inv
+
+
+def _itemsize(dtype) -> int:
+    import torch
+
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def optimizer_bytes(trainable_params: list, optimizer: str) -> tuple[int, int]:
+    """(bytes counted on the device, paged bytes) of the optimizer states."""
+    counted = paged = 0
+    for _, shape, dtype in trainable_params:
+        n = math.prod(shape)
+        size = _itemsize(dtype)
+        if optimizer in ("adamw_torch", "adamw_torch_fused", "adamw"):
+            counted += 2 * n * size
+        elif optimizer in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+            b = 2 * n * 1 + 2 * 4 * math.ceil(n / 256) if n >= BNB_MIN_8BIT_SIZE else 8 * n
+            if optimizer.startswith("paged"):
+                paged += b
+            else:
+                counted += b
+        elif optimizer == "paged_adamw_32bit":
+            paged += 8 * n
+        elif optimizer == "sgd":
+            pass
+        elif optimizer == "adafactor":
+            counted += 4 * (shape[0] + math.prod(shape[1:])) if len(shape) >= 2 else 4 * n
+        else:  # unknown: assume Adam-like
+            counted += 2 * n * size
+    return counted, paged
+
+
+# -- activations: a forward pass on the meta device --------------------------------------------
+class _SavedTensorLedger:
+    """Bytes of the tensors autograd saves for backward, attributed to the layer running."""
+
+    def __init__(self, param_storages: set):
+        self.param_storages = param_storages
+        self.seen: set = set()
+        self.current: int | None = None
+        self.per_layer: dict[int, int] = {}
+        self.layer_input: dict[int, int] = {}
+        self.largest: dict[int, int] = {}
+        self.outside = 0
+        self.vocab_sized = 0
+        self.vocab = 0
+
+    def pack(self, t):
+        try:
+            storage = t.untyped_storage()
+            key = storage._cdata
+            nbytes = storage.nbytes()
+        except Exception:  # noqa: BLE001 — odd tensor subclasses: count their size
+            key, nbytes = id(t), t.numel() * t.element_size()
+        if key in self.param_storages or key in self.seen:
+            return t
+        self.seen.add(key)
+        if self.current is None:
+            if self.vocab and t.dim() >= 1 and t.shape[-1] == self.vocab and t.is_floating_point():
+                self.vocab_sized += nbytes
+            else:
+                self.outside += nbytes
+        else:
+            self.per_layer[self.current] = self.per_layer.get(self.current, 0) + nbytes
+            self.largest[self.current] = max(self.largest.get(self.current, 0), nbytes)
+        return t
+
+
+@contextlib.contextmanager
+def _fused_attention():
+    """Make transformers' attention save what a fused SDPA kernel saves (q, k, v, out,
+    logsumexp) instead of the meta device's math fallback, which keeps seq × seq scores."""
+    import torch
+    from transformers import AttentionInterface
+
+    class FusedAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out = torch.empty_like(q)
+            lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):  # never run: the estimate does no backward pass
+            q, k, v, _, _ = ctx.saved_tensors
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        out = FusedAttention.apply(query, key, value)  # (batch, heads, seq, head_dim)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("petune_estimate", attention)
+    yield "petune_estimate"
+
+
+def _find_layers(model):
+    """The transformer block stack: the ModuleList of same-class modules with the most parameters."""
+    import torch
+
+    best = None
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size and (best is None or size > best[1]):
+                best = (module, size)
+    return list(best[0]) if best else []
+
+
+def _dummy_inputs(task_type: str, batch: int, seq: int, vocab: int) -> dict:
+    import torch
+
+    ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
+    inputs = {"input_ids": ids, "attention_mask": torch.ones((batch, seq), dtype=torch.long, device="meta")}
+    if task_type == "CAUSAL_LM":
+        inputs["labels"] = ids
+        inputs.pop("attention_mask")  # unpadded batches: the causal mask needs no tensor
+    elif task_type == "SEQ_CLS":
+        inputs["labels"] = torch.zeros((batch,), dtype=torch.long, device="meta")
+    elif task_type == "TOKEN_CLS":
+        inputs["labels"] = ids
+    elif task_type == "QUESTION_ANS":
+        inputs["start_positions"] = inputs["end_positions"] = torch.zeros((batch,), dtype=torch.long, device="meta")
+    else:
+        inputs["labels"] = ids
+    return inputs
+
+
+def measure_activations(model, batch: int, seq: int, *, task_type: str, vocab: int, autocast_dtype=None) -> dict:
+    """Run ``model`` (on the meta device) forward once; return the bytes saved for backward
+    per layer, outside the layers, of vocabulary-sized tensors (logits), each layer's input
+    size and the largest single tensor a layer saves.
+
+    ``autocast_dtype``: the mixed-precision compute dtype (bf16/fp16) — fp32 trainable
+    weights are then cast to it for the pass, as autocast casts their matmul inputs."""
+    import torch
+
+    casts = []
+    if autocast_dtype is not None:
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype == torch.float32:
+                casts.append((p, p.data))
+                p.data = p.data.to(autocast_dtype)
+    param_storages = set()
+    for p in model.parameters():
+        param_storages.add(p.untyped_storage()._cdata)
+    for b in model.buffers():
+        param_storages.add(b.untyped_storage()._cdata)
+    ledger = _SavedTensorLedger(param_storages)
+    ledger.vocab = vocab
+    handles = []
+    for index, layer in enumerate(_find_layers(model)):
+        def pre(module, args, kwargs, index=index):
+            ledger.current = index
+            hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+            if isinstance(hidden, torch.Tensor):
+                ledger.layer_input[index] = hidden.numel() * hidden.element_size()
+
+        def post(module, args, output):
+            ledger.current = None
+
+        handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(layer.register_forward_hook(post))
+    was_training = model.training
+    model.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(ledger.pack, lambda t: t):
+            model(**_dummy_inputs(task_type, batch, seq, vocab))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+        for p, data in casts:
+            p.data = data
+    return {"per_layer": ledger.per_layer, "layer_input": ledger.layer_input, "largest": ledger.largest,
+            "outside": ledger.outside, "vocab_sized": ledger.vocab_sized}
+
+
+# -- the model skeleton --------------------------------------------------------------------------
+_AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+}
+
+
+def build_skeleton(config, task_type: str, dtype, attn_implementation: str | None = None):
+    """The task's model class built from ``config`` on the meta device (no memory)."""
+    import copy
+
+    import torch
+    import transformers
+
+    config = copy.deepcopy(config)
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    auto = getattr(transformers, _AUTO_CLASSES.get(task_type, "AutoModel"))
+    if task_type in ("SEQ_CLS", "TOKEN_CLS") and not getattr(config, "num_labels", None):
+        config.num_labels = 2
+    with torch.device("meta"):
+        try:
+            return auto.from_config(config, **kwargs)
+        except (ValueError, TypeError):
+            kwargs.pop("attn_implementation", None)
+            return auto.from_config(config, **kwargs)
+
+
+# -- the estimate ----------------------------------------------------------------------------------
+def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_type: str, device: str,
+             optimizer: str = "adamw_torch", autocast_dtype=None, quant=None, loss_memory: str = "logits",
+             capacity: int | None = -1) -> MemoryEstimate:
+    """Predict the training peak of ``model`` — a skeleton on the meta device with the
+    strategy already applied (trainable flags and added modules as in training)."""
+    import torch
+
+    config = model.config if hasattr(model, "config") else None
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    hidden = int(getattr(text, "hidden_size", 0) or 0)
+    cuda = device.startswith("cuda")
+
+    inv = parameter_inventory(model, quant)
+    weights = int(inv["weights"])
+    gradients = sum(math.prod(shape) * _itemsize(dtype) for _, shape, dtype in inv["trainable_params"])
+    opt_counted, opt_paged = optimizer_bytes(inv["trainable_params"], optimizer)
+
+    with _fused_attention() as attn:
+        skeleton_attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        _set_attn(model, attn)
+        try:
+            acts = measure_activations(model, batch, seq, task_type=task_type, vocab=vocab,
+                                       autocast_dtype=autocast_dtype)
+        finally:
+            _set_attn(model, skeleton_attn)
+    layers = sorted(acts["per_layer"])
+    per_layer = [acts["per_layer"][i] for i in layers]
+    largest = max(acts["largest"].values(), default=0)
+    if gradient_checkpointing and per_layer:
+        kept = sum(acts["layer_input"].get(i, 0) for i in layers) + max(per_layer)
+    else:
+        kept = sum(per_layer)
+    activations = kept + acts["outside"]
+    workspace = 2 * largest  # gradients of the biggest activations while a layer's backward runs
+
+    tokens = batch * seq
+    compute_size = _itemsize(autocast_dtype) if autocast_dtype is not None else 4
+    head_trainable = any(math.prod(s) >= vocab * hidden and s[0] == vocab
+                         for _, s, _ in inv["trainable_params"]) if vocab and hidden else False
+    if task_type != "CAUSAL_LM" or not vocab:
+        logits = acts["vocab_sized"]
+    elif loss_memory == "chunked":
+        n = min(tokens, CHUNK_TOKENS)
+        width = min(vocab, CHUNK_VOCAB)
+        tile = n * (CHUNK_VOCAB if cuda else width) * compute_size
+        logits = tile + tokens * hidden * (4 + compute_size) + tokens * 8 * 4
+        if head_trainable:
+            logits += vocab * hidden * 4
+    else:
+        logits = 12 * tokens * vocab
+
+    outside_grads = 0
+    layer_param_ids = {id(p) for layer in _find_layers(model) for p in layer.parameters()}
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in layer_param_ids:
+            outside_grads += p.numel() * p.element_size()
+    if cuda and optimizer in ("adamw_torch", "adamw"):
+        step_temp = gradients  # foreach AdamW: one temporary per state tensor, all at once
+    else:
+        step_temp = max((math.prod(s) * _itemsize(d) * 2 for _, s, d in inv["trainable_params"]), default=0)
+
+    if cuda:
+        runtime = CUDA_RUNTIME_BYTES
+        if autocast_dtype is not None:  # autocast caches low-precision copies of fp32 weights it casts
+            runtime += sum(math.prod(s) * _itemsize(autocast_dtype) for _, s, d in inv["trainable_params"]
+                           if d == torch.float32)
+    else:
+        runtime = CPU_RUNTIME_BYTES
+
+    during_backward = activations + workspace + logits + outside_grads
+    after_backward = gradients + step_temp
+    peak = weights + opt_counted + runtime + max(during_backward, after_backward)
+    parts = {"weights": weights, "gradients": gradients, "optimizer": opt_counted,
+             "activations": activations + workspace, "logits": logits, "runtime": runtime}
+    if capacity == -1:
+        capacity = device_capacity(device)
+    details = {"quantised_params": inv["quantised"], "paged_optimizer_bytes": opt_paged,
+               "activations_per_layer": per_layer[0] if per_layer else 0, "layers": len(per_layer),
+               "activations_outside_layers": acts["outside"], "backward_workspace": workspace,
+               "loss_memory": loss_memory if task_type == "CAUSAL_LM" else "head", "optimizer": optimizer,
+               "tokens": tokens, "peak_phase": "backward" if during_backward >= after_backward else "optimizer step"}
+    return MemoryEstimate(parts=parts, peak=int(peak), device=device, capacity=capacity, trainable=inv["trainable"],
+                          total=inv["total"], batch=batch, seq=seq, gradient_checkpointing=gradient_checkpointing,
+                          details=details)
+
+
+def _set_attn(model, name):
+    if name is None:
+        return
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            try:
+                config._attn_implementation = name
+            except Exception:  # noqa: BLE001
+                pass
+
+
+# -- from a recipe ----------------------------------------------------------------------------------
+def loss_memory_of(task) -> str:
+    """How a task's trainer computes the loss: "chunked" (no full-vocabulary logits, e.g.
+    TRL's fused LM head) or "logits". A task may say so with a ``loss_memory`` attribute."""
+    declared = getattr(task, "loss_memory", None)
+    if declared in ("chunked", "logits"):
+        return declared
+    return "chunked" if getattr(task, "name", "") == "sft" else "logits"
+
+
+def _dtypes(recipe, device: str):
+    import torch
+
+    cuda = device.startswith("cuda")
+    name = recipe.model.dtype
+    dtype = (torch.bfloat16 if cuda else torch.float32) if name == "auto" else getattr(torch, name)
+    precision = recipe.train.precision
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return dtype, autocast
+
+
+def recipe_seq_len(recipe) -> int:
+    return int(getattr(recipe.task, "max_length", None) or 128)
+
+
+def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None, batch: int | None = None,
+                    seq: int | None = None) -> MemoryEstimate:
+    """Predict a recipe's peak training memory from the model's config alone."""
+    from petune.models import resolve_model
+
+    device = device or default_device()
+    task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
+    info = model_info or resolve_model(recipe.model.name, host.model_sources())
+    dtype, autocast = _dtypes(recipe, device)
+    load_kwargs = strategy.load_kwargs(recipe.strategy)
+    quant = load_kwargs.get("quantization_config")
+    model = build_skeleton(info.config, task.peft_task_type, dtype)
+    model = apply_strategy(strategy, model, task, recipe.strategy)
+    return estimate(model, batch=batch or recipe.train.batch_size, seq=seq or recipe_seq_len(recipe),
+                    gradient_checkpointing=recipe.train.gradient_checkpointing, task_type=task.peft_task_type,
+                    device=device, optimizer=recipe.train.optimizer, autocast_dtype=autocast, quant=quant,
+                    loss_memory=loss_memory_of(task))
+
+
+def apply_strategy(strategy, model, task, options):
+    """``strategy.apply`` on a meta skeleton. Prompt tuning's text initialisation needs real
+    embeddings, so it is counted with a random initialisation (same parameters)."""
+    if getattr(options, "init", "x") is None and getattr(options, "method", None) == "prompt":
+        options = options.model_copy(update={"init": "random", "init_text": None})
+    try:
+        return strategy.apply(model, task, options)
+    except Exception:  # noqa: BLE001
+        if hasattr(options, "init"):
+            return strategy.apply(model, task, options.model_copy(update={"init": "random", "init_text": None}))
+        raise
+
+
+# -- showing it --------------------------------------------------------------------------------------
+def estimate_table(est: MemoryEstimate, title: str = "Memory estimate"):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    table.add_column("part", style="bold")
+    table.add_column("bytes", justify="right")
+    table.add_column("note")
+    notes = {
+        "weights": f"{est.total:,} parameters" + (f", {est.details['quantised_params']:,} in 4-bit"
+                                                   if est.details.get("quantised_params") else ""),
+        "gradients": f"{est.trainable:,} trainable",
+        "optimizer": est.details.get("optimizer", "") + (f" (+{human(est.details['paged_optimizer_bytes'])} paged)"
+                                                         if est.details.get("paged_optimizer_bytes") else ""),
+        "activations": f"batch {est.batch} × {est.seq} tokens, "
+                       + ("gradient checkpointing" if est.gradient_checkpointing else "no checkpointing")
+                       + f", {est.details.get('layers', 0)} layers",
+        "logits": {"chunked": "loss in chunks (no full logits)", "logits": "full-vocabulary fp32 logits",
+                   "head": "task head"}.get(est.details.get("loss_memory"), ""),
+        "runtime": "CUDA workspaces, autocast copies" if est.device.startswith("cuda") else "process overhead (measured)",
+    }
+    for part in PARTS:
+        table.add_row(part, human(est.parts[part]), notes.get(part, ""))
+    table.add_row("[bold]peak[/]", f"[bold]{human(est.peak)}[/]",
+                  f"at the {est.details.get('peak_phase', 'backward')}; parts do not all coexist")
+    table.add_row("device", human(est.capacity), est.device + ("" if est.fits else "  [bold red]does not fit[/]"))
+    return table
+
+
+def plan_row(recipe, host, model_info=None, device: str | None = None) -> tuple[str, str]:
+    """One line for ``petune run --dry-run``'s plan: ("memory", "≈ 13.2 GiB peak on cuda (of 79 GiB)")."""
+    try:
+        est = estimate_recipe(recipe, host, device=device, model_info=model_info)
+    except Exception as exc:  # noqa: BLE001 — an estimate must never stop a run
+        return ("memory", f"no estimate ({type(exc).__name__}: {exc})")
+    text = f"≈ {human(est.peak)} peak on {est.device} (of {human(est.capacity)})"
+    if not est.fits:
+        text += f"  [bold red]warning:[/] {est.warning}"
+    return ("memory", text)
