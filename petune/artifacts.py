@@ -37,10 +37,17 @@ def write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; run files are for everyone who may read the folder
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, data) -> None:
@@ -144,6 +151,8 @@ def new_manifest(recipe, plugins: list[dict]) -> dict:
         "started": now(),
         "ended": None,
         "command": sys.argv,
+        "pid": os.getpid(),
+        "hostname": platform.node(),
         "recipe": str(recipe.path) if recipe.path else None,
         "seed": recipe.train.seed,
         "model": recipe.model.name,

@@ -133,9 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the bundled recipes").set_defaults(func=cmd_recipes)
     sub.add_parser("env", help="versions and device, for bug reports").set_defaults(func=cmd_env)
 
-    from petune import commands  # commands on finished runs (eval, predict, generate, chat, merge)
+    from petune import commands, inspect_commands  # commands on finished runs
 
-    commands.add_to(sub)
+    commands.add_to(sub)  # eval, predict, generate, chat, merge
+    inspect_commands.add_to(sub)  # explain, runs, compare
     return parser
 
 

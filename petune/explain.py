@@ -132,7 +132,7 @@ def encode(model, tokenizer, kind: str, text: str, *, pair: str | None = None, c
            max_length: int | None = None) -> Encoded:
     """Tokenize ``text`` the way the run's task fed its model."""
     fast = getattr(tokenizer, "is_fast", False)
-    common = dict(return_offsets_mapping=fast, return_special_tokens_mask=True)
+    common = {"return_offsets_mapping": fast, "return_special_tokens_mask": True}
     if kind == "SEQ_CLS":
         encoding = tokenizer(text, pair, truncation=True, max_length=max_length or MAX_TOKENS, **common)
         sequence_ids = encoding.sequence_ids() if fast else [0] * len(encoding["input_ids"])
@@ -194,7 +194,7 @@ def _forward(model, inputs: dict):
     return output
 
 
-def stack_attentions(attentions) -> "torch.Tensor":
+def stack_attentions(attentions) -> torch.Tensor:
     """The model's per-layer attention tuple as one ``layers × heads × queries × keys`` float
     tensor (first batch item)."""
     import torch
@@ -204,7 +204,7 @@ def stack_attentions(attentions) -> "torch.Tensor":
     return torch.stack([a[0].detach().float().cpu() for a in attentions])
 
 
-def attention_rollout(attentions: "torch.Tensor", residual: float = 0.5, prefix: int = 0) -> "torch.Tensor":
+def attention_rollout(attentions: torch.Tensor, residual: float = 0.5, prefix: int = 0) -> torch.Tensor:
     """Attention rollout: ``A'_L @ ... @ A'_1`` where ``A'_l = residual·I + (1 - residual)·mean_heads(A_l)``
     with rows renormalised. ``attentions`` is ``layers × heads × T × (prefix + T)`` (or without the
     heads axis); ``prefix`` leading key columns (prefix tuning) are dropped before rolling out.
@@ -261,7 +261,7 @@ def _scorer(model, encoded: Encoded, kind: str, spec):
     return score
 
 
-def _baseline(model, tokenizer, encoded: Encoded, embeds: "torch.Tensor") -> "torch.Tensor":
+def _baseline(model, tokenizer, encoded: Encoded, embeds: torch.Tensor) -> torch.Tensor:
     import torch
 
     pad = tokenizer.pad_token_id
@@ -274,7 +274,8 @@ def _baseline(model, tokenizer, encoded: Encoded, embeds: "torch.Tensor") -> "to
     return torch.where(keep, embeds, base)
 
 
-def attribute(model, tokenizer, encoded: Encoded, kind: str, spec, *, method: str = "ig", steps: int = 32) -> list[float]:
+def attribute(model, tokenizer, encoded: Encoded, kind: str, spec, *, method: str = "ig",
+              steps: int = 32) -> list[float]:
     """Signed attribution of each input token to the output ``spec`` names (class id for
     SEQ_CLS, (positions, tag ids) for TOKEN_CLS, next-token id for CAUSAL_LM)."""
     import torch
@@ -284,7 +285,11 @@ def attribute(model, tokenizer, encoded: Encoded, kind: str, spec, *, method: st
     score = _scorer(model, encoded, kind, spec)
     with torch.enable_grad():
         if method == "ig":
-            from captum.attr import IntegratedGradients
+            try:
+                from captum.attr import IntegratedGradients
+            except ImportError:
+                raise UserError("integrated gradients need Captum, which is not installed", where="--method",
+                                hint="pip install captum, or use --method gradxinput") from None
 
             attributions = IntegratedGradients(score).attribute(embeds, baselines=baseline, n_steps=steps,
                                                                 internal_batch_size=min(steps, 16))
@@ -324,7 +329,7 @@ def _entities(tags: list[str]) -> list[tuple[str, int, int]]:
 class Explanation:
     kind: str  # peft task type
     encoded: Encoded
-    attentions: "torch.Tensor"  # layers × heads × queries × keys
+    attentions: torch.Tensor  # layers × heads × queries × keys
     virtual: int  # virtual tokens the model put before the input (prompt tuning)
     prefix: int  # key/value prefix positions (prefix tuning)
     prediction: str
@@ -339,7 +344,7 @@ class Explanation:
     def key_labels(self) -> list[str]:
         return [f"⟨p{i + 1}⟩" for i in range(self.prefix)] + self.query_labels
 
-    def rollout(self) -> "torch.Tensor":
+    def rollout(self) -> torch.Tensor:
         return attention_rollout(self.attentions, prefix=self.prefix)
 
     def to_json(self, layer: int, head: int) -> dict:
@@ -359,7 +364,8 @@ def explain(model, tokenizer, kind: str, text: str, *, labels: list[str] | None 
                         hint="explain supports classification (SEQ_CLS), token classification (TOKEN_CLS) "
                              "and causal language models (CAUSAL_LM)")
     if method not in METHODS:
-        raise UserError(f"unknown attribution method {method!r}", where="--method", hint=f"use one of {', '.join(METHODS)}")
+        raise UserError(f"unknown attribution method {method!r}", where="--method",
+                        hint=f"use one of {', '.join(METHODS)}")
     if steps < 1:
         raise UserError("--steps must be at least 1", where="--steps")
     model.eval()
@@ -408,13 +414,19 @@ def explain(model, tokenizer, kind: str, text: str, *, labels: list[str] | None 
     return Explanation(kind, encoded, attentions, virtual, prefix, prediction, targets, method)
 
 
+def check_explainable(task, where: str | None = None) -> str:
+    """The task's peft task type, or a UserError saying why its runs cannot be explained."""
+    kind = getattr(task, "peft_task_type", None)
+    if kind not in KINDS:
+        raise UserError(f"task {task.name!r} cannot be explained: explain reads classifiers, token classifiers "
+                        f"and causal language models, and this task trains {kind or 'another kind of model'}",
+                        where=where)
+    return kind
+
+
 def explain_run(run, text: str, **kwargs) -> Explanation:
     """:func:`explain` on a :class:`petune.runner.LoadedRun`."""
-    kind = getattr(run.task, "peft_task_type", None)
-    if kind not in KINDS:
-        raise UserError(f"task {run.task.name!r} cannot be explained: explain reads classifiers, token classifiers "
-                        f"and causal language models, and this task trains {kind or 'another kind of model'}",
-                        where=str(run.dir))
+    kind = check_explainable(run.task, str(run.dir))
     state = run.state or {}
     if kwargs.get("pair") is not None and kind != "SEQ_CLS":
         raise UserError("--pair is for classification runs trained on text pairs", where="--pair")
@@ -469,7 +481,8 @@ def _heatmap(axes, matrix, x_labels, y_labels, title, virtual: int, prefix: int)
     return image
 
 
-def plot_attention(explanation: Explanation, path: Path, layer: int = -1, head: int = 0, title: str | None = None) -> Path:
+def plot_attention(explanation: Explanation, path: Path, layer: int = -1, head: int = 0,
+                   title: str | None = None) -> Path:
     """Three heatmaps: layer/head, the layer's head average, and rollout across layers.
     The PNG is always ``ATTENTION_FIGSIZE × DPI`` pixels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -533,11 +546,11 @@ def _colour(value: float) -> str | None:
     strength = min(abs(value), 1.0)
     if strength < 0.05:
         return None
-    fade = int(round(255 * (1 - 0.85 * strength)))
+    fade = round(255 * (1 - 0.85 * strength))
     return f"black on rgb({fade},{255},{fade})" if value > 0 else f"black on rgb({255},{fade},{fade})"
 
 
-def render_attributions(encoded: Encoded, scores: list[float]) -> "Text":
+def render_attributions(encoded: Encoded, scores: list[float]) -> Text:
     """The input text with each token's background coloured by its attribution."""
     from rich.text import Text
 

@@ -4,6 +4,7 @@ compare (metrics and curves side by side). ``add_to(sub)`` adds them to the CLI.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from rich.markup import escape
@@ -22,13 +23,23 @@ def _primary_metric(host):
     def lookup(task_name: str) -> str | None:
         try:
             return host.task(task_name).primary_metric
-        except Exception:  # a task whose plugin is not installed here: fall back to what the run logged
+        except UserError:  # a task whose plugin is not installed here: fall back to what the run logged
             return None
 
     return lookup
 
 
 # -- explain ----------------------------------------------------------------------------------
+def _task_name(run_dir: Path) -> str | None:
+    import tomllib
+
+    try:
+        name = tomllib.loads((run_dir / "recipe.toml").read_text(encoding="utf-8"))["task"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # load_run says what is wrong with the folder
+    return name if isinstance(name, str) else None
+
+
 def cmd_explain(args) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -40,8 +51,14 @@ def cmd_explain(args) -> int:
     if args.out is not None and args.out.suffix.lower() != ".png":
         raise UserError("the output must be a .png file", where=str(args.out))
     hf_logging.set_verbosity_error()  # load reports and "inputs_embeds" notes are noise here
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)  # peft, on load
+    host = _host()
+    task_name = _task_name(Path(args.run_dir))
+    if task_name is not None:  # refuse before loading a model that cannot be explained
+        explain.check_explainable(host.task(task_name), str(args.run_dir))
     with err.status(f"loading {args.run_dir} ..."):
-        run = load_run(args.run_dir, _host())
+        run = load_run(args.run_dir, host)
     with err.status("explaining ..."):
         explanation = explain.explain_run(run, args.text, pair=args.pair, chat=args.chat, method=args.method,
                                           steps=args.steps)
@@ -70,7 +87,8 @@ def cmd_explain(args) -> int:
             notes.append(f"{explanation.virtual} virtual prompt tokens (⟨v…⟩) shown in the attention maps, "
                          "not attributed")
         if explanation.prefix:
-            notes.append(f"{explanation.prefix} prefix key/values (⟨p…⟩) shown as key columns, left out of rollout")
+            notes.append(f"{explanation.prefix} prefix key/values (⟨p…⟩) shown as key columns, "
+                         "left out of rollout")
         for note in notes:
             err.print(f"[dim]note: {note}[/]")
     err.print(f"wrote [bold]{escape(str(attention_png))}[/] (layer {layer}, head {head}) and "
@@ -136,7 +154,8 @@ def add_to(sub) -> None:
     p.add_argument("run_dir", type=Path, help="a finished run folder")
     p.add_argument("--text", required=True, help="the input to explain")
     p.add_argument("--pair", help="second text, for classifiers trained on text pairs")
-    p.add_argument("--chat", action="store_true", help="causal LMs: wrap the text as a user turn in the run's chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="causal LMs: wrap the text as a user turn in the run's chat template")
     p.add_argument("--layer", type=int, default=-1, help="layer of the single-head and head-average maps (0-based; "
                                                          "default -1, the last)")
     p.add_argument("--head", type=int, default=0, help="head of the single-head map (0-based, default 0)")

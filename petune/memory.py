@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 GiB = 2**30
 MiB = 2**20
 #: CPU: resident memory a petune training process adds besides the model (measured, tiny models)
-CPU_RUNTIME_BYTES = 48 * MiB
+CPU_RUNTIME_BYTES = 80 * MiB
 #: GPU: cuBLAS / cuBLASLt workspaces and allocator rounding
 CUDA_RUNTIME_BYTES = 64 * MiB
 #: TRL's fused LM head tile: tokens × vocabulary entries
@@ -220,6 +220,7 @@ class _SavedTensorLedger:
         self.current: int | None = None
         self.per_layer: dict[int, int] = {}
         self.layer_input: dict[int, int] = {}
+        self.layer_tokens: dict[int, int] = {}
         self.largest: dict[int, int] = {}
         self.outside = 0
         self.vocab_sized = 0
@@ -274,6 +275,11 @@ def _fused_attention():
     yield "petune_estimate"
 
 
+def _pages(nbytes: int, page: int = 4096) -> int:
+    """Bytes of the memory pages a write of ``nbytes`` from a page boundary touches."""
+    return -(-nbytes // page) * page
+
+
 def _find_layers(model):
     """The transformer block stack: the ModuleList of same-class modules with the most parameters."""
     import torch
@@ -291,10 +297,9 @@ def _dummy_inputs(task_type: str, batch: int, seq: int, vocab: int) -> dict:
     import torch
 
     ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
-    inputs = {"input_ids": ids, "attention_mask": torch.ones((batch, seq), dtype=torch.long, device="meta")}
+    inputs = {"input_ids": ids}  # full-length rows: the attention mask is all ones, which SDPA drops
     if task_type == "CAUSAL_LM":
         inputs["labels"] = ids
-        inputs.pop("attention_mask")  # unpadded batches: the causal mask needs no tensor
     elif task_type == "SEQ_CLS":
         inputs["labels"] = torch.zeros((batch,), dtype=torch.long, device="meta")
     elif task_type == "TOKEN_CLS":
@@ -335,6 +340,7 @@ def measure_activations(model, batch: int, seq: int, *, task_type: str, vocab: i
             hidden = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
             if isinstance(hidden, torch.Tensor):
                 ledger.layer_input[index] = hidden.numel() * hidden.element_size()
+                ledger.layer_tokens[index] = hidden.numel() // max(1, hidden.shape[-1])
 
         def post(module, args, output):
             ledger.current = None
@@ -353,6 +359,7 @@ def measure_activations(model, batch: int, seq: int, *, task_type: str, vocab: i
         for p, data in casts:
             p.data = data
     return {"per_layer": ledger.per_layer, "layer_input": ledger.layer_input, "largest": ledger.largest,
+            "tokens": max(ledger.layer_tokens.values(), default=batch * seq),
             "outside": ledger.outside, "vocab_sized": ledger.vocab_sized}
 
 
@@ -407,39 +414,58 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_
     gradients = sum(math.prod(shape) * _itemsize(dtype) for _, shape, dtype in inv["trainable_params"])
     opt_counted, opt_paged = optimizer_bytes(inv["trainable_params"], optimizer)
 
+    # GPU kernels (flash / memory-efficient) fuse attention with its dropout; torch's CPU flash
+    # kernel has no dropout, so with attention dropout SDPA falls back to the math path, which
+    # keeps seq × seq probabilities — what the meta device's own SDPA keeps too
+    attention_dropout = float(getattr(text, "attention_dropout", 0.0) or getattr(text, "attention_probs_dropout_prob", 0.0) or 0.0)
+    fused = cuda or attention_dropout == 0.0
     with _fused_attention() as attn:
         skeleton_attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        _set_attn(model, attn)
+        if fused:
+            _set_attn(model, attn)
         try:
             acts = measure_activations(model, batch, seq, task_type=task_type, vocab=vocab,
                                        autocast_dtype=autocast_dtype)
         finally:
-            _set_attn(model, skeleton_attn)
+            if fused:
+                _set_attn(model, skeleton_attn)
     layers = sorted(acts["per_layer"])
     per_layer = [acts["per_layer"][i] for i in layers]
     largest = max(acts["largest"].values(), default=0)
     if gradient_checkpointing and per_layer:
-        kept = sum(acts["layer_input"].get(i, 0) for i in layers) + max(per_layer)
+        kept = sum(acts["layer_input"].get(i, 0) for i in layers)
+        recompute = max(per_layer)  # one layer's activations, while it is recomputed in backward
     else:
         kept = sum(per_layer)
-    activations = kept + acts["outside"]
+        recompute = 0
+    base = kept + acts["outside"]
     workspace = 2 * largest  # gradients of the biggest activations while a layer's backward runs
 
-    tokens = batch * seq
+    tokens = acts["tokens"]  # batch × seq, plus prompt tuning's virtual tokens
     compute_size = _itemsize(autocast_dtype) if autocast_dtype is not None else 4
     head_trainable = any(math.prod(s) >= vocab * hidden and s[0] == vocab
                          for _, s, _ in inv["trainable_params"]) if vocab and hidden else False
     if task_type != "CAUSAL_LM" or not vocab:
         logits = acts["vocab_sized"]
     elif loss_memory == "chunked":
+        # TRL's fused LM head: one [min(tokens, 4096), 32768] tile buffer whatever the vocabulary,
+        # fp32 gradients of the hidden states, a few fp32 numbers per token
         n = min(tokens, CHUNK_TOKENS)
-        width = min(vocab, CHUNK_VOCAB)
-        tile = n * (CHUNK_VOCAB if cuda else width) * compute_size
-        logits = tile + tokens * hidden * (4 + compute_size) + tokens * 8 * 4
+        tile = n * CHUNK_VOCAB * compute_size
+        # on CPU only the tile's first min(vocab, 32768) columns are ever written, so fewer pages
+        # become resident than are allocated
+        row = CHUNK_VOCAB * compute_size
+        tile_touched = n * min(row, _pages(min(vocab, CHUNK_VOCAB) * compute_size))
+        rest = tokens * hidden * (4 + compute_size) + tokens * 8 * 4
+        logits = tile + rest
+        resident_logits = (tile if cuda else tile_touched) + rest
         if head_trainable:
             logits += vocab * hidden * 4
+            resident_logits += vocab * hidden * 4
     else:
         logits = 12 * tokens * vocab
+    if loss_memory != "chunked" or task_type != "CAUSAL_LM" or not vocab:
+        resident_logits = logits
 
     outside_grads = 0
     layer_param_ids = {id(p) for layer in _find_layers(model) for p in layer.parameters()}
@@ -459,18 +485,28 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_
     else:
         runtime = CPU_RUNTIME_BYTES
 
-    during_backward = activations + workspace + logits + outside_grads
+    # backward begins at the loss (logits and their gradients alive), then walks down the layers
+    # (one recomputed layer + its gradients alive); the loss buffers are gone by then
     after_backward = gradients + step_temp
-    peak = weights + opt_counted + runtime + max(during_backward, after_backward)
+
+    def peak_with(loss_bytes: int) -> int:
+        during_backward = base + max(loss_bytes, recompute + workspace) + outside_grads
+        return weights + opt_counted + max(during_backward, after_backward)
+
+    phase = "backward" if base + max(logits, recompute + workspace) + outside_grads >= after_backward \
+        else "optimizer step"
+    tensor_peak = peak_with(logits)  # every allocated byte (what CUDA's allocator counts)
+    peak = (tensor_peak if cuda else peak_with(resident_logits)) + runtime
     parts = {"weights": weights, "gradients": gradients, "optimizer": opt_counted,
-             "activations": activations + workspace, "logits": logits, "runtime": runtime}
+             "activations": base + recompute + workspace, "logits": logits, "runtime": runtime}
     if capacity == -1:
         capacity = device_capacity(device)
-    details = {"quantised_params": inv["quantised"], "paged_optimizer_bytes": opt_paged,
+    details = {"tensor_peak": int(tensor_peak), "quantised_params": inv["quantised"], "paged_optimizer_bytes": opt_paged,
                "activations_per_layer": per_layer[0] if per_layer else 0, "layers": len(per_layer),
                "activations_outside_layers": acts["outside"], "backward_workspace": workspace,
                "loss_memory": loss_memory if task_type == "CAUSAL_LM" else "head", "optimizer": optimizer,
-               "tokens": tokens, "peak_phase": "backward" if during_backward >= after_backward else "optimizer step"}
+               "attention": "fused" if fused else "math (seq × seq)",
+               "tokens": tokens, "peak_phase": phase}
     return MemoryEstimate(parts=parts, peak=int(peak), device=device, capacity=capacity, trainable=inv["trainable"],
                           total=inv["total"], batch=batch, seq=seq, gradient_checkpointing=gradient_checkpointing,
                           details=details)

@@ -15,6 +15,7 @@ from petune.errors import UserError
 from petune.models import resolve_model
 from petune.plugins import PluginHost
 from petune.recipe import Recipe, load_recipe
+from petune.runs import plot_learning_rate
 
 
 @dataclass
@@ -109,6 +110,7 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
             artifacts.write_json(run_dir / "metrics.json", result.metrics)
             artifacts.write_json(run_dir / "log_history.json", trainer.state.log_history)
             artifacts.plot_loss(trainer.state.log_history, run_dir / "plots" / "loss.png")
+            plot_learning_rate(trainer.state.log_history, run_dir / "plots" / "lr.png")
             out.print(metrics_table(f"Results — {run_dir}", result.metrics))
         return result
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ import socket
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from petune.errors import UserError
@@ -52,7 +52,7 @@ class RunInfo:
     def wall_seconds(self) -> float | None:
         if self.started is None:
             return None
-        end = self.ended or (datetime.now(timezone.utc) if self.status == "running" else None)
+        end = self.ended or (datetime.now(UTC) if self.status == "running" else None)
         return None if end is None else max((end - self.started).total_seconds(), 0.0)
 
     def to_json(self) -> dict:
@@ -95,7 +95,7 @@ def _time(value) -> datetime | None:
         moment = datetime.fromisoformat(value)
     except ValueError:
         return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -171,7 +171,8 @@ def read_run(run_dir: str | Path, *, root: Path | None = None,
     if status == "running" and _process_gone(manifest):
         status = "died"
     info = RunInfo(run_dir, name or str(run_dir), status, task=manifest.get("task"), strategy=manifest.get("strategy"),
-                   model=manifest.get("model"), started=_time(manifest.get("started")), ended=_time(manifest.get("ended")),
+                   model=manifest.get("model"), started=_time(manifest.get("started")),
+                   ended=_time(manifest.get("ended")),
                    trainable_parameters=manifest.get("trainable_parameters"),
                    total_parameters=manifest.get("total_parameters"), error=manifest.get("error"))
     metrics = _read_json(run_dir / "metrics.json")
@@ -187,7 +188,8 @@ def read_run(run_dir: str | Path, *, root: Path | None = None,
         metric = next((m for m in ("accuracy", "f1", "loss") if m in seen), None)
     info.metric = metric
     if metric:
-        final = info.metrics.get("validation", {}).get(metric) if isinstance(info.metrics.get("validation"), dict) else None
+        validation = info.metrics.get("validation")
+        final = validation.get(metric) if isinstance(validation, dict) else None
         if isinstance(final, (int, float)):
             info.metric_value, info.metric_source = float(final), "validation"
         elif (best := best_in_history(info.log_history, metric)) is not None:
@@ -204,7 +206,7 @@ def list_runs(root: str | Path, primary_metric: Callable[[str], str | None] | No
     """Every run under ``root``, oldest first."""
     root = Path(root)
     runs = [read_run(path, root=root, primary_metric=primary_metric) for path in find_runs(root)]
-    oldest = datetime.min.replace(tzinfo=timezone.utc)
+    oldest = datetime.min.replace(tzinfo=UTC)
     return sorted(runs, key=lambda r: (r.started or oldest, r.name))
 
 
@@ -212,7 +214,7 @@ def list_runs(root: str | Path, primary_metric: Callable[[str], str | None] | No
 def human_duration(seconds: float | None) -> str:
     if seconds is None:
         return "—"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
@@ -260,7 +262,8 @@ def runs_table(runs: list[RunInfo], title: str):
     for run in runs:
         started = run.started.astimezone().strftime("%Y-%m-%d %H:%M") if run.started else "—"
         wall = human_duration(run.wall_seconds) + ("…" if run.status == "running" else "")
-        table.add_row(escape(run.name), run.task or "—", run.strategy or "—", escape(run.model or "—"), _status(run),
+        table.add_row(escape(run.name), run.task or "—", run.strategy or "—", escape(run.model or "—"),
+                      _status(run),
                       _metric_text(run), wall, _params(run.trainable_parameters), started)
     return table
 
@@ -302,9 +305,10 @@ def compare_table(runs: list[RunInfo]):
     for run in runs:
         for split, values in run.metrics.items():
             if isinstance(values, dict):
-                rows += [(split, k) for k, v in values.items() if isinstance(v, (int, float)) and (split, k) not in rows]
+                rows += [(split, k) for k, v in values.items()
+                         if isinstance(v, (int, float)) and (split, k) not in rows]
     for split, metric in rows:
-        values = [r.metrics.get(split, {}).get(metric) if isinstance(r.metrics.get(split), dict) else None for r in runs]
+        values = [r.metrics[split].get(metric) if isinstance(r.metrics.get(split), dict) else None for r in runs]
         table.add_row(f"{split} {metric}", *_highlight(values, metric))
     table.add_section()
     for metric in dict.fromkeys(r.metric for r in runs if r.metric):

@@ -1,4 +1,5 @@
-"""Random-weight models from small configs: ``random:tiny-llama``, ``random:tiny-bert``.
+"""Random-weight models from small configs: ``random:tiny-llama``, ``random:tiny-bert``,
+``random:tiny-t5`` (a T5-like encoder-decoder).
 
 For tests and smoke runs: they need no download, build in a second and are cached.
 The tokenizer is trained here on a fixed corpus so everything stays offline and
@@ -38,6 +39,12 @@ SHAPES = {
         config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                     max_position_embeddings=128, type_vocab_size=2),
     ),
+    "tiny-t5": dict(
+        arch="t5",
+        config=dict(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_decoder_layers=2, num_heads=4,
+                    relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                    feed_forward_proj="relu", tie_word_embeddings=False),
+    ),
 }
 
 
@@ -61,6 +68,18 @@ def _tokenizer(arch: str):
             tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
             sep_token="[SEP]", mask_token="[MASK]", model_max_length=128,
         )
+    if arch == "t5":  # T5's layout: <pad> = 0 (also the decoder start), </s> = 1 appended to every text
+        specials = ["<pad>", "</s>", "<unk>"]
+        tok = Tokenizer(models.BPE(unk_token=None))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        eos = tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                           special_tokens=[("</s>", eos)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                       model_max_length=256)
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -79,7 +98,7 @@ def _tokenizer(arch: str):
 def build(shape: str, path: Path) -> Path:
     """Write config, random weights (seed 0) and tokenizer for ``shape`` into ``path``."""
     import torch
-    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
     spec = SHAPES[shape]
     tokenizer = _tokenizer(spec["arch"])
@@ -87,6 +106,11 @@ def build(shape: str, path: Path) -> Path:
     if spec["arch"] == "bert":
         config = BertConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **spec["config"])
         model = BertForMaskedLM(config)
+    elif spec["arch"] == "t5":
+        config = T5Config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+                          **spec["config"])
+        model = T5ForConditionalGeneration(config)
     else:
         config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec["config"])

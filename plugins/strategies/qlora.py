@@ -92,6 +92,12 @@ class QloraStrategy(Strategy):
                 raise Refusal(f"the task head {name!r} was loaded in 4-bit and cannot train",
                               hint="report this model to petune: its head name is not in the skip list")
         model = apply_lora(model, task, options)
+        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for faster inference the
+        # first time a layer runs in eval mode and never unpacks them for training: an evaluation
+        # mid-training would break the next step. Training keeps the trainable layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
         model.train()
         return model
 

@@ -649,7 +649,13 @@ class NerTask(Task):
             dataset = getattr(data, split)
             if dataset is None or len(dataset) == 0:
                 continue
-            output = trainer.predict(dataset, metric_key_prefix=split)
+            # compute_metrics is for evaluation during training (it reads the validation
+            # windows' metadata); here each split is scored below with its own metadata.
+            compute_metrics, trainer.compute_metrics = trainer.compute_metrics, None
+            try:
+                output = trainer.predict(dataset, metric_key_prefix=split)
+            finally:
+                trainer.compute_metrics = compute_metrics
             report = self._report(output.predictions, output.label_ids, dataset["sentence_index"],
                                   dataset["word_index"], labels)
             results[split] = flat_metrics(report)

@@ -686,46 +686,15 @@ class SftTask(Task):
 
     # -- model ------------------------------------------------------------------------------
     def build_model(self, model_info: ModelInfo, options: SftOptions, state: dict, **load_kwargs):
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_info.path, **load_kwargs)
-        vocab_size = state.get("vocab_size")
-        if vocab_size and vocab_size > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(vocab_size)  # a pad token was added (the tokenizer had none to reuse)
-        if state.get("pad_token_id") is not None:
-            model.config.get_text_config().pad_token_id = state["pad_token_id"]
-            model.generation_config.pad_token_id = state["pad_token_id"]
-        # generation stops on the trained end-of-turn token, here and in a merged export
-        eos = model.generation_config.eos_token_id
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        eos += [i for i in state.get("stop_token_ids", []) if i not in eos]
-        if eos:
-            model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
-        return model
+        return build_causal_lm(model_info, state, **load_kwargs)
 
     def head_modules(self, model) -> list[str]:
         return []
 
     # -- training ---------------------------------------------------------------------------
     def make_trainer(self, *, model, tokenizer, data: TaskData, options: SftOptions, args: dict, callbacks: list):
-        from trl import SFTConfig, SFTTrainer
-
-        if options.packing:
-            check_packing_keeps_examples_apart(model, tokenizer)
-        config = {
-            "bf16": False,  # TrainingArguments' default; SFTConfig's is True
-            **_checkpointing_args(args, SFTConfig),
-            "max_length": options.max_length,  # examples are already cut to it
-            "packing": options.packing,
-            "packing_strategy": "bfd",  # whole examples, padding-free: position_ids restart per example
-            "padding_free": options.packing,
-            "assistant_only_loss": False,  # labels come with the data
-            "completion_only_loss": None,
-        }
-        if data.validation is None:
-            config["eval_strategy"] = "no"
-        return SFTTrainer(model=model, args=SFTConfig(**config), train_dataset=data.train,
-                          eval_dataset=data.validation, processing_class=tokenizer, callbacks=callbacks)
+        return make_sft_trainer(model=model, tokenizer=tokenizer, data=data, args=args, callbacks=callbacks,
+                                max_length=options.max_length, packing=options.packing)
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, trainer, data: TaskData, options: SftOptions, run_dir: Path) -> dict[str, dict]:
@@ -848,6 +817,52 @@ class SftTask(Task):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def build_causal_lm(model_info: ModelInfo, state: dict, **load_kwargs):
+    """The causal LM for a run whose tokenizer was prepared here: embeddings resized for an
+    added pad token, pad id set, generation stopping on the trained end-of-turn token.
+    Shared with the seq2seq task's decoder-only models."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_info.path, **load_kwargs)
+    vocab_size = state.get("vocab_size")
+    if vocab_size and vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size)  # a pad token was added (the tokenizer had none to reuse)
+    if state.get("pad_token_id") is not None:
+        model.config.get_text_config().pad_token_id = state["pad_token_id"]
+        model.generation_config.pad_token_id = state["pad_token_id"]
+    # generation stops on the trained end-of-turn token, here and in a merged export
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos += [i for i in state.get("stop_token_ids", []) if i not in eos]
+    if eos:
+        model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
+    return model
+
+
+def make_sft_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks: list, max_length: int,
+                     packing: bool = False):
+    """TRL's SFTTrainer on datasets already tokenized here (``input_ids`` + ``labels``, cut to
+    ``max_length``). Shared with the seq2seq task's decoder-only models."""
+    from trl import SFTConfig, SFTTrainer
+
+    if packing:
+        check_packing_keeps_examples_apart(model, tokenizer)
+    config = {
+        "bf16": False,  # TrainingArguments' default; SFTConfig's is True
+        **_checkpointing_args(args, SFTConfig),
+        "max_length": max_length,  # examples are already cut to it
+        "packing": packing,
+        "packing_strategy": "bfd",  # whole examples, padding-free: position_ids restart per example
+        "padding_free": packing,
+        "assistant_only_loss": False,  # labels come with the data
+        "completion_only_loss": None,
+    }
+    if data.validation is None:
+        config["eval_strategy"] = "no"
+    return SFTTrainer(model=model, args=SFTConfig(**config), train_dataset=data.train,
+                      eval_dataset=data.validation, processing_class=tokenizer, callbacks=callbacks)
+
+
 def _checkpointing_args(args: dict, config_class) -> dict:
     """``args`` with activation (gradient) checkpointing off unless asked for: SFTConfig turns it
     on by default. transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*

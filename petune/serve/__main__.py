@@ -1,0 +1,3 @@
+from petune.serve import main
+
+raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""The bundled recipes, end to end on the packaged models (short runs), and what their runs leave behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, petune
+
+RECIPES = sorted((REPO / "recipes").glob("*.toml"))
+SHORT = ["--set", "train.max_steps=2", "--set", "train.logging_steps=1"]
+
+
+def short_run_args(recipe: Path, out: Path) -> list:
+    args = ["run", recipe, *SHORT, "--set", f"output.dir={out}"]
+    text = recipe.read_text()
+    if 'name = "sft"' in text:
+        args += ["--set", "task.num_sample_generations=1"]
+    if "early_stopping_patience" not in text:
+        args += ["--set", "eval.strategy=no"]
+    return args
+
+
+def test_every_bundled_recipe_is_listed_and_valid():
+    listed = petune("recipes")
+    for recipe in RECIPES:
+        assert recipe.name in listed.stdout
+        result = petune("validate", recipe)
+        assert result.returncode == 0, f"{recipe.name}: {result.stderr}"
+    expected = {"qlora_sft", "lora_sft", "full_classification", "lora_classification", "adapters_classification",
+                "prompt_tuning_classification", "lora_ner", "adapters_ner"}
+    assert expected <= {r.stem for r in RECIPES}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.stem != "qlora_sft"], ids=lambda r: r.stem)
+def test_bundled_recipe_runs_end_to_end(recipe, tmp_path):
+    result = petune(*short_run_args(recipe, tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "completed"
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    result = petune(*short_run_args(REPO / "recipes" / "qlora_sft.toml", out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_qlora_run_folder_holds_everything(qlora_run):
+    for name in ("recipe.toml", "manifest.json", "metrics.json", "task_state.json", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors", "tokenizer/tokenizer_config.json", "plots/loss.png",
+                 "samples.jsonl", "log_history.json"):
+        assert (qlora_run / name).exists(), name
+    manifest = json.loads((qlora_run / "manifest.json").read_text())
+    assert {"versions", "seed", "device", "started", "ended", "git_commit", "plugins", "command"} <= set(manifest)
+    assert {"loss", "perplexity"} <= set(json.loads((qlora_run / "metrics.json").read_text())["validation"])
+
+
+def _logits(model, tokenizer, text="What is the capital of France?"):
+    batch = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits.float()
+
+
+@pytest.mark.slow
+def test_qlora_adapter_loads_with_plain_transformers_and_peft(qlora_run, host):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from petune.models import resolve_model
+    from petune.runner import load_run
+
+    loaded = load_run(qlora_run, host)
+    base_path = resolve_model("gemma-3-270m", host.model_sources()).path
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.bfloat16,
+                             llm_int8_skip_modules=["lm_head", "embed_out", "score", "classifier", "qa_outputs", "pooler.dense"])
+    base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb, dtype=torch.float32, device_map={"": "cpu"})
+    plain = PeftModel.from_pretrained(base, qlora_run / "adapter").eval()
+    tokenizer = AutoTokenizer.from_pretrained(qlora_run / "tokenizer")
+    torch.testing.assert_close(_logits(plain, tokenizer), _logits(loaded.model, loaded.tokenizer), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_merged_model_loads_with_plain_transformers_and_matches(qlora_run, tmp_path, host):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from petune.runner import load_run
+
+    result = petune("merge", qlora_run, "--out", tmp_path / "merged")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4-bit" in result.stderr  # says it merged into the 16-bit base, not into 4-bit weights
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    unmerged = load_run(qlora_run, host, quantized=False)  # the adapter on the same 16-bit base
+    torch.testing.assert_close(_logits(merged, tokenizer), _logits(unmerged.model, unmerged.tokenizer), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_generate_answers_with_the_adapter(qlora_run):
+    result = petune("generate", qlora_run, "--prompt", "What is the capital of France?", "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()

@@ -1,0 +1,76 @@
+"""Every strategy with every task it accepts, a few steps each on tiny models; refusals have reasons."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from petune.errors import Refusal
+from petune.recipe import load_recipe
+from petune.runner import run
+
+CSV = "text,label\n" + "".join(f"a good movie {i},pos\na bad film {i},neg\n" for i in range(8))
+CONLL = "".join("John B-PER\nSmith I-PER\nvisited O\nParis B-LOC\n.\tO\n\nAcme B-ORG\nhired O\nMary B-PER\n\n" for _ in range(4))
+SFT = "".join(json.dumps({"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"}) + "\n" for i in range(12))
+
+TASKS = {
+    "classification": ("random:tiny-bert", "data.csv", CSV, ""),
+    "ner": ("random:tiny-bert", "data.conll", CONLL, ""),
+    "sft": ("random:tiny-llama", "data.jsonl", SFT, "max_length = 64\nnum_sample_generations = 1\n"),
+}
+STRATEGIES = {
+    "full": "",
+    "lora": "r = 4\n",
+    "qlora": 'r = 4\ncompute_dtype = "float32"\n',
+    "adapters": 'config = "houlsby"\nreduction_factor = 4\n',
+    "prompt_tuning": 'num_virtual_tokens = 4\ninit = "random"\n',
+}
+# Mixes a strategy refuses, with words its reason must contain.
+REFUSED = {("prompt_tuning", "ner"): "token classification"}
+EXPECTED_METRICS = {"classification": {"accuracy", "macro_f1"}, "ner": {"f1", "precision", "recall", "token_accuracy"},
+                    "sft": {"loss", "perplexity"}}
+
+
+def recipe_text(task: str, strategy: str, out: Path) -> str:
+    model, data_name, _, task_extra = TASKS[task]
+    return (f'[model]\nname = "{model}"\n\n[task]\nname = "{task}"\ntrain = "{data_name}"\nvalidation = "{data_name}"\n'
+            f'{task_extra}\n[strategy]\nname = "{strategy}"\n{STRATEGIES[strategy]}\n'
+            f'[train]\nmax_steps = 2\nbatch_size = 2\nlearning_rate = 1e-3\n\n[output]\ndir = "{out}"\n')
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("task", list(TASKS))
+def test_task_strategy_mix(task, strategy, tmp_path, host):
+    _, data_name, data, _ = TASKS[task]
+    (tmp_path / data_name).write_text(data)
+    (tmp_path / "recipe.toml").write_text(recipe_text(task, strategy, tmp_path / "run"))
+    recipe = load_recipe(tmp_path / "recipe.toml", host)
+    if (strategy, task) in REFUSED:
+        with pytest.raises(Refusal, match=REFUSED[strategy, task]):
+            run(recipe, host)
+        assert not (tmp_path / "run").exists()
+        return
+    result = run(recipe, host)
+    assert result.status == "completed"
+    assert 0 < result.trainable_parameters <= result.total_parameters
+    if strategy != "full":
+        assert result.trainable_parameters < result.total_parameters / 2
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert EXPECTED_METRICS[task] <= set(metrics["validation"])
+    for name in ("recipe.toml", "manifest.json", "task_state.json", "tokenizer", "plots/loss.png", "log_history.json"):
+        assert (tmp_path / "run" / name).exists(), name
+    assert (tmp_path / "run" / ("model" if strategy == "full" else "adapter")).is_dir()
+
+
+def test_qlora_survives_evaluation_during_training(tmp_path, host):
+    """bitsandbytes repacks 4-bit weights for CPU inference in eval mode; training must go on after it."""
+    (tmp_path / "data.csv").write_text(CSV)
+    text = recipe_text("classification", "qlora", tmp_path / "run").replace(
+        "max_steps = 2", "max_steps = 3\nlogging_steps = 1") + '\n[eval]\nstrategy = "steps"\nsteps = 1\n'
+    (tmp_path / "recipe.toml").write_text(text)
+    result = run(load_recipe(tmp_path / "recipe.toml", host), host)
+    assert result.status == "completed"
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    assert sum("eval_loss" in h for h in history) >= 3
