@@ -1,43 +1,20 @@
 """Metric tables, confusion matrices and atomic report files shared by the task plugins.
 
-Metrics are computed with numpy alone (no scikit-learn). Files are written to a
-temporary name beside the target and moved into place with ``os.replace``, so a crash
-never leaves a half-written report that looks whole.
+Metrics are computed with numpy alone (no scikit-learn). Files go through
+``petune.artifacts`` (temp name, then rename), so a crash never leaves a half-written
+report that looks whole.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 
-# -- atomic files ---------------------------------------------------------------------------
-def _temp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (parent folders are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_json(path: str | Path, data) -> Path:
-    return write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+# -- atomic files: petune's run-folder writers, re-exported for the task plugins ----------
+from petune.artifacts import save_figure, write_json, write_text  # noqa: E402,F401
 
 
 # -- classification metrics -----------------------------------------------------------------
@@ -157,12 +134,5 @@ def plot_confusion_matrix(labels: Sequence[str], matrix: Sequence[Sequence[int]]
                 axes.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=9 if n > 10 else 11,
                           color="white" if shares[i, j] > 0.5 else "black")
     figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_beside(path)
-    try:
-        figure.savefig(tmp, format="png", bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    save_figure(figure, Path(path))
+    return Path(path)
