@@ -250,11 +250,22 @@ def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData
         **precision_flags(t.precision),
         **distributed_arguments(recipe),
     )
-    if "tensorboard" in t.report_to:
-        import os
-
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    report_inside_run(t.report_to, run_dir)
     return args
+
+
+def report_inside_run(report_to: list[str], run_dir: Path) -> None:
+    """Experiment trackers log into the run folder, and wandb stays offline without an API key."""
+    import os
+
+    if "tensorboard" in report_to:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    if "wandb" in report_to:
+        os.environ["WANDB_DIR"] = str(run_dir)
+        if not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")
+    if "mlflow" in report_to:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
 
 
 def distributed_arguments(recipe: Recipe) -> dict:
