@@ -36,14 +36,15 @@ def cmd_serve(args) -> int:
         import uvicorn
     except ImportError as exc:
         raise UserError(f"petune serve needs fastapi and uvicorn ({exc})",
-                        hint="pip install 'petune[serve]' (or: pip install fastapi uvicorn)") from None
+                        hint="pip install fastapi uvicorn (petune depends on them: reinstall petune)") from None
     from petune.serve.app import Limits, create_app, with_middleware
     from petune.serve.registry import Registry, parse_run_args
 
     if args.max_tokens < 1 or args.default_max_tokens < 1 or args.max_body_bytes < 1 or args.max_inputs < 1:
         raise UserError("the limits must be positive numbers", where="--max-tokens/--max-body-bytes/--max-inputs")
     host = _plugin_host()
-    registry = Registry(parse_run_args(args.runs), host)  # checks every folder before anything binds
+    # every folder is checked before anything binds
+    registry = Registry(parse_run_args(args.runs), host, quantized=not args.unquantized)
     api_key = args.api_key or os.environ.get("PETUNE_API_KEY") or None
     if not _is_loopback(args.host) and not api_key:
         err.print(f"[yellow]warning[/]: serving on {escape(args.host)} without an API key: anyone who can reach "
@@ -64,7 +65,7 @@ def cmd_serve(args) -> int:
     def load():
         try:
             registry.load(log)
-        except BaseException as exc:  # reported, and the server stops
+        except BaseException as exc:  # noqa: BLE001 — reported, and the server stops
             registry.error = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
             failure.append(exc)
             server.should_exit = True
@@ -128,6 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N",
                    help="largest request body (default 1 MiB)")
     p.add_argument("--max-inputs", type=int, default=256, metavar="N", help="most inputs per /v1/predict request")
+    p.add_argument("--unquantized", action="store_true",
+                   help="load the base of 4-bit (QLoRA) runs in 16/32-bit: much faster on CPUs, more memory, "
+                        "answers differ slightly from the 4-bit model")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning)")
     p.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")

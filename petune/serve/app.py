@@ -31,8 +31,8 @@ from petune.serve.registry import Generated, Registry, Sampling, ServedRun
 from petune.serve.schemas import ChatCompletionRequest, CompletionRequest, PredictRequest
 
 STATIC = Path(__file__).with_name("static")
-#: paths anyone may fetch when an API key is set: the playground's own code, which holds no data
-PUBLIC_PATHS = ("/", "/favicon.ico")
+#: paths anyone may fetch when an API key is set: the playground's code and the API description, no data
+PUBLIC_PATHS = ("/", "/favicon.ico", "/docs", "/openapi.json")
 PUBLIC_PREFIXES = ("/static/",)
 
 
@@ -98,7 +98,8 @@ def _user_error(exc: UserError, default_param: str | None) -> ApiError:
 
 # -- middleware (plain ASGI: it also sees streamed answers to their end) -----------------------
 class _Observe:
-    """Times each request to its last byte and counts it (status, model, tokens)."""
+    """Times each API request (``/v1/...``, and unknown paths) to its last byte and counts it
+    (status, model, tokens). The page, ``/health`` and ``/metrics`` are not counted."""
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -114,11 +115,14 @@ class _Observe:
                 status[0] = message["status"]
             await send(message)
 
+        endpoint = _endpoint(scope["path"])
+        if not (endpoint.startswith("/v1/") or endpoint == "other"):  # the page, health checks, scrapes
+            return await self.app(scope, receive, send)
         try:
             await self.app(scope, receive, observed_send)
         finally:
             state = scope["state"]
-            self.metrics.record(_endpoint(scope["path"]), state.get("model"), state.get("status", status[0]),
+            self.metrics.record(endpoint, state.get("model"), state.get("status", status[0]),
                                 time.perf_counter() - started, prompt_tokens=state.get("prompt_tokens", 0),
                                 completion_tokens=state.get("completion_tokens", 0))
 
@@ -129,8 +133,9 @@ def _endpoint(path: str) -> str:
             return prefix + "{id}"
     if path.startswith("/static/"):
         return "/static"
-    return path if path in ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-                            "/v1/predict") else "other"
+    known = ("/", "/favicon.ico", "/docs", "/openapi.json", "/health", "/metrics", "/v1/models",
+             "/v1/chat/completions", "/v1/completions", "/v1/predict")
+    return path if path in known else "other"
 
 
 class _Guard:
@@ -236,7 +241,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
         """Run ``fn`` on a worker thread; user errors → 400, anything else → 500."""
         try:
             return await run_in_threadpool(fn)
-        except Exception as exc:  # the server keeps serving whatever one request did
+        except Exception as exc:  # noqa: BLE001 — the server keeps serving whatever one request did
             raise _as_api_error(exc, default_param, log) from None
 
     # -- pages and status -------------------------------------------------------------------
@@ -346,7 +351,8 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
                                 first=None, piece=chunk, last=lambda g: chunk("", g.finish_reason),
                                 include_usage=include_usage,
                                 usage_chunk=lambda g: {"id": ident, "object": "text_completion", "created": created,
-                                                       "model": run.name, "choices": [], "usage": _usage(g)})
+                                                       "model": run.name, "choices": [], "usage": _usage(g)},
+                                default_param="prompt")
         result: Generated = await work(request, lambda: registry.complete(run, body.prompt, params), "prompt")
         _count(request, result)
         return {"id": ident, "object": "text_completion", "created": created, "model": run.name,
@@ -354,7 +360,8 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
                              "finish_reason": result.finish_reason}],
                 "usage": _usage(result)}
 
-    async def stream(request: Request, job, *, first, piece, last, include_usage: bool, usage_chunk):
+    async def stream(request: Request, job, *, first, piece, last, include_usage: bool, usage_chunk,
+                     default_param: str = "messages"):
         """Server-sent events. Generation runs on its own thread and hands text over as it
         comes; the response starts only with the first piece, so an error before any text
         still gets its proper status. A client that goes away stops the generation."""
@@ -371,7 +378,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
         def target():
             try:
                 put(("done", job(lambda text: put(("text", text)), cancel)))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 — sent to the client as an error event
                 put(("error", exc))
 
         threading.Thread(target=target, name="petune-generate", daemon=True).start()
@@ -382,7 +389,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
             raise
         if kind == "error":
             cancel.set()
-            raise _as_api_error(value, "messages", log)
+            raise _as_api_error(value, default_param, log)
 
         async def events():
             item = (kind, value)
@@ -400,7 +407,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
                             yield _sse(usage_chunk(v))
                         break
                     else:
-                        error = _as_api_error(v, "messages", log)
+                        error = _as_api_error(v, default_param, log)
                         request.state.status = error.status
                         yield _sse(error.body())
                         break

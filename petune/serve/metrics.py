@@ -15,8 +15,15 @@ BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class _Series:
-    __slots__ = ("requests", "client_errors", "server_errors", "prompt_tokens", "completion_tokens",
-                 "latency_sum", "buckets")
+    __slots__ = (
+        "buckets",
+        "client_errors",
+        "completion_tokens",
+        "latency_sum",
+        "prompt_tokens",
+        "requests",
+        "server_errors",
+    )
 
     def __init__(self):
         self.requests = self.client_errors = self.server_errors = 0

@@ -20,10 +20,10 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from petune.errors import UserError
 
@@ -61,7 +61,7 @@ class Base:
     key: tuple | None  # None: a run that shares nothing
     model_name: str
     model: object = None
-    runs: list["ServedRun"] = field(default_factory=list)
+    runs: list[ServedRun] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     waiting: int = 0
 
@@ -144,7 +144,7 @@ def model_state(task, state: dict) -> dict:
     return pick(state) if callable(pick) else state
 
 
-def share_key(run: ServedRun) -> tuple | None:
+def share_key(run: ServedRun, quantized: bool = True) -> tuple | None:
     """Runs with equal keys can share one base; None for runs that are no peft adapter."""
     config_path = run.dir / run.strategy.artifact / "adapter_config.json"
     if run.strategy.artifact != "adapter" or not config_path.exists():
@@ -153,17 +153,17 @@ def share_key(run: ServedRun) -> tuple | None:
         peft_type = json.loads(config_path.read_text(encoding="utf-8")).get("peft_type")
     except (OSError, ValueError):
         return None
-    load_kwargs = run.strategy.load_kwargs(run.recipe.strategy)
+    load_kwargs = run.strategy.load_kwargs(run.recipe.strategy) if quantized else {}
     return (run.recipe.model.name, run.recipe.model.dtype, run.task.name, peft_type, _canonical(load_kwargs),
             _canonical(model_state(run.task, run.state)))
 
 
-def plan(runs: list[ServedRun]) -> list[Base]:
+def plan(runs: list[ServedRun], quantized: bool = True) -> list[Base]:
     """Group runs into bases (first run of a group first), without loading anything."""
     bases: list[Base] = []
     by_key: dict[tuple, Base] = {}
     for run in runs:
-        key = share_key(run)
+        key = share_key(run, quantized)
         base = by_key.get(key) if key is not None else None
         if base is None:
             base = Base(index=len(bases), key=key, model_name=run.recipe.model.name)
@@ -178,11 +178,13 @@ def plan(runs: list[ServedRun]) -> list[Base]:
 class Registry:
     """The served runs by name, their bases, and the calls that use them."""
 
-    def __init__(self, specs: list[tuple[str, Path]], host):
+    def __init__(self, specs: list[tuple[str, Path]], host, *, quantized: bool = True):
+        """``quantized=False`` loads the bases of 4-bit (QLoRA) runs in 16/32-bit, as
+        ``petune merge`` does: faster on CPUs, more memory, slightly different answers."""
         from petune import artifacts
         from petune.recipe import load_recipe
 
-        self.host = host
+        self.host, self.quantized = host, quantized
         self.runs: dict[str, ServedRun] = {}
         for name, folder in specs:
             for needed in ("recipe.toml", "task_state.json", "tokenizer"):
@@ -199,7 +201,7 @@ class Registry:
                                 where=str(folder))
             run.created = int((folder / "recipe.toml").stat().st_mtime)
             self.runs[name] = run
-        self.bases = plan(list(self.runs.values()))
+        self.bases = plan(list(self.runs.values()), quantized)
         self.ready = False
         self.error: str | None = None
 
@@ -212,7 +214,7 @@ class Registry:
         for base in self.bases:  # a run split off below is appended, and loaded in its turn
             first, *others = base.runs
             started = time.perf_counter()
-            loaded = load_run(first.dir, self.host)
+            loaded = load_run(first.dir, self.host, quantized=self.quantized)
             base.model, first.tokenizer = loaded.model, loaded.tokenizer
             configs = getattr(base.model, "peft_config", None)
             if base.shared and not (isinstance(configs, dict) and configs and hasattr(base.model, "load_adapter")):
@@ -239,11 +241,10 @@ class Registry:
     def use(self, run: ServedRun):
         """The run's model with its adapter active, held for this caller alone."""
         base = run.base
-        with _counted(base):
-            with base.lock:
-                if run.adapter is not None:
-                    base.model.set_adapter(run.adapter, inference_mode=True)
-                yield base.model
+        with _counted(base), base.lock:
+            if run.adapter is not None:
+                base.model.set_adapter(run.adapter, inference_mode=True)
+            yield base.model
 
     def memory(self) -> dict:
         """Bytes of parameters per base (shared tensors counted once) and of each adapter,
@@ -270,7 +271,7 @@ class Registry:
         return {"rss_bytes": psutil.Process().memory_info().rss, "bases": bases}
 
     # -- the work ---------------------------------------------------------------------------
-    def chat(self, run: ServedRun, messages: list[dict], params: "Sampling", on_text=None, cancel=None) -> "Generated":
+    def chat(self, run: ServedRun, messages: list[dict], params: Sampling, on_text=None, cancel=None) -> Generated:
         def call(model):
             return run.task.generate(model, run.tokenizer, run.recipe.task, run.state, messages,
                                      max_new_tokens=params.max_tokens, temperature=params.temperature,
@@ -278,13 +279,13 @@ class Registry:
 
         return self._generate(run, call, params, on_text, cancel)
 
-    def complete(self, run: ServedRun, prompt: str, params: "Sampling", on_text=None, cancel=None) -> "Generated":
+    def complete(self, run: ServedRun, prompt: str, params: Sampling, on_text=None, cancel=None) -> Generated:
         def call(model):
             return raw_generate(model, run.tokenizer, prompt, params)
 
         return self._generate(run, call, params, on_text, cancel)
 
-    def _generate(self, run, call, params: "Sampling", on_text, cancel) -> "Generated":
+    def _generate(self, run, call, params: Sampling, on_text, cancel) -> Generated:
         with self.use(run) as model:
             deltas = TextDeltas(run.tokenizer, params.stop, on_text) if on_text else None
             tap = _Tap(model, deltas.update if deltas else None, cancel)
