@@ -75,14 +75,27 @@ def plan(*, smoke: bool = False, device: str = "auto", shapes: list[str] | None 
         gc = gradient_checkpointing if gradient_checkpointing is not None else (
             shape.family == "llama")  # the issue's GPU setting; BERT rows show the no-checkpointing path
         for strategy in strategies:
-            common = dict(shape=shape_name, strategy=strategy, batch=batch or shape.batch, seq=seq or shape.seq,
-                          steps=steps, warmup=warmup, gradient_checkpointing=gc, device=device, threads=threads,
-                          baseline_kbit_prep=baseline_kbit_prep)
+            common = {"shape": shape_name, "strategy": strategy, "batch": batch or shape.batch,
+                      "seq": seq or shape.seq, "steps": steps, "warmup": warmup, "gradient_checkpointing": gc,
+                      "device": device, "threads": threads, "baseline_kbit_prep": baseline_kbit_prep}
             pair = tuple(harness.Case(side=side, work_dir=str(Path(work_dir) / f"{shape_name}-{strategy}-{side}"),
                                       variant=variant if side == "petune" else "", **common)
                          for side in ("petune", "baseline"))
             pairs.append(pair)
     return pairs
+
+
+def _cuda_capacity() -> int | None:
+    """Total memory of GPU 0, asked of nvidia-smi: a CUDA context in this process would take
+    memory from the cases for the whole run."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", "0"],
+                              check=False, capture_output=True, text=True, timeout=30)
+        return int(float(done.stdout.strip().splitlines()[0])) * 2**20
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
 
 
 def _has_cuda() -> bool:
@@ -116,11 +129,10 @@ class CaseRunner:
         import subprocess
         import threading
 
-        log = open(self.log_dir / "server.log", "ab")
-        self.server = subprocess.Popen([sys.executable, "-u", "-m", "benchmarks.worker", "--serve"], cwd=REPO,
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                                       env=self._env())
-        log.close()
+        with open(self.log_dir / "server.log", "ab") as log:
+            self.server = subprocess.Popen([sys.executable, "-u", "-m", "benchmarks.worker", "--serve"], cwd=REPO,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                                           env=self._env())
         self.lines = queue.Queue()
 
         def read(stream, sink):
@@ -192,7 +204,7 @@ class CaseRunner:
         try:
             return subprocess.run([sys.executable, "-m", "benchmarks.worker", "--case", json.dumps(asdict(case)),
                                    "--result", str(result_file), "--log", str(log)], cwd=REPO, env=self._env(),
-                                  timeout=timeout).returncode
+                                  check=False, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             return None
 
@@ -212,14 +224,22 @@ class CaseRunner:
         self.close()
 
 
-def run_pairs(pairs, runner: CaseRunner, *, repeat: int = 1, progress=True) -> list[dict]:
-    """Run every pair (alternating which side goes first) and return one row per side."""
+def run_pairs(pairs, runner: CaseRunner, *, repeat: int = 1, progress=True, predictions: dict | None = None,
+              capacity: int | None = None) -> list[dict]:
+    """Run every pair (alternating which side goes first) and return one row per side. A
+    case the estimate says cannot fit ``capacity`` (by more than 10%) is skipped, not run."""
     rows = []
     for index, (a, b) in enumerate(pairs):
         runs = {"petune": [], "baseline": []}
         for r in range(repeat):
             order = (a, b) if (index + r) % 2 == 0 else (b, a)
             for case in order:
+                predicted = ((predictions or {}).get(id(case)) or {}).get("peak")
+                if capacity and predicted and predicted > 1.1 * capacity:
+                    runs[case.side].append({"case": asdict(case), "ok": False, "skipped": True,
+                                            "error": f"skipped: predicted {human_bytes(predicted)} > "
+                                                     f"{human_bytes(capacity)} of the device"})
+                    continue
                 if progress:
                     err.print(f"[dim]bench[/] {escape(case.label)} ...", end=" ")
                 result = runner.run(case)
@@ -238,35 +258,42 @@ def _merge_repeats(results: list[dict]) -> dict:
     if len(ok) == 1:
         return ok[0]
     merged = dict(ok[0])
-    merged["median_step_s"] = statistics.median(r["median_step_s"] for r in ok)
-    merged["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in ok)
-    merged["repeats"] = [{"median_step_s": r["median_step_s"], "peak_bytes": r["peak_bytes"]} for r in ok]
+    for key in ("median_step_s", "median_step_cpu_s", "tokens_per_s", "peak_bytes", "tensor_peak"):
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            merged[key] = statistics.median(values)
+    merged["repeats"] = [{k: r.get(k) for k in ("median_step_s", "median_step_cpu_s", "peak_bytes", "tensor_peak")}
+                         for r in ok]
     return merged
 
 
 # -- predicted memory -----------------------------------------------------------------------------
-def predict(case) -> dict | None:
-    """petune.memory's prediction for a case (the baseline's with plain full-logit loss)."""
+def predict(case) -> dict:
+    """petune.memory's prediction for a case, from the shape's config alone (no weights are
+    built or read). The baseline computes its loss from full logits, so its prediction
+    counts those; the petune side uses what its task does."""
     try:
         from benchmarks import petune_side
-        from benchmarks.shapes import model_path
-
+        from benchmarks.shapes import SHAPES, build_config
         from petune import memory
-        from petune.plugins import PluginHost
+        from petune.api import ModelInfo
         from petune.recipe import validate
 
-        host = PluginHost()
-        data = petune_side.recipe_data(case, str(model_path(case.shape)), Path(case.work_dir) / "synthetic.jsonl")
+        host = _plugin_host()
+        shape = SHAPES[case.shape]
+        config = build_config(shape) if shape.source is None else _source_config(shape.source)
+        data = petune_side.recipe_data(case, shape.name, Path(case.work_dir) / "synthetic.jsonl")
         recipe = validate(data, host, check_paths=False)
         task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
-        from petune.api import ModelInfo
-
-        info = ModelInfo.from_path(str(model_path(case.shape)), model_path(case.shape))
+        info = ModelInfo(name=shape.name, path=Path(shape.name), config=config)
         dtype, autocast = memory._dtypes(recipe, case.device)
         quant = strategy.load_kwargs(recipe.strategy).get("quantization_config")
         model = memory.build_skeleton(info.config, task.peft_task_type, dtype)
         model = memory.apply_strategy(strategy, model, task, recipe.strategy)
-        loss = memory.loss_memory_of(task) if case.side == "petune" else "logits"
+        if case.side == "petune":
+            memory.trainer_adjustments(task, model, quant)
+        loss = (memory.loss_memory_of(task, recipe.task, case.batch, config, case.device)
+                if case.side == "petune" and case.variant != "plain-loss" else "logits")
         est = memory.estimate(model, batch=case.batch, seq=case.seq,
                               gradient_checkpointing=case.gradient_checkpointing, task_type=task.peft_task_type,
                               device=case.device, optimizer=case.optimizer, autocast_dtype=autocast, quant=quant,
@@ -276,11 +303,33 @@ def predict(case) -> dict | None:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+_HOST = None
+
+
+def _plugin_host():
+    global _HOST
+    if _HOST is None:
+        from petune.plugins import PluginHost
+
+        _HOST = PluginHost()
+    return _HOST
+
+
+def _source_config(name: str):
+
+    from petune.models import resolve_model
+
+    return resolve_model(name, _plugin_host().model_sources()).config
+
+
 # -- max context --------------------------------------------------------------------------------
-def max_context_search(base_case, runner: CaseRunner, *, start: int = 4096, limit: int = 131072, granularity: int = 1024,
+def max_context_search(base_case, runner: CaseRunner, *, check_seq: int = 4096, granularity: int = 2048,
+                       limit: int = 131072, max_tries: int = 6, capacity: int | None = None,
                        progress: bool = True) -> dict:
-    """Longest sequence that trains at batch 1 (doubling, then bisecting between the last
-    length that fit and the first that ran out of memory)."""
+    """Longest sequence that trains at batch 1. Each try loads the model afresh (a minute for
+    8B), so the estimate picks the first guess: ``check_seq`` (the issue's 4096 check), then
+    the longest length the estimate says fits ``capacity``, then ×1.25 while it fits, else
+    bisection — at most ``max_tries`` loads."""
     tried = []
 
     def fits(seq: int) -> bool:
@@ -291,30 +340,51 @@ def max_context_search(base_case, runner: CaseRunner, *, start: int = 4096, limi
         result = runner.run(case)
         ok = bool(result.get("ok"))
         tried.append({"seq": seq, "ok": ok, "peak_bytes": result.get("peak_bytes"),
-                      "error": None if ok else result.get("error")})
+                      "reserved_bytes": result.get("cuda_max_reserved"),
+                      "predicted_peak": (predict(case) or {}).get("peak"), "error": None if ok else result.get("error")})
         if progress:
             err.print(human_bytes(result["peak_bytes"]) if ok else "[red]does not fit[/]")
         return ok
 
-    low, high = 0, None
-    seq = start
-    while seq <= limit:
+    def round_down(n: float) -> int:
+        return max(granularity, int(n) // granularity * granularity)
+
+    guess = predicted_max_seq(base_case, capacity, granularity=granularity, limit=limit) if capacity else None
+    low, high = (check_seq, None) if fits(check_seq) else (0, check_seq)
+    while len(tried) < max_tries:
+        if high is None:
+            seq = guess if guess and guess > low and len(tried) == 1 else round_down(low * 1.25)
+            if seq <= low:
+                seq = low + granularity
+        else:
+            seq = round_down((low + high) / 2)
+            if seq <= low or high - low <= granularity:
+                break
+        if seq > limit:
+            break
         if fits(seq):
-            low, seq = seq, seq * 2
+            low = seq
         else:
             high = seq
-            break
-    if high is not None and low:
-        while high - low > granularity:
-            mid = (low + high) // 2 // granularity * granularity
-            if mid in (low, high):
-                break
-            if fits(mid):
-                low = mid
-            else:
-                high = mid
     return {"shape": base_case.shape, "strategy": base_case.strategy, "side": base_case.side, "batch": 1,
-            "max_seq": low, "first_failing_seq": high, "tried": tried}
+            "check_seq": check_seq, "check": tried[0], "max_seq": low, "first_failing_seq": high,
+            "predicted_max_seq": guess, "granularity": granularity, "tried": tried}
+
+
+def predicted_max_seq(case, capacity: int, *, granularity: int = 2048, limit: int = 131072) -> int | None:
+    """The longest sequence (a multiple of ``granularity``) whose estimated peak fits ``capacity``."""
+    def peak(seq: int) -> int | None:
+        return (predict(replace(case, seq=seq, batch=1)) or {}).get("peak")
+
+    low, high = 0, limit // granularity
+    while low < high:  # largest k with peak(k × granularity) <= capacity
+        mid = (low + high + 1) // 2
+        p = peak(mid * granularity)
+        if p is not None and p <= capacity:
+            low = mid
+        else:
+            high = mid - 1
+    return low * granularity or None
 
 
 # -- reporting ------------------------------------------------------------------------------------
@@ -397,7 +467,10 @@ def results_table(rows: list[dict], title: str) -> Table:
 
 
 def write_chart(rows: list[dict], path: Path, title: str) -> Path | None:
-    """Two panels per shape: peak memory and tokens/s per strategy, petune vs baseline."""
+    """Per shape: peak memory and throughput per strategy, petune vs baseline. On CPU the
+    memory bars are the RSS peak with the live-tensor peak inside them (what the estimate's
+    marks predict), and throughput is tokens per CPU-second (wall-clock time on a shared
+    machine is noise); on GPU, max_memory_allocated and tokens per second."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -406,30 +479,104 @@ def write_chart(rows: list[dict], path: Path, title: str) -> Path | None:
     shapes = list(dict.fromkeys(r["case"]["shape"] for r in rows))
     if not shapes:
         return None
-    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.6 * len(shapes)), squeeze=False)
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(12, 3.8 * len(shapes)), squeeze=False)
+    colors = {"petune": "#2a7ab0", "baseline": "#9a9a9a"}
     for i, shape in enumerate(shapes):
         pairs = [(p, b) for p, b in pair_rows(rows) if p["case"]["shape"] == shape]
+        cpu = pairs and pairs[0][0]["case"]["device"] == "cpu"
         names = [p["case"]["strategy"] for p, _ in pairs]
-        x = range(len(names))
-        for j, (key, label, scale) in enumerate((("peak_bytes", "peak memory (MiB)", 2**20),
-                                                 ("tokens_per_s", "tokens / s", 1))):
-            ax = axes[i][j]
-            for k, (side, color) in enumerate((("petune", "#2a7ab0"), ("baseline", "#b0b0b0"))):
-                values = [(pair[k].get(key) or 0) / scale if pair[k].get("ok") else 0 for pair in pairs]
-                ax.bar([v + (k - 0.5) * 0.38 for v in x], values, width=0.38, label=side, color=color)
-            if key == "peak_bytes":
-                predicted = [(p.get("predicted") or {}).get("peak", 0) / scale for p, _ in pairs]
-                ax.scatter([v - 0.19 for v in x], predicted, marker="_", s=400, color="black", zorder=3,
-                           label="petune predicted")
-            ax.set_xticks(list(x), names)
+        x = list(range(len(names)))
+        ax_mem, ax_tps = axes[i]
+        for k, side in enumerate(("petune", "baseline")):
+            offset = (k - 0.5) * 0.38
+            sides = [pair[k] for pair in pairs]
+            peak = [r.get("peak_bytes", 0) / 2**20 if r.get("ok") else 0 for r in sides]
+            ax_mem.bar([v + offset for v in x], peak, width=0.38, color=colors[side], alpha=0.45 if cpu else 1,
+                       label=f"{side} RSS peak" if cpu else side)
+            if cpu:
+                tensors = [r.get("tensor_peak", 0) / 2**20 if r.get("ok") else 0 for r in sides]
+                ax_mem.bar([v + offset for v in x], tensors, width=0.22, color=colors[side],
+                           label=f"{side} tensors")
+            predicted = []
+            for r in sides:
+                _, pred = measured_for_estimate(r)
+                predicted.append((pred or 0) / 2**20)
+            ax_mem.scatter([v + offset for v in x], predicted, marker="_", s=500, color="black", zorder=3,
+                           label="predicted" if k == 0 else None)
+            if cpu:
+                tps = [r["case"]["batch"] * r["case"]["seq"] / r["median_step_cpu_s"] if r.get("ok") else 0
+                       for r in sides]
+            else:
+                tps = [r.get("tokens_per_s", 0) if r.get("ok") else 0 for r in sides]
+            ax_tps.bar([v + offset for v in x], tps, width=0.38, color=colors[side], label=side)
+        for ax, label in ((ax_mem, "peak memory (MiB)"), (ax_tps, "tokens / CPU-second" if cpu else "tokens / s")):
+            ax.set_xticks(x, names)
             ax.set_title(f"{shape}: {label}")
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a Markdown table (what benchmarks/RESULTS.md holds), with the
+    environment line above it."""
+    rows = results["rows"]
+    env = results["environment"]
+    cpu = any(r["case"]["device"] == "cpu" for r in rows)
+    versions = env.get("versions", {})
+    head = (f"{env.get('device')}, {env.get('date', '')[:10]}; torch {versions.get('torch')}, transformers "
+            f"{versions.get('transformers')}, peft {versions.get('peft')}, trl {versions.get('trl')}, bitsandbytes "
+            f"{versions.get('bitsandbytes')}")
+    if cpu:
+        cols = ["shape / strategy", "side", "b×seq", "peak RSS (pred.)", "tensors (pred.)", "CPU s/step",
+                "tok/CPU-s", "trainable", "saved", "×time", "×mem"]
+    else:
+        cols = ["shape / strategy", "side", "b×seq", "peak alloc (pred.)", "reserved", "s/step", "tok/s",
+                "trainable", "saved", "×time", "×mem"]
+    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
+    for p, b in pair_rows(rows):
+        for row, other in ((p, b), (b, p)):
+            case = row["case"]
+            first = row is p
+            name = f"{case['shape']} / {case['strategy']}" if first else ""
+            side = f"{case['side']}[{case['variant']}]" if case.get("variant") else case["side"]
+            if not row.get("ok"):
+                lines.append(f"| {name} | {side} | {case['batch']}×{case['seq']} | {row.get('error', 'failed')[:80]} |"
+                             + " |" * (len(cols) - 4))
+                continue
+            pred = row.get("predicted") or {}
+            measured, predicted = measured_for_estimate(row)
+            time_ratio = _ratio(row[_step_key(row)], other.get(_step_key(other))) if first and other.get("ok") else None
+            mem_ratio = _ratio(row["peak_bytes"], other.get("peak_bytes")) if first and other.get("ok") else None
+            if cpu:
+                cells = [f"{_fmt_mem(row['peak_bytes'])} ({_error(row['peak_bytes'], pred.get('peak'))})",
+                         f"{_fmt_mem(row.get('tensor_peak'))} ({_error(measured, predicted)})",
+                         f"{row['median_step_cpu_s']:.3f}", f"{case['batch'] * case['seq'] / row['median_step_cpu_s']:,.0f}"]
+            else:
+                cells = [f"{_fmt_mem(row['peak_bytes'])} ({_error(measured, predicted)})",
+                         _fmt_mem(row.get("cuda_max_reserved")), f"{row['median_step_s']:.3f}",
+                         f"{row['tokens_per_s']:,.0f}"]
+            cells = [name, side, f"{case['batch']}×{case['seq']}", *cells, human_count(row["trainable_params"]),
+                     _fmt_mem(row["artifact_bytes"]), f"{time_ratio:.2f}" if time_ratio else "",
+                     f"{mem_ratio:.2f}" if mem_ratio else ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    s = results.get("summary") or summary(rows)
+    if s.get("median_step_time_ratio"):
+        lines += ["", f"Median petune/baseline: step time ×{s['median_step_time_ratio']:.3f}, peak memory "
+                      f"×{s['median_peak_memory_ratio']:.3f}. Estimate error: median "
+                      f"{100 * (s['median_abs_estimate_error'] or 0):.0f}%, max {100 * (s['max_abs_estimate_error'] or 0):.0f}%"
+                      + (" (tensors)" if cpu else "") + "."]
+    mc = results.get("max_context")
+    if mc:
+        check = mc.get("check") or {}
+        lines += ["", (f"Max context, {mc['shape']} {mc['strategy']} (petune), batch 1: **{mc['max_seq']} tokens** "
+                       f"(first failing: {mc.get('first_failing_seq')}; estimate said {mc.get('predicted_max_seq')}); "
+                       f"at {mc.get('check_seq')} tokens: {_fmt_mem(check.get('peak_bytes'))} peak.")]
+    return "\n".join(lines) + "\n"
 
 
 def environment() -> dict:
@@ -452,7 +599,7 @@ def summary(rows: list[dict]) -> dict:
                 errors.append(abs(predicted - measured) / measured)
             if r.get("ok") and r["case"]["device"] == "cpu" and (r.get("predicted") or {}).get("peak"):
                 rss_errors.append(abs(r["predicted"]["peak"] - r["peak_bytes"]) / r["peak_bytes"])
-    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    med = lambda xs: statistics.median(xs) if xs else None
     return {"median_step_time_ratio": med(time_ratios), "median_peak_memory_ratio": med(mem_ratios),
             "median_abs_estimate_error": med(errors), "max_abs_estimate_error": max(errors) if errors else None,
             "median_abs_estimate_error_vs_rss": med(rss_errors),
@@ -476,9 +623,10 @@ def run_suite(*, out_dir: Path = DEFAULT_OUT, smoke: bool = False, device: str =
         from benchmarks.harness import Case
 
         predictions = {id(case): predict(case) for pair in pairs for case in pair}
-        rows = run_pairs(pairs, runner, repeat=repeat, progress=progress)
-        results = {"environment": environment(), "smoke": smoke, "rows": rows}
         device_used = pairs[0][0].device if pairs else "cpu"
+        capacity = _cuda_capacity() if device_used == "cuda" else None
+        rows = run_pairs(pairs, runner, repeat=repeat, progress=progress, predictions=predictions, capacity=capacity)
+        results = {"environment": environment(), "smoke": smoke, "rows": rows}
         if max_context is None:
             max_context = device_used == "cuda" and not smoke and (shapes is None or "llama-3-8b" in shapes)
         if max_context:
@@ -487,33 +635,71 @@ def run_suite(*, out_dir: Path = DEFAULT_OUT, smoke: bool = False, device: str =
             base = Case(shape="llama-3-8b" if device_used == "cuda" else (shapes or ["tiny-llama"])[0],
                         strategy="qlora", side="petune", batch=1, seq=4096, gradient_checkpointing=True,
                         device=device_used, threads=threads, work_dir=str(out_dir / "work" / "maxctx"))
-            results["max_context"] = max_context_search(base, runner, progress=progress)
+            results["max_context"] = max_context_search(base, runner, capacity=capacity, progress=progress)
     by_case = {json.dumps(asdict(case), sort_keys=True): predictions[id(case)] for pair in pairs for case in pair}
     for row in rows:
         row["predicted"] = by_case.get(json.dumps(row["case"], sort_keys=True)) or predict(Case(**row["case"]))
     results["summary"] = summary(rows)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out_dir / "results.md").write_text(markdown_table(results))
     if chart:
         results["chart"] = str(write_chart(rows, out_dir / "bench.png",
                                            f"petune vs plain transformers+peft — {results['environment']['device']}"))
     return results
 
 
+def prediction_table(pairs, title: str) -> tuple[Table, list[dict]]:
+    """The estimate for every case of a plan, without running anything (``--predict-only``)."""
+    table = Table(title=title, title_justify="left", caption="petune.memory's prediction; nothing was run. The petune "
+                  "side counts the SFT task's chunked loss, the baseline plain cross-entropy over full logits.",
+                  caption_justify="left")
+    for col in ("shape / strategy", "b×seq", "petune", "baseline", "weights", "grads+optim", "activations",
+                "logits (petune / baseline)"):
+        table.add_column(col, justify="left" if col == "shape / strategy" else "right")
+    rows = []
+    for p, b in pairs:
+        pp, pb = predict(p), predict(b)
+        rows.append({"case": asdict(p), "petune": pp, "baseline": pb})
+        if "error" in pp or "error" in pb:
+            table.add_row(f"{p.shape} / {p.strategy}", f"{p.batch}×{p.seq}", pp.get("error", ""), pb.get("error", ""))
+            continue
+        parts = pp["parts"]
+        table.add_row(f"{p.shape} / {p.strategy}", f"{p.batch}×{p.seq}", human_bytes(pp["peak"]), human_bytes(pb["peak"]),
+                      human_bytes(parts["weights"]), human_bytes(parts["gradients"] + parts["optimizer"]),
+                      human_bytes(parts["activations"]),
+                      f"{human_bytes(parts['logits'])} / {human_bytes(pb['parts']['logits'])}")
+    return table, rows
+
+
+def _print_wide(renderable) -> None:
+    if out.is_terminal:
+        out.print(renderable)
+    else:  # a file or CI log: no wrapping at 80 columns
+        from rich.console import Console
+
+        Console(width=180, file=sys.stdout, color_system=None).print(renderable)
+
+
 # -- commands ---------------------------------------------------------------------------------------
 def cmd_bench(args) -> int:
+    if args.predict_only:
+        pairs = plan(smoke=args.smoke, device=args.device, shapes=args.shapes, strategies=args.strategies,
+                     batch=args.batch, seq=args.seq, gradient_checkpointing=args.gradient_checkpointing,
+                     variant=args.variant)
+        device = pairs[0][0].device if pairs else "cpu"
+        table, rows = prediction_table(pairs, f"Predicted peak memory on {device} (nothing run)")
+        _print_wide(table)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "predictions.json").write_text(json.dumps({"environment": environment(), "rows": rows},
+                                                                    indent=2, default=str) + "\n")
+        return 0
     results = run_suite(out_dir=args.out, smoke=args.smoke, device=args.device, shapes=args.shapes,
                         strategies=args.strategies, steps=args.steps, warmup=args.warmup, threads=args.threads,
                         batch=args.batch, seq=args.seq, gradient_checkpointing=args.gradient_checkpointing,
                         repeat=args.repeat, max_context=args.max_context, baseline_kbit_prep=args.baseline_kbit_prep,
                         variant=args.variant)
     env = results["environment"]
-    table = results_table(results["rows"], f"petune bench — {env['device']}, {env['date']}")
-    if out.is_terminal:
-        out.print(table)
-    else:  # a file or CI log: no wrapping at 80 columns
-        from rich.console import Console
-
-        Console(width=180, file=sys.stdout, color_system=None).print(table)
+    _print_wide(results_table(results["rows"], f"petune bench — {env['device']}, {env['date']}"))
     s = results["summary"]
     if s["median_step_time_ratio"]:
         out.print(f"median petune/baseline step time ×{s['median_step_time_ratio']:.3f}, "
@@ -576,6 +762,8 @@ def add_to(sub) -> None:
                    help="baseline QLoRA uses peft's prepare_model_for_kbit_training (fp32 upcasts)")
     p.add_argument("--variant", default="", choices=["", "plain-loss"],
                    help="petune-side experiment: plain-loss = SFT loss from full logits instead of TRL's fused head")
+    p.add_argument("--predict-only", action="store_true",
+                   help="print the memory estimate of every case and run nothing (e.g. --device cuda without a GPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
     p.set_defaults(func=cmd_bench)
 

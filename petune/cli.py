@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list the bundled recipes").set_defaults(func=cmd_recipes)
     sub.add_parser("env", help="versions and device, for bug reports").set_defaults(func=cmd_env)
 
-    from petune import commands, inspect_commands, serve  # commands on finished runs
+    from petune import bench, commands, inspect_commands, serve
 
+    bench.add_to(sub)  # bench, estimate
     commands.add_to(sub)  # eval, predict, generate, chat, merge
     inspect_commands.add_to(sub)  # explain, runs, compare
     serve.add_to(sub)  # serve (fastapi/uvicorn load only when it runs)

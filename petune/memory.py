@@ -30,7 +30,8 @@ logits & loss
     the logits are alive together: 12 bytes × tokens × vocabulary. A task whose trainer
     computes the loss in chunks (TRL's fused LM head: ``loss_memory = "chunked"``) only
     holds one tile of 4096 tokens × 32768 vocabulary entries plus fp32 hidden-size
-    gradients.
+    gradients — on GPU, where a Triton kernel folds each tile; on CPU TRL folds tiles with
+    torch ops, which adds about six tile-sized fp32 temporaries.
 runtime
     GPU: cuBLAS workspaces and autocast's bf16 copies of fp32 trainable weights. CPU: the
     memory a training process touches besides the model (thread pools, kernels' scratch,
@@ -46,10 +47,6 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 GiB = 2**30
 MiB = 2**20
@@ -59,6 +56,8 @@ CPU_RUNTIME_BYTES = 80 * MiB
 CUDA_RUNTIME_BYTES = 64 * MiB
 #: TRL's fused LM head tile: tokens × vocabulary entries
 CHUNK_TOKENS, CHUNK_VOCAB = 4096, 32768
+#: without Triton (CPU) TRL folds each tile with torch ops: this many tile-sized fp32 temporaries
+CHUNK_TORCH_TEMPORARIES = 6
 #: bitsandbytes keeps 32-bit optimizer states for tensors smaller than this
 BNB_MIN_8BIT_SIZE = 4096
 PARTS = ("weights", "gradients", "optimizer", "activations", "logits", "runtime")
@@ -457,6 +456,8 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_
         row = CHUNK_VOCAB * compute_size
         tile_touched = n * min(row, _pages(min(vocab, CHUNK_VOCAB) * compute_size))
         rest = tokens * hidden * (4 + compute_size) + tokens * 8 * 4
+        if not cuda:  # the torch fallback's temporaries: [n, min(vocab, 32768)] fp32 each
+            rest += CHUNK_TORCH_TEMPORARIES * n * min(vocab, CHUNK_VOCAB) * 4
         logits = tile + rest
         resident_logits = (tile if cuda else tile_touched) + rest
         if head_trainable:
@@ -518,20 +519,18 @@ def _set_attn(model, name):
     for module in model.modules():
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "_attn_implementation"):
-            try:
+            with contextlib.suppress(Exception):  # a config that refuses the name keeps its own
                 config._attn_implementation = name
-            except Exception:  # noqa: BLE001
-                pass
 
 
 # -- from a recipe ----------------------------------------------------------------------------------
-def loss_memory_of(task) -> str:
+def loss_memory_of(task, options=None, batch: int = 1, config=None, device: str | None = None) -> str:
     """How a task's trainer computes the loss: "chunked" (no full-vocabulary logits, e.g.
-    TRL's fused LM head) or "logits". A task may say so with a ``loss_memory`` attribute."""
-    declared = getattr(task, "loss_memory", None)
-    if declared in ("chunked", "logits"):
-        return declared
-    return "chunked" if getattr(task, "name", "") == "sft" else "logits"
+    TRL's fused LM head) or "logits". A task says so with a ``loss_memory`` method."""
+    decide = getattr(task, "loss_memory", None)
+    if callable(decide) and options is not None and config is not None:
+        return decide(options, batch, config, device)
+    return "logits"
 
 
 def _dtypes(recipe, device: str):
@@ -564,23 +563,42 @@ def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None,
     quant = load_kwargs.get("quantization_config")
     model = build_skeleton(info.config, task.peft_task_type, dtype)
     model = apply_strategy(strategy, model, task, recipe.strategy)
-    return estimate(model, batch=batch or recipe.train.batch_size, seq=seq or recipe_seq_len(recipe),
+    trainer_adjustments(task, model, quant)
+    batch = batch or recipe.train.batch_size
+    return estimate(model, batch=batch, seq=seq or recipe_seq_len(recipe),
                     gradient_checkpointing=recipe.train.gradient_checkpointing, task_type=task.peft_task_type,
                     device=device, optimizer=recipe.train.optimizer, autocast_dtype=autocast, quant=quant,
-                    loss_memory=loss_memory_of(task))
+                    loss_memory=loss_memory_of(task, recipe.task, batch, info.config, device))
+
+
+def trainer_adjustments(task, model, quant) -> None:
+    """What a task's trainer changes on the wrapped model before training, mirrored on the
+    skeleton: TRL's SFTTrainer casts the trainable (LoRA) weights of a 4-bit model to bf16
+    (as the QLoRA paper does), which halves their gradients and optimizer states. Tasks on
+    that trainer say so with ``trainable_bf16_on_4bit = True``."""
+    import torch
+
+    if getattr(task, "trainable_bf16_on_4bit", False) and _is_4bit(quant):
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_magnitude_vector" not in name and p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
 
 
 def apply_strategy(strategy, model, task, options):
     """``strategy.apply`` on a meta skeleton. Prompt tuning's text initialisation needs real
     embeddings, so it is counted with a random initialisation (same parameters)."""
+    import warnings
+
     if getattr(options, "init", "x") is None and getattr(options, "method", None) == "prompt":
         options = options.model_copy(update={"init": "random", "init_text": None})
-    try:
-        return strategy.apply(model, task, options)
-    except Exception:  # noqa: BLE001
-        if hasattr(options, "init"):
-            return strategy.apply(model, task, options.model_copy(update={"init": "random", "init_text": None}))
-        raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecation notes from peft/transformers internals
+        try:
+            return strategy.apply(model, task, options)
+        except Exception:
+            if hasattr(options, "init"):
+                return strategy.apply(model, task, options.model_copy(update={"init": "random", "init_text": None}))
+            raise
 
 
 # -- showing it --------------------------------------------------------------------------------------
@@ -608,7 +626,9 @@ def estimate_table(est: MemoryEstimate, title: str = "Memory estimate"):
         table.add_row(part, human(est.parts[part]), notes.get(part, ""))
     table.add_row("[bold]peak[/]", f"[bold]{human(est.peak)}[/]",
                   f"at the {est.details.get('peak_phase', 'backward')}; parts do not all coexist")
-    table.add_row("device", human(est.capacity), est.device + ("" if est.fits else "  [bold red]does not fit[/]"))
+    table.add_row("device", human(est.capacity) if est.capacity else "—",
+                  est.device + ("" if est.capacity else " (not on this machine)")
+                  + ("" if est.fits else "  [bold red]does not fit[/]"))
     return table
 
 
@@ -618,7 +638,7 @@ def plan_row(recipe, host, model_info=None, device: str | None = None) -> tuple[
         est = estimate_recipe(recipe, host, device=device, model_info=model_info)
     except Exception as exc:  # noqa: BLE001 — an estimate must never stop a run
         return ("memory", f"no estimate ({type(exc).__name__}: {exc})")
-    text = f"≈ {human(est.peak)} peak on {est.device} (of {human(est.capacity)})"
+    text = f"≈ {human(est.peak)} peak on {est.device}" + (f" (of {human(est.capacity)})" if est.capacity else "")
     if not est.fits:
         text += f"  [bold red]warning:[/] {est.warning}"
     return ("memory", text)

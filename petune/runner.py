@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petune import artifacts, checkpoints
+from petune import artifacts, checkpoints, memory
 from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters
 from petune.console import err, human_count, is_main_process, key_value_table, metrics_table, out, training_progress_callback
 from petune.errors import UserError
@@ -65,7 +65,7 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
     model = build_trainable_model(recipe, host, task, strategy, info, data.state)
     trainable, total = count_parameters(model)
     the_run = Run(recipe, recipe.output_dir, task, strategy, info, data)
-    show_plan(the_run, trainable, total)
+    show_plan(the_run, trainable, total, extra=[memory.plan_row(recipe, host, info)])
     if dry_run:
         return RunResult("planned", trainable_parameters=trainable, total_parameters=total)
 
@@ -350,7 +350,7 @@ def check_disk_space(run_dir: Path, recipe: Recipe, strategy: Strategy, trainabl
                         hint="free some space, lower train.save_total_limit, or set output.dir on a larger disk")
 
 
-def show_plan(run: Run, trainable: int, total: int) -> None:
+def show_plan(run: Run, trainable: int, total: int, extra: list[tuple[str, str]] = ()) -> None:
     if not is_main_process():
         return
     r = run.recipe
@@ -369,6 +369,7 @@ def show_plan(run: Run, trainable: int, total: int) -> None:
         ("schedule", f"max_steps {r.train.max_steps}" if r.train.max_steps else f"{r.train.epochs:g} epochs"),
         ("output", str(run.dir)),
     ]
+    rows += list(extra)
     rows += [(f"note: {k}", v) for k, v in data.notes.items()]
     err.print(key_value_table("Plan", rows))
 

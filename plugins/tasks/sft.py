@@ -81,6 +81,10 @@ class SftOptions(Options):
     max_rows: int | None = Field(None, ge=1, description="read at most this many rows of each file")
     packing: bool = Field(False, description="pack several examples per row (padding-free, examples kept apart)")
     num_sample_generations: int = Field(5, ge=0, description="held-out prompts answered after training (samples.jsonl)")
+    loss: Literal["auto", "chunked", "full"] = Field(
+        "auto", description="chunked: TRL's fused LM head, never the full-vocabulary logits (less memory); "
+                            "full: plain cross-entropy on the logits (faster on a CPU); auto: chunked on a GPU "
+                            "or when the logits would pass 1 GiB, else full")
 
     @model_validator(mode="after")
     def _one_validation_source(self):
@@ -619,6 +623,7 @@ class SftTask(Task):
     peft_task_type = "CAUSAL_LM"
     primary_metric = "loss"
     token_level_loss = True
+    trainable_bf16_on_4bit = True  # TRL's SFTTrainer casts LoRA weights on a 4-bit base to bf16 (memory estimate)
 
     def check(self, model_info: ModelInfo, options: SftOptions) -> None:
         if not _is_decoder_only(model_info):
@@ -693,8 +698,14 @@ class SftTask(Task):
 
     # -- training ---------------------------------------------------------------------------
     def make_trainer(self, *, model, tokenizer, data: TaskData, options: SftOptions, args: dict, callbacks: list):
+        chunked = loss_memory(options.loss, args.get("per_device_train_batch_size", 1), options.max_length,
+                              model.config) == "chunked"
         return make_sft_trainer(model=model, tokenizer=tokenizer, data=data, args=args, callbacks=callbacks,
-                                max_length=options.max_length, packing=options.packing)
+                                max_length=options.max_length, packing=options.packing, chunked_loss=chunked)
+
+    def loss_memory(self, options: SftOptions, batch_size: int, config, device: str | None = None) -> str:
+        """How this run computes its loss, for the memory estimate."""
+        return loss_memory(options.loss, batch_size, options.max_length, config, device)
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, trainer, data: TaskData, options: SftOptions, run_dir: Path) -> dict[str, dict]:
@@ -839,8 +850,20 @@ def build_causal_lm(model_info: ModelInfo, state: dict, **load_kwargs):
     return model
 
 
+def loss_memory(loss: str, batch_size: int, max_length: int, config, device: str | None = None) -> str:
+    """"chunked" (TRL's fused LM head: no full-vocabulary logits) or "logits" (plain cross-entropy).
+    auto: chunked on a GPU, or when fp32 logits + softmax + gradient would pass 1 GiB."""
+    if loss != "auto":
+        return "chunked" if loss == "chunked" else "logits"
+    import torch
+
+    on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+    return "chunked" if on_gpu or 12 * batch_size * max_length * vocab > 2**30 else "logits"
+
+
 def make_sft_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks: list, max_length: int,
-                     packing: bool = False):
+                     packing: bool = False, chunked_loss: bool = True):
     """TRL's SFTTrainer on datasets already tokenized here (``input_ids`` + ``labels``, cut to
     ``max_length``). Shared with the seq2seq task's decoder-only models."""
     from trl import SFTConfig, SFTTrainer
@@ -859,8 +882,17 @@ def make_sft_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks:
     }
     if data.validation is None:
         config["eval_strategy"] = "no"
-    return SFTTrainer(model=model, args=SFTConfig(**config), train_dataset=data.train,
-                      eval_dataset=data.validation, processing_class=tokenizer, callbacks=callbacks)
+    trainer = SFTTrainer(model=model, args=SFTConfig(**config), train_dataset=data.train,
+                         eval_dataset=data.validation, processing_class=tokenizer, callbacks=callbacks)
+    if not chunked_loss:
+        # TRL's fused LM head has no fast kernel on a CPU (1.4–1.8× slower steps, measured in
+        # benchmarks/); when the logits are small, transformers' own loss is the better trade.
+        import types
+
+        from transformers import Trainer
+
+        trainer.compute_loss = types.MethodType(Trainer.compute_loss, trainer)
+    return trainer
 
 
 def _checkpointing_args(args: dict, config_class) -> dict:

@@ -1,0 +1,114 @@
+"""The benchmark suite (benchmarks/, `petune bench`): planning, reporting, and a smoke run of
+every strategy on the tiny random models, each side in its own process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from petune import bench
+
+STRATEGIES = ("full", "lora", "qlora", "adapters", "prompt_tuning")
+
+
+def test_smoke_plan_pairs_every_strategy_on_both_tiny_models():
+    pairs = bench.plan(smoke=True)
+    assert len(pairs) == 10
+    assert {(p.shape, p.strategy) for p, _ in pairs} == {(s, x) for s in ("tiny-llama", "tiny-bert") for x in STRATEGIES}
+    for petune_case, baseline_case in pairs:
+        assert (petune_case.side, baseline_case.side) == ("petune", "baseline")
+        same = {k: v for k, v in vars(petune_case).items() if k not in ("side", "work_dir", "variant")}
+        assert same == {k: v for k, v in vars(baseline_case).items() if k not in ("side", "work_dir", "variant")}
+        assert petune_case.device == "cpu" and petune_case.threads == 1
+        assert petune_case.gradient_checkpointing == (petune_case.shape == "tiny-llama")
+
+
+def test_plan_refuses_unknown_names():
+    from petune.errors import UserError
+
+    with pytest.raises(UserError, match="unknown shape"):
+        bench.plan(shapes=["gpt-5"])
+    with pytest.raises(UserError, match="unknown strateg"):
+        bench.plan(smoke=True, strategies=["dora"])
+
+
+def fake_row(strategy: str, side: str, step: float, peak: int, predicted: int, tensor_peak: int = 0) -> dict:
+    return {"case": {"shape": "tiny-llama", "strategy": strategy, "side": side, "batch": 2, "seq": 8, "device": "cpu",
+                     "variant": ""},
+            "ok": True, "median_step_s": step, "median_step_cpu_s": step, "tokens_per_s": 16 / step,
+            "peak_bytes": peak, "tensor_peak": tensor_peak or peak, "trainable_params": 10, "total_params": 100,
+            "artifact_bytes": 1000,
+            "predicted": {"peak": predicted, "parts": {"runtime": 0}, "details": {"tensor_peak": predicted}}}
+
+
+def test_summary_ratios_and_estimate_errors(tmp_path):
+    rows = [fake_row("lora", "petune", 0.11, 200, 220), fake_row("lora", "baseline", 0.10, 100, 100),
+            fake_row("full", "petune", 0.20, 400, 300), fake_row("full", "baseline", 0.20, 400, 400)]
+    s = bench.summary(rows)
+    assert s["pairs"] == 2 and s["failed"] == 0
+    assert s["median_step_time_ratio"] == pytest.approx((1.1 + 1.0) / 2)
+    assert s["max_abs_estimate_error"] == pytest.approx(0.25)
+    failed = dict(rows[1], ok=False, error="boom")
+    assert bench.summary([rows[0], failed])["failed"] == 1
+
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(bench.results_table(rows + [rows[0], failed], "t"))
+    text = console.export_text()
+    assert "tiny-llama / lora" in text and "1.10" in text and "failed" in text and "+10%" in text
+    assert bench.write_chart(rows, tmp_path / "c.png", "t").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_smoke_bench_runs_every_strategy_against_the_baseline(tmp_path):
+    results = bench.run_suite(smoke=True, out_dir=tmp_path, progress=False)
+    rows = results["rows"]
+    assert len(rows) == 20
+    failures = [f"{r['case']['shape']}/{r['case']['strategy']}/{r['case']['side']}: {r.get('error')}"
+                for r in rows if not r.get("ok")]
+    assert not failures, failures
+    seen = {(r["case"]["shape"], r["case"]["strategy"], r["case"]["side"]) for r in rows}
+    assert seen == {(s, x, side) for s in ("tiny-llama", "tiny-bert") for x in STRATEGIES
+                    for side in ("petune", "baseline")}
+    for r in rows:
+        for key in ("median_step_s", "median_step_cpu_s", "tokens_per_s", "peak_bytes", "tensor_peak",
+                    "trainable_params", "total_params", "artifact_bytes"):
+            assert r[key] > 0, (r["case"], key)
+        assert r["trainable_params"] <= r["total_params"]
+        assert r["predicted"]["peak"] > 0, r["predicted"]
+        assert len(r["step_times"]) == r["case"]["warmup"] + r["case"]["steps"]
+    for p, b in bench.pair_rows(rows):  # both sides train the same parameters
+        assert p["trainable_params"] == b["trainable_params"], p["case"]
+        assert p["total_params"] == b["total_params"], p["case"]
+    assert rows[0]["trainer"] == "SFTTrainer" and rows[1]["trainer"] == "plain loop"
+
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["summary"]["pairs"] == 10 and saved["environment"]["versions"]["torch"]
+    assert (tmp_path / "bench.png").stat().st_size > 10_000
+
+
+def test_max_context_search_starts_from_the_estimate_and_bisects(monkeypatch):
+    from benchmarks.harness import Case
+
+    limit_that_fits = 22_000
+    monkeypatch.setattr(bench, "predicted_max_seq", lambda case, capacity, **kw: 24576)
+    monkeypatch.setattr(bench, "predict", lambda case: {"peak": case.seq})
+
+    class FakeRunner:
+        def __init__(self):
+            self.seqs = []
+
+        def run(self, case):
+            self.seqs.append(case.seq)
+            assert case.batch == 1
+            ok = case.seq <= limit_that_fits
+            return {"ok": ok, "peak_bytes": case.seq * 1000 if ok else None, "error": None if ok else "OOM"}
+
+    runner = FakeRunner()
+    base = Case(shape="llama-3-8b", strategy="qlora", side="petune", batch=2, seq=2048, device="cuda", work_dir="/tmp/w")
+    found = bench.max_context_search(base, runner, capacity=80 * 2**30, progress=False)
+    assert runner.seqs[:2] == [4096, 24576]  # the issue's check, then the estimate's guess
+    assert found["check"]["ok"] and found["max_seq"] <= limit_that_fits < found["first_failing_seq"]
+    assert found["first_failing_seq"] - found["max_seq"] <= 2048 and len(runner.seqs) <= 6
