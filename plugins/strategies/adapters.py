@@ -13,7 +13,8 @@ the layer stack (see ``find_layers``) is either BERT-style (``attention.output.d
 the module it follows as a child named ``petune_adapter`` and runs in a forward hook, so
 the base weights keep their names. Only adapters and the task head train. The up
 projection starts at zero, so a fresh adapter is the identity and training starts from
-the base model. Saved as ``adapter_model.safetensors`` (adapters + head) plus
+the base model. Encoder-decoder models (T5, BART) are refused in ``check``: their two
+stacks and cross-attention are not placed here. Saved as ``adapter_model.safetensors`` (adapters + head) plus
 ``adapter_config.json`` with ``"petune_adapter": "bottleneck"``.
 """
 
@@ -122,6 +123,11 @@ class AdaptersStrategy(Strategy):
     def check(self, task, model_info, options):
         if model_info is None:
             return
+        if model_info.is_encoder_decoder:
+            raise Refusal(f"bottleneck adapters go into one stack of BERT-style or Llama-style blocks; "
+                          f"{model_info.name} is an encoder-decoder model ({model_info.model_type}: an encoder and a "
+                          f"decoder with cross-attention), where petune does not place them", where="strategy.name",
+                          hint="use strategy 'lora', 'prompt_tuning' or 'full' for encoder-decoder models")
         import torch
         from transformers import AutoModel
 

@@ -11,6 +11,8 @@ Refused mixes (see ``check``):
 * prompt × token classification: the virtual tokens are prepended to the sequence, so the
   model returns num_virtual_tokens more token logits than there are labels; peft does not
   realign them. Prefix tuning leaves the sequence alone and is supported.
+* prompt × extractive question answering: the same shift, of the start/end logits away from
+  the answer positions. Prefix tuning is supported.
 * prompt × sequence classification on a decoder: the classifier reads the last non-pad
   token, which it finds from input_ids; prompt tuning passes embeddings instead, so with
   right padding it would read a pad position. Prefix tuning keeps input_ids.
@@ -66,6 +68,10 @@ class PromptTuningStrategy(Strategy):
         if task.peft_task_type == "TOKEN_CLS":
             raise Refusal("prompt tuning prepends virtual tokens, which shifts token logits away from the "
                           "per-token labels of token classification",
+                          where="strategy.method", hint="use method = 'prefix' (keeps the sequence as it is) or strategy 'lora'")
+        if task.peft_task_type == "QUESTION_ANS":
+            raise Refusal("prompt tuning prepends virtual tokens, which shifts the start/end logits of extractive "
+                          "question answering away from the answer positions it is trained on",
                           where="strategy.method", hint="use method = 'prefix' (keeps the sequence as it is) or strategy 'lora'")
         if task.peft_task_type == "SEQ_CLS" and model_info is not None and model_info.is_decoder_only:
             raise Refusal("prompt tuning feeds embeddings instead of input_ids, so a decoder's classifier cannot "

@@ -486,7 +486,22 @@ class QaTask(Task):
 
         if state.get("pad_token_id") is not None:
             load_kwargs.setdefault("pad_token_id", state["pad_token_id"])
-        return load_with_head(AutoModelForQuestionAnswering, model_info, **load_kwargs)
+        model = load_with_head(AutoModelForQuestionAnswering, model_info, **load_kwargs)
+        prefix = getattr(model, "base_model_prefix", "")
+        if prefix and any(m == prefix or m.startswith(prefix + ".") for m in model.petune_new_modules):
+            # e.g. LlamaForQuestionAnswering keeps its body under "transformer", while a causal LM
+            # checkpoint stores it under "model": transformers then leaves the whole body random.
+            from transformers import AutoModel
+
+            load_kwargs.pop("pad_token_id", None)
+            body = AutoModel.from_pretrained(model_info.path, **load_kwargs)
+            if type(body) is not type(getattr(model, prefix)):
+                raise Refusal(f"the {type(model).__name__} head cannot take the weights of {model_info.name}",
+                              where="model.name", hint="use an encoder such as minilm-l6 for the qa task")
+            setattr(model, prefix, body)
+            model.petune_new_modules = [m for m in model.petune_new_modules
+                                        if not (m == prefix or m.startswith(prefix + "."))]
+        return model
 
     def head_modules(self, model) -> list[str]:
         return find_head_modules(model)

@@ -522,8 +522,10 @@ class Seq2SeqTask(Task):
             if blank:
                 notes[f"{split}_blank_lines_skipped"] = blank
         if options.validation_split is not None:
+            train_file = as_data_file(options.train, options, "train")
             splits["train"], splits["validation"] = seeded_split(splits["train"], options.validation_split,
-                                                                 options.split_seed, str(options.train))
+                                                                 options.split_seed,
+                                                                 str(train_file.path or train_file.source))
         template = prompt_template(options, kind)
         state = {"model_kind": kind, "prompt": template, "source_lang": options.source_lang,
                  "target_lang": options.target_lang, "max_source_length": options.max_source_length,
@@ -588,7 +590,10 @@ class Seq2SeqTask(Task):
             columns["attention_mask"] = [[1] * len(ids) for ids in columns["input_ids"]]
             del columns["conversation"]
         else:
-            encoded = tokenizer(prompts, verbose=False)
+            limit = self._positions  # the prompt's instruction comes on top of max_source_length
+            encoded = tokenizer(prompts, verbose=False, truncation=limit is not None, max_length=limit)
+            if limit is not None:
+                counts["prompt_cut"] = sum(1 for ids in encoded["input_ids"] if len(ids) >= limit)
             labels = tokenizer(text_target=targets, verbose=False)["input_ids"]
             columns = {"input_ids": [list(x) for x in encoded["input_ids"]],
                        "attention_mask": [list(x) for x in encoded["attention_mask"]],
@@ -600,6 +605,7 @@ class Seq2SeqTask(Task):
     # -- model ------------------------------------------------------------------------------
     def build_model(self, model_info: ModelInfo, options: Seq2SeqOptions, state: dict, **load_kwargs):
         kind = self._set_kind(model_info)
+        self._positions = model_info.max_positions
         if kind == DECODER_ONLY:
             return sft.build_causal_lm(model_info, state, **load_kwargs)
         from transformers import AutoModelForSeq2SeqLM
