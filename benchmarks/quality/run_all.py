@@ -1,0 +1,466 @@
+"""Task quality on real data (issue 8): run every row, collect the scores, publish them.
+
+    .venv/bin/python benchmarks/quality/run_all.py                  # every row, one at a time
+    .venv/bin/python benchmarks/quality/run_all.py --only sst2_full,conll_full
+    .venv/bin/python benchmarks/quality/run_all.py --smoke          # tiny budgets: does each recipe work?
+    .venv/bin/python benchmarks/quality/run_all.py --report         # rebuild QUALITY.md + chart from results.json
+
+Each row is ``petune run benchmarks/quality/<row>.toml --overwrite`` (the recipe holds the
+whole budget), started with ``nice -n 10`` and one compute thread (``OMP_NUM_THREADS=1``:
+on a shared 2-core machine two threads fight the other jobs and run about 3x slower).
+Rows run strictly one after the other. Run folders go to ``runs/quality/<row>/`` (git
+ignores runs/), a log per row to ``runs/quality/logs/<row>.log``. What each row scored,
+how long it took and what it trained is merged into ``benchmarks/quality/results.json``,
+from which ``benchmarks/QUALITY.md`` (the section between the quality markers only; other
+sections of that file are left alone) and ``benchmarks/quality/score_vs_params.png`` are
+built.
+
+Instruction-tuning rows also get a "before" run: the same recipe with ``max_steps = 1``,
+whose single optimizer step has learning rate 0 (the first step of the warm-up), so the
+LoRA B matrices stay exactly zero and the model is the base model (4-bit for QLoRA) — its
+held-out loss and its 20 generations are measured by the same code as after training.
+
+The data are read in place from ../shared/data (relative to the repository: the recipes
+name ``../../../shared/data/...`` relative to their own folder). A missing data folder
+stops the run before anything loads, naming the folder and what it should hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+RESULTS = HERE / "results.json"
+QUALITY_MD = REPO / "benchmarks" / "QUALITY.md"
+CHART = HERE / "score_vs_params.png"
+TEMPLATE = HERE / "QUALITY_template.md"  # the prose of the section; {{KEY}} lines are filled in
+RUNS = Path("runs/quality")  # relative to the repository root (the runner's cwd)
+BEGIN, END = "<!-- quality:begin (written by benchmarks/quality/run_all.py) -->", "<!-- quality:end -->"
+
+# id → dataset, strategy label, budget text. The recipe is benchmarks/quality/<id>.toml.
+ROWS = {
+    "sst2_full": ("sst2", "full"),
+    "sst2_lora": ("sst2", "lora"),
+    "sst2_qlora": ("sst2", "qlora"),
+    "sst2_adapters_houlsby": ("sst2", "adapters (houlsby)"),
+    "sst2_adapters_pfeiffer": ("sst2", "adapters (pfeiffer)"),
+    "sst2_prompt_tuning": ("sst2", "prompt_tuning"),
+    "agnews_full": ("agnews", "full"),
+    "agnews_lora": ("agnews", "lora"),
+    "conll_full": ("conll", "full"),
+    "conll_lora": ("conll", "lora"),
+    "conll_adapters": ("conll", "adapters (houlsby)"),
+    "alpaca_lora": ("alpaca", "lora"),
+    "alpaca_qlora": ("alpaca", "qlora"),
+}
+DATASETS = {
+    "sst2": ("SST-2", "dev accuracy", "validation", "accuracy"),
+    "agnews": ("AG News", "test accuracy", "test", "accuracy"),
+    "conll": ("CoNLL-2003", "test entity F1", "test", "f1"),
+    "alpaca": ("Alpaca instruction tuning", "held-out perplexity", "validation", "perplexity"),
+}
+SMOKE = {  # tiny budgets that still go through every step (train, save, evaluate, report)
+    "classification": ["train.max_steps=3", "task.max_rows=300", "eval.strategy=no"],
+    "ner": ["train.max_steps=3", "task.max_sentences=200", "eval.strategy=no"],
+    "sft": ["train.max_steps=2", "task.max_rows=60", "task.num_sample_generations=2"],
+}
+BEFORE = ["train.max_steps=1"]  # lr of the only step is 0 (warm-up): the untrained adapter
+
+
+# -- data ----------------------------------------------------------------------------------
+def data_paths(recipe: Path) -> list[Path]:
+    task = tomllib.loads(recipe.read_text())["task"]
+    paths = []
+    for key in ("train", "validation", "test"):
+        value = task.get(key)
+        value = value.get("path") if isinstance(value, dict) else value
+        if value:
+            paths.append((recipe.parent / value).resolve())
+    return paths
+
+
+def check_data(rows: list[str]) -> None:
+    missing = [p for row in rows for p in data_paths(HERE / f"{row}.toml") if not p.exists()]
+    if not missing:
+        return
+    folders = sorted({str(p.parent) for p in missing})
+    shared = (HERE / "../../../shared/data").resolve()
+    print(f"error: the benchmark data are missing: {', '.join(str(p) for p in missing)}", file=sys.stderr)
+    if not shared.is_dir():
+        print(f"  the shared data folder {shared} does not exist; it sits beside the repository "
+              "(../shared/data) and holds sst2/, ag_news/, conll2003/, alpaca/ — see its SOURCES.md", file=sys.stderr)
+    else:
+        print(f"  missing in: {', '.join(folders)} (see {shared / 'SOURCES.md'})", file=sys.stderr)
+    sys.exit(2)
+
+
+# -- running -------------------------------------------------------------------------------
+def petune_command(recipe: Path, overrides: list[str]) -> list[str]:
+    cmd = [str(REPO / ".venv/bin/petune"), "run", str(recipe.relative_to(REPO)), "--overwrite"]
+    for o in overrides:
+        cmd += ["--set", o]
+    return cmd
+
+
+def run_one(row: str, overrides: list[str], out_dir: Path, log: Path) -> dict:
+    recipe = HERE / f"{row}.toml"
+    cmd = petune_command(recipe, [*overrides, f"output.dir={out_dir}"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{datetime.now():%H:%M:%S}] {row}: {shlex.join(cmd[1:])}  (log {log})", flush=True)
+    start = time.time()
+    with open(log, "w") as handle:
+        proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.time() - start
+    code = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
+    print(f"    exit {code}, wall {wall / 60:.1f} min, cpu {cpu / 60:.1f} min", flush=True)
+    return {"exit": code, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "command": shlex.join(
+        ["petune", *cmd[1:3], *[x for o in overrides for x in ("--set", o)]]), "log": str(log)}
+
+
+def collect(run_dir: Path) -> dict:
+    """What a finished run folder says about itself."""
+    run_dir = REPO / run_dir
+    out: dict = {"run_dir": str(run_dir.relative_to(REPO))}
+    manifest = _read(run_dir / "manifest.json") or {}
+    out.update({k: manifest.get(k) for k in ("status", "trainable_parameters", "total_parameters", "device",
+                                             "started", "ended", "git_commit", "error")})
+    out["metrics"] = _read(run_dir / "metrics.json") or {}
+    history = _read(run_dir / "log_history.json") or []
+    summary = next((h for h in reversed(history) if "train_runtime" in h), {})
+    out["train_runtime_s"] = summary.get("train_runtime")
+    out["steps"] = summary.get("step")
+    out["epochs"] = summary.get("epoch")
+    out["train_loss"] = summary.get("train_loss")
+    out["eval_curve"] = [{k: h[k] for k in h if k in ("step", "eval_accuracy", "eval_f1", "eval_loss")}
+                         for h in history if any(k.startswith("eval_") for k in h)]
+    recipe = _read_toml(run_dir / "recipe.toml")
+    if recipe:
+        out["recipe"] = {"strategy": recipe.get("strategy"), "train": {k: recipe["train"].get(k) for k in (
+            "epochs", "max_steps", "batch_size", "grad_accum", "learning_rate", "warmup_ratio", "lr_scheduler")},
+            "task": {k: v for k, v in recipe["task"].items() if k in ("max_rows", "max_sentences", "max_length")}}
+    ner = _read(run_dir / "reports" / "ner_report_test.json")
+    if ner:
+        out["per_type"] = ner.get("per_type")
+    samples = run_dir / "samples.jsonl"
+    if samples.exists():
+        out["samples"] = [json.loads(line) for line in samples.read_text().splitlines() if line.strip()]
+    return out
+
+
+def _read(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _read_toml(path: Path):
+    try:
+        return tomllib.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def load_results() -> dict:
+    return _read(RESULTS) or {}
+
+
+def save_results(results: dict) -> None:
+    tmp = RESULTS.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, RESULTS)
+
+
+# -- publishing ----------------------------------------------------------------------------
+def fmt_count(n) -> str:
+    if not n:
+        return "—"
+    for unit, size in (("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}" if n < 10 * size else f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def fmt_minutes(seconds) -> str:
+    return "—" if seconds is None else f"{seconds / 60:.1f} min"
+
+
+def score_of(entry: dict, dataset: str):
+    _, _, split, key = DATASETS[dataset]
+    return (entry.get("metrics") or {}).get(split, {}).get(key)
+
+
+def budget_text(entry: dict, dataset: str) -> str:
+    train = (entry.get("recipe") or {}).get("train", {})
+    bs = train.get("batch_size", 0) * train.get("grad_accum", 1)
+    steps = entry.get("steps")
+    seen = f"{steps} steps × {bs} = {steps * bs:,} examples" if steps else "?"
+    epochs = entry.get("epochs")
+    total = {"sst2": 67349, "agnews": 9501, "conll": 14041, "alpaca": 900}[dataset]
+    unit = "sentences" if dataset == "conll" else "examples"
+    if epochs is not None:
+        seen += f" ({epochs:.2f} epochs of {total:,} {unit})"
+    return seen
+
+
+def strategy_text(entry: dict) -> str:
+    s = dict((entry.get("recipe") or {}).get("strategy") or {})
+    name = s.pop("name", "?")
+    keys = {"lora": ("r", "alpha"), "qlora": ("r", "alpha", "quant_type"), "adapters": ("config", "reduction_factor"),
+            "prompt_tuning": ("num_virtual_tokens",), "full": ()}.get(name, ())
+    extra = ", ".join(f"{k}={s[k]}" for k in keys if k in s)
+    lr = ((entry.get("recipe") or {}).get("train") or {}).get("learning_rate")
+    return f"{extra + ', ' if extra else ''}lr {fmt_lr(lr)}" if lr else extra
+
+
+def fmt_lr(lr: float) -> str:
+    mantissa, exponent = f"{lr:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def device_text(entry: dict) -> str:
+    device = entry.get("device") or "?"
+    return f"{device}, shared, 1 thread" if device.startswith("cpu") else device
+
+
+def table(results: dict, dataset: str) -> list[str]:
+    metric = DATASETS[dataset][1]
+    lines = [(f"| strategy | {metric} | trainable params | training time (wall) | CPU time | budget | settings | device "
+             "| command |"), "|---|---:|---:|---:|---:|---|---|---|---|"]
+    for row, (ds, label) in ROWS.items():
+        if ds != dataset:
+            continue
+        entry = results.get(row)
+        command = f"`petune run benchmarks/quality/{row}.toml`"
+        if not entry or entry.get("status") != "completed":
+            state = "failed" if entry else "pending"
+            lines.append(f"| {label} | {state} | — | — | — | — | — | — | {command} |")
+            continue
+        score = score_of(entry, dataset)
+        shown = f"{score:.2f}" if dataset == "alpaca" else f"{100 * score:.2f}" if score is not None else "—"
+        lines.append(f"| {label} | **{shown}** | {fmt_count(entry.get('trainable_parameters'))} "
+                     f"({100 * entry['trainable_parameters'] / entry['total_parameters']:.2f}%) | "
+                     f"{fmt_minutes(entry.get('train_runtime_s'))} | {fmt_minutes(entry.get('cpu_s'))} | "
+                     f"{budget_text(entry, dataset)} | {strategy_text(entry)} | {device_text(entry)} | {command} |")
+    return lines
+
+
+def ner_types(results: dict) -> list[str]:
+    rows = [r for r, (ds, _) in ROWS.items() if ds == "conll" and (results.get(r) or {}).get("per_type")]
+    if not rows:
+        return []
+    kinds = sorted(results[rows[0]]["per_type"])
+    lines = ["| strategy | " + " | ".join(f"{k} F1" for k in kinds) + " | micro P | micro R | micro F1 |",
+             "|---|" + "---:|" * (len(kinds) + 3)]
+    for r in rows:
+        e = results[r]
+        t = e["metrics"]["test"]
+        lines.append(f"| {ROWS[r][1]} | " + " | ".join(f"{100 * e['per_type'][k]['f1']:.2f}" for k in kinds)
+                     + f" | {100 * t['precision']:.2f} | {100 * t['recall']:.2f} | {100 * t['f1']:.2f} |")
+    support = results[rows[0]]["per_type"]
+    lines.append("")
+    lines.append("Test entities per type: " + ", ".join(f"{k} {support[k]['support']}" for k in kinds) + ".")
+    return lines
+
+
+def sft_table(results: dict) -> list[str]:
+    lines = [("| strategy | held-out loss before → after | perplexity before → after | trainable params | "
+              "training time (wall) | CPU time (after run) | budget | settings | device | command |"),
+             "|---|---:|---:|---:|---:|---:|---|---|---|---|"]
+    for row, (ds, label) in ROWS.items():
+        if ds != "alpaca":
+            continue
+        after, before = results.get(row), results.get(row + "_before")
+        command = f"`petune run benchmarks/quality/{row}.toml`"
+        if not after or after.get("status") != "completed":
+            lines.append(f"| {label} | {'failed' if after else 'pending'} | | | | | | | | {command} |")
+            continue
+        a = after["metrics"]["validation"]
+        b = (before or {}).get("metrics", {}).get("validation", {})
+        lb = f"{b['loss']:.3f}" if b else "?"
+        pb = f"{b['perplexity']:.1f}" if b else "?"
+        lines.append(f"| {label} | {lb} → **{a['loss']:.3f}** | {pb} → **{a['perplexity']:.1f}** | "
+                     f"{fmt_count(after.get('trainable_parameters'))} "
+                     f"({100 * after['trainable_parameters'] / after['total_parameters']:.2f}%) | "
+                     f"{fmt_minutes(after.get('train_runtime_s'))} | {fmt_minutes(after.get('cpu_s'))} | "
+                     f"{budget_text(after, 'alpaca')} | {strategy_text(after)} | {device_text(after)} | {command} |")
+    return lines
+
+
+def _cell(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    if len(text) > limit:
+        text = text[:limit].rstrip() + " …"
+    return text.replace("|", "\\|")
+
+
+def sft_samples(results: dict, row: str) -> list[str]:
+    after, before = results.get(row) or {}, results.get(row + "_before") or {}
+    a, b = after.get("samples") or [], before.get("samples") or []
+    if not a:
+        return []
+    lines = [f"| # | instruction (+ input) | before training (base model) | after {ROWS[row][1]} SFT | reference answer |",
+             "|---:|---|---|---|---|"]
+    by_where = {s["where"]: s for s in b}
+    for i, s in enumerate(a, 1):
+        prompt = "\n".join(m["content"] for m in s["messages"] if m["role"] == "user")
+        old = by_where.get(s["where"], {}).get("generated", "?")
+        lines.append(f"| {i} | {_cell(prompt, 300)} | {_cell(old) or '*(empty)*'} | {_cell(s['generated']) or '*(empty)*'} "
+                     f"| {_cell(s.get('expected', ''), 250)} |")
+    return lines
+
+
+def chart(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [d for d in DATASETS if any(ROWS[r][0] == d and (results.get(r) or {}).get("status") == "completed"
+                                         for r in ROWS)]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    colors = {"full": "tab:red", "lora": "tab:blue", "qlora": "tab:cyan", "adapters (houlsby)": "tab:green",
+              "adapters (pfeiffer)": "tab:olive", "prompt_tuning": "tab:purple"}
+    for ax, dataset in zip(axes[0], panels):
+        name, metric, _, _ = DATASETS[dataset]
+        for row, (ds, label) in ROWS.items():
+            entry = results.get(row) or {}
+            if ds != dataset or entry.get("status") != "completed":
+                continue
+            score = score_of(entry, dataset)
+            y = score if dataset == "alpaca" else 100 * score
+            ax.scatter(entry["trainable_parameters"], y, s=60, color=colors.get(label, "gray"), label=label, zorder=3)
+            ax.annotate(label, (entry["trainable_parameters"], y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            before = results.get(row + "_before")
+            if dataset == "alpaca" and before and before.get("metrics"):
+                yb = before["metrics"]["validation"]["perplexity"]
+                ax.annotate("", xy=(entry["trainable_parameters"], y), xytext=(entry["trainable_parameters"], yb),
+                            arrowprops={"arrowstyle": "->", "color": colors.get(label, "gray"), "alpha": 0.6})
+                ax.scatter(entry["trainable_parameters"], yb, s=30, marker="x", color="gray", zorder=3)
+        full = results.get(f"{dataset}_full") or {}
+        if dataset != "alpaca" and full.get("status") == "completed":
+            ref = 100 * score_of(full, dataset)
+            ax.axhline(ref, color="tab:red", lw=0.8, ls="--", alpha=0.6)
+            ax.axhline(0.98 * ref, color="gray", lw=0.8, ls=":", alpha=0.8)
+            ax.text(ax.get_xlim()[0], 0.98 * ref, " 98% of full", fontsize=7, color="gray", va="bottom")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log scale)")
+        ax.set_ylabel(metric + (" (lower is better; x = before)" if dataset == "alpaca" else " (%)"))
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("score vs trainable parameters" if len(panels) < 3 else
+                 "petune: score vs trainable parameters (MiniLM-L6; Gemma 3 270M for Alpaca; CPU budgets)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(CHART, dpi=110)
+    plt.close(fig)
+
+
+def publish(results: dict) -> None:
+    """Rewrite the quality section of QUALITY.md (between the markers) and the chart."""
+    chart(results)
+    body = [BEGIN, ""]
+    body += TEMPLATE.read_text().rstrip().split("\n")
+    generated = {
+        "{{SST2}}": table(results, "sst2"), "{{AGNEWS}}": table(results, "agnews"),
+        "{{CONLL}}": table(results, "conll"), "{{CONLL_TYPES}}": ner_types(results),
+        "{{ALPACA}}": sft_table(results), "{{SAMPLES_LORA}}": sft_samples(results, "alpaca_lora"),
+        "{{SAMPLES_QLORA}}": sft_samples(results, "alpaca_qlora"),
+        "{{CPU_TOTAL}}": [f"{sum((e or {}).get('cpu_s') or 0 for e in results.values()) / 3600:.1f} CPU-hours"],
+    }
+    out = []
+    for line in body:
+        key = line.strip()
+        if key in generated:
+            out += generated[key] or ["*(pending)*"]
+        elif "{{CPU_TOTAL}}" in line:
+            out.append(line.replace("{{CPU_TOTAL}}", generated["{{CPU_TOTAL}}"][0]))
+        else:
+            out.append(line)
+    out += ["", END]
+    section = "\n".join(out)
+    text = QUALITY_MD.read_text() if QUALITY_MD.exists() else "# Quality on real data\n\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        text = head + section + tail
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    QUALITY_MD.write_text(text)
+    print(f"wrote {QUALITY_MD.relative_to(REPO)} and {CHART.relative_to(REPO)}")
+
+
+# -- main ----------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated row ids (default: all): " + ", ".join(ROWS))
+    parser.add_argument("--smoke", action="store_true", help="tiny budgets into runs/quality/smoke/ (results not kept)")
+    parser.add_argument("--report", action="store_true", help="only rebuild QUALITY.md and the chart")
+    parser.add_argument("--collect", action="store_true", help="re-read finished run folders into results.json")
+    parser.add_argument("--no-before", action="store_true", help="skip the before-training runs of SFT rows")
+    args = parser.parse_args(argv)
+    rows = list(ROWS) if not args.only else [r.strip() for r in args.only.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"unknown row(s): {', '.join(unknown)}; rows: {', '.join(ROWS)}")
+    if args.report:
+        publish(load_results())
+        return 0
+    check_data(rows)
+    results = load_results()
+    failed = []
+    for row in rows:
+        dataset = ROWS[row][0]
+        task = tomllib.loads((HERE / f"{row}.toml").read_text())["task"]["name"]
+        jobs = []
+        if dataset == "alpaca" and not args.no_before:
+            jobs.append((row + "_before", BEFORE))
+        jobs.append((row, []))
+        for key, overrides in jobs:
+            if args.smoke:
+                overrides = [*overrides, *SMOKE[task]]
+                if key.endswith("_before"):
+                    overrides = [o for o in overrides if not o.startswith("train.max_steps")] + ["train.max_steps=1"]
+            out_dir = RUNS / ("smoke" if args.smoke else "") / key
+            log = RUNS / "logs" / (("smoke_" if args.smoke else "") + key + ".log")
+            if args.collect:
+                info = {}
+            else:
+                info = run_one(row, overrides, out_dir, REPO / log)
+            entry = {**info, **collect(out_dir), "row": row, "dataset": dataset}
+            if info and info["exit"] != 0:
+                failed.append(key)
+                entry["status"] = "failed"
+            if args.smoke:
+                m = entry.get("metrics")
+                print(f"    smoke {key}: status {entry.get('status')}, metrics {json.dumps(m)[:300]}")
+            else:
+                if args.collect and (results.get(key) or {}).get("cpu_s"):
+                    entry = {**results[key], **{k: v for k, v in entry.items() if v is not None}}
+                results[key] = entry
+                save_results(results)
+        if not args.smoke:
+            publish(results)
+    if failed:
+        print(f"failed: {', '.join(failed)} (see runs/quality/logs/)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
