@@ -208,10 +208,10 @@ def budget_text(entry: dict, dataset: str) -> str:
     train = (entry.get("recipe") or {}).get("train", {})
     bs = train.get("batch_size", 0) * train.get("grad_accum", 1)
     steps = entry.get("steps")
-    seen = f"{steps} steps × {bs} = {steps * bs:,} examples" if steps else "?"
+    unit = "sentences" if dataset == "conll" else "examples"
+    seen = f"{steps} steps × {bs} = {steps * bs:,} {unit}" if steps else "?"
     epochs = entry.get("epochs")
     total = {"sst2": 67349, "agnews": 9501, "conll": 14041, "alpaca": 900}[dataset]
-    unit = "sentences" if dataset == "conll" else "examples"
     if epochs is not None:
         seen += f" ({epochs:.2f} epochs of {total:,} {unit})"
     return seen
@@ -301,6 +301,18 @@ def sft_table(results: dict) -> list[str]:
     return lines
 
 
+def agnews_variants() -> list[str]:
+    data = _read(HERE / "agnews_variants.json") or {}
+    rows = [r for r in ROWS if ROWS[r][0] == "agnews" and r in data]
+    if not rows:
+        return []
+    names = list(data[rows[0]])
+    lines = ["| strategy | " + " | ".join(f"test text = {n}" for n in names) + " |", "|---|" + "---:|" * len(names)]
+    for r in rows:
+        lines.append(f"| {ROWS[r][1]} | " + " | ".join(f"{100 * data[r][n]:.2f}" for n in names) + " |")
+    return lines
+
+
 def _cell(text: str, limit: int = 400) -> str:
     text = " ".join(str(text).split())
     if len(text) > limit:
@@ -378,7 +390,7 @@ def publish(results: dict) -> None:
     body += TEMPLATE.read_text().rstrip().split("\n")
     generated = {
         "{{SST2}}": table(results, "sst2"), "{{AGNEWS}}": table(results, "agnews"),
-        "{{CONLL}}": table(results, "conll"), "{{CONLL_TYPES}}": ner_types(results),
+        "{{CONLL}}": table(results, "conll"), "{{AGNEWS_VARIANTS}}": agnews_variants(), "{{CONLL_TYPES}}": ner_types(results),
         "{{ALPACA}}": sft_table(results), "{{SAMPLES_LORA}}": sft_samples(results, "alpaca_lora"),
         "{{SAMPLES_QLORA}}": sft_samples(results, "alpaca_qlora"),
         "{{CPU_TOTAL}}": [f"{sum((e or {}).get('cpu_s') or 0 for e in results.values()) / 3600:.1f} CPU-hours"],
@@ -450,6 +462,7 @@ def main(argv=None) -> int:
                 m = entry.get("metrics")
                 print(f"    smoke {key}: status {entry.get('status')}, metrics {json.dumps(m)[:300]}")
             else:
+                results = load_results()  # re-read: another tool may have written it meanwhile
                 if args.collect and (results.get(key) or {}).get("cpu_s"):
                     entry = {**results[key], **{k: v for k, v in entry.items() if v is not None}}
                 results[key] = entry
