@@ -91,13 +91,7 @@ class QloraStrategy(Strategy):
             if any(getattr(p, "quant_state", None) is not None for p in model.get_submodule(name).parameters()):
                 raise Refusal(f"the task head {name!r} was loaded in 4-bit and cannot train",
                               hint="report this model to petune: its head name is not in the skip list")
-        model = apply_lora(model, task, options)
-        # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for faster inference the
-        # first time a layer runs in eval mode and never unpacks them for training: an evaluation
-        # mid-training would break the next step. Training keeps the trainable layout.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        model = _keep_trainable_layout(apply_lora(model, task, options))
         model.train()
         return model
 
@@ -105,10 +99,22 @@ class QloraStrategy(Strategy):
         model.save_pretrained(path)
 
     def restore(self, base, path, task, options):
-        return restore_peft(base, path)
+        # the same kernels as in training, so a reloaded adapter scores what the run reported
+        return _keep_trainable_layout(restore_peft(base, path))
 
     def merge(self, model):
         return merge_lora(model)
+
+
+def _keep_trainable_layout(model):
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for faster inference the
+    first time a layer runs in eval mode, then computes in bf16 whatever compute_dtype says,
+    and never unpacks them for training: an evaluation mid-training would break the next
+    step, and a reloaded model would give other numbers than the trained one."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
 
 
 @hookimpl
