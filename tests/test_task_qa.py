@@ -14,8 +14,8 @@ from petune.errors import DataError, Refusal
 
 torch = pytest.importorskip("torch")
 
-from petune_plugins.tasks import text_metrics  # noqa: E402
-from petune_plugins.tasks.qa import (  # noqa: E402
+from petune_plugins.tasks import text_metrics
+from petune_plugins.tasks.qa import (
     QaExample,
     QaOptions,
     QaTask,
@@ -116,7 +116,7 @@ def test_records_layouts_and_bad_answers(tmp_path):
 
 # -- windows ----------------------------------------------------------------------------------
 def long_context(answer_at_word: int, words: int = 60) -> tuple[str, str]:
-    filler = "the quick brown fox jumps over the lazy dog".split()
+    filler = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog"]
     tokens = [filler[i % len(filler)] for i in range(words)]
     tokens[answer_at_word:answer_at_word + 3] = ["new", "york", "corporation"]
     return " ".join(tokens[:words]), "new york corporation"
@@ -305,7 +305,7 @@ def test_real_squad_rows_map_every_answer(shared_data, relative, bert_tokenizer,
     path = shared_data / relative
     if not path.exists():
         pytest.skip(f"{relative} not in shared data")
-    examples, stats = read_examples(path, max_rows=300)
+    examples, _ = read_examples(path, max_rows=300)
     assert len(examples) == 300 and all(e.answers for e in examples)
     assert all(e.context[s:s + len(t)] == t for e in examples for t, s in e.answers)
     windows = make_windows(bert_tokenizer, examples, max_length=128, doc_stride=32, max_question_length=32)

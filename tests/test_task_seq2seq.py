@@ -15,9 +15,9 @@ from petune.errors import DataError, Refusal, UserError
 
 torch = pytest.importorskip("torch")
 
-from helpers import petune  # noqa: E402
-from petune_plugins.tasks import text_metrics  # noqa: E402
-from petune_plugins.tasks.seq2seq import (  # noqa: E402
+from helpers import petune
+from petune_plugins.tasks import text_metrics
+from petune_plugins.tasks.seq2seq import (
     DataFile,
     Seq2SeqOptions,
     Seq2SeqTask,

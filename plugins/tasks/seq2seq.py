@@ -530,8 +530,10 @@ class Seq2SeqTask(Task):
         state = {"model_kind": kind, "prompt": template, "source_lang": options.source_lang,
                  "target_lang": options.target_lang, "max_source_length": options.max_source_length,
                  "max_target_length": options.max_target_length}
-        if kind == DECODER_ONLY:
-            state.update(self._prepare_chat_tokenizer(options, tokenizer, notes))
+        if kind == DECODER_ONLY:  # the sft task's chat template, stop and pad tokens
+            chat = sft.prepare_chat_tokenizer(tokenizer, options.chat_template)
+            notes["chat_template"] = chat.note
+            state.update(chat.state, end_of_turn=chat.end_of_turn)
         elif tokenizer.pad_token is None:
             raise Refusal("the tokenizer has no pad token", hint="use a model whose tokenizer defines one")
 
@@ -548,24 +550,6 @@ class Seq2SeqTask(Task):
             datasets[split] = Dataset.from_dict(columns)
         return TaskData(train=datasets["train"], validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
-
-    def _prepare_chat_tokenizer(self, options: Seq2SeqOptions, tokenizer, notes: dict) -> dict:
-        """The sft task's preparation: chat template (set on the tokenizer the run saves), its
-        end-of-turn token, a pad token distinct from the stop tokens."""
-        name, template = sft.choose_template(options.chat_template, tokenizer)
-        if name != "model":
-            tokenizer.chat_template = template
-        end_of_turn = sft.end_of_turn_token(tokenizer, template, name)
-        stop_tokens = list(dict.fromkeys(t for t in (end_of_turn, tokenizer.eos_token) if t))
-        added = sft.ensure_pad_token(tokenizer, stop_tokens)
-        notes["chat_template"] = "the model's own" if name == "model" else f"{name} (built-in)"
-        vocab = tokenizer.get_vocab()
-        state = {"chat_template": name, "end_of_turn": end_of_turn, "stop_tokens": stop_tokens,
-                 "stop_token_ids": [vocab[t] for t in stop_tokens if t in vocab],
-                 "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id}
-        if added:
-            state.update(added_tokens=added, vocab_size=len(tokenizer))
-        return state
 
     def encode(self, pairs: list[Pair], options: Seq2SeqOptions, tokenizer, state: dict, *, train: bool) -> tuple[dict, dict]:
         """Columns (input_ids, attention_mask, labels, source, references, where) and counts."""

@@ -472,6 +472,36 @@ def ensure_pad_token(tokenizer, stop_tokens: list[str]) -> list[str]:
     return ["<pad>"]
 
 
+class ChatSetup(NamedTuple):
+    name: str  # a built-in's name, or "model"
+    template: str
+    end_of_turn: str  # the token an answer ends with: trained, and generation stops on it
+    state: dict  # what a run saves to generate later: template name, stop tokens, pad token (and added tokens)
+
+    @property
+    def note(self) -> str:
+        return "the model's own" if self.name == "model" else f"{self.name} (built-in)"
+
+
+def prepare_chat_tokenizer(tokenizer, chat_template: str) -> ChatSetup:
+    """Choose the chat template (set on the tokenizer, which the runner saves with the run),
+    find its end-of-turn token and give the tokenizer a pad token apart from the stop tokens.
+    Shared with the seq2seq task's decoder-only models."""
+    name, template = choose_template(chat_template, tokenizer)
+    if name != "model":
+        tokenizer.chat_template = template  # saved with the run's tokenizer
+    end_of_turn = end_of_turn_token(tokenizer, template, name)
+    stop_tokens = list(dict.fromkeys(t for t in (end_of_turn, tokenizer.eos_token) if t))
+    added = ensure_pad_token(tokenizer, stop_tokens)
+    vocab = tokenizer.get_vocab()
+    state = {"chat_template": name, "stop_tokens": stop_tokens,
+             "stop_token_ids": [vocab[t] for t in stop_tokens if t in vocab],
+             "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id}
+    if added:
+        state.update(added_tokens=added, vocab_size=len(tokenizer))
+    return ChatSetup(name, template, end_of_turn, state)
+
+
 # -- tokenization and the loss mask ---------------------------------------------------------
 class TemplateMismatch(UserError):
     """The chat template does not let the answers be located in its output."""
@@ -648,18 +678,14 @@ class SftTask(Task):
             examples["train"], examples["validation"] = split_off(examples["train"], options.validation_split,
                                                                   options.split_seed, where=str(options.train))
 
-        template_name, template = choose_template(options.chat_template, tokenizer)
-        if template_name != "model":
-            tokenizer.chat_template = template  # saved with the run's tokenizer
-        end_of_turn = end_of_turn_token(tokenizer, template, template_name)
-        stop_tokens = list(dict.fromkeys(t for t in (end_of_turn, tokenizer.eos_token) if t))
-        added = ensure_pad_token(tokenizer, stop_tokens)
+        chat = prepare_chat_tokenizer(tokenizer, options.chat_template)
 
         from datasets import Dataset
 
-        encoder = Encoder(tokenizer, template, end_of_turn, loss_on=options.loss_on, max_length=options.max_length)
+        encoder = Encoder(tokenizer, chat.template, chat.end_of_turn, loss_on=options.loss_on,
+                          max_length=options.max_length)
         datasets, notes = {}, {}
-        notes["chat_template"] = ("the model's own" if template_name == "model" else f"{template_name} (built-in)")
+        notes["chat_template"] = chat.note
         for split, split_examples in examples.items():
             columns, counts = encoder.encode(split_examples)
             if counts["examples"] == 0:
@@ -673,19 +699,7 @@ class SftTask(Task):
             notes[f"{split}_truncated"] = counts["truncated"]
             notes[f"{split}_dropped"] = counts["dropped"]
 
-        vocab = tokenizer.get_vocab()
-        state = {
-            "format": fmt,
-            "chat_template": template_name,
-            "stop_tokens": stop_tokens,
-            "stop_token_ids": [vocab[t] for t in stop_tokens if t in vocab],
-            "pad_token": tokenizer.pad_token,
-            "pad_token_id": tokenizer.pad_token_id,
-            "loss_on": options.loss_on,
-            "max_length": options.max_length,
-        }
-        if added:
-            state.update(added_tokens=added, vocab_size=len(tokenizer))
+        state = {"format": fmt, **chat.state, "loss_on": options.loss_on, "max_length": options.max_length}
         return TaskData(train=datasets["train"], validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
 
