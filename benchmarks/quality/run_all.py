@@ -112,22 +112,35 @@ def petune_command(recipe: Path, overrides: list[str]) -> list[str]:
     return cmd
 
 
-def run_one(row: str, overrides: list[str], out_dir: Path, log: Path) -> dict:
+def run_one(row: str, overrides: list[str], out_dir: Path, log: Path, retries: int = 2) -> dict:
+    """Run one row; a run stopped by a signal (it checkpoints first: status "interrupted")
+    is continued with --resume, up to ``retries`` times. Wall and CPU time add up."""
     recipe = HERE / f"{row}.toml"
-    cmd = petune_command(recipe, [*overrides, f"output.dir={out_dir}"])
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[{datetime.now():%H:%M:%S}] {row}: {shlex.join(cmd[1:])}  (log {log})", flush=True)
-    start = time.time()
-    with open(log, "w") as handle:
-        proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.time() - start
-    code = os.waitstatus_to_exitcode(status)
-    cpu = usage.ru_utime + usage.ru_stime
-    print(f"    exit {code}, wall {wall / 60:.1f} min, cpu {cpu / 60:.1f} min", flush=True)
-    return {"exit": code, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "command": shlex.join(
+    wall = cpu = 0.0
+    resumed = 0
+    while True:
+        cmd = petune_command(recipe, [*overrides, f"output.dir={out_dir}"])
+        if resumed:
+            cmd[cmd.index("--overwrite")] = "--resume"
+        print(f"[{datetime.now():%H:%M:%S}] {row}: {shlex.join(cmd[1:])}  (log {log})", flush=True)
+        start = time.time()
+        with open(log, "a" if resumed else "w") as handle:
+            proc = subprocess.Popen(["nice", "-n", "10", *cmd], cwd=REPO, env=env, stdout=handle,
+                                    stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)
+        wall += time.time() - start
+        cpu += usage.ru_utime + usage.ru_stime
+        code = os.waitstatus_to_exitcode(status)
+        print(f"    exit {code}, wall {wall / 60:.1f} min, cpu {cpu / 60:.1f} min", flush=True)
+        state = (_read(REPO / out_dir / "manifest.json") or {}).get("status")
+        if code == 0 or state != "interrupted" or resumed >= retries:
+            break
+        resumed += 1
+        print("    stopped by a signal: resuming from its checkpoint", flush=True)
+    return {"exit": code, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "resumed": resumed, "command": shlex.join(
         ["petune", *cmd[1:3], *[x for o in overrides for x in ("--set", o)]]), "log": str(log)}
 
 
@@ -195,6 +208,14 @@ def fmt_count(n) -> str:
     return str(n)
 
 
+def train_time(entry: dict) -> str:
+    """The Trainer's training time; for a run that was stopped by a signal and resumed,
+    the whole command's wall time (its training time covers the last part only)."""
+    if entry.get("resumed"):
+        return f"{fmt_minutes(entry.get('wall_s'))} (whole run; stopped by a signal and resumed ×{entry['resumed']})"
+    return fmt_minutes(entry.get("train_runtime_s"))
+
+
 def fmt_minutes(seconds) -> str:
     return "—" if seconds is None else f"{seconds / 60:.1f} min"
 
@@ -254,7 +275,7 @@ def table(results: dict, dataset: str) -> list[str]:
         shown = f"{score:.2f}" if dataset == "alpaca" else f"{100 * score:.2f}" if score is not None else "—"
         lines.append(f"| {label} | **{shown}** | {fmt_count(entry.get('trainable_parameters'))} "
                      f"({100 * entry['trainable_parameters'] / entry['total_parameters']:.2f}%) | "
-                     f"{fmt_minutes(entry.get('train_runtime_s'))} | {fmt_minutes(entry.get('cpu_s'))} | "
+                     f"{train_time(entry)} | {fmt_minutes(entry.get('cpu_s'))} | "
                      f"{budget_text(entry, dataset)} | {strategy_text(entry)} | {device_text(entry)} | {command} |")
     return lines
 
@@ -296,7 +317,7 @@ def sft_table(results: dict) -> list[str]:
         lines.append(f"| {label} | {lb} → **{a['loss']:.3f}** | {pb} → **{a['perplexity']:.1f}** | "
                      f"{fmt_count(after.get('trainable_parameters'))} "
                      f"({100 * after['trainable_parameters'] / after['total_parameters']:.2f}%) | "
-                     f"{fmt_minutes(after.get('train_runtime_s'))} | {fmt_minutes(after.get('cpu_s'))} | "
+                     f"{train_time(after)} | {fmt_minutes(after.get('cpu_s'))} | "
                      f"{budget_text(after, 'alpaca')} | {strategy_text(after)} | {device_text(after)} | {command} |")
     return lines
 
