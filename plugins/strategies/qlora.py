@@ -99,8 +99,9 @@ class QloraStrategy(Strategy):
         model.save_pretrained(path)
 
     def restore(self, base, path, task, options):
-        # the same kernels as in training, so a reloaded adapter scores what the run reported
-        return _keep_trainable_layout(restore_peft(base, path))
+        # bitsandbytes' own inference kernels, as plain peft gets them: a reloaded adapter
+        # gives the same outputs here and in any other tool (see _keep_trainable_layout)
+        return restore_peft(base, path)
 
     def merge(self, model):
         return merge_lora(model)
@@ -110,7 +111,8 @@ def _keep_trainable_layout(model):
     """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for faster inference the
     first time a layer runs in eval mode, then computes in bf16 whatever compute_dtype says,
     and never unpacks them for training: an evaluation mid-training would break the next
-    step, and a reloaded model would give other numbers than the trained one."""
+    step. Reloaded models keep bitsandbytes' default: the repacked kernels compute in bf16,
+    so their outputs differ from the training-time ones by bf16 rounding."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
