@@ -551,3 +551,23 @@ def test_prompt_tuning_refusals(tiny_llama_path, tiny_bert_path, build):
     model, task, _ = build("llama-lm")
     with pytest.raises(Refusal, match="cannot be merged"):
         s.merge(s.apply(model, task, opts))
+
+
+def test_prompt_tuning_inputs_must_fit_the_position_table(build, tiny_bert_path, tiny_llama_path):
+    """tiny-bert has 128 learned positions: the virtual tokens take some of them."""
+    s, opts = strategy("prompt_tuning", num_virtual_tokens=20, init="random")
+    bert = ModelInfo.from_path("tiny-bert", tiny_bert_path)
+    with pytest.raises(Refusal, match="128 learned positions") as err:
+        s.check(KINDS["bert-seq"][2], bert, strategy("prompt_tuning", num_virtual_tokens=128)[1])
+    assert err.value.where == "strategy.num_virtual_tokens"
+    model, task, _ = build("bert-seq")
+    peft_model = s.apply(model, task, opts)
+    ids = torch.randint(5, 300, (2, 108))
+    peft_model(input_ids=ids, attention_mask=torch.ones_like(ids))  # 108 + 20 = 128 fits
+    ids = torch.randint(5, 300, (2, 109))
+    with pytest.raises(UserError, match="109 tokens plus 20 virtual tokens") as err:
+        peft_model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    assert err.value.where == "task.max_length" and "≤ 108" in err.value.hint
+    # rotary positions have no table to overflow
+    s.check(KINDS["llama-lm"][2], ModelInfo.from_path("tiny-llama", tiny_llama_path),
+            strategy("prompt_tuning", num_virtual_tokens=4096)[1])

@@ -16,6 +16,9 @@ Refused mixes (see ``check``):
 * prompt × sequence classification on a decoder: the classifier reads the last non-pad
   token, which it finds from input_ids; prompt tuning passes embeddings instead, so with
   right padding it would read a pad position. Prefix tuning keeps input_ids.
+* prompt × a model with learned absolute positions (BERT) whose position table cannot hold
+  num_virtual_tokens + the longest input: refused in ``check`` when the virtual tokens alone
+  do not fit, else stopped with a clear error on the first batch that does not fit.
 * prefix × gradient checkpointing: transformers drops ``past_key_values`` — the prefix — in
   checkpointed layers: ``check_recipe`` refuses the mix before anything loads, and a guard on
   the first training forward pass catches checkpointing switched on some other way.
@@ -65,6 +68,11 @@ class PromptTuningStrategy(Strategy):
     def check(self, task, model_info, options):
         if options.method != "prompt":
             return
+        limit = _absolute_position_limit(model_info.config) if model_info is not None else None
+        if limit is not None and options.num_virtual_tokens >= limit:
+            raise Refusal(f"{model_info.name} has {limit} learned positions; {options.num_virtual_tokens} virtual "
+                          "tokens leave no room for the input", where="strategy.num_virtual_tokens",
+                          hint=f"use fewer virtual tokens (e.g. 20) and task.max_length ≤ {limit} − num_virtual_tokens")
         if task.peft_task_type == "TOKEN_CLS":
             raise Refusal("prompt tuning prepends virtual tokens, which shifts token logits away from the "
                           "per-token labels of token classification",
@@ -103,7 +111,10 @@ class PromptTuningStrategy(Strategy):
         else:
             config = PromptTuningConfig(task_type=task.peft_task_type, num_virtual_tokens=options.num_virtual_tokens,
                                         prompt_tuning_init="RANDOM", modules_to_save=heads)
-        return get_peft_model(model, config)
+        peft_model = get_peft_model(model, config)
+        if options.method == "prompt":
+            _guard_positions(peft_model, options.num_virtual_tokens)
+        return peft_model
 
     def save(self, model, path):
         model.save_pretrained(path)
@@ -114,6 +125,34 @@ class PromptTuningStrategy(Strategy):
     def merge(self, model):
         raise Refusal("virtual tokens are inputs, not weights: prompt/prefix tuning cannot be merged into the base",
                       hint="load the adapter with peft, or train with 'lora' to get a mergeable result")
+
+
+# model types whose positions are a learned table of max_position_embeddings rows
+_ABSOLUTE_POSITIONS = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "gpt2", "opt"}
+
+
+def _absolute_position_limit(config) -> int | None:
+    """Size of a learned absolute position table (BERT-style), or None (rotary, relative, T5)."""
+    if config.model_type not in _ABSOLUTE_POSITIONS:
+        return None
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
+def _guard_positions(model, num_virtual_tokens: int) -> None:
+    """Stop with a clear error (not an index error deep in the model) when an input plus
+    the virtual tokens is longer than the model's position table."""
+    limit = _absolute_position_limit(model.base_model.config)
+    if limit is None:
+        return
+
+    def guard(module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] + num_virtual_tokens > limit:
+            raise UserError(f"an input of {ids.shape[-1]} tokens plus {num_virtual_tokens} virtual tokens is longer "
+                            f"than the model's {limit} learned positions", where="task.max_length",
+                            hint=f"set task.max_length ≤ {limit - num_virtual_tokens}, or lower strategy.num_virtual_tokens")
+
+    model.register_forward_pre_hook(guard, with_kwargs=True)
 
 
 def _refuse_checkpointing(model) -> None:
