@@ -310,6 +310,27 @@ def quiet_trainer(trainer) -> None:
 
     for cls in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cls)
+    _count_parameters_once(trainer)
+
+
+def _count_parameters_once(trainer) -> None:
+    """The Trainer's FLOP counter (for ``total_flos``) walks every parameter on every step:
+    2.6 ms per step on a 20M-parameter model, measured in the CPU benchmark. The count does
+    not change while training, so take it once."""
+    model = trainer.model
+    name = getattr(model, "main_input_name", "input_ids")
+    if not hasattr(model, "num_parameters"):
+        return
+    count = []
+
+    def floating_point_ops(inputs) -> int:
+        if name not in inputs:
+            return 0
+        if not count:
+            count.append(model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[name].numel() * count[0]
+
+    trainer.floating_point_ops = floating_point_ops
 
 
 def early_stopping(recipe: Recipe) -> list:
