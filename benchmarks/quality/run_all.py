@@ -241,7 +241,7 @@ def budget_text(entry: dict, dataset: str) -> str:
     train = (entry.get("recipe") or {}).get("train", {})
     bs = train.get("batch_size", 0) * train.get("grad_accum", 1)
     steps = entry.get("steps")
-    unit = "sentences" if dataset == "conll" else "examples"
+    unit = {"conll": "sentences", "xquad": "question windows", "multi30k": "sentence pairs"}.get(dataset, "examples")
     seen = f"{steps} steps × {bs} = {steps * bs:,} {unit}" if steps else "?"
     epochs = entry.get("epochs")
     total = {"sst2": 67349, "agnews": 9501, "conll": 14041, "alpaca": 900, "multi30k": 29000, "scitldr": 1992,
