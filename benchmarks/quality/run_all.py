@@ -288,7 +288,10 @@ def table(results: dict, dataset: str) -> list[str]:
             continue
         score = score_of(entry, dataset)
         shown = "—" if score is None else f"{score:.2f}" if dataset in PERCENT_ALREADY else f"{100 * score:.2f}"
-        lines.append(f"| {label} | **{shown}** | {fmt_count(entry.get('trainable_parameters'))} "
+        full = results.get("squad_full" if dataset == "xquad" else f"{dataset}_full") or {}
+        reference = score_of(full, dataset) if full.get("status") == "completed" else None
+        share = f" ({100 * score / reference:.1f}% of full)" if score and reference and full is not entry else ""
+        lines.append(f"| {label} | **{shown}**{share} | {fmt_count(entry.get('trainable_parameters'))} "
                      f"({100 * entry['trainable_parameters'] / entry['total_parameters']:.2f}%) | "
                      f"{train_time(entry)} | {fmt_minutes(entry.get('cpu_s'))} | "
                      f"{budget_text(entry, dataset)} | {strategy_text(entry)} | {device_text(entry)} | {command} |")
