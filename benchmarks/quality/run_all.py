@@ -428,7 +428,12 @@ def chart(results: dict) -> None:
                                          for r in ROWS)]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    axes = [list(grid.flat)]
+    for ax in axes[0][len(panels):]:
+        ax.axis("off")
     colors = {"full": "tab:red", "lora": "tab:blue", "qlora": "tab:cyan", "adapters (houlsby)": "tab:green",
               "adapters (pfeiffer)": "tab:olive", "prompt_tuning": "tab:purple"}
     for ax, dataset in zip(axes[0], panels):
