@@ -270,7 +270,8 @@ def fmt_lr(lr: float) -> str:
 
 def device_text(entry: dict) -> str:
     device = entry.get("device") or "?"
-    return f"{device}, shared, 1 thread" if device.startswith("cpu") else device
+    threads = entry.get("threads", 1)  # run_all.py runs rows with one; a row run by hand may say otherwise
+    return f"{device}, shared, {threads} thread{'s' if threads > 1 else ''}" if device.startswith("cpu") else device
 
 
 def table(results: dict, dataset: str) -> list[str]:
