@@ -40,6 +40,16 @@ dir = "{out}"
 """
 
 
+# [strategy] options (beside the name) that keep each strategy small on the tiny models
+TINY_STRATEGY_OPTIONS = {
+    "full": "",
+    "lora": "r = 4\n",
+    "qlora": 'r = 4\ncompute_dtype = "float32"\n',
+    "adapters": 'config = "houlsby"\nreduction_factor = 4\n',
+    "prompt_tuning": 'num_virtual_tokens = 4\ninit = "random"\n',
+}
+
+
 def write_classification_data(folder: Path, n: int = 40) -> None:
     rows = "".join(f"a good movie number {i},pos\na bad film number {i},neg\n" for i in range(n // 2))
     (folder / "train.csv").write_text("text,label\n" + rows)

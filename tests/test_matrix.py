@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_STRATEGY_OPTIONS
 from petune.errors import Refusal
 from petune.recipe import load_recipe
 from petune.runner import run
@@ -20,13 +21,7 @@ TASKS = {
     "ner": ("random:tiny-bert", "data.conll", CONLL, ""),
     "sft": ("random:tiny-llama", "data.jsonl", SFT, "max_length = 64\nnum_sample_generations = 1\n"),
 }
-STRATEGIES = {
-    "full": "",
-    "lora": "r = 4\n",
-    "qlora": 'r = 4\ncompute_dtype = "float32"\n',
-    "adapters": 'config = "houlsby"\nreduction_factor = 4\n',
-    "prompt_tuning": 'num_virtual_tokens = 4\ninit = "random"\n',
-}
+STRATEGIES = TINY_STRATEGY_OPTIONS
 # Mixes a strategy refuses, with words its reason must contain.
 REFUSED = {("prompt_tuning", "ner"): "token classification"}
 EXPECTED_METRICS = {"classification": {"accuracy", "macro_f1"}, "ner": {"f1", "precision", "recall", "token_accuracy"},

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import TINY_STRATEGY_OPTIONS
 from petune.errors import DataError, Refusal
 
 torch = pytest.importorskip("torch")
@@ -200,14 +201,7 @@ def profile_rows(count: int) -> list[dict]:
     return rows
 
 
-STRATEGIES = {
-    "full": "",
-    "lora": "r = 4\n",
-    "qlora": 'r = 4\ncompute_dtype = "float32"\n',
-    "adapters": 'config = "houlsby"\nreduction_factor = 4\n',
-    "prompt_tuning": 'num_virtual_tokens = 4\ninit = "random"\n',
-    "prefix_tuning": 'method = "prefix"\nnum_virtual_tokens = 4\n',
-}
+STRATEGIES = {**TINY_STRATEGY_OPTIONS, "prefix_tuning": 'method = "prefix"\nnum_virtual_tokens = 4\n'}
 REFUSED = {"prompt_tuning": "start/end logits"}
 
 

@@ -15,7 +15,7 @@ from petune.errors import DataError, Refusal, UserError
 
 torch = pytest.importorskip("torch")
 
-from helpers import petune
+from helpers import TINY_STRATEGY_OPTIONS, petune
 from petune_plugins.tasks import text_metrics
 from petune_plugins.tasks.seq2seq import (
     DataFile,
@@ -259,13 +259,7 @@ def test_lengths_are_cut_and_counted(tiny_t5_path, tmp_path):
 
 
 # -- training, evaluation, generation through the runner --------------------------------------
-STRATEGIES = {
-    "full": "",
-    "lora": "r = 4\n",
-    "qlora": 'r = 4\ncompute_dtype = "float32"\n',
-    "adapters": 'config = "houlsby"\nreduction_factor = 4\n',
-    "prompt_tuning": 'num_virtual_tokens = 4\ninit = "random"\n',
-}
+STRATEGIES = TINY_STRATEGY_OPTIONS
 MODELS = {"t5": "random:tiny-t5", "llama": "random:tiny-llama"}
 REFUSED = {("adapters", "t5"): "encoder-decoder"}
 METRICS = {"loss", "perplexity", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "gen_words"}
