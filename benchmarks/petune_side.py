@@ -118,7 +118,7 @@ def run(case: Case) -> dict:
     callbacks.append(trainer_clock_callback(case, clock, meter, memory))
     trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task, args=args,
                                 callbacks=callbacks)
-    runner.quiet_trainer(trainer)
+    runner.prepare_trainer(trainer)
     if case.variant == "plain-loss":
         _plain_loss(trainer)
     elif case.variant:

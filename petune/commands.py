@@ -30,7 +30,7 @@ def _needs(run, method: str, what: str):
 
 def cmd_eval(args) -> int:
     from petune import artifacts
-    from petune.runner import quiet_trainer, training_arguments
+    from petune.runner import prepare_trainer, training_arguments
 
     run = _load(args.run_dir)
     options = run.recipe.task
@@ -44,7 +44,7 @@ def cmd_eval(args) -> int:
     args_dict.update(eval_strategy="no", load_best_model_at_end=False, report_to="none")
     trainer = run.task.make_trainer(model=run.model, tokenizer=run.tokenizer, data=data, options=options,
                                     args=args_dict, callbacks=[])
-    quiet_trainer(trainer)
+    prepare_trainer(trainer)
     metrics = run.task.evaluate(trainer, data, options, out_dir)
     artifacts.write_json(out_dir / "metrics.json", metrics)
     out.print(metrics_table(f"Evaluation — {run.dir}", metrics))

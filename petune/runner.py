@@ -92,7 +92,7 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
         with host.blame("task", task.name, "make_trainer"):
             trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,
                                         args=args, callbacks=callbacks)
-        quiet_trainer(trainer)
+        prepare_trainer(trainer)
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if checkpoints.stop_requested(callbacks):
             result.status, result.error = "interrupted", "stopped by a signal after writing a checkpoint"
@@ -304,16 +304,21 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def quiet_trainer(trainer) -> None:
+def prepare_trainer(trainer) -> None:
+    """What petune changes on every Trainer it drives (runs, eval, benchmarks)."""
+    remove_trainer_printing(trainer)
+    count_parameters_once(trainer)
+
+
+def remove_trainer_printing(trainer) -> None:
     """Our rich progress bar replaces the trainer's own printing of raw log dicts."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for cls in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cls)
-    _count_parameters_once(trainer)
 
 
-def _count_parameters_once(trainer) -> None:
+def count_parameters_once(trainer) -> None:
     """The Trainer's FLOP counter (for ``total_flos``) walks every parameter on every step:
     2.6 ms per step on a 20M-parameter model, measured in the CPU benchmark. The count does
     not change while training, so take it once."""

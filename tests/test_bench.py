@@ -115,11 +115,11 @@ def test_max_context_search_starts_from_the_estimate_and_bisects(monkeypatch):
 
 
 def test_trainer_counts_parameters_once_for_its_flop_counter(tiny_bert_path, tmp_path):
-    """quiet_trainer replaces the Trainer's per-step parameter walk with one count: same number."""
+    """count_parameters_once replaces the Trainer's per-step parameter walk with one count: same number."""
     import torch
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-    from petune.runner import quiet_trainer
+    from petune.runner import count_parameters_once
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_path, num_labels=2)
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
@@ -128,7 +128,7 @@ def test_trainer_counts_parameters_once_for_its_flop_counter(tiny_bert_path, tmp
     calls = []
     original = model.num_parameters
     model.num_parameters = lambda **kw: calls.append(kw) or original(**kw)
-    quiet_trainer(trainer)
+    count_parameters_once(trainer)
     assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [expected] * 3 and expected > 0
     assert len(calls) == 1
     assert trainer.floating_point_ops({"labels": torch.ones(4)}) == 0
