@@ -547,7 +547,12 @@ def _dtypes(recipe, device: str):
 
 
 def recipe_seq_len(recipe) -> int:
-    return int(getattr(recipe.task, "max_length", None) or 128)
+    task = recipe.task
+    if getattr(task, "max_length", None):
+        return int(task.max_length)
+    if getattr(task, "max_source_length", None):  # seq2seq: source and target (one sequence on a causal LM)
+        return int(task.max_source_length) + int(getattr(task, "max_target_length", None) or 0)
+    return 128
 
 
 def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None, batch: int | None = None,
@@ -558,6 +563,7 @@ def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None,
     device = device or default_device()
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     info = model_info or resolve_model(recipe.model.name, host.model_sources())
+    task.check(info, recipe.task)  # tasks settle per-model choices there (seq2seq: the peft task type)
     dtype, autocast = _dtypes(recipe, device)
     load_kwargs = strategy.load_kwargs(recipe.strategy)
     quant = load_kwargs.get("quantization_config")

@@ -212,3 +212,36 @@ def test_petune_estimate_cli(tmp_path):
                           check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "peak" in done.stdout and "weights" in done.stdout
+
+
+@pytest.mark.parametrize("model, task_type", [("random:tiny-llama", "CAUSAL_LM"), ("random:tiny-t5", "SEQ_2_SEQ_LM")])
+def test_estimate_follows_the_seq2seq_model_kind(host, tmp_path, monkeypatch, model, task_type):
+    """seq2seq picks its model class by the model's kind: the plan's estimate must build that class,
+    not an encoder-decoder for a causal LM (it printed 'no estimate (ValueError ...)')."""
+    from petune.recipe import load_recipe
+
+    (tmp_path / "train.jsonl").write_text('{"source": "a b", "target": "c d"}\n' * 4)
+    recipe_path = tmp_path / "r.toml"
+    recipe_path.write_text(textwrap.dedent(f"""
+        [model]
+        name = "{model}"
+        [task]
+        name = "seq2seq"
+        train = "train.jsonl"
+        max_source_length = 48
+        max_target_length = 16
+        [strategy]
+        name = "lora"
+        [train]
+        batch_size = 2
+        [output]
+        dir = "{tmp_path / 'run'}"
+    """))
+    recipe = load_recipe(recipe_path, host)
+    built = []
+    skeleton_of = memory.build_skeleton
+    monkeypatch.setattr(memory, "build_skeleton", lambda config, kind, *a, **kw: built.append(kind) or skeleton_of(config, kind, *a, **kw))
+    est = memory.estimate_recipe(recipe, host, device="cpu")
+    assert built == [task_type]
+    assert est.seq == 64 and est.peak > est.parts["weights"] > 0
+    assert memory.plan_row(recipe, host)[1].startswith("≈")
