@@ -152,6 +152,12 @@ class Task(_Plugin):
         the runner saves the tokenizer after this call."""
         raise NotImplementedError
 
+    def load_eval_data(self, options: Options, tokenizer: "PreTrainedTokenizerBase", state: dict) -> TaskData:
+        """Read and tokenize only the held-out files (``validation`` where it is a file, and
+        ``test``) for ``petune eval``, with the finished run's ``state``: a trained run must stay
+        scorable after its training file moves. This default re-reads everything."""
+        return self.load_data(options, tokenizer)
+
     def build_model(self, model_info: ModelInfo, options: Options, state: dict, **load_kwargs) -> "PreTrainedModel":
         """Load the base model with this task's head (``load_kwargs`` come from the strategy)."""
         raise NotImplementedError

@@ -5,6 +5,7 @@ Each needs only the run folder and the input given; the task plugin does the wor
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def cmd_eval(args) -> int:
             raise UserError(f"task {run.task.name!r} has no 'test' data option to replace", where="--data")
         options = options.model_copy(update={"test": args.data.resolve()})
     out_dir = Path(args.out) if args.out else run.dir / "eval"
-    data = run.task.load_data(options, run.tokenizer)
+    data = _eval_data(run, options)
+    if data.train is None:  # some trainers (TRL's) insist on a training set; eval never trains on it
+        data = dataclasses.replace(data, train=data.test if data.test is not None else data.validation)
     args_dict = training_arguments(run.recipe, out_dir, run.task, data)
     args_dict.update(eval_strategy="no", load_best_model_at_end=False, report_to="none")
     trainer = run.task.make_trainer(model=run.model, tokenizer=run.tokenizer, data=data, options=options,
@@ -49,6 +52,23 @@ def cmd_eval(args) -> int:
     artifacts.write_json(out_dir / "metrics.json", metrics)
     out.print(metrics_table(f"Evaluation — {run.dir}", metrics))
     return 0
+
+
+def _eval_data(run, options):
+    """The held-out splits to score. Validation rows split off the training file need that
+    file; where it cannot be read any more, the test file alone is scored."""
+    if getattr(options, "validation", None) is not None:
+        return run.task.load_eval_data(options, run.tokenizer, run.state)
+    try:
+        return run.task.load_data(options, run.tokenizer)
+    except UserError as exc:
+        data = run.task.load_eval_data(options, run.tokenizer, run.state)
+        if data.test is None:
+            raise
+        why = f"{exc.where}: {exc.message}" if exc.where else exc.message
+        err.print(f"[yellow]note:[/] the validation rows were split off the training data, which cannot be read "
+                  f"now ({escape(why)}); scoring the test data only")
+        return data
 
 
 def cmd_predict(args) -> int:

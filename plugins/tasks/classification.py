@@ -523,42 +523,52 @@ class ClassificationTask(Task):
         train = read_examples(train_settings, max_rows=options.max_rows)
         labels = sort_labels(e.label for e in train)
         _check_label_column(train, labels, train_settings)
-
-        validation: list[Example] = []
-        if options.validation is not None:
-            validation = read_examples(FileSettings.of(options, options.validation), max_rows=options.max_rows,
-                                       known_labels=labels)
-            check_known_labels(validation, labels, str(getattr(options.validation, "path", options.validation)))
-        else:
+        held_out = self._read_held_out(options, labels)
+        if "validation" not in held_out:
             ratio = DEFAULT_VALIDATION_SPLIT if options.validation_split is None else options.validation_split
-            train, validation = seeded_split(train, ratio, options.split_seed, str(train_settings.path))
-        test: list[Example] = []
-        if options.test is not None:
-            test = read_examples(FileSettings.of(options, options.test), max_rows=options.max_rows,
-                                 known_labels=labels)
-            check_known_labels(test, labels, str(getattr(options.test, "path", options.test)))
+            train, held_out["validation"] = seeded_split(train, ratio, options.split_seed, str(train_settings.path))
 
         padded = ensure_pad_token(tokenizer)
         requested = options.max_length or DEFAULT_MAX_LENGTH
         limit = model_limit(tokenizer, self._positions)
         max_length = min(requested, limit) if limit else requested
-        label_ids = {label: i for i, label in enumerate(labels)}
-        notes: dict = {"labels": len(labels)}
-        splits = {}
-        truncated = 0
-        for split, examples in (("train", train), ("validation", validation), ("test", test)):
-            if examples:
-                splits[split], cut = encode(tokenizer, examples, max_length, label_ids)
-                truncated += cut
-                notes[f"{split}_rows"] = len(examples)
-        notes["truncated"] = truncated
-        if max_length < requested:
-            notes["max_length_lowered_to"] = max_length
-        if padded:
-            notes["pad_token_set_to"] = tokenizer.pad_token
         state = {"labels": labels, "max_length": max_length, "pad_token_id": tokenizer.pad_token_id,
                  "text_pair": any(e.pair is not None for e in train)}
-        return TaskData(train=splits["train"], validation=splits.get("validation"), test=splits.get("test"),
+        data = self._encode({"train": train, **held_out}, tokenizer, state)
+        if max_length < requested:
+            data.notes["max_length_lowered_to"] = max_length
+        if padded:
+            data.notes["pad_token_set_to"] = tokenizer.pad_token
+        return data
+
+    def load_eval_data(self, options: ClassificationOptions, tokenizer, state: dict) -> TaskData:
+        return self._encode(self._read_held_out(options, state["labels"]), tokenizer, state)
+
+    @staticmethod
+    def _read_held_out(options: ClassificationOptions, labels: list[str]) -> dict[str, list[Example]]:
+        """The validation and test files (where given); every label must be a training label."""
+        held_out = {}
+        for split in ("validation", "test"):
+            value = getattr(options, split)
+            if value is not None:
+                held_out[split] = read_examples(FileSettings.of(options, value), max_rows=options.max_rows,
+                                                known_labels=labels)
+                check_known_labels(held_out[split], labels, str(getattr(value, "path", value)))
+        return held_out
+
+    @staticmethod
+    def _encode(splits: dict[str, list[Example]], tokenizer, state: dict) -> TaskData:
+        label_ids = {label: i for i, label in enumerate(state["labels"])}
+        notes: dict = {"labels": len(label_ids)}
+        datasets = {}
+        truncated = 0
+        for split in ("train", "validation", "test"):
+            if splits.get(split):
+                datasets[split], cut = encode(tokenizer, splits[split], state["max_length"], label_ids)
+                truncated += cut
+                notes[f"{split}_rows"] = len(splits[split])
+        notes["truncated"] = truncated
+        return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
 
     # -- model ------------------------------------------------------------------------------

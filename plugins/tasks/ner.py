@@ -562,47 +562,63 @@ class NerTask(Task):
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: NerOptions, tokenizer) -> TaskData:
-        schemes = {}
         train = read_sentences(options.train, options)
-        schemes["train"] = normalise(train, options.scheme)
+        schemes = {"train": normalise(train, options.scheme)}
         labels = labels_of(train, str(options.train))
-
-        if options.validation is not None:
-            validation = read_sentences(options.validation, options)
-            schemes["validation"] = normalise(validation, options.scheme)
-            check_known_types(validation, labels, str(options.validation))
-        else:
+        held_out = self._read_held_out(options, labels, schemes)
+        if "validation" not in held_out:
             ratio = DEFAULT_VALIDATION_SPLIT if options.validation_split is None else options.validation_split
-            train, validation = seeded_split(train, ratio, options.split_seed, str(options.train))
-        test = []
-        if options.test is not None:
-            test = read_sentences(options.test, options)
-            schemes["test"] = normalise(test, options.scheme)
-            check_known_types(test, labels, str(options.test))
+            train, held_out["validation"] = seeded_split(train, ratio, options.split_seed, str(options.train))
 
         padded = ensure_pad_token(tokenizer)
-        max_length = self.max_length(options, tokenizer)
+        state = {"labels": labels, "max_length": self.max_length(options, tokenizer), "stride": options.stride,
+                 "schemes": schemes}
+        data = self._encode({"train": train, **held_out}, options, tokenizer, state)
+        if padded:
+            data.notes["pad_token_set_to"] = tokenizer.pad_token
+        return data
+
+    def load_eval_data(self, options: NerOptions, tokenizer, state: dict) -> TaskData:
+        schemes: dict[str, str] = {}
+        held_out = self._read_held_out(options, state["labels"], schemes)
+        return self._encode(held_out, options, tokenizer, {**state, "schemes": {**state.get("schemes", {}), **schemes}})
+
+    @staticmethod
+    def _read_held_out(options: NerOptions, labels: list[str], schemes: dict[str, str]) -> dict[str, list]:
+        """The validation and test files (where given), in IOB2; every entity type must be a training one.
+        Records each file's tag scheme in ``schemes``."""
+        held_out = {}
+        for split in ("validation", "test"):
+            path = getattr(options, split)
+            if path is not None:
+                held_out[split] = read_sentences(path, options)
+                schemes[split] = normalise(held_out[split], options.scheme)
+                check_known_types(held_out[split], labels, str(path))
+        return held_out
+
+    @staticmethod
+    def _encode(splits: dict[str, list], options: NerOptions, tokenizer, state: dict) -> TaskData:
+        labels = state["labels"]
         label_ids = {label: i for i, label in enumerate(labels)}
         continue_id = {label_ids[x]: label_ids["I-" + x[2:] if x.startswith("B-") else x] for x in labels}
-        splits, notes = {}, {}
-        for split, sentences in (("train", train), ("validation", validation), ("test", test)):
+        datasets, notes = {}, {}
+        for split in ("train", "validation", "test"):
+            sentences = splits.get(split)
             if not sentences:
                 continue
-            encoded = encode_sentences(tokenizer, [s.tokens for s in sentences], max_length, options.stride,
+            encoded = encode_sentences(tokenizer, [s.tokens for s in sentences], state["max_length"], state.get("stride", options.stride),
                                        tag_ids=[[label_ids[t] for t in s.tags] for s in sentences],
                                        continue_id=continue_id, label_all_subtokens=options.label_all_subtokens)
-            splits[split] = encoded.dataset()
+            datasets[split] = encoded.dataset()
             notes[f"{split}_sentences"] = len(sentences)
             for key in ("split_sentences", "unknown_words", "long_words_cut", "words_lost"):
                 if encoded.stats[key]:
                     notes[f"{split}_{key}"] = encoded.stats[key]
+        schemes = {split: scheme for split, scheme in state["schemes"].items() if split in splits}
         distinct = set(schemes.values())
         notes["tag_scheme"] = distinct.pop() if len(distinct) == 1 else ", ".join(f"{k} {v}" for k, v in schemes.items())
         notes["entity_types"] = len(labels) // 2
-        if padded:
-            notes["pad_token_set_to"] = tokenizer.pad_token
-        state = {"labels": labels, "max_length": max_length, "stride": options.stride, "schemes": schemes}
-        return TaskData(train=splits["train"], validation=splits.get("validation"), test=splits.get("test"),
+        return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
 
     # -- model ------------------------------------------------------------------------------

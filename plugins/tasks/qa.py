@@ -405,6 +405,12 @@ class QaCollator:
         return batch
 
 
+def _need_fast(tokenizer) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise Refusal("the qa task needs a fast tokenizer (character offsets of every token)",
+                      hint="use a model with a tokenizer.json")
+
+
 # -- the task ---------------------------------------------------------------------------------
 class QaTask(Task):
     name = "qa"
@@ -442,42 +448,56 @@ class QaTask(Task):
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: QaOptions, tokenizer) -> TaskData:
-        if not getattr(tokenizer, "is_fast", False):
-            raise Refusal("the qa task needs a fast tokenizer (character offsets of every token)",
-                          hint="use a model with a tokenizer.json")
-        splits, notes = {}, {}
-        splits["train"], stats = read_examples(options.train, options.max_rows)
-        repaired = stats.repaired
-        if options.validation is not None:
-            splits["validation"], stats = read_examples(options.validation, options.max_rows)
-            repaired += stats.repaired
-        elif options.validation_split:
-            splits["train"], splits["validation"] = split_by_context(splits["train"], options.validation_split,
-                                                                     options.split_seed, str(options.train))
-        if options.test is not None:
-            splits["test"], stats = read_examples(options.test, options.max_rows)
-            repaired += stats.repaired
-        if repaired:
-            notes["answer_starts_repaired"] = repaired
+        _need_fast(tokenizer)
+        train, stats = read_examples(options.train, options.max_rows)
+        held_out, repaired = self._read_held_out(options)
+        repaired += stats.repaired
+        if "validation" not in held_out and options.validation_split:
+            train, held_out["validation"] = split_by_context(train, options.validation_split, options.split_seed,
+                                                             str(options.train))
         padded = ensure_pad_token(tokenizer)
         settings = self.settings(options, tokenizer)
-        no_answer = options.no_answer if options.no_answer != "auto" else any(not e.answers for e in splits["train"])
+        no_answer = options.no_answer if options.no_answer != "auto" else any(not e.answers for e in train)
+        state = {**settings, "max_answer_length": options.max_answer_length, "n_best": options.n_best,
+                 "no_answer": no_answer, "null_score_diff_threshold": options.null_score_diff_threshold,
+                 "pad_token_id": tokenizer.pad_token_id}
+        data = self._encode({"train": train, **held_out}, tokenizer, state, repaired)
+        if padded:
+            data.notes["pad_token_set_to"] = tokenizer.pad_token
+        return data
 
+    def load_eval_data(self, options: QaOptions, tokenizer, state: dict) -> TaskData:
+        _need_fast(tokenizer)
+        held_out, repaired = self._read_held_out(options)
+        return self._encode(held_out, tokenizer, state, repaired)
+
+    @staticmethod
+    def _read_held_out(options: QaOptions) -> tuple[dict[str, list], int]:
+        """The validation and test files (where given), and how many answer starts were repaired."""
+        held_out, repaired = {}, 0
+        for split in ("validation", "test"):
+            path = getattr(options, split)
+            if path is not None:
+                held_out[split], stats = read_examples(path, options.max_rows)
+                repaired += stats.repaired
+        return held_out, repaired
+
+    @staticmethod
+    def _encode(splits: dict[str, list], tokenizer, state: dict, repaired: int) -> TaskData:
         from datasets import Dataset
 
+        notes = {"answer_starts_repaired": repaired} if repaired else {}
+        settings = {key: state[key] for key in ("max_length", "doc_stride", "max_question_length")}
         datasets = {}
-        for split, examples in splits.items():
-            windows = make_windows(tokenizer, examples, max_answer_length=options.max_answer_length, **settings)
+        for split in ("train", "validation", "test"):
+            if split not in splits:
+                continue
+            windows = make_windows(tokenizer, splits[split], max_answer_length=state["max_answer_length"], **settings)
             datasets[split] = Dataset.from_dict(windows.columns)
             for key, value in windows.stats.items():
                 if value or key in ("questions", "windows"):
                     notes[f"{split}_{key}"] = value
-        if padded:
-            notes["pad_token_set_to"] = tokenizer.pad_token
-        state = {**settings, "max_answer_length": options.max_answer_length, "n_best": options.n_best,
-                 "no_answer": no_answer, "null_score_diff_threshold": options.null_score_diff_threshold,
-                 "pad_token_id": tokenizer.pad_token_id}
-        return TaskData(train=datasets["train"], validation=datasets.get("validation"), test=datasets.get("test"),
+        return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
 
     # -- model ------------------------------------------------------------------------------

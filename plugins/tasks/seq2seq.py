@@ -512,20 +512,16 @@ class Seq2SeqTask(Task):
         kind = self.kind  # learnt from the model's config in check() / build_model(), which run first
         if kind is None:
             raise UserError("the seq2seq task must check the model before loading data (call check() first)")
+        train_file = as_data_file(options.train, options, "train")
+        train, blank = read_pairs(train_file, options)
         notes: dict = {"model_kind": kind}
-        splits: dict[str, list[Pair]] = {}
-        for split in ("train", "validation", "test"):
-            value = getattr(options, split)
-            if value is None:
-                continue
-            splits[split], blank = read_pairs(as_data_file(value, options, split), options)
-            if blank:
-                notes[f"{split}_blank_lines_skipped"] = blank
+        if blank:
+            notes["train_blank_lines_skipped"] = blank
+        held_out, held_out_notes = self._read_held_out(options)
+        notes.update(held_out_notes)
         if options.validation_split is not None:
-            train_file = as_data_file(options.train, options, "train")
-            splits["train"], splits["validation"] = seeded_split(splits["train"], options.validation_split,
-                                                                 options.split_seed,
-                                                                 str(train_file.path or train_file.source))
+            train, held_out["validation"] = seeded_split(train, options.validation_split, options.split_seed,
+                                                         str(train_file.path or train_file.source))
         template = prompt_template(options, kind)
         state = {"model_kind": kind, "prompt": template, "source_lang": options.source_lang,
                  "target_lang": options.target_lang, "max_source_length": options.max_source_length,
@@ -536,19 +532,38 @@ class Seq2SeqTask(Task):
             state.update(chat.state, end_of_turn=chat.end_of_turn)
         elif tokenizer.pad_token is None:
             raise Refusal("the tokenizer has no pad token", hint="use a model whose tokenizer defines one")
+        return self._encode({"train": train, **held_out}, options, tokenizer, state, notes)
 
+    def load_eval_data(self, options: Seq2SeqOptions, tokenizer, state: dict) -> TaskData:
+        held_out, notes = self._read_held_out(options)
+        return self._encode(held_out, options, tokenizer, state, {"model_kind": state["model_kind"], **notes})
+
+    @staticmethod
+    def _read_held_out(options: Seq2SeqOptions) -> tuple[dict[str, list[Pair]], dict]:
+        """The validation and test files (where given), and notes on blank lines skipped."""
+        held_out, notes = {}, {}
+        for split in ("validation", "test"):
+            value = getattr(options, split)
+            if value is not None:
+                held_out[split], blank = read_pairs(as_data_file(value, options, split), options)
+                if blank:
+                    notes[f"{split}_blank_lines_skipped"] = blank
+        return held_out, notes
+
+    def _encode(self, splits: dict[str, list[Pair]], options: Seq2SeqOptions, tokenizer, state: dict,
+                notes: dict) -> TaskData:
         from datasets import Dataset
 
         datasets = {}
-        for split, pairs in splits.items():
-            if not pairs:
+        for split in ("train", "validation", "test"):
+            if not splits.get(split):
                 continue
-            columns, counts = self.encode(pairs, options, tokenizer, state, train=split == "train")
+            columns, counts = self.encode(splits[split], options, tokenizer, state, train=split == "train")
             for key, value in counts.items():
                 if value:
                     notes[f"{split}_{key}"] = value
             datasets[split] = Dataset.from_dict(columns)
-        return TaskData(train=datasets["train"], validation=datasets.get("validation"), test=datasets.get("test"),
+        return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
 
     def encode(self, pairs: list[Pair], options: Seq2SeqOptions, tokenizer, state: dict, *, train: bool) -> tuple[dict, dict]:

@@ -670,15 +670,29 @@ class SftTask(Task):
     def load_data(self, options: SftOptions, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         examples: dict[str, list[Example]] = {}
         examples["train"], fmt = read_examples(options.train, options.format, options.max_rows)
-        for split in ("validation", "test"):
-            path = getattr(options, split)
-            if path is not None:
-                examples[split], _ = read_examples(path, options.format, options.max_rows)
+        examples.update(self._read_held_out(options))
         if options.validation_split is not None:
             examples["train"], examples["validation"] = split_off(examples["train"], options.validation_split,
                                                                   options.split_seed, where=str(options.train))
+        return self._encode(examples, options, tokenizer, fmt)
 
-        chat = prepare_chat_tokenizer(tokenizer, options.chat_template)
+    def load_eval_data(self, options: SftOptions, tokenizer: PreTrainedTokenizerBase, state: dict) -> TaskData:
+        data = self._encode(self._read_held_out(options), options, tokenizer, state.get("format"))
+        data.state = state  # the run's own: its tokenizer was set up (pad token added ...) when it trained
+        return data
+
+    @staticmethod
+    def _read_held_out(options: SftOptions) -> dict[str, list[Example]]:
+        held_out = {}
+        for split in ("validation", "test"):
+            path = getattr(options, split)
+            if path is not None:
+                held_out[split], _ = read_examples(path, options.format, options.max_rows)
+        return held_out
+
+    @staticmethod
+    def _encode(examples: dict[str, list[Example]], options: SftOptions, tokenizer, fmt) -> TaskData:
+        chat = prepare_chat_tokenizer(tokenizer, options.chat_template)  # a saved run's tokenizer keeps its own
 
         from datasets import Dataset
 
@@ -700,7 +714,7 @@ class SftTask(Task):
             notes[f"{split}_dropped"] = counts["dropped"]
 
         state = {"format": fmt, **chat.state, "loss_on": options.loss_on, "max_length": options.max_length}
-        return TaskData(train=datasets["train"], validation=datasets.get("validation"), test=datasets.get("test"),
+        return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
 
     # -- model ------------------------------------------------------------------------------
