@@ -66,7 +66,7 @@ ROWS = {
     "scitldr_lora": ("scitldr", "lora"),
     "squad_full": ("xquad", "full"),
     "squad_lora": ("xquad", "lora"),
-    "squad_adapters": ("xquad", "adapters (pfeiffer)"),
+    "squad_adapters": ("xquad", "adapters (houlsby)"),
 }
 DATASETS = {
     "sst2": ("SST-2", "dev accuracy", "validation", "accuracy"),
@@ -419,6 +419,30 @@ def sft_samples(results: dict, row: str) -> list[str]:
     return lines
 
 
+GENERATION_PANEL = [("multi30k", [("bleu", "BLEU"), ("chrf", "chrF")]),
+                    ("scitldr", [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L")])]
+
+
+def generation_panel(ax, results: dict, bars: list[tuple[str, str, str]]) -> None:
+    """Seq2seq rows have one strategy each: their panel shows before → after per metric."""
+    import numpy as np
+
+    x = np.arange(len(bars))
+    after = [results[f"{d}_lora"]["metrics"]["test"][key] for _, key, d in bars]
+    before = [((results.get(f"{d}_lora_before") or {}).get("metrics") or {}).get("test", {}).get(key, np.nan)
+              for _, key, d in bars]
+    ax.bar(x - 0.2, before, 0.4, color="lightgray", label="before (untuned, prompted)")
+    ax.bar(x + 0.2, after, 0.4, color="tab:blue", label="after LoRA")
+    for i, value in enumerate(after):
+        ax.text(x[i] + 0.2, value, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [label for label, _, _ in bars], fontsize=7)
+    ax.set_ylabel("score (test set)")
+    ax.set_title("Gemma 3 270M seq2seq: before → after LoRA")
+    ax.set_ylim(0, 1.3 * max(after))  # room for the legend above the bars
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
 def chart(results: dict) -> None:
     import matplotlib
 
@@ -427,14 +451,19 @@ def chart(results: dict) -> None:
 
     panels = [d for d in DATASETS if d not in ("multi30k", "scitldr") and any(ROWS[r][0] == d and (results.get(r) or {}).get("status") == "completed"
                                          for r in ROWS)]
-    if not panels:
+    generation = [(f"{DATASETS[d][0]}\n{label}", key, d) for d, metrics in GENERATION_PANEL for key, label in metrics
+                  if (results.get(f"{d}_lora") or {}).get("status") == "completed"]
+    if not panels and not generation:
         return
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
+    count = len(panels) + bool(generation)
+    cols = min(3, count)
+    rows = -(-count // cols)
     fig, grid = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
     axes = [list(grid.flat)]
-    for ax in axes[0][len(panels):]:
+    for ax in axes[0][count:]:
         ax.axis("off")
+    if generation:
+        generation_panel(axes[0][len(panels)], results, generation)
     colors = {"full": "tab:red", "lora": "tab:blue", "qlora": "tab:cyan", "adapters (houlsby)": "tab:green",
               "adapters (pfeiffer)": "tab:olive", "prompt_tuning": "tab:purple"}
     for ax, dataset in zip(axes[0], panels):
@@ -466,7 +495,7 @@ def chart(results: dict) -> None:
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
     fig.suptitle("score vs trainable parameters" if len(panels) < 3 else
-                 "petune: score vs trainable parameters (MiniLM-L6; Gemma 3 270M for Alpaca; CPU budgets)", fontsize=11)
+                 "petune: score vs trainable parameters (MiniLM-L6; Gemma 3 270M for Alpaca and seq2seq; CPU budgets)", fontsize=11)
     fig.tight_layout()
     fig.savefig(CHART, dpi=110)
     plt.close(fig)
@@ -482,9 +511,11 @@ def publish(results: dict) -> None:
         "{{CONLL}}": table(results, "conll"), "{{AGNEWS_VARIANTS}}": agnews_variants(), "{{CONLL_TYPES}}": ner_types(results),
         "{{ALPACA}}": sft_table(results), "{{SAMPLES_LORA}}": sft_samples(results, "alpaca_lora"),
         "{{SAMPLES_QLORA}}": sft_samples(results, "alpaca_qlora"),
-        "{{MULTI30K}}": before_after_table(results, "multi30k", [("bleu", "BLEU"), ("chrf", "chrF")]),
+        "{{MULTI30K}}": before_after_table(results, "multi30k", [("bleu", "BLEU"), ("chrf", "chrF"),
+                                                                 ("gen_words", "mean output (words)")]),
         "{{SCITLDR}}": before_after_table(results, "scitldr", [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
-                                                               ("rougeL", "ROUGE-L")]),
+                                                               ("rougeL", "ROUGE-L"),
+                                                               ("gen_words", "mean output (words)")]),
         "{{XQUAD}}": qa_table(results),
         "{{READING}}": (HERE / "reading.md").read_text().rstrip().split("\n") if (HERE / "reading.md").exists() else [],
         "{{CPU_TOTAL}}": [f"{sum((e or {}).get('cpu_s') or 0 for e in results.values()) / 3600:.1f} CPU-hours"],
