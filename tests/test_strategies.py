@@ -459,6 +459,30 @@ def test_adapter_save_restore_exact(build, tmp_path, kind):
     assert torch.equal(logits(restored, batch), expected)
 
 
+@pytest.mark.parametrize("kind, norms", [
+    # BERT: two LayerNorms (weight + bias) per layer and the embeddings' one
+    ("bert-seq", (2 * LAYERS + 1) * 2 * HIDDEN),
+    # Llama: two RMSNorms (weight only) per layer and the final one
+    ("llama-lm", (2 * LAYERS + 1) * HIDDEN),
+])
+def test_adapter_train_layer_norms(build, tmp_path, kind, norms):
+    model, task, batch = build(kind)
+    s, opts = strategy("adapters", config="houlsby")
+    plain = n_trainable(s.apply(build(kind)[0], task, opts))
+    s, opts = strategy("adapters", config="houlsby", train_layer_norms=True)
+    model = s.apply(model, task, opts)
+    assert n_trainable(model) == plain + norms
+    assert {n for n in trainable_names(model) if ".petune_adapter." not in n and not is_head(n, task)} == {
+        n for n, _ in model.named_parameters() if "norm" in n.lower()}
+    check_training(model, batch)
+    expected = logits(model, batch)
+    s.save(model, tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert sum(t.numel() for k, t in saved.items() if "norm" in k.lower()) == norms
+    restored = s.restore(build(kind, seed=1)[0], tmp_path / "adapter", task, strategy("adapters")[1])
+    assert torch.equal(logits(restored, batch), expected)  # the trained norms came back, not the base's
+
+
 def test_adapter_refusals(build, tmp_path, tiny_bert_path):
     s, opts = strategy("adapters")
     gpt2 = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, architectures=["GPT2LMHeadModel"])

@@ -13,8 +13,11 @@ the layer stack (see ``find_layers``) is either BERT-style (``attention.output.d
 the module it follows as a child named ``petune_adapter`` and runs in a forward hook, so
 the base weights keep their names. Only adapters and the task head train. The up
 projection starts at zero, so a fresh adapter is the identity and training starts from
-the base model. Encoder-decoder models (T5, BART) are refused in ``check``: their two
-stacks and cross-attention are not placed here. Saved as ``adapter_model.safetensors`` (adapters + head) plus
+the base model. ``train_layer_norms`` also trains the base model's normalisation layers, as
+Houlsby et al. did (a few thousand weights; they help where the frozen features fit the task
+least, e.g. extractive QA). Encoder-decoder models (T5, BART) are refused in ``check``: their two
+stacks and cross-attention are not placed here. Saved as ``adapter_model.safetensors`` (adapters + head, and the norms
+when they trained) plus
 ``adapter_config.json`` with ``"petune_adapter": "bottleneck"``.
 """
 
@@ -47,6 +50,8 @@ class AdapterOptions(Options):
     non_linearity: Literal["relu", "gelu", "swish", "tanh"] = "relu"
     residual: bool = Field(True, description="add the adapter's input to its output (x + up(f(down(x)))); "
                                              "false replaces the sublayer output, which then starts at zero")
+    train_layer_norms: bool = Field(False, description="also train the base model's LayerNorm/RMSNorm weights "
+                                                       "(Houlsby et al. 2019 did)")
 
 
 @functools.cache
@@ -97,6 +102,18 @@ def adapter_sites(model: "torch.nn.Module", config: str) -> list[tuple[str, "tor
     return sites
 
 
+def norm_modules(model: "torch.nn.Module") -> list[str]:
+    """Names of the normalisation layers (LayerNorm, RMSNorm ...) holding their own weights.
+    Found by class name, as no common base class covers every model's RMSNorm."""
+    return [name for name, module in model.named_modules()
+            if "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False))]
+
+
+def trained_base_modules(model: "torch.nn.Module", setup: dict) -> list[str]:
+    """Base-model modules that train next to the adapters, and are saved with them."""
+    return list(setup["head_modules"]) + (norm_modules(model) if setup.get("train_layer_norms") else [])
+
+
 def add_adapters(model: "torch.nn.Module", setup: dict) -> None:
     import torch
 
@@ -108,8 +125,9 @@ def add_adapters(model: "torch.nn.Module", setup: dict) -> None:
         module.add_module("petune_adapter", adapter.to(device=ref.device, dtype=torch.float32))
         module.register_forward_hook(_run_adapter)
     model.requires_grad_(False)
+    trained = set(trained_base_modules(model, setup))
     for name, module in model.named_modules():
-        if name.endswith("petune_adapter") or name in setup["head_modules"]:
+        if name.endswith("petune_adapter") or name in trained:
             module.requires_grad_(True)
     model.petune_adapter_setup = setup  # what save() writes next to the weights
 
@@ -143,7 +161,7 @@ class AdaptersStrategy(Strategy):
         setup = {"petune_adapter": FORMAT, "format_version": 1, "config": options.config, "hidden_size": hidden,
                  "bottleneck_size": options.bottleneck_size or max(1, hidden // options.reduction_factor),
                  "non_linearity": options.non_linearity, "residual": options.residual,
-                 "head_modules": head_modules(task, model)}
+                 "train_layer_norms": options.train_layer_norms, "head_modules": head_modules(task, model)}
         add_adapters(model, setup)
         return model
 
@@ -151,8 +169,9 @@ class AdaptersStrategy(Strategy):
         from safetensors.torch import save_file
 
         setup = model.petune_adapter_setup
+        trained = trained_base_modules(model, setup)
         weights = {name: t.detach().contiguous() for name, t in model.state_dict().items()
-                   if ".petune_adapter." in name or any(name.startswith(h + ".") for h in setup["head_modules"])}
+                   if ".petune_adapter." in name or any(name.startswith(m + ".") for m in trained)}
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_file(weights, path / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -170,7 +189,8 @@ class AdaptersStrategy(Strategy):
             raise UserError(f"{path / CONFIG_FILE} is not a petune bottleneck adapter")
         add_adapters(base, setup)  # the saved setup, not today's options, says what was trained
         weights = load_file(path / WEIGHTS_FILE)
-        expected = {n for n in base.state_dict() if ".petune_adapter." in n}
+        norms = norm_modules(base) if setup.get("train_layer_norms") else []
+        expected = {n for n in base.state_dict() if ".petune_adapter." in n or any(n.startswith(m + ".") for m in norms)}
         missing, unexpected = expected - weights.keys(), weights.keys() - base.state_dict().keys()
         if missing or unexpected:
             raise UserError(f"adapter in {path} does not fit this model: "
