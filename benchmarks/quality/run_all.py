@@ -67,6 +67,12 @@ ROWS = {
     "squad_full": ("xquad", "full"),
     "squad_lora": ("xquad", "lora"),
     "squad_adapters": ("xquad", "adapters (houlsby)"),
+    "squad_full_2ep": ("xquad_2ep", "full"),
+    "squad_lora_2ep": ("xquad_2ep", "lora"),
+    "squad_adapters_2ep": ("xquad_2ep", "adapters (houlsby)"),
+    "squad_adapters_3ep": ("xquad_2ep", "adapters (houlsby), 3 epochs"),  # 1.5× the steps: not a comparable budget
+    "squad_adapters_ln_2ep": ("xquad_2ep", "adapters (houlsby), + norms"),
+    "squad_adapters_ln_rf2_2ep": ("xquad_2ep", "adapters (houlsby), + norms, r.f. 2"),
 }
 DATASETS = {
     "sst2": ("SST-2", "dev accuracy", "validation", "accuracy"),
@@ -75,9 +81,11 @@ DATASETS = {
     "alpaca": ("Alpaca instruction tuning", "held-out perplexity", "validation", "perplexity"),
     "multi30k": ("Multi30k en→de", "test_2016_flickr BLEU", "test", "bleu"),
     "scitldr": ("SciTLDR", "test ROUGE-1", "test", "rouge1"),
-    "xquad": ("SQuAD → XQuAD (en)", "XQuAD F1", "test", "f1"),
+    "xquad": ("SQuAD → XQuAD (en), 150 steps", "XQuAD F1", "test", "f1"),
+    "xquad_2ep": ("SQuAD → XQuAD (en), 2 epochs", "XQuAD F1", "test", "f1"),
 }
-PERCENT_ALREADY = {"alpaca", "multi30k", "scitldr", "xquad"}  # scores not in 0..1: shown as they are
+QA = {"xquad", "xquad_2ep"}  # the same task at two budgets
+PERCENT_ALREADY = {"alpaca", "multi30k", "scitldr", *QA}  # scores not in 0..1: shown as they are
 WITH_BEFORE = {"alpaca", "multi30k", "scitldr"}  # rows that also score the untrained model
 SMOKE = {  # tiny budgets that still go through every step (train, save, evaluate, report)
     "classification": ["train.max_steps=3", "task.max_rows=300", "eval.strategy=no"],
@@ -232,6 +240,12 @@ def fmt_minutes(seconds) -> str:
     return "—" if seconds is None else f"{seconds / 60:.1f} min"
 
 
+def full_entry(results: dict, dataset: str) -> dict:
+    """The full fine-tuning row of a dataset: the reference the other strategies are a share of."""
+    row = next((r for r, (d, label) in ROWS.items() if d == dataset and label == "full"), None)
+    return results.get(row) or {}
+
+
 def score_of(entry: dict, dataset: str):
     _, _, split, key = DATASETS[dataset]
     return (entry.get("metrics") or {}).get(split, {}).get(key)
@@ -241,7 +255,7 @@ def budget_text(entry: dict, dataset: str) -> str:
     train = (entry.get("recipe") or {}).get("train", {})
     bs = train.get("batch_size", 0) * train.get("grad_accum", 1)
     steps = entry.get("steps")
-    unit = {"conll": "sentences", "xquad": "question windows", "multi30k": "sentence pairs"}.get(dataset, "examples")
+    unit = "question windows" if dataset in QA else {"conll": "sentences", "multi30k": "sentence pairs"}.get(dataset, "examples")
     seen = f"{steps} steps × {bs} = {steps * bs:,} {unit}" if steps else "?"
     epochs = entry.get("epochs")
     total = {"sst2": 67349, "agnews": 9501, "conll": 14041, "alpaca": 900, "multi30k": 29000, "scitldr": 1992,
@@ -259,6 +273,8 @@ def strategy_text(entry: dict) -> str:
     keys = {"lora": ("r", "alpha"), "qlora": ("r", "alpha", "quant_type"), "adapters": ("config", "reduction_factor"),
             "prompt_tuning": ("num_virtual_tokens",), "full": ()}.get(name, ())
     extra = ", ".join(f"{k}={s[k]}" for k in keys if k in s)
+    if s.get("train_layer_norms"):
+        extra += ", layer norms trained"
     lr = ((entry.get("recipe") or {}).get("train") or {}).get("learning_rate")
     return f"{extra + ', ' if extra else ''}lr {fmt_lr(lr)}" if lr else extra
 
@@ -289,7 +305,7 @@ def table(results: dict, dataset: str) -> list[str]:
             continue
         score = score_of(entry, dataset)
         shown = "—" if score is None else f"{score:.2f}" if dataset in PERCENT_ALREADY else f"{100 * score:.2f}"
-        full = results.get("squad_full" if dataset == "xquad" else f"{dataset}_full") or {}
+        full = full_entry(results, dataset)
         reference = score_of(full, dataset) if full.get("status") == "completed" else None
         share = f" ({100 * score / reference:.1f}% of full)" if score and reference and full is not entry else ""
         lines.append(f"| {label} | **{shown}**{share} | {fmt_count(entry.get('trainable_parameters'))} "
@@ -365,20 +381,25 @@ def before_after_table(results: dict, dataset: str, metrics: list[tuple[str, str
     return lines
 
 
-def qa_table(results: dict) -> list[str]:
-    lines = table(results, "xquad")
+def qa_table(results: dict, dataset: str) -> list[str]:
+    lines = table(results, dataset)
     lines[0] = lines[0].replace("| XQuAD F1 |", "| XQuAD F1 | exact match |")
     lines[1] = lines[1].replace("|---|---:|", "|---|---:|---:|", 1)
-    for i, (row, _) in enumerate((r, v) for r, v in ROWS.items() if v[0] == "xquad"):
+    for i, (row, _) in enumerate((r, v) for r, v in ROWS.items() if v[0] == dataset):
         entry = results.get(row) or {}
         em = ((entry.get("metrics") or {}).get("test") or {}).get("exact_match")
         head, _, tail = lines[2 + i].partition(" | ", )
         score, _, rest = tail.partition(" | ")
         lines[2 + i] = f"{head} | {score} | {'—' if em is None else f'{em:.2f}'} | {rest}"
-    full = (results.get("squad_full") or {}).get("metrics", {}).get("test", {}).get("f1")
+    reference = full_entry(results, dataset)
+    full = reference.get("metrics", {}).get("test", {}).get("f1")
     if full:
-        shares = [f"{ROWS[r][1]} {100 * results[r]['metrics']['test']['f1'] / full:.1f}%" for r in ("squad_lora", "squad_adapters")
-                  if (results.get(r) or {}).get("status") == "completed"]
+        def unequal(entry):  # a share at a different number of steps is no like-for-like comparison: say so
+            ratio = (entry.get("steps") or 0) / (reference.get("steps") or 1)
+            return "" if abs(ratio - 1) < 0.01 else f" (at {ratio:.1f}× full's steps)"
+        shares = [f"{label} {100 * results[r]['metrics']['test']['f1'] / full:.1f}%{unequal(results[r])}"
+                  for r, (d, label) in ROWS.items()
+                  if d == dataset and label != "full" and (results.get(r) or {}).get("status") == "completed"]
         if shares:
             lines += ["", "F1 as a share of full fine-tuning's: " + ", ".join(shares) + " (target: at least 95%)."]
     return lines
@@ -449,47 +470,55 @@ def chart(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [d for d in DATASETS if d not in ("multi30k", "scitldr") and any(ROWS[r][0] == d and (results.get(r) or {}).get("status") == "completed"
-                                         for r in ROWS)]
-    generation = [(f"{DATASETS[d][0]}\n{label}", key, d) for d, metrics in GENERATION_PANEL for key, label in metrics
+    panels = [d for d in DATASETS if d not in ("multi30k", "scitldr") and any(
+        ROWS[r][0] == d and (results.get(r) or {}).get("status") == "completed" for r in ROWS)]
+    generation = [(f"{DATASETS[d][0].split()[0]}\n{label}", key, d) for d, metrics in GENERATION_PANEL for key, label in metrics
                   if (results.get(f"{d}_lora") or {}).get("status") == "completed"]
     if not panels and not generation:
         return
     count = len(panels) + bool(generation)
-    cols = min(3, count)
+    cols = min(4, count)
     rows = -(-count // cols)
-    fig, grid = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
-    axes = [list(grid.flat)]
-    for ax in axes[0][count:]:
+    fig, grid = plt.subplots(rows, cols, figsize=(5.0 * cols, 4.2 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[count:]:
         ax.axis("off")
     if generation:
-        generation_panel(axes[0][len(panels)], results, generation)
+        generation_panel(axes[len(panels)], results, generation)
     colors = {"full": "tab:red", "lora": "tab:blue", "qlora": "tab:cyan", "adapters (houlsby)": "tab:green",
               "adapters (pfeiffer)": "tab:olive", "prompt_tuning": "tab:purple"}
-    for ax, dataset in zip(axes[0], panels):
+    for ax, dataset in zip(axes, panels):
         name, metric, _, _ = DATASETS[dataset]
+        variants = iter(["s", "D", "^", "v", "P"])  # marker shapes for other budgets/settings of a strategy
         for row, (ds, label) in ROWS.items():
             entry = results.get(row) or {}
             if ds != dataset or entry.get("status") != "completed":
                 continue
             score = score_of(entry, dataset)
             y = score if dataset in PERCENT_ALREADY else 100 * score
-            ax.scatter(entry["trainable_parameters"], y, s=60, color=colors.get(label, "gray"), label=label, zorder=3)
-            ax.annotate(label, (entry["trainable_parameters"], y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            x = entry["trainable_parameters"]
+            color = colors.get(label) or ("tab:brown" if label.startswith("adapters") else "gray")
+            shown = f"{label}: {y:.2f}" if dataset != "alpaca" else f"{label}: perplexity {y:.1f}"
+            if label == label.split(", ")[0]:
+                ax.scatter(x, y, s=60, zorder=3, color=color, label=shown)
+            else:  # another budget or setting of a strategy: a hollow marker of its own shape
+                ax.scatter(x, y, s=60, zorder=3, marker=next(variants), facecolors="none", edgecolors=color, label=shown)
             before = results.get(row + "_before")
             if dataset == "alpaca" and before and before.get("metrics"):
                 yb = before["metrics"]["validation"]["perplexity"]
-                ax.annotate("", xy=(entry["trainable_parameters"], y), xytext=(entry["trainable_parameters"], yb),
-                            arrowprops={"arrowstyle": "->", "color": colors.get(label, "gray"), "alpha": 0.6})
-                ax.scatter(entry["trainable_parameters"], yb, s=30, marker="x", color="gray", zorder=3)
-        full = results.get("squad_full" if dataset == "xquad" else f"{dataset}_full") or {}
+                ax.annotate("", xy=(x, y), xytext=(x, yb), arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.6})
+                ax.scatter(x, yb, s=30, marker="x", color="gray", zorder=3)
+        full = full_entry(results, dataset)
         if dataset != "alpaca" and full.get("status") == "completed":
             ref = score_of(full, dataset) * (1 if dataset in PERCENT_ALREADY else 100)
-            share = 0.95 if dataset == "xquad" else 0.98  # the issues' targets
+            share = 0.95 if dataset in QA else 0.98  # the issues' targets
             ax.axhline(ref, color="tab:red", lw=0.8, ls="--", alpha=0.6)
             ax.axhline(share * ref, color="gray", lw=0.8, ls=":", alpha=0.8)
-            ax.text(ax.get_xlim()[0], share * ref, f" {share:.0%} of full", fontsize=7, color="gray", va="bottom")
+            ax.text(0.01, share * ref, f"{share:.0%} of full", fontsize=7, color="gray", va="bottom",
+                    transform=ax.get_yaxis_transform())  # x in axes units: stays inside on a log axis
         ax.set_xscale("log")
+        ax.margins(x=0.3)
+        ax.legend(fontsize=7, loc="best")  # a legend, not labels beside points: clusters stay readable
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(metric + (" (lower is better; x = before)" if dataset == "alpaca" else " (%)"))
         ax.set_title(name)
@@ -516,7 +545,7 @@ def publish(results: dict) -> None:
         "{{SCITLDR}}": before_after_table(results, "scitldr", [("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"),
                                                                ("rougeL", "ROUGE-L"),
                                                                ("gen_words", "mean output (words)")]),
-        "{{XQUAD}}": qa_table(results),
+        "{{XQUAD}}": qa_table(results, "xquad"), "{{XQUAD_2EP}}": qa_table(results, "xquad_2ep"),
         "{{READING}}": (HERE / "reading.md").read_text().rstrip().split("\n") if (HERE / "reading.md").exists() else [],
         "{{CPU_TOTAL}}": [f"{sum((e or {}).get('cpu_s') or 0 for e in results.values()) / 3600:.1f} CPU-hours"],
     }
