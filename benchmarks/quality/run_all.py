@@ -517,7 +517,7 @@ def chart(results: dict) -> None:
             ax.text(0.01, share * ref, f"{share:.0%} of full", fontsize=7, color="gray", va="bottom",
                     transform=ax.get_yaxis_transform())  # x in axes units: stays inside on a log axis
         ax.set_xscale("log")
-        ax.margins(x=0.3)
+        ax.margins(x=0.3, y=0.2)  # room for the legend beside the points
         ax.legend(fontsize=7, loc="best")  # a legend, not labels beside points: clusters stay readable
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel(metric + (" (lower is better; x = before)" if dataset == "alpaca" else " (%)"))
