@@ -185,3 +185,100 @@ def test_invalid_json_document(tmp_path):
     with pytest.raises(DataError, match="JSON Lines") as err:
         datafiles.parse_json_records('{"a": 1}\n{"a": 2}\n', "x.json")
     assert "JSON Lines" in err.value.hint
+
+
+# -- quoting --------------------------------------------------------------------------------
+PTB = 'sentence\tlabel\n" Hello , " he said .\t1\nit \'s " fine " .\t0\n" Great . "\t1\n'
+
+
+def test_tsv_with_literal_quotes_reads_as_text_and_says_so(tmp_path, capsys):
+    path = write(tmp_path, "ptb.tsv", PTB)
+    table = datafiles.read_table(path)
+    assert table.quoting == "none"
+    assert [row[0] for row in table.rows] == ['" Hello , " he said .', 'it \'s " fine " .', '" Great . "']
+    said = capsys.readouterr().err
+    assert "ptb.tsv" in said and 'chose "none"' in said and 'quoting = "csv"' in said
+    assert datafiles.read_records(path)[0]["sentence"] == '" Hello , " he said .'
+
+
+def test_forced_csv_quoting_error_names_the_option(tmp_path):
+    path = write(tmp_path, "ptb.tsv", PTB)
+    with pytest.raises(DataError, match="cannot parse this row") as err:
+        datafiles.read_table(path, quoting="csv")
+    assert err.value.where == f"{path}:2" and 'quoting = "none"' in err.value.hint
+    with pytest.raises(DataError) as err:  # a CSV file is read with CSV quoting unless told otherwise
+        datafiles.read_table(write(tmp_path, "ptb.csv", 'text,label\n" Hello " he said .,1\n'))
+    assert 'quoting = "none"' in err.value.hint
+    assert datafiles.read_table(tmp_path / "ptb.csv", quoting="none").rows == [['" Hello " he said .', "1"]]
+
+
+@pytest.mark.parametrize("content, first", [
+    ('text\tlabel\n"he said ""hi"""\t1\nplain\t0\n', 'he said "hi"'),  # pandas: a doubled quote
+    ('text\tlabel\n"a\ttab"\t1\nplain\t0\n', "a\ttab"),  # a tab inside quotes
+    ('"text"\t"label"\n"a film"\t"pos"\n"dull"\t"neg"\n', "a film"),  # every field quoted (R, QUOTE_ALL)
+])
+def test_tsv_with_real_quoted_fields_reads_csv_quoting(tmp_path, content, first):
+    table = datafiles.read_table(write(tmp_path, "q.tsv", content))
+    assert table.quoting == "csv" and table.rows[0][0] == first and table.columns == ["text", "label"]
+
+
+def test_quote_that_would_swallow_a_row_is_text(tmp_path):
+    # PTB: an opening quote on one line, the closing one on the next, right before a tab
+    path = write(tmp_path, "s.tsv", '" Hello , he said .\t1\nHe left . "\t0\n')
+    table = datafiles.read_table(path, header=False)
+    assert table.quoting == "none" and table.rows == [['" Hello , he said .', "1"], ['He left . "', "0"]]
+
+
+def test_no_quotes_says_nothing(tmp_path, capsys):
+    table = datafiles.read_table(write(tmp_path, "n.tsv", 'text\tlabel\nsay "no" twice\t1\n'))
+    assert table.rows == [['say "no" twice', "1"]]
+    assert capsys.readouterr().err == ""
+
+
+def test_quoted_field_past_the_sniffed_lines_still_reads_csv(tmp_path, monkeypatch):
+    monkeypatch.setattr(datafiles, "_SNIFF_LINES", 4)
+    path = write(tmp_path, "m.tsv", 'text\tlabel\nfine\t0\n"three\nline\nfield"\t1\nlast\t0\n')
+    table = datafiles.read_table(path)
+    assert table.quoting == "csv" and table.rows[1] == ["three\nline\nfield", "1"]
+    assert table.rows[2].where == f"{path}:6"
+
+
+def test_wrong_field_count_without_quoting_points_to_csv(tmp_path):
+    path = write(tmp_path, "d.tsv", "text\tlabel\nan extra\ttab\t0\n")
+    with pytest.raises(DataError, match="3 field") as err:
+        datafiles.read_table(path, quoting="none")
+    assert 'quoting = "csv"' in err.value.hint
+
+
+# -- tasks take quoting from the recipe ------------------------------------------------------
+def test_classification_quoting_option_task_wide_and_per_file(tmp_path):
+    from petune_plugins.tasks.classification import ClassificationOptions, FileSettings, read_examples
+    from pydantic import ValidationError
+
+    (tmp_path / "ptb.tsv").write_text('" Hello " he said .\t1\n" Great . "\tgood\n', encoding="utf-8")
+    (tmp_path / "q.tsv").write_text('sentence\tlabel\n"quoted"\t1\n', encoding="utf-8")
+
+    def examples(**values):
+        options = ClassificationOptions.model_validate(values, context={"base_dir": tmp_path})
+        return read_examples(FileSettings.of(options, options.train))
+
+    assert [e.text for e in examples(train="ptb.tsv")] == ['" Hello " he said .', '" Great . "']
+    with pytest.raises(DataError) as err:
+        examples(train="ptb.tsv", quoting="csv")
+    assert 'quoting = "none"' in err.value.hint
+    assert examples(train="q.tsv", quoting="csv")[0].text == "quoted"
+    assert examples(train={"path": "q.tsv", "quoting": "csv"}, quoting="none")[0].text == "quoted"  # the file's own wins
+    with pytest.raises(ValidationError, match="quoting"):
+        ClassificationOptions.model_validate({"train": "q.tsv", "quoting": "literal"}, context={"base_dir": tmp_path})
+
+
+def test_seq2seq_quoting_option(tmp_path):
+    from petune_plugins.tasks.seq2seq import DataFile, Seq2SeqOptions, read_pairs
+
+    path = tmp_path / "ptb.tsv"
+    path.write_text('source\ttarget\n" Hi , " she said .\t" Hallo , " sagte sie .\n', encoding="utf-8")
+    options = Seq2SeqOptions.model_validate({"train": str(path)})
+    pairs, _ = read_pairs(DataFile(path=path), options)
+    assert pairs[0].source == '" Hi , " she said .' and pairs[0].references == ['" Hallo , " sagte sie .']
+    with pytest.raises(DataError, match="cannot parse"):
+        read_pairs(DataFile(path=path), Seq2SeqOptions.model_validate({"train": str(path), "quoting": "csv"}))

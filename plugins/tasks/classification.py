@@ -84,6 +84,7 @@ class DataFile(Options):
     label_column: Column | None = None
     header: bool | Literal["auto"] | None = None
     delimiter: str | None = None
+    quoting: datafiles.Quoting | None = None
     label_map: dict[str, str] | None = None
 
     _check_delimiter = field_validator("delimiter")(_delimiter)
@@ -120,6 +121,7 @@ class ClassificationOptions(Options):
     label_column: Column | None = Field(None, description="label column: name or 0-based position")
     header: bool | Literal["auto"] = Field("auto", description="tables: first row is a header (auto: detect)")
     delimiter: str | None = Field(None, description="table delimiter (default: from the extension)")
+    quoting: datafiles.Quoting = Field("auto", description=datafiles.QUOTING_HELP)
     label_map: dict[str, str] = Field(default_factory=dict, description="rename label values as read, "
                                       "e.g. { 1 = \"World\" }")
     text_separator: str = Field(" ", description="joins the columns of a list-valued text_column")
@@ -300,6 +302,7 @@ class FileSettings:
     delimiter: str | None
     label_map: dict[str, str]
     separator: str
+    quoting: str = "auto"
 
     @classmethod
     def of(cls, options: ClassificationOptions, data_file: DataFile | str | Path | None = None) -> FileSettings:
@@ -313,7 +316,7 @@ class FileSettings:
         return cls(path=data_file.path if data_file else None, text_column=pick("text_column"),
                    text_pair_column=pick("text_pair_column"), label_column=pick("label_column"),
                    header=pick("header"), delimiter=pick("delimiter"), label_map=pick("label_map") or {},
-                   separator=options.text_separator)
+                   separator=options.text_separator, quoting=pick("quoting"))
 
     def named_columns(self) -> bool:
         columns = [self.label_column, *_as_list(self.text_column), *_as_list(self.text_pair_column)]
@@ -349,7 +352,8 @@ def read_examples(settings: FileSettings, *, need_label: bool = True, max_rows: 
 
     def parse(header):
         lines = datafiles.iter_lines(settings.path) if text is None else datafiles.text_lines(text)
-        return datafiles.parse_table(lines, source, delimiter=settings.delimiter, header=header, max_rows=max_rows)
+        return datafiles.parse_table(lines, source, delimiter=settings.delimiter, header=header, max_rows=max_rows,
+                                     quoting=settings.quoting)
 
     table = parse(header)
     if header == "auto" and table.columns is not None and any(

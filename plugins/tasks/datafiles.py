@@ -7,12 +7,12 @@ invalid JSON, a row with the wrong number of fields, a column that does not exis
 
 The API, for any task::
 
-    read_table(path, delimiter=None, header="auto", max_rows=None) -> Table
+    read_table(path, delimiter=None, header="auto", max_rows=None, quoting="auto") -> Table
         columns, rows = read_table(path)   # columns: list[str] | None; rows: list[Row]
         table.index("label") / table.index(0)   # a column by name or position -> position
     read_jsonl(path, max_rows=None) -> list[Record]           # one JSON object per line
     read_json_records(path, max_rows=None) -> list[Record]    # a JSON array of objects
-    read_records(path, max_rows=None) -> list[Record]         # by extension: .jsonl/.json/.csv/.tsv
+    read_records(path, max_rows=None, quoting="auto") -> list[Record]  # by extension: .jsonl/.json/.csv/.tsv
     iter_lines(path) -> (line number, line) pairs, UTF-8 checked line by line
     text_lines(text) -> the same pairs for text already read (stdin)
     parse_table(lines, source, ...) / parse_jsonl(lines, source, ...)  # readers over such pairs
@@ -20,6 +20,12 @@ The API, for any task::
 
 ``Record`` is a ``dict`` and ``Row`` a ``list`` of strings; both carry ``.where``
 (``"file:line"``) so a later check can point at the exact line.
+
+``quoting`` (tables): ``"csv"`` reads standard CSV quoting (``"a ""quoted"" text"``);
+``"none"`` reads every character literally (PTB-tokenised text whose sentences start with
+a ``"`` token); ``"auto"`` is ``"csv"`` for comma-separated files, and for tab-separated
+ones ``"csv"`` only when the file's first lines really hold quoted fields (see
+:func:`sniff_quoting`), saying so in one line when quotes are found.
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from petune.errors import DataError
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 JSON_SUFFIXES = {".json"}
+
+Quoting = Literal["auto", "csv", "none"]
+QUOTING_HELP = ("tables: \"csv\" reads quoted fields (\"a \"\"b\"\"\"), \"none\" keeps every quote as text "
+                "(PTB-tokenised text); auto: csv for .csv, and for .tsv only when the file uses quoted fields")
 
 _UTF8_HINT = "save the file as UTF-8 (for example: iconv -f latin1 -t utf-8 old.csv > new.csv)"
 _NAME = re.compile(r"[^\W\d][\w\-./#]*")
@@ -76,6 +87,7 @@ class Table:
     columns: list[str] | None
     rows: list[Row]
     source: str = ""
+    quoting: str = "csv"  # how quotes were read: "csv" or "none"
 
     def __iter__(self):
         return iter((self.columns, self.rows))
@@ -195,13 +207,95 @@ def looks_like_header(first: list[str], rows: list[list[str]]) -> bool:
     return numeric_below or name_like
 
 
+_SNIFF_LINES = 2000  # lines of a TSV file that quoting = "auto" looks at
+_announced: set[tuple[str, str]] = set()
+
+
+def sniff_quoting(lines: list[tuple[int, str]], delimiter: str, *, complete: bool = True) -> tuple[str, str]:
+    """``quoting = "auto"`` for a tab-separated file: ("csv" or "none", why), from its first
+    ``lines`` (``complete``: they are the whole file). Quoted fields are taken as CSV
+    quoting only when something needs it — a doubled quote, a tab or line break inside
+    quotes — or when a column is quoted in every row; a quote that CSV cannot read (a
+    sentence starting with a ``"`` token), or one that would swallow a tab and a line break,
+    means quotes are text. ``why`` is empty when no field starts with a quote: then both
+    readings give the same rows."""
+    if not any(field.startswith('"') for _, line in lines for field in line.split(delimiter)):
+        return "none", ""
+    numbers: list[int] = []
+
+    def feed():
+        for number, line in lines:
+            numbers.append(number)
+            yield line
+
+    reader = csv.reader(feed(), delimiter=delimiter, strict=True)
+    consumed, needed = 0, ""
+    quoted_in: dict[int, list[bool]] = {}  # column -> for each row: is the field quoted
+    try:
+        for fields in reader:
+            raw = "".join(line for _, line in lines[consumed:reader.line_num])
+            start, consumed = numbers[consumed], reader.line_num
+            plain = raw.rstrip("\r\n").split(delimiter)
+            if not raw.strip() or plain == fields:
+                if raw.strip():
+                    for j in range(len(plain)):
+                        quoted_in.setdefault(j, []).append(False)
+                continue
+            inside = [f for f in fields if delimiter in f or "\n" in f]
+            if any(delimiter in f and "\n" in f for f in inside):
+                return "none", f"line {start}: a quote would join lines into one field, so quotes are text"
+            if inside and not needed:
+                needed = f"line {start} has a quoted field holding a tab or a line break"
+            elif len(plain) == len(fields):
+                for j, (cell, value) in enumerate(zip(plain, fields)):
+                    quoted = cell.startswith('"') and cell.endswith('"') and len(cell) > 1
+                    quoted_in.setdefault(j, []).append(quoted)
+                    if quoted and '"' in value and not needed:
+                        needed = f'line {start} has a quoted field with a doubled quote ("")'
+    except csv.Error as exc:
+        cut_off = not complete and "unexpected end of data" in str(exc) and len(lines) - consumed <= 50
+        if not cut_off:  # (cut off: a quoted field that goes on past the lines looked at)
+            start = numbers[min(consumed, len(numbers) - 1)]
+            return "none", f'line {start}: a field starts with a " that does not close it, so quotes are text'
+    if needed:
+        return "csv", needed
+    for j, flags in quoted_in.items():
+        if len(flags) >= 2 and all(flags):
+            return "csv", f"column {j} is quoted on every line"
+    return "none", "quoted fields that need no quoting are read as text"
+
+
+def _announce(source: str, quoting: str, why: str) -> None:
+    """One line per file saying how quotes were read, where it changes the rows."""
+    if not why or (source, quoting) in _announced:
+        return
+    _announced.add((source, quoting))
+    from rich.markup import escape
+
+    from petune.console import err, is_main_process
+
+    if is_main_process():
+        other = "none" if quoting == "csv" else "csv"
+        reading = "as CSV quoting" if quoting == "csv" else "as part of the text"
+        err.print(escape(f'{source}: quotes read {reading} (quoting = "auto" chose "{quoting}": {why}); '
+                         f'set quoting = "{other}" for the other reading'), style="dim", soft_wrap=True)
+
+
+def _quote_error(source: str, line: int, exc: csv.Error) -> DataError:
+    return DataError(f"cannot parse this row: {exc}", where=where(source, line),
+                     hint='a field that starts with " is read as a quoted field, which must end with " '
+                          'right before the delimiter; if the quotes are part of the text (e.g. PTB-tokenised '
+                          'sentences), set quoting = "none" (in [task], or on this file)')
+
+
 def parse_table(lines: Iterable[tuple[int, str]], source: str, *, delimiter: str | None = None,
-                header: bool | str = "auto", max_rows: int | None = None) -> Table:
+                header: bool | str = "auto", max_rows: int | None = None, quoting: str = "auto") -> Table:
     """Parse CSV/TSV ``lines`` (as from :func:`iter_lines` or :func:`text_lines`).
 
-    Standard CSV quoting applies to both CSV and TSV (``"a ""quoted"" text"``); blank
-    lines are skipped; every row must have as many fields as the header (or, without a
-    header, as the first row)."""
+    ``quoting``: "csv" (``"a ""quoted"" text"``), "none" (quotes are text) or "auto" (see
+    the module's docstring); the choice is kept in ``table.quoting``. Blank lines are
+    skipped; every row must have as many fields as the header (or, without a header, as
+    the first row)."""
     lines = iter(lines)
     peeked = []  # lines up to the first non-blank one, to guess the delimiter from
     for item in lines:
@@ -213,29 +307,44 @@ def parse_table(lines: Iterable[tuple[int, str]], source: str, *, delimiter: str
                         hint="check the path, or that the file was fully written")
     if delimiter is None:
         delimiter = guess_delimiter(source, peeked[-1][1])
-    numbers: list[int] = []  # line number of every line the csv reader has taken
+    if quoting not in ("auto", "csv", "none"):
+        raise ValueError(f"quoting must be auto, csv or none, not {quoting!r}")
+    if quoting == "auto" and delimiter != "\t":
+        quoting = "csv"  # the CSV standard
+    elif quoting == "auto":
+        peeked += itertools.islice(lines, _SNIFF_LINES)
+        complete = len(peeked) < _SNIFF_LINES
+        quoting, why = sniff_quoting(peeked, delimiter, complete=complete)
+        _announce(source, quoting, why)
 
-    def feed():
-        for number, line in itertools.chain(peeked, lines):
-            numbers.append(number)
-            yield line
-
-    reader = csv.reader(feed(), delimiter=delimiter, strict=True)
-    wanted = None if max_rows is None else max_rows + 1  # + a possible header
     parsed: list[tuple[int, list[str]]] = []
-    consumed = 0  # lines read before this row: a quoted field may span lines
-    try:
-        for fields in reader:
-            start = numbers[consumed]
-            consumed = reader.line_num
-            if fields and any(f.strip() for f in fields):
-                parsed.append((start, fields))
+    wanted = None if max_rows is None else max_rows + 1  # + a possible header
+    if quoting == "none":
+        for number, line in itertools.chain(peeked, lines):
+            if line.strip():
+                parsed.append((number, line.rstrip("\r\n").split(delimiter)))
                 if wanted is not None and len(parsed) >= wanted:
                     break
-    except csv.Error as exc:
-        raise DataError(f"cannot parse this row: {exc}", where=where(source, numbers[min(consumed, len(numbers) - 1)]),
-                        hint="look for an unbalanced double quote; a quoted field must end with \" before "
-                             "the delimiter") from None
+    else:
+        numbers: list[int] = []  # line number of every line the csv reader has taken
+
+        def feed():
+            for number, line in itertools.chain(peeked, lines):
+                numbers.append(number)
+                yield line
+
+        reader = csv.reader(feed(), delimiter=delimiter, strict=True)
+        consumed = 0  # lines read before this row: a quoted field may span lines
+        try:
+            for fields in reader:
+                start = numbers[consumed]
+                consumed = reader.line_num
+                if fields and any(f.strip() for f in fields):
+                    parsed.append((start, fields))
+                    if wanted is not None and len(parsed) >= wanted:
+                        break
+        except csv.Error as exc:
+            raise _quote_error(source, numbers[min(consumed, len(numbers) - 1)], exc) from None
 
     if header == "auto":
         header = looks_like_header(parsed[0][1], [f for _, f in parsed[1:]])
@@ -251,20 +360,23 @@ def parse_table(lines: Iterable[tuple[int, str]], source: str, *, delimiter: str
         if len(fields) != width:
             what = f"the header has {width}" if columns is not None else f"the first row has {width}"
             name = "tabs" if delimiter == "\t" else repr(delimiter)
+            hint = f"a field that contains {name} must be quoted (\"...\")"
+            hint += ' and read with quoting = "csv"' if quoting == "none" else ""
             raise DataError(f"this row has {len(fields)} field(s), {what}", where=where(source, start),
-                            hint=f"a field that contains {name} must be quoted (\"...\"); "
-                                 f"row: {_shorten(delimiter.join(fields), 80)!r}")
+                            hint=f"{hint}; row: {_shorten(delimiter.join(fields), 80)!r}")
         rows.append(Row.at(fields, where(source, start)))
         if max_rows is not None and len(rows) >= max_rows:
             break
-    return Table(columns, rows, str(source))
+    return Table(columns, rows, str(source), quoting)
 
 
 def read_table(path: str | Path, delimiter: str | None = None, header: bool | str = "auto",
-               max_rows: int | None = None) -> Table:
-    """Read a CSV/TSV file. ``delimiter=None`` picks it from the extension;
-    ``header`` is True, False or "auto" (see :func:`looks_like_header`)."""
-    return parse_table(iter_lines(path), str(path), delimiter=delimiter, header=header, max_rows=max_rows)
+               max_rows: int | None = None, quoting: str = "auto") -> Table:
+    """Read a CSV/TSV file. ``delimiter=None`` picks it from the
+    extension; ``header`` is True, False or "auto" (see :func:`looks_like_header`);
+    ``quoting`` is "auto", "csv" or "none" (see the module's docstring)."""
+    return parse_table(iter_lines(path), str(path), delimiter=delimiter, header=header, max_rows=max_rows,
+                       quoting=quoting)
 
 
 # -- JSON -----------------------------------------------------------------------------------
@@ -355,7 +467,7 @@ def read_json_records(path: str | Path, max_rows: int | None = None) -> list[Rec
     return parse_json_records(read_text(path), str(path), max_rows=max_rows)
 
 
-def read_records(path: str | Path, max_rows: int | None = None) -> list[Record]:
+def read_records(path: str | Path, max_rows: int | None = None, quoting: str = "auto") -> list[Record]:
     """Read records from any supported file, by extension: .jsonl/.ndjson (JSON Lines),
     .json (an array of objects; JSON Lines content is accepted too), .csv/.tsv (header
     row required; values are strings)."""
@@ -370,7 +482,7 @@ def read_records(path: str | Path, max_rows: int | None = None) -> list[Record]:
             return parse_jsonl(text_lines(text), str(path), max_rows=max_rows)
         return parse_json_records(text, str(path), max_rows=max_rows)
     if suffix in TABLE_SUFFIXES:
-        table = read_table(path, header=True, max_rows=max_rows)
+        table = read_table(path, header=True, max_rows=max_rows, quoting=quoting)
         return [Record.at(dict(zip(table.columns, row)), row.where) for row in table.rows]
     raise DataError(f"unsupported file type {suffix or '(no extension)'!r}", where=str(path),
                     hint="use .jsonl, .json, .csv or .tsv")

@@ -150,6 +150,7 @@ class Seq2SeqOptions(Options):
     metrics: list[Literal["bleu", "chrf", "rouge"]] = Field(
         default_factory=lambda: list(text_metrics.SEQ2SEQ_METRICS), description="metrics computed on the outputs")
     max_rows: int | None = Field(None, ge=1, description="read at most this many rows of each file")
+    quoting: datafiles.Quoting = Field("auto", description=datafiles.QUOTING_HELP)
 
     @field_validator("prompt")
     @classmethod
@@ -318,7 +319,7 @@ def pairs_from_lines(source_path: Path, target_path: Path | None, max_rows: int 
 
 def read_pairs(data_file: DataFile, options: Seq2SeqOptions, *, need_target: bool = True) -> tuple[list[Pair], int]:
     if data_file.path is not None:
-        records = datafiles.read_records(data_file.path, options.max_rows)
+        records = datafiles.read_records(data_file.path, options.max_rows, quoting=options.quoting)
         return pairs_from_records(records, options, need_target=need_target), 0
     if data_file.target is None and need_target:
         raise DataError("line-aligned source file without its target file", where=str(data_file.source),
@@ -688,7 +689,7 @@ class Seq2SeqTask(Task):
         suffix = Path(source).suffix.lower()
         stripped = text.lstrip()
         if suffix in datafiles.TABLE_SUFFIXES:
-            table = datafiles.parse_table(datafiles.text_lines(text), source, header=True)
+            table = datafiles.parse_table(datafiles.text_lines(text), source, header=True, quoting=options.quoting)
             records = [datafiles.Record.at(dict(zip(table.columns, row)), row.where) for row in table.rows]
         elif suffix in RECORD_SUFFIXES or stripped.startswith(("{", "[")):
             records = (datafiles.parse_json_records(text, source) if stripped.startswith("[")
