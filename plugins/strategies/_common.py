@@ -79,6 +79,45 @@ class LoraOptions(Options):
     use_dora: bool = Field(False, description="DoRA: also train a magnitude vector per output feature")
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     bias: Literal["none", "all", "lora_only"] = Field("none", description="which biases train as well")
+    init: Literal["default", "gaussian", "pissa", "olora", "loftq", "eva", "corda"] = Field(
+        "default", description=(
+            "how A and B start: default (B = 0, A Kaiming-uniform); gaussian (A normal); pissa (top-r singular "
+            "vectors of each target weight: one full SVD per layer at start, O(d^3), minutes per 7B model on a CPU); "
+            "olora (QR of each target weight: cheaper than pissa); loftq (qlora only: fits the adapter to the 4-bit "
+            "quantisation error, an SVD per layer plus a read of the full-precision checkpoint); eva, corda: refused "
+            "(they need a pass over the training data before training)"))
+
+
+# Initialisations that start from the base weights and move part of them into the adapter: the
+# base is rewritten during training, so the saved adapter is converted back (to rank 2r) against
+# the untouched base with peft's path_initial_model_for_weight_conversion.
+_REWRITES_BASE = {"pissa", "olora"}
+_NEEDS_DATA = {"eva": "EVA", "corda": "CorDA"}
+
+
+def check_lora_init(options: LoraOptions, *, quantised: bool) -> None:
+    """Refuse initialisations that cannot work here, before anything loads."""
+    init = options.init
+    if init in _NEEDS_DATA:
+        raise Refusal(f"init = {init!r}: {_NEEDS_DATA[init]} initialises the adapter from activations of a pass over "
+                      "the training data, and petune applies a strategy before the task's data loader exists",
+                      where="strategy.init", hint="use init = 'pissa' or 'olora' (data-free) or 'default'")
+    if init == "loftq" and not quantised:
+        raise Refusal("init = 'loftq' fits the adapter to the error of 4-bit quantisation; this base is not quantised",
+                      where="strategy.init", hint="use strategy 'qlora' for LoftQ, or init = 'pissa' here")
+    if init == "loftq":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise Refusal("init = 'loftq': peft's LoftQ initialisation runs on a CUDA GPU only, and none is available",
+                          where="strategy.init", hint="use init = 'default' here, or run on a GPU")
+    if init in _REWRITES_BASE and quantised:
+        raise Refusal(f"init = {init!r} moves part of each base weight into the adapter, which a 4-bit base cannot take",
+                      where="strategy.init", hint="use init = 'loftq' on a 4-bit base, or strategy 'lora' for "
+                      f"{init!r}")
+    if init in _REWRITES_BASE and options.use_rslora:
+        raise Refusal(f"init = {init!r} with use_rslora: peft cannot convert the trained adapter back to the "
+                      "original base with rank-stabilised scaling", where="strategy.use_rslora", hint="set it to false")
 
 
 def _check_target_names(model: "torch.nn.Module", names: list[str]) -> None:
@@ -108,19 +147,63 @@ def lora_config(options: LoraOptions, task: Task, model: "torch.nn.Module"):
         use_dora=options.use_dora,
         use_rslora=options.use_rslora,
         bias=options.bias,
+        init_lora_weights=_PEFT_INIT.get(options.init, True),
         # the head is trained in full and saved with the adapter: a reloaded classifier
         # must not come back with the base model's random head
         modules_to_save=head_modules(task, model) or None,
     )
 
 
+_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}  # loftq: after wrapping
+
+
 def apply_lora(model: "PreTrainedModel", task: Task, options: LoraOptions):
+    import tempfile
+
     from peft import get_peft_model
 
+    if any(p.is_meta for p in model.parameters()):
+        # a weightless skeleton (the memory estimate): same parameters, nothing to decompose
+        options = options.model_copy(update={"init": "default"})
     # Frozen embeddings give inputs that need no grad; with (reentrant) gradient
     # checkpointing nothing would then reach the adapters. Cheap insurance either way.
     model.enable_input_require_grads()
-    return get_peft_model(model, lora_config(options, task, model))
+    peft_model = get_peft_model(model, lora_config(options, task, model))
+    if options.init in _REWRITES_BASE:
+        # the adapter as initialised, for converting the trained one back at save time
+        initial = tempfile.TemporaryDirectory(prefix="petune-lora-init-")
+        peft_model.save_pretrained(initial.name)
+        peft_model._petune_initial_adapter = initial  # removed with the model
+    elif options.init == "loftq":
+        from peft import replace_lora_weights_loftq
+
+        try:
+            # reads the full-precision weights from the model's local folder (petune resolves every model to one)
+            replace_lora_weights_loftq(peft_model, model_path=str(getattr(model, "name_or_path", "") or ""))
+        except (ValueError, OSError, KeyError) as exc:
+            raise UserError(f"LoftQ initialisation failed: {exc}", where="strategy.init",
+                            hint="LoftQ needs the base as a local safetensors checkpoint; or use init = 'default'") from None
+    return peft_model
+
+
+def save_lora(model, path: Path) -> None:
+    """Save the adapter; one initialised from the base weights (PiSSA, OLoRA) is converted into
+    a plain LoRA adapter (rank 2r) for the original base, so any peft user can load it."""
+    initial = getattr(model, "_petune_initial_adapter", None)
+    if initial is None:
+        model.save_pretrained(path)
+    else:
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
+        model.save_pretrained(path, path_initial_model_for_weight_conversion=initial.name)
+        # peft's conversion keeps only the LoRA matrices: put the trained head (modules_to_save) back
+        weights = Path(path) / "adapter_model.safetensors"
+        converted = load_file(weights)
+        head = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model).items()
+                if k not in converted and "lora_" not in k}
+        if head:
+            save_file({**converted, **head}, weights, metadata={"format": "pt"})
 
 
 def restore_peft(base: "PreTrainedModel", path: Path):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from petune import hookimpl
 from petune.api import Strategy
-from petune_plugins.strategies._common import LoraOptions, apply_lora, merge_lora, restore_peft
+from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, merge_lora, quantization_method,
+                                               restore_peft, save_lora)
 
 
 class LoraStrategy(Strategy):
@@ -13,11 +14,14 @@ class LoraStrategy(Strategy):
     Options = LoraOptions
     artifact = "adapter"
 
+    def check(self, task, model_info, options):
+        check_lora_init(options, quantised=quantization_method(model_info) is not None)
+
     def apply(self, model, task, options):
         return apply_lora(model, task, options)
 
     def save(self, model, path):
-        model.save_pretrained(path)  # adapter_model.safetensors + adapter_config.json
+        save_lora(model, path)  # adapter_model.safetensors + adapter_config.json
 
     def restore(self, base, path, task, options):
         return restore_peft(base, path)

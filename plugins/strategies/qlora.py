@@ -22,7 +22,8 @@ from pydantic import Field
 from petune import hookimpl
 from petune.api import Strategy
 from petune.errors import Refusal
-from petune_plugins.strategies._common import LoraOptions, apply_lora, head_modules, merge_lora, quantization_method, restore_peft
+from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, head_modules, merge_lora,
+                                               quantization_method, restore_peft, save_lora)
 
 # Kept in full precision when quantising: output layers and the usual task-head names.
 # (Giving bitsandbytes any skip list replaces transformers' own default, which only covers
@@ -57,6 +58,7 @@ class QloraStrategy(Strategy):
         if method is not None:
             raise Refusal(f"model {model_info.name!r} is already quantised ({method}); qlora would quantise it again",
                           where="strategy.name", hint="use strategy 'lora' on this model")
+        check_lora_init(options, quantised=True)
 
     def check_recipe(self, recipe):
         options = recipe.strategy
@@ -96,7 +98,7 @@ class QloraStrategy(Strategy):
         return model
 
     def save(self, model, path):
-        model.save_pretrained(path)
+        save_lora(model, path)
 
     def restore(self, base, path, task, options):
         # bitsandbytes' own inference kernels, as plain peft gets them: a reloaded adapter
