@@ -94,8 +94,11 @@ def test_read_records_by_extension(tmp_path):
     assert [r["a"] for r in datafiles.read_records(as_jsonl_in_json)] == [1, 2]
     table = write(tmp_path, "t.tsv", "a\tb\n1\t2\n")
     assert datafiles.read_records(table) == [{"a": "1", "b": "2"}]
-    with pytest.raises(DataError, match="unsupported file type"):
-        datafiles.read_records(write(tmp_path, "x.parquet", "PAR1"))
+    with pytest.raises(DataError, match="unsupported file type '.xlsx'") as err:
+        datafiles.read_records(write(tmp_path, "x.xlsx", "PK"))
+    assert ".parquet" in err.value.hint
+    with pytest.raises(DataError, match="unsupported file type '.txt.gz'"):
+        datafiles.read_records(write(tmp_path, "x.txt.gz", b""))
 
 
 # -- errors ---------------------------------------------------------------------------------

@@ -1,9 +1,13 @@
-"""Readers for the data files tasks take — CSV/TSV, JSON Lines, JSON — with errors for people.
+"""Readers for the data files tasks take — CSV/TSV, JSON Lines, JSON, Parquet, Arrow, each
+plain or gzip/zstd-compressed — with errors for people.
 
 Every problem is a :class:`petune.errors.DataError` whose ``where`` is ``file:line``
 (or the file alone when no line applies) and whose hint says what to do: a file that
 is missing, empty or not UTF-8 (the line and column of the first bad byte are named),
 invalid JSON, a row with the wrong number of fields, a column that does not exist.
+Columnar files (Parquet, Arrow) have no lines: their records say ``file:N`` for row N
+counted from 1, the line the row would be on in a JSON Lines copy (``dataset[N - 1]``);
+tasks read every ``where`` as ``file:number``.
 
 The API, for any task::
 
@@ -12,14 +16,17 @@ The API, for any task::
         table.index("label") / table.index(0)   # a column by name or position -> position
     read_jsonl(path, max_rows=None) -> list[Record]           # one JSON object per line
     read_json_records(path, max_rows=None) -> list[Record]    # a JSON array of objects
-    read_records(path, max_rows=None, quoting="auto") -> list[Record]  # by extension: .jsonl/.json/.csv/.tsv
-    iter_lines(path) -> (line number, line) pairs, UTF-8 checked line by line
+    read_records(path, max_rows=None, quoting="auto") -> list[Record]
+        # any format: .jsonl/.json/.csv/.tsv (+ .gz/.zst), .parquet, .arrow, a save_to_disk folder
+    data_format(path) -> "jsonl" | "json" | "table" | "parquet" | "arrow" | None
+    data_suffix(path) -> the format's suffix without compression (".jsonl" for x.jsonl.gz)
+    iter_lines(path) -> (line number, line) pairs, UTF-8 checked line by line (decompressed)
     text_lines(text) -> the same pairs for text already read (stdin)
     parse_table(lines, source, ...) / parse_jsonl(lines, source, ...)  # readers over such pairs
     parse_json_records(text, source, ...)
 
 ``Record`` is a ``dict`` and ``Row`` a ``list`` of strings; both carry ``.where``
-(``"file:line"``) so a later check can point at the exact line.
+(``"file:line"``, or ``"file:row"``) so a later check can point at the exact record.
 
 ``quoting`` (tables): ``"csv"`` reads standard CSV quoting (``"a ""quoted"" text"``);
 ``"none"`` reads every character literally (PTB-tokenised text whose sentences start with
@@ -31,10 +38,12 @@ ones ``"csv"`` only when the file's first lines really hold quoted fields (see
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import itertools
 import json
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +54,12 @@ from petune.errors import DataError
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 JSON_SUFFIXES = {".json"}
+PARQUET_SUFFIXES = {".parquet", ".pq"}
+ARROW_SUFFIXES = {".arrow", ".feather"}
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
+#: every format read_records takes, for hints
+FORMATS_HINT = (".jsonl, .json, .csv, .tsv (each also .gz or .zst), .parquet, .arrow, "
+                "or a folder written by datasets' save_to_disk")
 
 Quoting = Literal["auto", "csv", "none"]
 QUOTING_HELP = ("tables: \"csv\" reads quoted fields (\"a \"\"b\"\"\"), \"none\" keeps every quote as text "
@@ -137,7 +152,39 @@ def _shorten(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-# -- lines ----------------------------------------------------------------------------------
+# -- files and formats ----------------------------------------------------------------------
+def compression_of(path: str | Path) -> str | None:
+    """"gzip" or "zstd" when the name ends in .gz / .zst, else None."""
+    return COMPRESSION_SUFFIXES.get(Path(str(path)).suffix.lower())
+
+
+def data_suffix(path: str | Path) -> str:
+    """The suffix that names the format, past any compression suffix: ".jsonl" for
+    ``train.jsonl.gz``, ".csv" for ``train.csv``."""
+    path = Path(str(path))
+    return (Path(path.stem).suffix if compression_of(path) else path.suffix).lower()
+
+
+def data_format(path: str | Path) -> str | None:
+    """"jsonl", "json", "table", "parquet" or "arrow" (a file or a save_to_disk / parquet
+    shard folder); None for anything else (e.g. a CoNLL or plain text file)."""
+    path = Path(path)
+    if path.is_dir():
+        return "parquet" if not (path / "state.json").exists() and any(path.glob("*.parquet")) else "arrow"
+    suffix = data_suffix(path)
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in JSON_SUFFIXES:
+        return "json"
+    if suffix in TABLE_SUFFIXES:
+        return "table"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    if suffix in ARROW_SUFFIXES:
+        return "arrow"
+    return None
+
+
 def _open_binary(path: Path):
     try:
         return open(path, "rb")  # the caller closes it
@@ -145,18 +192,101 @@ def _open_binary(path: Path):
         raise DataError("file not found", where=str(path),
                         hint="relative paths in a recipe are relative to the recipe's folder") from None
     except IsADirectoryError:
-        raise DataError("is a folder, expected a data file", where=str(path)) from None
+        raise DataError("is a folder, expected a data file", where=str(path),
+                        hint="a folder is read only when datasets' save_to_disk wrote it (or it holds .parquet "
+                             "files), and only where a task takes records") from None
     except PermissionError:
         raise DataError("cannot read the file: permission denied", where=str(path)) from None
 
 
-def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """``(line number, line)`` for each line of a UTF-8 file, line endings kept and a
-    leading BOM dropped. Decoding goes line by line, so a bad byte is reported with its
-    line and column."""
-    path = Path(path)
+_CHUNK = 1 << 18  # compressed bytes per read: text inflates ~5-10x, so a few MB at a time
+
+
+_MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+
+
+def _decompressed(handle, kind: str, path: Path) -> Iterator[bytes]:
+    """The decompressed bytes of a gzip or zstd stream, a chunk at a time (never the whole
+    file in memory). Several members / frames one after another are read as one stream, as
+    gzip -d and zstd -d do; a stream that stops inside a member is an EOFError."""
+    if kind == "gzip":
+        def new_decoder():
+            return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    else:
+        try:
+            import zstandard
+        except ImportError:  # a dependency of petune; only a broken install lacks it
+            raise DataError("reading .zst files needs the zstandard package", where=None,
+                            hint="pip install zstandard") from None
+        context = zstandard.ZstdDecompressor()
+        new_decoder = context.decompressobj
+    decoder, fed = new_decoder(), False
+    first = handle.read(_CHUNK)
+    if first and not first.startswith(_MAGIC[kind]):
+        raise DataError(f"not {kind} data, though the name ends in {path.suffix}", where=str(path),
+                        hint=f"rename the file without {path.suffix} if it is not compressed, or recompress it")
+    for chunk in itertools.chain([first], iter(lambda: handle.read(_CHUNK), b"")):
+        while chunk:
+            fed = True
+            if out := decoder.decompress(chunk):
+                yield out
+            chunk = b""
+            if decoder.eof:  # this member ended; what follows is the next one
+                chunk, decoder, fed = decoder.unused_data, new_decoder(), False
+    if fed and not decoder.eof:
+        raise EOFError("the compressed data ends early")
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a chunk stream, each with its newline, as iterating a binary file gives them."""
+    rest = b""
+    for chunk in chunks:
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
+def _damaged(path: Path, kind: str, exc: BaseException, last_line: int) -> DataError:
+    """The error for compressed data that cannot be read past ``last_line``."""
+    what = "ends early (the file is truncated)" if isinstance(exc, EOFError) else f"is damaged ({exc})"
+    return DataError(f"the {kind} data {what}; {last_line} complete line(s) read before it", where=where(path, last_line + 1),
+                     hint=f"download or copy the file again; `{kind} -t {path.name}` checks it")
+
+
+@contextlib.contextmanager
+def _raw_lines(path: Path) -> Iterator[Iterator[bytes]]:
+    """The file's lines as bytes, decompressed as its name says."""
+    kind = compression_of(path)
     with _open_binary(path) as handle:
-        for number, raw in enumerate(handle, 1):
+        yield _split_lines(_decompressed(handle, kind, path)) if kind else iter(handle)
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` for each line of a UTF-8 file (decompressed when its name
+    ends in .gz or .zst), line endings kept and a leading BOM dropped. Decoding goes line
+    by line, so a bad byte is reported with its line and column, and damaged compressed
+    data with the line where reading stopped."""
+    path = Path(path)
+    kind = compression_of(path)
+    with _raw_lines(path) as raw_lines:
+        number = 0
+        while True:
+            try:
+                raw = next(raw_lines)
+            except StopIteration:
+                return
+            except (EOFError, OSError, zlib.error) as exc:
+                if kind is None:
+                    raise
+                raise _damaged(path, kind, exc, number) from None
+            except Exception as exc:  # zstandard.ZstdError, named so plain files never import zstandard
+                if kind == "zstd" and type(exc).__name__ == "ZstdError":
+                    raise _damaged(path, kind, exc, number) from None
+                raise
+            number += 1
             if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
                 raise DataError("the file is UTF-16 text, expected UTF-8", where=where(path, 1), hint=_UTF8_HINT)
             try:
@@ -184,7 +314,7 @@ def read_text(path: str | Path) -> str:
 def guess_delimiter(source: str | Path, first_line: str = "") -> str:
     """The delimiter from the extension (.csv comma, .tsv/.tab tab); otherwise a tab if
     the first line has one, else a comma."""
-    suffix = Path(str(source)).suffix.lower()
+    suffix = data_suffix(source)
     if suffix in TABLE_SUFFIXES:
         return TABLE_SUFFIXES[suffix]
     return "\t" if "\t" in first_line else ","
@@ -372,7 +502,7 @@ def parse_table(lines: Iterable[tuple[int, str]], source: str, *, delimiter: str
 
 def read_table(path: str | Path, delimiter: str | None = None, header: bool | str = "auto",
                max_rows: int | None = None, quoting: str = "auto") -> Table:
-    """Read a CSV/TSV file. ``delimiter=None`` picks it from the
+    """Read a CSV/TSV file (plain, .gz or .zst). ``delimiter=None`` picks it from the
     extension; ``header`` is True, False or "auto" (see :func:`looks_like_header`);
     ``quoting`` is "auto", "csv" or "none" (see the module's docstring)."""
     return parse_table(iter_lines(path), str(path), delimiter=delimiter, header=header, max_rows=max_rows,
@@ -381,8 +511,10 @@ def read_table(path: str | Path, delimiter: str | None = None, header: bool | st
 
 # -- JSON -----------------------------------------------------------------------------------
 def _json_type(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
-        type(value), "a number")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return "a number"
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null",
+            bytes: "binary data"}.get(type(value), f"a {type(value).__name__} value")
 
 
 def parse_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int | None = None) -> list[Record]:
@@ -468,21 +600,116 @@ def read_json_records(path: str | Path, max_rows: int | None = None) -> list[Rec
 
 
 def read_records(path: str | Path, max_rows: int | None = None, quoting: str = "auto") -> list[Record]:
-    """Read records from any supported file, by extension: .jsonl/.ndjson (JSON Lines),
-    .json (an array of objects; JSON Lines content is accepted too), .csv/.tsv (header
-    row required; values are strings)."""
+    """Read records from any supported file, by its name (see :func:`data_format`):
+    .jsonl/.ndjson (JSON Lines), .json (an array of objects; JSON Lines content is accepted
+    too), .csv/.tsv (header row required; values are strings), each of these also gzip
+    (.gz) or zstd (.zst) compressed and read as a stream; .parquet and .arrow/.feather
+    files, a folder written by ``datasets``' ``save_to_disk`` or a folder of .parquet
+    shards (values keep their types; ``where`` is ``file:row``, rows counted from 1)."""
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
+    kind = data_format(path)
+    if kind in ("parquet", "arrow"):
+        return read_columnar(path, max_rows)
+    if kind == "jsonl":
         return read_jsonl(path, max_rows)
-    if suffix in JSON_SUFFIXES:
+    if kind == "json":
         text = read_text(path)
         stripped = text.lstrip()
         if stripped.startswith("{"):  # JSON Lines saved as .json: common, and unambiguous
             return parse_jsonl(text_lines(text), str(path), max_rows=max_rows)
         return parse_json_records(text, str(path), max_rows=max_rows)
-    if suffix in TABLE_SUFFIXES:
+    if kind == "table":
         table = read_table(path, header=True, max_rows=max_rows, quoting=quoting)
         return [Record.at(dict(zip(table.columns, row)), row.where) for row in table.rows]
-    raise DataError(f"unsupported file type {suffix or '(no extension)'!r}", where=str(path),
-                    hint="use .jsonl, .json, .csv or .tsv")
+    suffix = "".join(Path(path).suffixes[-2:]) if compression_of(path) else path.suffix
+    raise DataError(f"unsupported file type {suffix or '(no extension)'!r}", where=str(path), hint=f"use {FORMATS_HINT}")
+
+
+# -- columnar: Parquet, Arrow ----------------------------------------------------------------
+def row_where(source: str | Path, index: int) -> str:
+    """``file:N`` for the row ``dataset[index]`` of a columnar file: rows count from 1, as
+    the lines of the same records in a JSON Lines file would."""
+    return f"{source}:{index + 1}"
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    """The .arrow files of a ``save_to_disk`` folder, in the order of its rows."""
+    if (folder / "dataset_dict.json").exists():
+        splits = sorted(p.name for p in folder.iterdir() if (p / "state.json").exists())
+        raise DataError("this folder holds a DatasetDict (several splits), expected one split",
+                        where=str(folder), hint="point at one split's folder: "
+                        + ", ".join(str(folder / name) for name in splits))
+    state_file = folder / "state.json"
+    if not state_file.exists():
+        raise DataError("is a folder, expected a data file", where=str(folder),
+                        hint=f"a folder is read when datasets' save_to_disk wrote it (state.json) or it holds "
+                             f".parquet files; else use {FORMATS_HINT}")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        files = [folder / item["filename"] for item in state["_data_files"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"state.json is not one datasets' save_to_disk writes ({exc})", where=str(state_file),
+                        hint="save the dataset again with dataset.save_to_disk(folder)") from None
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise DataError(f"state.json lists {', '.join(missing)}, which the folder lacks", where=str(folder),
+                        hint="copy the whole folder that save_to_disk wrote")
+    return files
+
+
+def _batches(path: Path, kind: str) -> Iterator:
+    """The record batches of one Parquet or Arrow (IPC file or stream) file."""
+    import pyarrow as pa
+
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        yield from pq.ParquetFile(path).iter_batches(batch_size=1024)
+        return
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+    except pa.ArrowInvalid:  # datasets writes the stream format
+        yield from pa.ipc.open_stream(pa.memory_map(str(path)))
+
+
+def read_columnar(path: str | Path, max_rows: int | None = None) -> list[Record]:
+    """Records of a .parquet or .arrow/.feather file, a ``save_to_disk`` folder or a folder
+    of .parquet shards, read a batch at a time (never more than ``max_rows``). Rows count
+    through all of a save_to_disk folder's files, and per file for parquet shards."""
+    import pyarrow as pa
+
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", where=str(path),
+                        hint="relative paths in a recipe are relative to the recipe's folder")
+    kind = data_format(path)
+    if compression_of(path):
+        raise DataError(f"{kind} files are compressed inside; a {path.suffix} around them is not read",
+                        where=str(path), hint=f"decompress it (the {data_suffix(path)} file itself is read)")
+    if path.is_dir():
+        files = sorted(path.glob("*.parquet")) if kind == "parquet" else _arrow_files(path)
+        sources = [p if kind == "parquet" else path for p in files]
+    else:
+        files, sources = [path], [path]
+    records: list[Record] = []
+    index, source = 0, None
+    for file, shown in zip(files, sources):
+        if shown != source:
+            index, source = 0, shown
+        try:
+            for batch in _batches(file, kind):
+                for row in batch.to_pylist():
+                    records.append(Record.at(row, row_where(source, index)))
+                    index += 1
+                    if max_rows is not None and len(records) >= max_rows:
+                        return records
+        except (pa.ArrowException, OSError) as exc:
+            what = "Parquet" if kind == "parquet" else "Arrow"
+            after = f" after row {index}" if index else ""
+            raise DataError(f"cannot read this {what} file{after}: {exc}", where=str(file),
+                            hint=f"check that it is a complete {what} file (copy or download it again)") from None
+    if not records:
+        raise DataError("the file has no rows" if not path.is_dir() else "the folder has no rows", where=str(path))
+    return records
