@@ -1,0 +1,892 @@
+"""Preference tuning of causal language models: DPO (and its loss variants: IPO, robust, hinge,
+APO ...), SimPO, ORPO and KTO, through TRL.
+
+Methods (``method``), each on the TRL 1.16 trainer named here (pinned: TRL's experimental
+trainers may move or change)::
+
+    dpo     trl.DPOTrainer                      loss_type: sigmoid (DPO), ipo, robust, hinge, apo_zero ...
+    simpo   trl.experimental.cpo.CPOTrainer     loss_type "simpo", cpo_alpha 0 (SimPO); no reference model
+    orpo    trl.experimental.orpo.ORPOTrainer   odds-ratio term on top of the answers' NLL; no reference model
+    kto     trl.KTOTrainer                      unpaired good/bad answers (paired data is split into both)
+
+Data: JSON Lines, JSON or CSV, read with :mod:`datafiles` (each record knows its file:line), in
+one of four formats; ``format = "auto"`` tells them apart by the keys of each file's first record::
+
+    pairs     {"prompt", "chosen", "rejected"}: strings, or lists of role/content messages
+    hh-rlhf   {"chosen", "rejected"}: whole dialogues ("\\n\\nHuman: ... \\n\\nAssistant: ...", or message
+              lists) split into the shared prompt and the two answers
+    openai    {"input": {"messages"}, "preferred_output", "non_preferred_output"} (OpenAI's DPO files)
+    kto       {"prompt", "completion", "label": true/false}: unpaired, for method = "kto" only
+
+Whole dialogues are split at the last assistant turn at or before the first message where they
+differ; a pair with no such turn (they differ from the first message on) is dropped and counted.
+Pairs whose two answers are identical, or whose answer ``max_length`` cuts to nothing, are dropped
+and counted too (the plan's notes), never trained on silently.
+
+Tokenization is done here, with the chat template chosen as the ``sft`` task chooses it: the
+prompt is rendered with the generation prompt, each answer is the text the template writes after
+it, through the end-of-turn token (the token generation stops on). Prompt and answers are
+tokenized apart, as generation sees them. ``max_prompt_length`` keeps the end of long prompts (and
+their BOS token); ``max_length`` then cuts answers at the end. TRL receives token ids only.
+
+Reference model (dpo, kto): with a peft adapter (lora, qlora) the base with the adapter disabled
+(the new adapter starts as the identity, so no copy is kept); with full fine-tuning a frozen copy
+made before training. Prompt tuning and bottleneck adapters are refused (see ``make_trainer``).
+
+Metrics on held-out pairs, before training and after, as ``validation_before`` / ``validation``
+(and test) in metrics.json: ``accuracy`` (share of pairs whose chosen answer gets the higher
+implicit reward, ties counted half), ``margin`` (mean reward of chosen minus rejected), the
+rewards, and ``chosen_logp`` / ``rejected_logp`` (summed log-probabilities of the answers) with
+``logp_accuracy`` (share where the model itself gives the chosen answer the higher log-probability).
+The implicit reward is TRL's: β·(log π − log π_ref) summed over the answer for dpo and kto,
+β·(mean token log π) for the reference-free simpo and orpo. Before training a reference-based
+model equals its reference, so accuracy is 0.5 and margin 0 there by definition.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from pydantic import Field, model_validator
+
+from petune import hookimpl
+from petune.api import DataPath, ModelInfo, Options, Task, TaskData
+from petune.errors import DataError, Refusal, UserError
+from petune_plugins.tasks import datafiles
+from petune_plugins.tasks.sft import (
+    _TEMPLATE_ERRORS,
+    SftTask,
+    TemplateMismatch,
+    _BadRow,
+    _checkpointing_args,
+    _device_of,
+    _is_decoder_only,
+    _is_prompt_learning,
+    _json_type,
+    _keys,
+    _message_list,
+    _text,
+    build_causal_lm,
+    prepare_chat_tokenizer,
+    render,
+)
+
+METHODS = ("dpo", "simpo", "orpo", "kto")
+#: loss types of trl.DPOConfig / trl.KTOConfig in TRL 1.16
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+#: methods whose implicit reward is measured against a reference model
+REFERENCE_METHODS = ("dpo", "kto")
+DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
+
+
+class PreferenceOptions(Options):
+    train: DataPath = Field(description="training pairs: JSON Lines, a JSON list or CSV")
+    validation: DataPath | None = Field(None, description="held-out pairs: accuracy, margin, log-probs before/after")
+    test: DataPath | None = Field(None, description="test pairs, scored after training")
+    validation_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train")
+    split_seed: int = Field(42, description="seed of the validation_split shuffle")
+    format: Literal["auto", "pairs", "hh-rlhf", "openai", "kto"] = Field(
+        "auto", description="data format; auto: by the keys of each file's first record")
+    method: Literal["dpo", "simpo", "orpo", "kto"] = Field("dpo", description="dpo | simpo | orpo | kto")
+    loss_type: str | list[str] | None = Field(
+        None, description="dpo: sigmoid (default), ipo, robust, hinge, apo_zero ... or a list to combine; "
+                          "kto: kto (default) or apo_zero_unpaired")
+    loss_weights: list[float] | None = Field(None, description="dpo: weight of each loss in a loss_type list")
+    beta: float | None = Field(None, gt=0, description="strength of the reference/reward term; default 0.1 "
+                                                       "(simpo: 2.0)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo robust/exo_pair and simpo: "
+                                                                  "share of labels assumed flipped")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin")
+    cpo_alpha: float = Field(0.0, ge=0, description="simpo: weight of the chosen answers' NLL (0 = pure SimPO)")
+    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of the good answers' loss")
+    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of the bad answers' loss")
+    chat_template: Literal["auto", "model", "chatml", "gemma", "alpaca", "plain"] = Field(
+        "auto", description="as the sft task: auto = the model's own, else a built-in")
+    max_length: int = Field(512, ge=8, description="tokens of prompt + answer; answers are cut at the end")
+    max_prompt_length: int | None = Field(None, ge=1, description="tokens of a prompt; longer ones keep their end")
+    max_rows: int | None = Field(None, ge=1, description="read at most this many records of each file")
+    num_sample_generations: int = Field(3, ge=0, description="held-out prompts answered before and after "
+                                                             "training (samples.jsonl)")
+    sample_max_new_tokens: int = Field(64, ge=1, description="new tokens of each sample generation")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.validation is not None and self.validation_split is not None:
+            raise ValueError("give either validation (a file) or validation_split (a fraction of train), not both")
+        if self.format == "kto" and self.method != "kto":
+            raise ValueError(f"format 'kto' holds unpaired answers, which method {self.method!r} cannot train on: "
+                             "use method = 'kto', or paired data")
+        losses = [self.loss_type] if isinstance(self.loss_type, str) else self.loss_type
+        if losses is not None:
+            allowed = {"dpo": DPO_LOSS_TYPES, "kto": KTO_LOSS_TYPES}.get(self.method)
+            if allowed is None:
+                raise ValueError(f"loss_type is for methods dpo and kto; {self.method} has its own loss "
+                                 f"(remove loss_type)")
+            unknown = [x for x in losses if x not in allowed]
+            if unknown:
+                raise ValueError(f"unknown {self.method} loss_type {unknown[0]!r}; known: {', '.join(allowed)}")
+            if self.method == "kto" and len(losses) != 1:
+                raise ValueError("kto takes one loss_type")
+            if self.loss_weights is not None and len(self.loss_weights) != len(losses):
+                raise ValueError(f"loss_weights has {len(self.loss_weights)} values for {len(losses)} loss types")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                             f"({self.max_length}), or no answer token fits")
+        return self
+
+    @property
+    def losses(self) -> list[str]:
+        if self.loss_type is None:
+            return ["kto"] if self.method == "kto" else ["sigmoid"]
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def beta_value(self) -> float:
+        return self.beta if self.beta is not None else DEFAULT_BETA[self.method]
+
+
+# -- records → pairs --------------------------------------------------------------------------
+class Pair(NamedTuple):
+    prompt: list[dict]
+    chosen: list[dict]  # the answer turns (an assistant message first)
+    rejected: list[dict]
+    where: str
+
+
+class Single(NamedTuple):
+    """An unpaired (KTO) example: one answer, good (True) or bad (False)."""
+
+    prompt: list[dict]
+    completion: list[dict]
+    label: bool
+    where: str
+
+
+_FORMAT_HINT = ("expected one of: pairs {prompt, chosen, rejected}; hh-rlhf {chosen, rejected} (whole dialogues); "
+                "openai {input: {messages}, preferred_output, non_preferred_output}; kto {prompt, completion, label}")
+
+
+def detect_format(record) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    if "preferred_output" in record or "non_preferred_output" in record:
+        return "openai"
+    if "completion" in record and "label" in record:
+        return "kto"
+    if "chosen" in record and "prompt" in record:
+        return "pairs"
+    if "chosen" in record and "rejected" in record:
+        return "hh-rlhf"
+    return None
+
+
+def _prompt(value, field: str) -> list[dict]:
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "type" not in m for m in value):
+        return _message_list(value, field, need_answer=False)
+    text = _text(value, repr(field))
+    if not text.strip():
+        raise _BadRow(f"{field!r} is empty: there is no prompt")
+    return [{"role": "user", "content": text}]
+
+
+def _answer(value, field: str) -> list[dict]:
+    """An answer: a string, or messages starting with the assistant's."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "type" not in m for m in value):
+        messages = _message_list(value, field, need_answer=True)
+        if messages[0]["role"] != "assistant":
+            raise _BadRow(f"{field!r} must start with an assistant message, it starts with a {messages[0]['role']} "
+                          f"one", hint="put the conversation before the answer in 'prompt'")
+        return messages
+    text = _text(value, repr(field))
+    if not text.strip():
+        raise _BadRow(f"{field!r} is empty: nothing to compare", hint="remove the record or fill in the answer")
+    return [{"role": "assistant", "content": text}]
+
+
+def _need(record: dict, *keys: str) -> None:
+    for key in keys:
+        if key not in record:
+            raise _BadRow(f"missing {key!r}; the record has {_keys(record)}")
+
+
+#: HH-RLHF turn markers: "\n\nHuman: ..." and "\n\nAssistant: ..."
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+
+
+def hh_messages(text: str, field: str) -> list[dict]:
+    """A whole HH-RLHF dialogue as role/content messages."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip() or len(parts) < 3:
+        raise _BadRow(f"{field!r} is not a dialogue of '\\n\\nHuman: ...' and '\\n\\nAssistant: ...' turns",
+                      hint="or give the prompt apart: {prompt, chosen, rejected} (format 'pairs')")
+    return [{"role": "user" if who == "Human" else "assistant", "content": content.strip()}
+            for who, content in zip(parts[1::2], parts[2::2])]
+
+
+def split_dialogues(chosen: list[dict], rejected: list[dict]) -> tuple[list, list, list] | str:
+    """(prompt, chosen answer, rejected answer) of two whole dialogues, split at the last assistant
+    turn at or before the first message where they differ; else why not: "identical" or
+    "no_shared_prefix"."""
+    if chosen == rejected:
+        return "identical"
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    for cut in range(shared, 0, -1):  # a prompt of at least one message
+        if cut < len(chosen) and cut < len(rejected) and \
+                chosen[cut]["role"] == rejected[cut]["role"] == "assistant":
+            return chosen[:cut], chosen[cut:], rejected[cut:]
+    return "no_shared_prefix"
+
+
+def to_examples(record, fmt: str) -> list[Pair | Single] | str:
+    """One record's pair (or unpaired example), or the reason it is dropped."""
+    if not isinstance(record, dict):
+        raise _BadRow(f"expected a JSON object, got {_json_type(record)}")
+    where = getattr(record, "where", "")
+    if fmt == "pairs":
+        _need(record, "prompt", "chosen", "rejected")
+        prompt = _prompt(record["prompt"], "prompt")
+        chosen, rejected = _answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")
+    elif fmt == "openai":
+        _need(record, "input", "preferred_output", "non_preferred_output")
+        given = record["input"]
+        if not isinstance(given, dict) or "messages" not in given:
+            raise _BadRow(f"'input' must be an object with 'messages', got {_json_type(given)}")
+        prompt = _message_list(given["messages"], "input.messages", need_answer=False)
+        chosen = _answer(record["preferred_output"], "preferred_output")
+        rejected = _answer(record["non_preferred_output"], "non_preferred_output")
+    elif fmt == "hh-rlhf":
+        _need(record, "chosen", "rejected")
+        sides = []
+        for key in ("chosen", "rejected"):
+            value = record[key]
+            sides.append(hh_messages(value, key) if isinstance(value, str)
+                         else _message_list(value, key, need_answer=False))
+        split = split_dialogues(*sides)
+        if isinstance(split, str):
+            return split
+        prompt, chosen, rejected = split
+        if not any(m["content"].strip() for m in chosen) or not any(m["content"].strip() for m in rejected):
+            return "empty_answer"
+    elif fmt == "kto":
+        _need(record, "prompt", "completion", "label")
+        label = record["label"]
+        if not isinstance(label, bool):
+            raise _BadRow(f"'label' must be true (a good answer) or false (a bad one), got {label!r}")
+        return [Single(_prompt(record["prompt"], "prompt"), _answer(record["completion"], "completion"), label,
+                       where)]
+    else:  # pragma: no cover - Options restrict the names
+        raise ValueError(fmt)
+    if chosen == rejected:
+        return "identical"
+    return [Pair(prompt, chosen, rejected, where)]
+
+
+def _format_of(records: list, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    first = records[0]
+    found = detect_format(first)
+    if found is None:
+        raise DataError(f"cannot tell the preference data format: its first record has keys {_keys(first)}",
+                        where=first.where, hint=f"{_FORMAT_HINT}; or set task.format")
+    return found
+
+
+def read_preferences(path: Path, fmt: str, max_rows: int | None) -> tuple[list[Pair | Single], str, dict]:
+    """The pairs (or unpaired examples) of a file, the format it was read as, and the counts of
+    records dropped by reason."""
+    records = datafiles.read_records(path, max_rows=max_rows)
+    fmt = _format_of(records, fmt)
+    examples, dropped = [], {}
+    for record in records:
+        try:
+            made = to_examples(record, fmt)
+        except _BadRow as exc:
+            hint = exc.hint
+            looks_like = detect_format(record)
+            if hint is None and looks_like not in (None, fmt):
+                hint = f"this record looks like {looks_like} data; all records of a file must be in one format"
+            raise DataError(f"{exc} ({fmt} format)", where=getattr(record, "where", str(path)),
+                            hint=hint or _FORMAT_HINT) from None
+        if isinstance(made, str):
+            dropped[made] = dropped.get(made, 0) + 1
+        else:
+            examples.extend(made)
+    return examples, fmt, dropped
+
+
+def unpair(examples: list[Pair | Single]) -> list[Single]:
+    """KTO's view of pairs: the chosen answer good, the rejected one bad."""
+    out = []
+    for e in examples:
+        if isinstance(e, Single):
+            out.append(e)
+        else:
+            out += [Single(e.prompt, e.chosen, True, e.where), Single(e.prompt, e.rejected, False, e.where)]
+    return out
+
+
+# -- tokenization -------------------------------------------------------------------------------
+class PairEncoder:
+    """Prompts and answers → token ids, cut to max_prompt_length / max_length."""
+
+    def __init__(self, tokenizer, template: str, end_of_turn: str, *, max_length: int, max_prompt_length: int | None):
+        self.tokenizer, self.template, self.end_of_turn = tokenizer, template, end_of_turn
+        self.max_length, self.max_prompt_length = max_length, max_prompt_length
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def prompt_text(self, prompt: list[dict], where: str) -> str:
+        try:
+            return render(self.tokenizer, self.template, prompt, add_generation_prompt=True)
+        except _TEMPLATE_ERRORS as exc:
+            raise DataError(f"the chat template cannot render this prompt: {exc}", where=where,
+                            hint="fix the record, or use a built-in template: task.chat_template = 'chatml'") from None
+
+    def answer_text(self, prompt: list[dict], before: str, answer: list[dict], where: str) -> str:
+        """What the template writes after the prompt for this answer, through its end-of-turn token."""
+        try:
+            full = render(self.tokenizer, self.template, prompt + answer)
+        except _TEMPLATE_ERRORS as exc:
+            raise DataError(f"the chat template cannot render this conversation: {exc}", where=where,
+                            hint="fix the record, or use a built-in template: task.chat_template = 'chatml'") from None
+        if not full.startswith(before):
+            raise TemplateMismatch("the chat template renders the prompt differently alone than followed by the "
+                                   "answer, so the answer cannot be located", where=where,
+                                   hint="use a built-in template: task.chat_template = 'chatml'")
+        tail = full[len(before):]
+        end = tail.rfind(self.end_of_turn)
+        if end < 0:
+            raise TemplateMismatch(f"the chat template wrote no {self.end_of_turn!r} after the answer", where=where,
+                                   hint="use a built-in template: task.chat_template = 'chatml'")
+        return tail[: end + len(self.end_of_turn)]
+
+    def prompt_ids(self, text: str, counts: dict) -> list[int]:
+        ids = self._ids(text)
+        limit = self.max_prompt_length
+        if limit is not None and len(ids) > limit:
+            counts["prompts_cut"] += 1
+            bos = self.tokenizer.bos_token_id
+            keep_bos = bos is not None and ids[0] == bos
+            ids = ([bos] + ids[len(ids) - limit + 1:]) if keep_bos else ids[len(ids) - limit:]
+        return ids
+
+    def cut_answer(self, prompt_ids: list[int], ids: list[int], counts: dict) -> list[int]:
+        room = self.max_length - len(prompt_ids)
+        if len(ids) > room:
+            counts["answers_cut"] += 1
+            ids = ids[: max(room, 0)]
+        return ids
+
+    def encode_pairs(self, pairs: list[Pair]) -> tuple[dict[str, list], dict[str, int]]:
+        columns = {k: [] for k in ("prompt_ids", "chosen_ids", "rejected_ids", "prompt", "chosen", "rejected",
+                                   "where")}
+        counts = {"prompts_cut": 0, "answers_cut": 0, "cut_to_nothing": 0, "identical": 0}
+        for pair in pairs:
+            before = self.prompt_text(pair.prompt, pair.where)
+            prompt_ids = self.prompt_ids(before, counts)
+            answers = [self.cut_answer(prompt_ids, self._ids(self.answer_text(pair.prompt, before, a, pair.where)),
+                                       counts) for a in (pair.chosen, pair.rejected)]
+            if not answers[0] or not answers[1]:
+                counts["cut_to_nothing"] += 1
+                continue
+            if answers[0] == answers[1]:  # identical once cut to max_length
+                counts["identical"] += 1
+                continue
+            for key, value in (("prompt_ids", prompt_ids), ("chosen_ids", answers[0]), ("rejected_ids", answers[1]),
+                              ("prompt", json.dumps(pair.prompt, ensure_ascii=False)),
+                              ("chosen", json.dumps(pair.chosen, ensure_ascii=False)),
+                              ("rejected", json.dumps(pair.rejected, ensure_ascii=False)), ("where", pair.where)):
+                columns[key].append(value)
+        return columns, counts
+
+    def encode_singles(self, singles: list[Single]) -> tuple[dict[str, list], dict[str, int]]:
+        columns = {k: [] for k in ("prompt_ids", "completion_ids", "label", "prompt", "completion", "where")}
+        counts = {"prompts_cut": 0, "answers_cut": 0, "cut_to_nothing": 0}
+        for single in singles:
+            before = self.prompt_text(single.prompt, single.where)
+            prompt_ids = self.prompt_ids(before, counts)
+            answer = self.cut_answer(prompt_ids, self._ids(self.answer_text(single.prompt, before, single.completion,
+                                                                             single.where)), counts)
+            if not answer:
+                counts["cut_to_nothing"] += 1
+                continue
+            for key, value in (("prompt_ids", prompt_ids), ("completion_ids", answer), ("label", single.label),
+                               ("prompt", json.dumps(single.prompt, ensure_ascii=False)),
+                               ("completion", json.dumps(single.completion, ensure_ascii=False)),
+                               ("where", single.where)):
+                columns[key].append(value)
+        return columns, counts
+
+
+def is_paired(dataset) -> bool:
+    return dataset is not None and "chosen_ids" in dataset.column_names
+
+
+# -- scoring ----------------------------------------------------------------------------------
+def answer_logps(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
+    """Summed log-probability of ``answer_ids`` after ``prompt_ids`` (one sequence, no padding;
+    only the answer positions' logits are computed)."""
+    import torch
+
+    device = _device_of(model)
+    ids = torch.tensor([prompt_ids + answer_ids], device=device)
+    n = len(answer_ids)
+    logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :n].float()
+    targets = torch.tensor(answer_ids, device=device)
+    return torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).sum().item()
+
+
+def _reference(trainer, model):
+    """A context in which ``model`` is the reference: the peft adapter disabled, or the frozen copy."""
+    from contextlib import nullcontext
+
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None:
+        return ref, nullcontext()
+    if hasattr(model, "disable_adapter"):
+        return model, model.disable_adapter()
+    raise RuntimeError("no reference model: neither a frozen copy nor a peft adapter to disable")
+
+
+def score_pairs(trainer, dataset, method: str, beta: float) -> dict:
+    """Accuracy, margin, rewards and log-probabilities of held-out pairs (see the module doc)."""
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    policy, reference = [], []
+    try:
+        with torch.no_grad():
+            for row in dataset:
+                policy.append([answer_logps(model, row["prompt_ids"], row[k]) for k in ("chosen_ids", "rejected_ids")])
+            if method in REFERENCE_METHODS:
+                ref_model, context = _reference(trainer, model)
+                was_ref_training = ref_model.training
+                ref_model.eval()
+                with context:
+                    for row in dataset:
+                        reference.append([answer_logps(ref_model, row["prompt_ids"], row[k])
+                                          for k in ("chosen_ids", "rejected_ids")])
+                ref_model.train(was_ref_training)
+    finally:
+        model.train(was_training)
+    lengths = [(len(row["chosen_ids"]), len(row["rejected_ids"])) for row in dataset]
+    return pair_metrics(policy, reference or None, lengths, method, beta)
+
+
+def pair_metrics(policy: list[list[float]], reference: list[list[float]] | None, lengths: list[tuple[int, int]],
+                 method: str, beta: float) -> dict:
+    """Metrics from per-pair summed log-probs [chosen, rejected] of the policy (and the reference)."""
+    rewards = []
+    for i, (c, r) in enumerate(policy):
+        if reference is not None:
+            rewards.append((beta * (c - reference[i][0]), beta * (r - reference[i][1])))
+        else:
+            rewards.append((beta * c / lengths[i][0], beta * r / lengths[i][1]))
+    n = len(policy)
+
+    def share(pairs) -> float:
+        return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / n
+
+    return {"accuracy": share(rewards), "margin": sum(a - b for a, b in rewards) / n,
+            "chosen_reward": sum(a for a, _ in rewards) / n, "rejected_reward": sum(b for _, b in rewards) / n,
+            "chosen_logp": sum(c for c, _ in policy) / n, "rejected_logp": sum(r for _, r in policy) / n,
+            "logp_accuracy": share(policy), "pairs": n}
+
+
+def score_singles(trainer, dataset, method: str, beta: float) -> dict:
+    """Held-out unpaired (KTO) examples: mean reward and log-probability of good and bad answers."""
+    import torch
+
+    model = trainer.model
+    was_training = model.training
+    model.eval()
+    logps, refs = [], []
+    try:
+        with torch.no_grad():
+            logps = [answer_logps(model, row["prompt_ids"], row["completion_ids"]) for row in dataset]
+            ref_model, context = _reference(trainer, model)
+            with context:
+                refs = [answer_logps(ref_model, row["prompt_ids"], row["completion_ids"]) for row in dataset]
+    finally:
+        model.train(was_training)
+    metrics = {"examples": len(logps)}
+    for name, wanted in (("desirable", True), ("undesirable", False)):
+        picked = [i for i, row in enumerate(dataset) if row["label"] == wanted]
+        if picked:
+            metrics[f"{name}_reward"] = sum(beta * (logps[i] - refs[i]) for i in picked) / len(picked)
+            metrics[f"{name}_logp"] = sum(logps[i] for i in picked) / len(picked)
+    if "desirable_reward" in metrics and "undesirable_reward" in metrics:
+        metrics["margin"] = metrics["desirable_reward"] - metrics["undesirable_reward"]
+    return metrics
+
+
+# -- TRL trainers on data tokenized here --------------------------------------------------------
+def _accuracy_alias(metrics: dict, prefix: str) -> dict:
+    """TRL logs ``rewards/accuracies``; the recipe's eval.metric (and early stopping) reads ``accuracy``."""
+    for ours, theirs in (("accuracy", "rewards/accuracies"), ("margin", "rewards/margins")):
+        if f"{prefix}_{theirs}" in metrics:
+            metrics[f"{prefix}_{ours}"] = metrics[f"{prefix}_{theirs}"]
+    return metrics
+
+
+def _trainer_classes(method: str):
+    """(trainer class, config class) for a method, with dataset preparation replaced: the data
+    arrives tokenized."""
+    if method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        class PetuneDPOTrainer(DPOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                return dataset  # prompt_ids / chosen_ids / rejected_ids, cut and checked in load_data
+
+            def evaluate(self, *args, metric_key_prefix: str = "eval", **kwargs):
+                return _accuracy_alias(super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs),
+                                       metric_key_prefix)
+
+        return PetuneDPOTrainer, DPOConfig
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        class PetuneKTOTrainer(KTOTrainer):
+            def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+                if not self.calculate_KL:
+                    return dataset
+                size = args.per_device_train_batch_size
+
+                def mismatched(batch):  # KTO's KL term: each prompt with its batch neighbour's answer
+                    answers = batch["completion_ids"]
+                    return {"KL_completion_ids": answers[-1:] + answers[:-1]}
+
+                return dataset.map(mismatched, batched=True, batch_size=size)
+
+        return PetuneKTOTrainer, KTOConfig
+    if method == "simpo":
+        from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+        class PetuneCPOTrainer(CPOTrainer):
+            def tokenize_row(self, feature, model=None):
+                return {}  # already in CPO's columns (see _cpo_columns)
+
+            def evaluate(self, *args, metric_key_prefix: str = "eval", **kwargs):
+                return _accuracy_alias(super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs),
+                                       metric_key_prefix)
+
+        return PetuneCPOTrainer, CPOConfig
+    if method == "orpo":
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+        class PetuneORPOTrainer(ORPOTrainer):
+            def tokenize_row(self, feature, model=None):
+                return {}
+
+            def evaluate(self, *args, metric_key_prefix: str = "eval", **kwargs):
+                return _accuracy_alias(super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs),
+                                       metric_key_prefix)
+
+        return PetuneORPOTrainer, ORPOConfig
+    raise ValueError(method)  # pragma: no cover - Options restrict the names
+
+
+def _cpo_columns(dataset):
+    """Pairs in the columns TRL's CPO/ORPO trainers collate: prompt, and prompt + answer with
+    labels (-100 on the prompt) for each side."""
+    if dataset is None:
+        return None
+
+    def convert(row):
+        out = {"prompt_input_ids": row["prompt_ids"], "prompt_attention_mask": [1] * len(row["prompt_ids"])}
+        for side in ("chosen", "rejected"):
+            ids = row["prompt_ids"] + row[f"{side}_ids"]
+            out[f"{side}_input_ids"] = ids
+            out[f"{side}_attention_mask"] = [1] * len(ids)
+            out[f"{side}_labels"] = [-100] * len(row["prompt_ids"]) + row[f"{side}_ids"]
+        return out
+
+    return dataset.map(convert, remove_columns=dataset.column_names)
+
+
+def _trl_singles(dataset, seed: int):
+    """KTO's training rows: unpaired, shuffled once here (KTO reads them in order, so that its KL
+    term pairs each prompt with another prompt's answer)."""
+    if dataset is None:
+        return None
+    if is_paired(dataset):
+        rows = {"prompt_ids": [], "completion_ids": [], "label": []}
+        for row in dataset:
+            for side, label in (("chosen_ids", True), ("rejected_ids", False)):
+                rows["prompt_ids"].append(row["prompt_ids"])
+                rows["completion_ids"].append(row[side])
+                rows["label"].append(label)
+        from datasets import Dataset
+
+        dataset = Dataset.from_dict(rows)
+    else:
+        dataset = dataset.select_columns(["prompt_ids", "completion_ids", "label"])
+    return dataset.shuffle(seed=seed).flatten_indices()
+
+
+# -- the task ---------------------------------------------------------------------------------
+class PreferenceTask(Task):
+    name = "preference"
+    description = "preference tuning of a causal LM: DPO (IPO, robust ...), SimPO, ORPO, KTO (TRL)"
+    Options = PreferenceOptions
+    peft_task_type = "CAUSAL_LM"
+    primary_metric = "accuracy"
+    token_level_loss = False  # one loss per pair
+
+    def check(self, model_info: ModelInfo, options: PreferenceOptions) -> None:
+        if not _is_decoder_only(model_info):
+            raise Refusal(f"the preference task trains a causal (decoder-only) language model, and {model_info.name} "
+                          f"is a {model_info.model_type} model that does not generate text", where="task.name",
+                          hint="use a causal LM (e.g. gemma-3-270m)")
+        limit = model_info.max_positions
+        if limit and options.max_length > limit:
+            raise Refusal(f"task.max_length = {options.max_length} is longer than the model's context "
+                          f"({limit} positions)", where="task.max_length", hint=f"set task.max_length to {limit} or less")
+        # unpaired KTO data has no pairs to score: the trainer's own KTO loss is the metric then
+        self.primary_metric = "loss" if options.method == "kto" else "accuracy"
+
+    # -- data -------------------------------------------------------------------------------
+    def load_data(self, options: PreferenceOptions, tokenizer) -> TaskData:
+        examples, notes = {}, {}
+        examples["train"], fmt, dropped = read_preferences(options.train, options.format, options.max_rows)
+        self._note_dropped(notes, "train", dropped)
+        if fmt == "kto" and options.method != "kto":
+            raise Refusal(f"{options.train} holds unpaired (kto format) answers, which method {options.method!r} "
+                          f"cannot train on", where="task.method", hint="use method = 'kto', or paired data")
+        for split, (found, held_dropped) in self._read_held_out(options).items():
+            examples[split] = found
+            self._note_dropped(notes, split, held_dropped)
+        if options.validation_split is not None:
+            from petune_plugins.tasks.sft import split_off
+
+            examples["train"], examples["validation"] = split_off(examples["train"], options.validation_split,
+                                                                  options.split_seed, where=str(options.train))
+        return self._encode(examples, options, tokenizer, fmt, notes)
+
+    def load_eval_data(self, options: PreferenceOptions, tokenizer, state: dict) -> TaskData:
+        examples, notes = {}, {}
+        for split, (found, dropped) in self._read_held_out(options).items():
+            examples[split] = found
+            self._note_dropped(notes, split, dropped)
+        data = self._encode(examples, options, tokenizer, state.get("format"), notes)
+        data.state = state
+        return data
+
+    @staticmethod
+    def _read_held_out(options: PreferenceOptions) -> dict:
+        held_out = {}
+        for split in ("validation", "test"):
+            path = getattr(options, split)
+            if path is not None:
+                found, _, dropped = read_preferences(path, options.format, options.max_rows)
+                held_out[split] = (found, dropped)
+        return held_out
+
+    @staticmethod
+    def _note_dropped(notes: dict, split: str, dropped: dict) -> None:
+        for reason, count in dropped.items():
+            notes[f"{split}_dropped_{reason}"] = count
+
+    @staticmethod
+    def _encode(examples: dict, options: PreferenceOptions, tokenizer, fmt, notes: dict) -> TaskData:
+        from datasets import Dataset
+
+        chat = prepare_chat_tokenizer(tokenizer, options.chat_template)
+        encoder = PairEncoder(tokenizer, chat.template, chat.end_of_turn, max_length=options.max_length,
+                              max_prompt_length=options.max_prompt_length)
+        notes = {"chat_template": chat.note, **notes}
+        datasets = {}
+        for split, found in examples.items():
+            paired = all(isinstance(e, Pair) for e in found)
+            if options.method == "kto" and split == "train" or not paired:
+                columns, counts = encoder.encode_singles(unpair(found))
+            else:
+                columns, counts = encoder.encode_pairs(found)
+            for reason, count in counts.items():
+                if count:
+                    key = f"{split}_dropped_{reason}" if reason in ("cut_to_nothing", "identical") else \
+                        f"{split}_{reason}"
+                    notes[key] = notes.get(key, 0) + count
+            if not columns["prompt_ids"]:
+                where = str(options.train if split == "train" or split == "validation" and options.validation is None
+                            else getattr(options, split))
+                reasons = ", ".join(f"{k.removeprefix(split + '_')} {v}" for k, v in notes.items()
+                                    if k.startswith(f"{split}_dropped_")) or "no records"
+                raise DataError(f"no {split} pairs left to train or score on ({reasons})", where=where,
+                                hint="raise task.max_length (or task.max_prompt_length), or check the data")
+            datasets[split] = Dataset.from_dict(columns)
+        state = {"format": fmt, **chat.state, "method": options.method, "max_length": options.max_length}
+        return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
+                        state=state, notes=notes)
+
+    # -- model ------------------------------------------------------------------------------
+    def build_model(self, model_info: ModelInfo, options: PreferenceOptions, state: dict, **load_kwargs):
+        return build_causal_lm(model_info, state, **load_kwargs)
+
+    # -- training ---------------------------------------------------------------------------
+    def make_trainer(self, *, model, tokenizer, data: TaskData, options: PreferenceOptions, args: dict,
+                     callbacks: list):
+        self._refuse_unsupported(model, options)
+        trainer_class, config_class = _trainer_classes(options.method)
+        config = {"bf16": False, **_checkpointing_args(args, config_class), "max_length": options.max_length,
+                  "beta": options.beta_value}
+        train, validation = data.train, data.validation
+        ref_model = None
+        if options.method == "dpo":
+            config.update(loss_type=options.losses, loss_weights=options.loss_weights,
+                          label_smoothing=options.label_smoothing)
+        elif options.method == "kto":
+            if args.get("per_device_train_batch_size", 1) < 2 and options.losses == ["kto"]:
+                raise Refusal("KTO estimates its KL term from each batch's other answers, so it needs "
+                              "train.batch_size of 2 or more", where="train.batch_size",
+                              hint="set train.batch_size = 2 (or more)")
+            config.update(loss_type=options.losses[0], desirable_weight=options.desirable_weight,
+                          undesirable_weight=options.undesirable_weight, train_sampling_strategy="sequential")
+            train, validation = _trl_singles(train, args.get("seed", 42)), _trl_singles(validation, args.get("seed", 42))
+        elif options.method == "simpo":
+            config.update(loss_type="simpo", simpo_gamma=options.simpo_gamma, cpo_alpha=options.cpo_alpha,
+                          label_smoothing=options.label_smoothing)
+            train, validation = _cpo_columns(train), _cpo_columns(validation)
+        elif options.method == "orpo":
+            train, validation = _cpo_columns(train), _cpo_columns(validation)
+        if options.method in REFERENCE_METHODS and not hasattr(model, "peft_config"):
+            ref_model = frozen_copy(model)
+        if validation is None:
+            config["eval_strategy"] = "no"
+        kwargs = {"ref_model": ref_model} if options.method in REFERENCE_METHODS else {}
+        trainer = trainer_class(model=model, args=config_class(**config), train_dataset=train,
+                                eval_dataset=validation, processing_class=tokenizer, callbacks=callbacks, **kwargs)
+        if options.method in REFERENCE_METHODS:
+            drop_reference_adapter(trainer.model)
+        trainer.add_callback(before_training_callback(self, trainer, data, options))
+        trainer._petune_before = {}
+        return trainer
+
+    @staticmethod
+    def _refuse_unsupported(model, options: PreferenceOptions) -> None:
+        if _is_prompt_learning(model):
+            raise Refusal("prompt and prefix tuning do not mix with preference tuning here: the reference model would "
+                          "be the base without the virtual tokens, whose answers the virtual tokens were never part "
+                          "of, and TRL reads the answer log-probabilities from positions the virtual tokens shift",
+                          where="strategy.name", hint="use lora, qlora or full")
+
+    # -- evaluation -------------------------------------------------------------------------
+    def score(self, trainer, dataset, options: PreferenceOptions) -> dict:
+        if is_paired(dataset):
+            return score_pairs(trainer, dataset, options.method, options.beta_value)
+        return score_singles(trainer, dataset, options.method, options.beta_value)
+
+    def evaluate(self, trainer, data: TaskData, options: PreferenceOptions, run_dir: Path) -> dict[str, dict]:
+        metrics = {}
+        before = getattr(trainer, "_petune_before", {}) or {}
+        for split in ("validation", "test"):
+            dataset = getattr(data, split)
+            if dataset is None or not len(dataset):
+                continue
+            if split in before.get("metrics", {}):
+                metrics[f"{split}_before"] = before["metrics"][split]
+            metrics[split] = self.score(trainer, dataset, options)
+        if options.num_sample_generations and trainer.is_world_process_zero():
+            after = self.sample_generations(trainer.model, trainer.processing_class, options, data)
+            if after:
+                from petune import artifacts
+
+                earlier = before.get("samples") or [None] * len(after)
+                for sample, old in zip(after, earlier):
+                    sample["after"] = sample.pop("generated")
+                    if old is not None:
+                        sample["before"] = old["generated"]
+                artifacts.write_text(Path(run_dir) / "samples.jsonl",
+                                     "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in after))
+        return metrics
+
+    def sample_generations(self, model, tokenizer, options: PreferenceOptions, data: TaskData) -> list[dict]:
+        """Greedy answers to the first held-out prompts (validation, else test, else train)."""
+        splits = (("validation", data.validation), ("test", data.test), ("train", data.train))
+        split, dataset = next(((n, d) for n, d in splits if d is not None and len(d)), (None, None))
+        if dataset is None:
+            return []
+        samples, seen = [], set()
+        for row in dataset:
+            if len(samples) >= options.num_sample_generations:
+                break
+            if row["prompt"] in seen:  # KTO rows repeat a prompt for each answer
+                continue
+            seen.add(row["prompt"])
+            prompt = json.loads(row["prompt"])
+            sample = {"split": split, "where": row["where"], "messages": prompt}
+            if "chosen" in row:
+                sample["chosen"] = _content(json.loads(row["chosen"]))
+                sample["rejected"] = _content(json.loads(row["rejected"]))
+            sample["generated"] = self.generate(model, tokenizer, options, data.state, prompt,
+                                                max_new_tokens=options.sample_max_new_tokens)
+            samples.append(sample)
+        return samples
+
+    # -- generation (petune generate / chat / serve): exactly as the sft task -------------------
+    def generate(self, model, tokenizer, options, state: dict, messages: list[dict], **kwargs) -> str:
+        return SftTask.generate(self, model, tokenizer, options, state, messages, **kwargs)
+
+
+def _content(messages: list[dict]) -> str:
+    return "\n\n".join(m["content"] for m in messages)
+
+
+def frozen_copy(model):
+    """The reference model of full fine-tuning: a copy of the starting weights, never trained.
+    (TRL would reload it from the model's folder, which misses embeddings resized for a pad token.)"""
+    import copy
+
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def drop_reference_adapter(model) -> None:
+    """TRL 1.16 copies a peft model's adapter as a frozen "ref" adapter. Ours is new and starts
+    as the identity (LoRA's B = 0), so the base with the adapter disabled is the same reference
+    without the copy; TRL falls back to disabling the adapter when there is no "ref"."""
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict) and "ref" in configs:
+        model.delete_adapter("ref")
+
+
+def before_training_callback(task: PreferenceTask, trainer, data: TaskData, options: PreferenceOptions):
+    """A callback that scores the held-out data and generates the sample answers once, before
+    the first step (on the model as it starts, which ``evaluate`` compares with the result)."""
+    from transformers import TrainerCallback
+
+    class BeforeTraining(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step > 0:  # resumed: the starting model is gone
+                return
+            before = {"metrics": {}}
+            for split in ("validation", "test"):
+                dataset = getattr(data, split)
+                if dataset is not None and len(dataset):
+                    before["metrics"][split] = task.score(trainer, dataset, options)
+            if options.num_sample_generations and state.is_world_process_zero:
+                before["samples"] = task.sample_generations(trainer.model, trainer.processing_class, options, data)
+            trainer._petune_before = before
+
+    return BeforeTraining()
+
+
+@hookimpl
+def register_tasks(register):
+    register(PreferenceTask)
