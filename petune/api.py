@@ -72,7 +72,7 @@ class ModelInfo:
     def from_path(cls, name: str, path: Path) -> "ModelInfo":
         from transformers import AutoConfig
 
-        return cls(name=name, path=Path(path), config=AutoConfig.from_pretrained(path))
+        return cls(name=name, path=Path(path), config=AutoConfig.from_pretrained(path, trust_remote_code=False))
 
     @property
     def model_type(self) -> str:

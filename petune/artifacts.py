@@ -72,12 +72,24 @@ def write_dir(path: Path, fill) -> None:
     tmp.mkdir(parents=True)
     try:
         fill(tmp)
+        _set_run_permissions(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _set_run_permissions(folder: Path) -> None:
+    """Files written by libraries (peft, safetensors, tokenizers) get the same permissions
+    as petune's own run files: what the umask allows, not a library's private 0600."""
+    mask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def save_figure(fig, path: Path) -> None:
@@ -88,15 +100,53 @@ def save_figure(fig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to write into an existing run folder unless asked to, and check that the
+def is_run_folder(path: Path) -> bool:
+    """A folder petune made: its manifest parses and has petune's fields."""
+    try:
+        manifest = read_json(Path(path) / "manifest.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and {"status", "started", "versions"} <= manifest.keys()
+
+
+def why_not_replaceable(path: Path, protected: list[Path]) -> str | None:
+    """Why ``--overwrite`` must not delete ``path``; None when it may (a petune run that
+    holds nothing this run reads)."""
+    path = Path(path).resolve()
+    for name, place in (("your home folder", Path.home()), ("the current folder", Path.cwd())):
+        place = place.resolve()
+        if path == place:
+            return f"it is {name}"
+        if path in place.parents:
+            return f"it holds {name} ({place})"
+    for keep in protected:
+        keep = Path(keep).resolve()
+        if path == keep or path in keep.parents:
+            return f"it holds {keep}, which this run reads"
+    if not is_run_folder(path):
+        return "it is not a petune run folder (it has no petune manifest.json)"
+    return None
+
+
+def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool, protected: list[Path] = ()) -> None:
+    """Refuse to write into an existing folder unless asked to, refuse to replace anything
+    but a petune run, refuse a folder another petune process holds, and check that the
     folder can be created — without leaving anything behind if the run fails early."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError("output path exists and is not a folder", where=str(path))
-    if path.exists() and any(path.iterdir()) and not (resume or overwrite):
-        raise UserError("output folder already exists", where=str(path),
-                        hint="pass --resume to continue it, --overwrite to replace it, or set output.dir elsewhere")
+    in_use = RunLock.holder(path)
+    if in_use:
+        raise UserError(f"the run folder is in use by another petune process ({in_use})", where=str(path),
+                        hint="wait for it to finish, stop it, or set output.dir elsewhere")
+    if path.exists() and any(path.iterdir()):
+        if not (resume or overwrite):
+            raise UserError("output folder already exists", where=str(path),
+                            hint="pass --resume to continue it, --overwrite to replace it, or set output.dir elsewhere")
+        reason = why_not_replaceable(path, list(protected)) if overwrite and not resume else None
+        if reason:
+            raise UserError(f"--overwrite refused: {reason}; nothing was deleted", where=str(path),
+                            hint="--overwrite only replaces a previous petune run; set output.dir to a new folder")
     if resume and not (path / "recipe.toml").exists():
         raise UserError("nothing to resume: the output folder holds no run", where=str(path))
     parent = path
@@ -109,10 +159,70 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool) -> None:
                         hint="choose a writable output.dir (e.g. --set output.dir=runs/NAME)") from None
 
 
-def start_run_dir(path: Path, *, overwrite: bool, resume: bool) -> None:
-    if overwrite and not resume and path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+def start_run_dir(path: Path, *, overwrite: bool, resume: bool, protected: list[Path] = ()) -> "RunLock":
+    """Lock the run folder (created if needed) and, for ``--overwrite``, empty it. The
+    lock is held until ``release()`` or the process ends."""
+    path = Path(path)
+    lock = RunLock(path)
+    if overwrite and not resume and is_run_folder(path):
+        reason = why_not_replaceable(path, list(protected))  # checked again: the folder may have changed
+        if reason:
+            lock.release()
+            raise UserError(f"--overwrite refused: {reason}; nothing was deleted", where=str(path))
+        for child in path.iterdir():
+            if child.name == RunLock.FILE:
+                continue  # keep our own lock: deleting its file would let a second process lock a new one
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    return lock
+
+
+class RunLock:
+    """An advisory lock (``flock``) on a run folder, naming its holder, so two petune
+    processes never train into the same folder. The kernel drops it when the process
+    dies, so a crash never leaves a stale lock."""
+
+    FILE = ".petune.lock"
+
+    def __init__(self, folder: Path):
+        import fcntl
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(folder / self.FILE, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._read(self.fd)
+            os.close(self.fd)
+            raise UserError(f"the run folder is in use by another petune process ({holder})", where=str(folder),
+                            hint="wait for it to finish, stop it, or set output.dir elsewhere") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {platform.node()}, since {now()}\n".encode(), 0)
+
+    @staticmethod
+    def _read(fd: int) -> str:
+        return os.pread(fd, 200, 0).decode(errors="replace").strip() or "pid unknown"
+
+    @classmethod
+    def holder(cls, folder: Path) -> str | None:
+        """Who holds the folder's lock, or None when nobody does (nothing is created)."""
+        import fcntl
+
+        try:
+            fd = os.open(Path(folder) / cls.FILE, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None
+        except OSError:
+            return cls._read(fd)
+        finally:
+            os.close(fd)  # closing drops our shared lock, if we got it
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
 
 
 def git_commit(cwd: Path) -> str | None:

@@ -4,12 +4,17 @@ The HF Trainer writes ``checkpoints/checkpoint-N/`` in place. A checkpoint only 
 once petune has seen the trainer finish it and written ``petune-complete.json`` into it
 (atomically), so a crash mid-write leaves a folder without the marker: never mistaken
 for a whole checkpoint, skipped with a warning on ``--resume``.
+
+petune, not the trainer, deletes old checkpoints (``train.save_total_limit``), and only
+after the new one is marked: the trainer deletes before petune can mark, so a crash in
+between could leave no whole checkpoint at all.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -44,8 +49,48 @@ def newest_valid(run_dir: Path) -> Path | None:
     return None
 
 
-def callbacks() -> list:
-    """Mark finished checkpoints; stop cleanly (with a checkpoint) on SIGINT/SIGTERM."""
+def state_of(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / "trainer_state.json").read_text())
+
+
+def training_finished(checkpoint: Path, max_steps: int | None, epochs: float) -> bool:
+    """Whether the checkpoint already holds the end of the schedule, so a resume must not
+    train again (the trainer would run one step past the end)."""
+    state = state_of(checkpoint)
+    step = state.get("global_step", 0)
+    if max_steps:
+        return step >= max_steps
+    # an epoch schedule: the checkpoint knows its step count if the epochs did not change
+    return state.get("num_train_epochs") == epochs and step >= state.get("max_steps", float("inf"))
+
+
+def restore(trainer, checkpoint: Path) -> None:
+    """Load a checkpoint's weights and trainer state without training (the end of the
+    schedule was reached before a crash: only the final artifacts are missing)."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(str(checkpoint))  # the trainer's own loader knows peft and full models
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
+def rotate(output_dir: Path, keep: int | None, also_keep: str | None = None) -> None:
+    """Delete all but the newest ``keep`` whole checkpoints (and ``also_keep``, the best one)."""
+    if keep is None:
+        return
+    found = sorted((p for p in Path(output_dir).glob("checkpoint-*") if _step(p) >= 0), key=_step, reverse=True)
+    whole = [p for p in found if is_valid(p)]
+    kept = {p.resolve() for p in whole[:keep]} | ({Path(also_keep).resolve()} if also_keep else set())
+    newest = whole[0] if whole else None
+    for path in found:
+        # a checkpoint newer than the newest whole one is being written: leave it alone
+        if path.resolve() in kept or newest is None or _step(path) > _step(newest):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def callbacks(save_total_limit: int | None = None) -> list:
+    """Mark finished checkpoints, then delete the old ones; stop cleanly (with a
+    checkpoint) on SIGINT/SIGTERM."""
     from transformers import TrainerCallback
 
     class MarkCompleteCheckpoints(TrainerCallback):
@@ -56,6 +101,7 @@ def callbacks() -> list:
             if path.is_dir():
                 files = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != MARKER)
                 artifacts.write_json(path / MARKER, {"step": state.global_step, "files": files})
+            rotate(Path(args.output_dir), save_total_limit, state.best_model_checkpoint)
 
     class StopOnSignal(TrainerCallback):
         """First Ctrl-C / SIGTERM: checkpoint at the end of this step and stop.

@@ -5,14 +5,17 @@ It knows no concrete strategy or task: everything that varies is a plugin (petun
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from petune import artifacts, checkpoints, memory
 from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters
 from petune.console import err, human_count, is_main_process, key_value_table, metrics_table, out, training_progress_callback
 from petune.errors import UserError
-from petune.models import resolve_model
+from petune.models import load_tokenizer, loading_weights, resolve_model
 from petune.plugins import PluginHost
 from petune.recipe import Recipe, load_recipe
 from petune.runs import plot_learning_rate
@@ -46,8 +49,15 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     check_recipe(recipe, host, task, strategy)  # refuse what is impossible before anything loads
+    run_dir = recipe.output_dir
     if not dry_run and is_main_process():
-        artifacts.prepare_run_dir(recipe.output_dir, resume=resume, overwrite=overwrite)
+        artifacts.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, protected=inputs_of(recipe))
+    resume_from = checkpoints.newest_valid(run_dir) if resume and not dry_run else None
+    finished = resume_from is not None and checkpoints.training_finished(resume_from, recipe.train.max_steps,
+                                                                         recipe.train.epochs)
+    if resume and not dry_run and already_completed(run_dir, strategy) and (finished or resume_from is None):
+        err.print(f"[green]nothing to do[/]: {run_dir} is a completed run (resume continues only unfinished runs)")
+        return RunResult("completed", metrics=artifacts.read_json(run_dir / "metrics.json"))
 
     info = resolve_model(recipe.model.name, host.model_sources())
     with host.blame("task", task.name, "check"):
@@ -55,31 +65,32 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
     with host.blame("strategy", strategy.name, "check"):
         strategy.check(task, info, recipe.strategy)
 
-    from transformers import AutoTokenizer, set_seed
+    from transformers import set_seed
 
     set_seed(recipe.train.seed)  # one seed for data order, head and adapter initialisation
-    tokenizer = AutoTokenizer.from_pretrained(info.path)
+    tokenizer = load_tokenizer(info.path)
     with host.blame("task", task.name, "load_data"):
         data = task.load_data(recipe.task, tokenizer)
     check_batch_size(recipe, data)
     model = build_trainable_model(recipe, host, task, strategy, info, data.state)
     trainable, total = count_parameters(model)
-    the_run = Run(recipe, recipe.output_dir, task, strategy, info, data)
+    the_run = Run(recipe, run_dir, task, strategy, info, data)
     show_plan(the_run, trainable, total, extra=[memory.plan_row(recipe, host, info)])
     if dry_run:
         return RunResult("planned", trainable_parameters=trainable, total_parameters=total)
 
-    run_dir = recipe.output_dir
     check_disk_space(run_dir, recipe, strategy, trainable, total)
-    resume_from = checkpoints.newest_valid(run_dir) if resume else None
     if resume:
         err.print(f"resuming from {resume_from}" if resume_from else "[yellow]no valid checkpoint: starting from step 0[/]")
+    lock = None
     if is_main_process():
-        artifacts.start_run_dir(run_dir, overwrite=overwrite, resume=resume)
+        lock = artifacts.start_run_dir(run_dir, overwrite=overwrite, resume=resume, protected=inputs_of(recipe))
         artifacts.write_toml(run_dir / "recipe.toml", recipe.resolved())
         artifacts.write_json(run_dir / "task_state.json", data.state)
     manifest = artifacts.new_manifest(recipe, host.listing())
     manifest.update(trainable_parameters=trainable, total_parameters=total, resumed_from=str(resume_from) if resume_from else None)
+    if resume:
+        keep_first_start(manifest, run_dir)
     if is_main_process():
         artifacts.write_json(run_dir / "manifest.json", manifest)
     host.call("on_run_start", run=the_run)
@@ -87,13 +98,20 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
     result = RunResult("failed", trainable_parameters=trainable, total_parameters=total)
     try:
         args = training_arguments(recipe, run_dir, task, data)
-        callbacks = [training_progress_callback(), *checkpoints.callbacks(), *early_stopping(recipe)]
+        callbacks = [training_progress_callback(), *checkpoints.callbacks(recipe.train.save_total_limit),
+                     *early_stopping(recipe)]
         callbacks += [cb for cbs in host.call("trainer_callbacks", run=the_run) for cb in cbs]
         with host.blame("task", task.name, "make_trainer"):
             trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,
                                         args=args, callbacks=callbacks)
         prepare_trainer(trainer)
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        resumed_at = checkpoints.state_of(resume_from)["global_step"] if resume_from else 0
+        if finished:
+            err.print(f"training had reached step {resumed_at}: writing the final artifacts only")
+            checkpoints.restore(trainer, resume_from)
+        else:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            whole_run_train_loss(trainer.state.log_history, resumed_at)
         if checkpoints.stop_requested(callbacks):
             result.status, result.error = "interrupted", "stopped by a signal after writing a checkpoint"
             err.print(f"[yellow]stopped[/] at step {trainer.state.global_step}; continue with: "
@@ -116,14 +134,95 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
     except KeyboardInterrupt:
         result.status, result.error = "interrupted", "stopped by the user"
         raise
+    except OSError as exc:
+        result.error = f"{type(exc).__name__}: {exc}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(exc, recipe) from exc
+        raise
     except BaseException as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
         manifest.update(status=result.status, ended=artifacts.now(), error=result.error)
         if is_main_process():
-            artifacts.write_json(run_dir / "manifest.json", manifest)
+            try:
+                artifacts.write_json(run_dir / "manifest.json", manifest)
+            except OSError as exc:  # a full disk must not hide the error that matters
+                err.print(f"[yellow]warning[/]: could not update {run_dir / 'manifest.json'}: {exc}")
+        if lock is not None:
+            lock.release()
         host.call("on_run_end", run=the_run, result=result)
+
+
+def inputs_of(recipe: Recipe) -> list[Path]:
+    """Files and folders the recipe reads, which ``--overwrite`` must never delete: the
+    recipe itself (unless it is the run's own copy) and every path among the options."""
+    paths = [] if recipe.path is None else [Path(recipe.path)]
+    if paths and paths[0].resolve() == (recipe.output_dir / "recipe.toml").resolve():
+        paths = []  # re-running a run's own recipe.toml: it is rewritten, nothing is lost
+    paths += [*_paths_in(recipe.task), *_paths_in(recipe.strategy)]
+    model = Path(recipe.model.name).expanduser()
+    return paths + ([model] if model.exists() else [])
+
+
+def _paths_in(value) -> list[Path]:
+    """Every Path inside plugin options, however nested (files with their own options, lists)."""
+    if isinstance(value, Path):
+        return [value]
+    if isinstance(value, BaseModel):
+        value = vars(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _paths_in(v)]
+    return []
+
+
+def already_completed(run_dir: Path, strategy: Strategy) -> bool:
+    try:
+        manifest = artifacts.read_json(run_dir / "manifest.json")
+    except (OSError, ValueError):
+        return False
+    return (manifest.get("status") == "completed" and (run_dir / strategy.artifact).exists()
+            and (run_dir / "metrics.json").exists())
+
+
+def keep_first_start(manifest: dict, run_dir: Path) -> None:
+    """A resumed run keeps the time it first started; each resume is listed."""
+    try:
+        before = artifacts.read_json(run_dir / "manifest.json")
+    except (OSError, ValueError):
+        return
+    manifest["resumes"] = [*before.get("resumes", []), manifest["started"]]
+    manifest["started"] = before.get("started", manifest["started"])
+
+
+def whole_run_train_loss(log_history: list[dict], resumed_at: int) -> None:
+    """The trainer's final ``train_loss`` averages only the steps since the resume; make it
+    cover the whole run. Steps before the resume are taken from the logged losses (each
+    the mean over its logging interval; exact when save_steps is a multiple of logging_steps)."""
+    final = next((h for h in reversed(log_history) if "train_loss" in h), None)
+    if final is None or not 0 < resumed_at < final["step"]:
+        return
+    before, previous = 0.0, 0
+    for h in log_history:
+        if "loss" in h and previous < h["step"] <= resumed_at:
+            before += h["loss"] * (h["step"] - previous)
+            previous = h["step"]
+    if previous < resumed_at and previous > 0:  # unlogged tail before the checkpoint: its last logged mean
+        before += before / previous * (resumed_at - previous)
+    segment = final["train_loss"] * (final["step"] - resumed_at)
+    final["train_loss"] = (before + segment) / final["step"]
+
+
+def disk_full(exc: OSError, recipe: Recipe) -> UserError:
+    saved = checkpoints.newest_valid(recipe.output_dir)
+    resume = f"petune run {recipe.path} --resume" + "".join(f" --set {o}" for o in recipe.overrides)
+    return UserError(f"the disk is full ({exc.filename or 'while writing'}): "
+                     + (f"the newest whole checkpoint is {saved}" if saved else "no checkpoint was saved yet"),
+                     where=str(recipe.output_dir),
+                     hint=f"free some space, then continue with: {resume}" if saved else
+                          "free some space (or lower train.save_total_limit) and run again")
 
 
 def check_recipe(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy) -> None:
@@ -134,8 +233,9 @@ def check_recipe(recipe: Recipe, host: PluginHost, task: Task, strategy: Strateg
 
 
 def build_trainable_model(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy, info: ModelInfo, state: dict):
-    load_kwargs = {"dtype": model_dtype(recipe.model.dtype), **strategy.load_kwargs(recipe.strategy)}
-    with host.blame("task", task.name, "build_model"):
+    load_kwargs = {"dtype": model_dtype(recipe.model.dtype), "trust_remote_code": False,
+                   **strategy.load_kwargs(recipe.strategy)}
+    with loading_weights(info.path), host.blame("task", task.name, "build_model"):
         model = task.build_model(info, recipe.task, state, **load_kwargs)
     with host.blame("strategy", strategy.name, "apply"):
         return strategy.apply(model, task, recipe.strategy)
@@ -165,19 +265,17 @@ def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True) -
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     if not (run_dir / strategy.artifact).exists():
         raise UserError(f"the run has no {strategy.artifact}/ folder (did it finish?)", where=str(run_dir))
-    from transformers import AutoTokenizer
-
     info = resolve_model(recipe.model.name, host.model_sources())
     state = artifacts.read_json(run_dir / "task_state.json")
-    load_kwargs = {"dtype": model_dtype(recipe.model.dtype)}
+    load_kwargs = {"dtype": model_dtype(recipe.model.dtype), "trust_remote_code": False}
     if quantized:
         load_kwargs.update(strategy.load_kwargs(recipe.strategy))
-    with host.blame("task", task.name, "build_model"):
+    with loading_weights(info.path), host.blame("task", task.name, "build_model"):
         base = task.build_model(info, recipe.task, state, **load_kwargs)
     with host.blame("strategy", strategy.name, "restore"):
         model = strategy.restore(base, run_dir / strategy.artifact, task, recipe.strategy)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
     return LoadedRun(run_dir, recipe, task, strategy, state, model, tokenizer)
 
 
@@ -236,7 +334,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData
         eval_steps=e.steps,
         save_strategy=eval_strategy if keep_best else "steps",
         save_steps=e.steps if keep_best and eval_strategy == "steps" else t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # petune deletes old checkpoints only after marking the new one (checkpoints.rotate)
         load_best_model_at_end=keep_best,
         metric_for_best_model=metric,
         greater_is_better=not metric.endswith("loss") and metric != "perplexity",
@@ -363,6 +461,8 @@ def check_disk_space(run_dir: Path, recipe: Recipe, strategy: Strategy, trainabl
     checkpoint = trainable * 12 + (total * 4 if strategy.artifact == "model" else 0)
     final = trainable * 4 + (total * 4 if strategy.artifact == "model" else 0)
     needed = checkpoint * (recipe.train.save_total_limit + 1) + final + 50 * 2**20
+    # on --resume the run's own checkpoints are rotated out as new ones arrive: their space counts as free
+    needed -= folder_size(run_dir / "checkpoints")
     parent = run_dir
     while not parent.exists():
         parent = parent.parent
@@ -374,6 +474,10 @@ def check_disk_space(run_dir: Path, recipe: Recipe, strategy: Strategy, trainabl
                         f"({recipe.train.save_total_limit} checkpoints of {human_bytes(checkpoint)} + final artifacts), "
                         f"{human_bytes(free)} is free", where=str(parent),
                         hint="free some space, lower train.save_total_limit, or set output.dir on a larger disk")
+
+
+def folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
 
 
 def show_plan(run: Run, trainable: int, total: int, extra: list[tuple[str, str]] = ()) -> None:
