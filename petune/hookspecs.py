@@ -17,11 +17,18 @@ and implementing any of the hooks below with ``@petune.hookimpl``::
 First-party strategies, tasks and model sources are registered the same way, from
 ``petune_plugins`` (see ``plugins/`` in the repository).
 
-Order: first-party plugins are registered first, then third-party packages sorted
-by distribution name and then entry-point name. Registration hooks are called once
-per plugin in that order; lifecycle hooks (``on_run_start``, ``on_run_end``,
-``trainer_callbacks``) also run in that order. Registering a name that is already
-taken is an error naming both packages.
+Order: first-party plugins load first, then third-party packages sorted by
+distribution name and then entry-point name.
+
+* Registration hooks (``register_strategies``, ``register_tasks``,
+  ``register_model_sources``) are called once per plugin in that order, when the host
+  starts; registering a name that is already taken is an error naming both packages.
+* Lifecycle hooks are called through pluggy, in that order, for each run:
+  ``on_run_start`` (plan fixed, before training) → ``trainer_callbacks`` (while the
+  trainer is built) → ``on_run_end`` (always, also after a failure). pluggy's markers
+  work as documented: ``@hookimpl(tryfirst=True)`` / ``trylast=True`` move a plugin to
+  the front or back, and ``@hookimpl(wrapper=True)`` generators wrap the others.
+  An exception in a third-party hook is reported naming its package.
 """
 
 from __future__ import annotations

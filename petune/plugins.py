@@ -96,24 +96,25 @@ class PluginHost:
         self.registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
         self._plugins: list[tuple[PluginOrigin, Any]] = []  # in load order
 
+        loaded = []
         for origin, ep in _entry_points(self.autoload):
             try:
-                self._add(origin, ep.load())
+                loaded.append((origin, ep.load()))
             except Exception as exc:  # a broken plugin must not break the others
                 self._fail(origin, f"{type(exc).__name__}: {exc}")
-        for origin, plugin in extra:  # plugins given in-process (tests, embedding)
+        loaded += list(extra)  # plugins given in-process (tests, embedding)
+        # pluggy calls the last-registered plugin first: registering in reverse makes lifecycle
+        # hooks run in the documented load order, with tryfirst/trylast/wrappers on top.
+        for origin, plugin in reversed(loaded):
             try:
-                self._add(origin, plugin)
+                self.pm.register(plugin, name=f"{origin.package}:{origin.entry_point}")
             except Exception as exc:
                 self._fail(origin, f"{type(exc).__name__}: {exc}")
+        self._plugins = [(o, p) for o, p in loaded if self.pm.is_registered(p)]  # in load order
         for kind in KINDS:
             self._collect(kind)
 
     # -- loading -------------------------------------------------------------------------
-    def _add(self, origin: PluginOrigin, plugin: Any) -> None:
-        self.pm.register(plugin, name=f"{origin.package}:{origin.entry_point}")
-        self._plugins.append((origin, plugin))
-
     def _fail(self, origin: PluginOrigin, error: str) -> None:
         failure = LoadFailure(origin, error)
         if self.strict:
@@ -121,7 +122,8 @@ class PluginHost:
         self.failures.append(failure)
 
     def _impls(self, hook_name: str) -> Iterator[tuple[PluginOrigin, Any]]:
-        """Hook implementations in the documented plugin order."""
+        """Hook implementations in load order (for the registration hooks, which are
+        called plugin by plugin so that a name clash can name both packages)."""
         impls = {impl.plugin: impl for impl in getattr(self.pm.hook, hook_name).get_hookimpls()}
         for origin, plugin in self._plugins:
             if plugin in impls:
@@ -189,14 +191,38 @@ class PluginHost:
 
     # -- lifecycle hooks and blame -------------------------------------------------------
     def call(self, hook_name: str, **kwargs) -> list:
-        """Call a lifecycle hook plugin by plugin; an exception names the plugin."""
-        results = []
-        for origin, impl in self._impls(hook_name):
-            with self._blame(origin, f"hook {hook_name}"):
-                result = impl.function(*[kwargs[a] for a in impl.argnames])
-            if result is not None:
-                results.append(result)
-        return results
+        """Call a lifecycle hook through pluggy (load order; ``tryfirst``, ``trylast`` and
+        wrappers honoured) and return the non-None results; an exception names the plugin."""
+        caller = getattr(self.pm.hook, hook_name)
+        try:
+            return caller(**kwargs)
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            origin = self._origin_in_traceback(caller, exc)
+            if origin is None or origin.first_party:
+                raise
+            raise self._plugin_failed(origin, f"hook {hook_name}", exc) from exc
+
+    def _origin_in_traceback(self, caller, exc: BaseException) -> PluginOrigin | None:
+        """The plugin whose hook implementation the exception came out of."""
+        plugin_of_code = {}
+        for impl in caller.get_hookimpls():
+            plugin_of_code.setdefault(impl.function.__code__, impl.plugin)
+        origin_of = {id(plugin): origin for origin, plugin in self._plugins}
+        tb = exc.__traceback__
+        while tb is not None:  # outermost first: the implementation pluggy called
+            plugin = plugin_of_code.get(tb.tb_frame.f_code)
+            if plugin is not None:
+                return origin_of.get(id(plugin))
+            tb = tb.tb_next
+        return None
+
+    @staticmethod
+    def _plugin_failed(origin: PluginOrigin, what: str, exc: Exception) -> PluginError:
+        return PluginError(f"plugin {origin.entry_point!r} from package {origin.package} {origin.version} "
+                           f"failed ({what}): {type(exc).__name__}: {exc}",
+                           hint=f"report it to the maintainers of {origin.package}")
 
     @contextmanager
     def blame(self, kind: str, name: str, what: str):
@@ -213,9 +239,7 @@ class PluginHost:
         except Exception as exc:
             if origin.first_party:
                 raise  # petune's own bug: keep the traceback
-            raise PluginError(f"plugin {origin.entry_point!r} from package {origin.package} {origin.version} "
-                              f"failed ({what}): {type(exc).__name__}: {exc}",
-                              hint=f"report it to the maintainers of {origin.package}") from exc
+            raise self._plugin_failed(origin, what, exc) from exc
 
 
 _HOST: PluginHost | None = None

@@ -83,7 +83,38 @@ def test_lifecycle_hook_errors_name_the_plugin_and_package():
 def test_trainer_callbacks_hook_collects_lists():
     mod = plugin_module("cb", trainer_callbacks=lambda run: ["CB"])
     host = demo_host((PluginOrigin("cb-pkg", "1", "cb"), mod))
-    assert host.call("trainer_callbacks", run=None) == [["CB"]]
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(strategy=DemoStrategy(), recipe=None)  # first-party hooks see the run too
+    assert host.call("trainer_callbacks", run=run) == [["CB"]]
+
+
+def test_lifecycle_hooks_go_through_pluggy_tryfirst_trylast_and_wrappers():
+    from petune import hookimpl
+
+    def module(name, **hooks):
+        import types
+
+        mod = types.ModuleType(name)
+        for hook_name, (fn, marks) in hooks.items():
+            setattr(mod, hook_name, hookimpl(**marks)(fn))
+        return mod
+
+    def wrap(run):
+        run.append("wrapper before")
+        result = yield
+        run.append("wrapper after")
+        return result
+
+    plain = module("plain", on_run_start=(lambda run: run.append("plain"), {}))
+    last = module("last", on_run_start=(lambda run: run.append("last"), {"trylast": True}))
+    first = module("first", on_run_start=(lambda run: run.append("first"), {"tryfirst": True}))
+    wrapper = module("wrapper", on_run_start=(wrap, {"wrapper": True}))
+    host = PluginHost(autoload=False, extra=[(PluginOrigin(n, "1", n), m) for n, m in
+                                             (("last", last), ("plain", plain), ("first", first), ("wrapper", wrapper))])
+    seen = []
+    host.call("on_run_start", run=seen)
+    assert seen == ["wrapper before", "first", "plain", "last", "wrapper after"]
 
 
 def test_order_is_first_party_then_by_package_name():
