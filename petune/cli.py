@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from petune import __version__
+from petune import __version__, quiet
 from petune.console import err, out
 from petune.errors import UserError
 
@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    quiet.quiet_libraries()  # LOAD REPORTs, an optional bitsandbytes kernel, tqdm bars
     # Deprecation chatter from the libraries underneath is not for petune's users.
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
