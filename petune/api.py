@@ -17,17 +17,33 @@ calls them in this order::
     metrics = task.evaluate(trainer, data, task_opts, run_dir)
 
 and, on a finished run, ``strategy.restore(task.build_model(...), run_dir / strategy.artifact, ...)``.
+
+The whole contract is in this module:
+
+* **required** of a task: ``load_data``, ``build_model``, ``make_trainer``, ``evaluate``
+  (and ``name``, ``Options``, ``peft_task_type``); of a strategy: ``apply``, ``restore``;
+  of a model source: ``claims``, ``resolve``;
+* **optional with a default** (override to improve on it): ``Task.check``,
+  ``load_eval_data``, ``head_modules``, ``peft_task_type_for``, ``sequence_length``,
+  ``loss_memory``, ``prepare_skeleton``, ``model_state``; ``Strategy.check``,
+  ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``skeleton_options``;
+* **optional capabilities** a task declares by implementing a protocol, each unlocking
+  commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
+  :class:`Generates` (``petune generate``, ``chat``, the server's chat and completions).
+  A command that needs one the task lacks refuses with exit 2 (:func:`require`).
+
+The hooks that register plugins and follow a run are in :mod:`petune.hookspecs`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, ValidationInfo
 
-from petune.errors import Refusal
+from petune.errors import Refusal, UserError
 
 if TYPE_CHECKING:  # heavy imports stay out of start-up
     import torch
@@ -178,6 +194,69 @@ class Task(_Plugin):
         task's reports into ``run_dir`` with :mod:`petune.artifacts`."""
         raise NotImplementedError
 
+    # -- optional, with defaults: what estimates, the server and strategies ask --------------
+    def peft_task_type_for(self, config: "PretrainedConfig | None") -> str:
+        """peft's task type for a model with this ``config`` (None: not known yet). The
+        default is the class's ``peft_task_type``; a task whose model kind depends on the
+        base (seq2seq: encoder-decoder or causal LM) decides here, without storing it."""
+        return self.peft_task_type
+
+    def sequence_length(self, options: Options) -> int | None:
+        """The longest training sequence, in tokens, that ``options`` allow (for memory
+        estimates). None: the estimate assumes 128 tokens and says so in the plan."""
+        return None
+
+    def loss_memory(self, options: Options, batch_size: int, config: "PretrainedConfig", device: str | None = None) -> str:
+        """How this task's trainer computes the loss, for memory estimates: ``"chunked"``
+        when full-vocabulary logits are never held at once (e.g. a fused LM-head loss),
+        else ``"logits"``."""
+        return "logits"
+
+    def prepare_skeleton(self, model: "torch.nn.Module", quantized: bool) -> None:
+        """Mirror on a meta-device model what this task's trainer changes before training
+        (e.g. casting the trainable weights of a 4-bit model to bf16), so memory estimates
+        count it. Default: the trainer changes nothing."""
+
+    def model_state(self, state: dict) -> dict:
+        """The part of ``task_state.json`` that shapes the model (e.g. the label set): runs
+        whose model states match share one loaded base in ``petune serve``. Default: all of
+        it (the safe side: no sharing)."""
+        return state
+
+
+@runtime_checkable
+class Predicts(Protocol):
+    """A task that labels plain inputs: unlocks ``petune predict`` and ``/v1/predict``."""
+
+    def parse_inputs(self, options: Options, text: str, source: str) -> list:
+        """Rows from the text of an input file or stdin (``source`` names it in errors)."""
+
+    def predict(self, model, tokenizer, options: Options, state: dict, rows: list) -> list[dict]:
+        """One JSON-able prediction per row."""
+
+    def format_predictions(self, rows: list, predictions: list[dict]) -> str:
+        """Predictions as the text ``petune predict`` prints."""
+
+
+@runtime_checkable
+class Generates(Protocol):
+    """A task whose model writes text: unlocks ``petune generate``, ``chat`` and the
+    server's chat and completion endpoints."""
+
+    def generate(self, model, tokenizer, options: Options, state: dict, messages: list[dict], **kwargs) -> str:
+        """The reply to ``messages`` (chat format); ``kwargs`` are generation settings
+        (``max_new_tokens``, ``temperature``, ``top_p``, ``stop`` ...)."""
+
+
+def require(task: Task, capability: type, where: str | None = None) -> Task:
+    """``task`` if it implements ``capability`` (a protocol above), else a UserError saying so."""
+    if not isinstance(task, capability):
+        verbs = {Predicts: "predict", Generates: "generate text"}
+        raise UserError(f"task {task.name!r} cannot {verbs.get(capability, 'do this')} "
+                        f"(it does not implement {capability.__name__})", where=where,
+                        hint=f"see petune/api.py: {capability.__name__}")
+    return task
+
 
 class Strategy(_Plugin):
     """Decides which parameters train and how the result is saved."""
@@ -212,6 +291,12 @@ class Strategy(_Plugin):
     def merge(self, model: "torch.nn.Module") -> "PreTrainedModel":
         """Return a plain transformers model with the trained weights folded in."""
         raise Refusal(f"strategy {self.name!r} has nothing to merge")
+
+    def skeleton_options(self, options: Options) -> Options:
+        """The options to apply on a meta-device skeleton (no real weights) for memory
+        estimates: an initialisation that reads real weights must be swapped for one with
+        the same parameters. Default: ``options`` unchanged."""
+        return options
 
 
 class ModelSource(_Plugin):

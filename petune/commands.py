@@ -11,6 +11,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from petune.api import Generates, Predicts, require
 from petune.console import err, metrics_table, out
 from petune.errors import UserError
 
@@ -21,12 +22,6 @@ def _load(run_dir, **kwargs):
 
     with err.status(f"loading {run_dir} ..."):
         return load_run(run_dir, _host(), **kwargs)
-
-
-def _needs(run, method: str, what: str):
-    if not callable(getattr(run.task, method, None)):
-        raise UserError(f"task {run.task.name!r} does not support {what}", where=str(run.dir))
-    return getattr(run.task, method)
 
 
 def cmd_eval(args) -> int:
@@ -73,7 +68,7 @@ def _eval_data(run, options):
 
 def cmd_predict(args) -> int:
     run = _load(args.run_dir)
-    predict = _needs(run, "predict", "predict")
+    predict = require(run.task, Predicts, where=str(run.dir)).predict
     if args.input is None or str(args.input) == "-":
         text, source = sys.stdin.read(), "<stdin>"
     else:
@@ -102,7 +97,7 @@ def _generation_kwargs(args) -> dict:
 
 def cmd_generate(args) -> int:
     run = _load(args.run_dir)
-    generate = _needs(run, "generate", "text generation (try `petune predict`)")
+    generate = require(run.task, Generates, where=str(run.dir)).generate
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
     text = generate(run.model, run.tokenizer, run.recipe.task, run.state, messages, **_generation_kwargs(args))
     out.print(escape(text), soft_wrap=True)
@@ -111,7 +106,7 @@ def cmd_generate(args) -> int:
 
 def cmd_chat(args) -> int:
     run = _load(args.run_dir)
-    generate = _needs(run, "generate", "chat")
+    generate = require(run.task, Generates, where=str(run.dir)).generate
     messages = [{"role": "system", "content": args.system}] if args.system else []
     err.print("[dim]chat with the run; empty line or Ctrl-D to quit, /reset to start over[/]")
     while True:

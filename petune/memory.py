@@ -526,10 +526,9 @@ def _set_attn(model, name):
 # -- from a recipe ----------------------------------------------------------------------------------
 def loss_memory_of(task, options=None, batch: int = 1, config=None, device: str | None = None) -> str:
     """How a task's trainer computes the loss: "chunked" (no full-vocabulary logits, e.g.
-    TRL's fused LM head) or "logits". A task says so with a ``loss_memory`` method."""
-    decide = getattr(task, "loss_memory", None)
-    if callable(decide) and options is not None and config is not None:
-        return decide(options, batch, config, device)
+    TRL's fused LM head) or "logits" (``Task.loss_memory``)."""
+    if options is not None and config is not None:
+        return task.loss_memory(options, batch, config, device)
     return "logits"
 
 
@@ -546,13 +545,12 @@ def _dtypes(recipe, device: str):
     return dtype, autocast
 
 
-def recipe_seq_len(recipe) -> int:
-    task = recipe.task
-    if getattr(task, "max_length", None):
-        return int(task.max_length)
-    if getattr(task, "max_source_length", None):  # seq2seq: source and target (one sequence on a causal LM)
-        return int(task.max_source_length) + int(getattr(task, "max_target_length", None) or 0)
-    return 128
+DEFAULT_SEQ = 128  # tokens assumed for a task that does not say its sequence length
+
+
+def recipe_seq_len(recipe, task) -> int:
+    """The sequence length the recipe's task options allow (``Task.sequence_length``)."""
+    return task.sequence_length(recipe.task) or DEFAULT_SEQ
 
 
 def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None, batch: int | None = None,
@@ -563,48 +561,29 @@ def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None,
     device = device or default_device()
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     info = model_info or resolve_model(recipe.model.name, host.model_sources())
-    task.check(info, recipe.task)  # tasks settle per-model choices there (seq2seq: the peft task type)
+    task.check(info, recipe.task)  # refuse here what the run would refuse
+    task_type = task.peft_task_type_for(info.config)
     dtype, autocast = _dtypes(recipe, device)
     load_kwargs = strategy.load_kwargs(recipe.strategy)
     quant = load_kwargs.get("quantization_config")
-    model = build_skeleton(info.config, task.peft_task_type, dtype)
+    model = build_skeleton(info.config, task_type, dtype)
     model = apply_strategy(strategy, model, task, recipe.strategy)
-    trainer_adjustments(task, model, quant)
+    task.prepare_skeleton(model, _is_4bit(quant))
     batch = batch or recipe.train.batch_size
-    return estimate(model, batch=batch, seq=seq or recipe_seq_len(recipe),
-                    gradient_checkpointing=recipe.train.gradient_checkpointing, task_type=task.peft_task_type,
+    return estimate(model, batch=batch, seq=seq or recipe_seq_len(recipe, task),
+                    gradient_checkpointing=recipe.train.gradient_checkpointing, task_type=task_type,
                     device=device, optimizer=recipe.train.optimizer, autocast_dtype=autocast, quant=quant,
                     loss_memory=loss_memory_of(task, recipe.task, batch, info.config, device))
 
 
-def trainer_adjustments(task, model, quant) -> None:
-    """What a task's trainer changes on the wrapped model before training, mirrored on the
-    skeleton: TRL's SFTTrainer casts the trainable (LoRA) weights of a 4-bit model to bf16
-    (as the QLoRA paper does), which halves their gradients and optimizer states. Tasks on
-    that trainer say so with ``trainable_bf16_on_4bit = True``."""
-    import torch
-
-    if getattr(task, "trainable_bf16_on_4bit", False) and _is_4bit(quant):
-        for name, p in model.named_parameters():
-            if p.requires_grad and "lora_magnitude_vector" not in name and p.is_floating_point():
-                p.data = p.data.to(torch.bfloat16)
-
-
 def apply_strategy(strategy, model, task, options):
-    """``strategy.apply`` on a meta skeleton. Prompt tuning's text initialisation needs real
-    embeddings, so it is counted with a random initialisation (same parameters)."""
+    """``strategy.apply`` on a meta skeleton, with the options the strategy gives for one
+    (``Strategy.skeleton_options``: no initialisation that reads real weights)."""
     import warnings
 
-    if getattr(options, "init", "x") is None and getattr(options, "method", None) == "prompt":
-        options = options.model_copy(update={"init": "random", "init_text": None})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # deprecation notes from peft/transformers internals
-        try:
-            return strategy.apply(model, task, options)
-        except Exception:
-            if hasattr(options, "init"):
-                return strategy.apply(model, task, options.model_copy(update={"init": "random", "init_text": None}))
-            raise
+        return strategy.apply(model, task, strategy.skeleton_options(options))
 
 
 # -- showing it --------------------------------------------------------------------------------------
@@ -645,6 +624,9 @@ def plan_row(recipe, host, model_info=None, device: str | None = None) -> tuple[
     except Exception as exc:  # noqa: BLE001 — an estimate must never stop a run
         return ("memory", f"no estimate ({type(exc).__name__}: {exc})")
     text = f"≈ {human(est.peak)} peak on {est.device}" + (f" (of {human(est.capacity)})" if est.capacity else "")
+    task = host.task(recipe.task_name)
+    if task.sequence_length(recipe.task) is None:
+        text += f" (task {task.name!r} does not say its sequence length: {DEFAULT_SEQ} tokens assumed)"
     if not est.fits:
         text += f"  [bold red]warning:[/] {est.warning}"
     return ("memory", text)

@@ -86,6 +86,13 @@ class PromptTuningStrategy(Strategy):
                           "find the last real token of padded inputs",
                           where="strategy.method", hint="use method = 'prefix' or strategy 'lora'")
 
+    def skeleton_options(self, options):
+        """A text initialisation reads real embeddings: a meta skeleton has none, and a random
+        initialisation has the same parameters."""
+        if options.resolved_init == "text":
+            return options.model_copy(update={"init": "random", "init_text": None})
+        return options
+
     def check_recipe(self, recipe):
         if recipe.strategy.method == "prefix" and recipe.train.gradient_checkpointing:
             raise Refusal("prefix tuning does not work with gradient checkpointing: transformers drops the "

@@ -515,6 +515,9 @@ class ClassificationTask(Task):
     def __init__(self):
         self._positions: int | None = None  # the model's position limit, learnt in check()
 
+    def sequence_length(self, options: ClassificationOptions) -> int:
+        return options.max_length or DEFAULT_MAX_LENGTH
+
     def check(self, model_info: ModelInfo, options: ClassificationOptions) -> None:
         refuse_unless_head(model_info, "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "sequence-classification")
         check_max_length(model_info, options.max_length)

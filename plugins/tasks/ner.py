@@ -548,6 +548,9 @@ class NerTask(Task):
     def __init__(self):
         self._positions: int | None = None  # the model's position limit, learnt in check()
 
+    def sequence_length(self, options: NerOptions) -> int:
+        return options.max_length or DEFAULT_MAX_LENGTH
+
     def check(self, model_info: ModelInfo, options: NerOptions) -> None:
         refuse_unless_head(model_info, "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "token-classification")
         check_max_length(model_info, options.max_length)

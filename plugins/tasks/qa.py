@@ -422,6 +422,9 @@ class QaTask(Task):
     def __init__(self):
         self._positions: int | None = None
 
+    def sequence_length(self, options: QaOptions) -> int:
+        return options.max_length or DEFAULT_MAX_LENGTH
+
     def check(self, model_info: ModelInfo, options: QaOptions) -> None:
         refuse_unless_head(model_info, "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "question-answering")
         check_max_length(model_info, options.max_length)

@@ -494,6 +494,15 @@ class Seq2SeqTask(Task):
         self.peft_task_type = "SEQ_2_SEQ_LM" if kind == ENCODER_DECODER else "CAUSAL_LM"
         return kind
 
+    def peft_task_type_for(self, config) -> str:
+        if config is None:
+            return type(self).peft_task_type
+        info = ModelInfo(name=getattr(config, "name_or_path", "") or "model", path=Path("."), config=config)
+        return "SEQ_2_SEQ_LM" if model_kind(info) == ENCODER_DECODER else "CAUSAL_LM"
+
+    def sequence_length(self, options: Seq2SeqOptions) -> int:
+        return options.max_source_length + options.max_target_length  # one sequence on a causal LM
+
     def check(self, model_info: ModelInfo, options: Seq2SeqOptions) -> None:
         kind = self._set_kind(model_info)
         self._positions = model_info.max_positions

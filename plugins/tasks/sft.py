@@ -653,7 +653,6 @@ class SftTask(Task):
     peft_task_type = "CAUSAL_LM"
     primary_metric = "loss"
     token_level_loss = True
-    trainable_bf16_on_4bit = True  # TRL's SFTTrainer casts LoRA weights on a 4-bit base to bf16 (memory estimate)
 
     def check(self, model_info: ModelInfo, options: SftOptions) -> None:
         if not _is_decoder_only(model_info):
@@ -734,6 +733,12 @@ class SftTask(Task):
     def loss_memory(self, options: SftOptions, batch_size: int, config, device: str | None = None) -> str:
         """How this run computes its loss, for the memory estimate."""
         return loss_memory(options.loss, batch_size, options.max_length, config, device)
+
+    def sequence_length(self, options: SftOptions) -> int:
+        return options.max_length
+
+    def prepare_skeleton(self, model, quantized: bool) -> None:
+        cast_trainable_to_bf16(model, quantized)
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, trainer, data: TaskData, options: SftOptions, run_dir: Path) -> dict[str, dict]:
@@ -1033,3 +1038,16 @@ def _seeded(seed: int | None, device):
 @hookimpl
 def register_tasks(register):
     register(SftTask)
+
+
+def cast_trainable_to_bf16(model, quantized: bool) -> None:
+    """What TRL's trainers do to a 4-bit model before training, mirrored for the memory
+    estimate: the trainable (LoRA) weights become bf16, as in the QLoRA paper, which halves
+    their gradients and optimizer states; DoRA's magnitude vectors stay in fp32."""
+    import torch
+
+    if not quantized:
+        return
+    for name, p in model.named_parameters():
+        if p.requires_grad and "lora_magnitude_vector" not in name and p.is_floating_point():
+            p.data = p.data.to(torch.bfloat16)
