@@ -73,6 +73,33 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def cmd_methods(args) -> int:
+    """The peft methods the 'peft' strategy offers in this install, read from peft itself."""
+    rows = _host().get("strategy", "peft", "petune methods").cls.method_listing(args.method)
+    if args.method and not rows:
+        raise UserError(f"the installed peft has no method {args.method!r}", hint="`petune methods` lists them")
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if args.method and rows[0]["offered"]:
+        table = Table(title=f"peft method {args.method!r}: \\[strategy] options"
+                      + (f" — {escape(rows[0]['summary'])}" if rows[0]["summary"] else ""), title_justify="left")
+        for col in ("option", "type", "default", "description"):
+            table.add_column(col, overflow="fold")
+        for o in rows[0]["options"]:
+            table.add_row(o["name"], o["type"], escape(repr(o["default"])), escape(o["description"]))
+        out.print(table)
+        return 0
+    table = Table(title='peft methods: \\[strategy] name = "peft", method = "..."', title_justify="left")
+    for col in ("method", "4-bit base", "options / why not offered"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        text = ", ".join(o["name"] for o in r["options"]) if r["offered"] else f"[dim]not offered: {escape(r['refused'])}[/]"
+        table.add_row(r["method"], ("yes" if r["bitsandbytes_4bit"] else "no") if r["offered"] else "", text)
+    out.print(table)
+    return 0
+
+
 def cmd_recipes(args) -> int:
     table = Table(title=f"Bundled recipes ({RECIPES_DIR})", title_justify="left")
     table.add_column("recipe", style="bold")
@@ -129,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="list strategies, tasks and model sources, with their packages")
     p.add_argument("--json", action="store_true", help="print JSON: [{name, kind, package, version}]")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser("methods", help="peft methods of the 'peft' strategy and their options (from the installed peft)")
+    p.add_argument("method", nargs="?", help="one method: its options with types, defaults and descriptions")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_methods)
 
     sub.add_parser("recipes", help="list the bundled recipes").set_defaults(func=cmd_recipes)
     sub.add_parser("env", help="versions and device, for bug reports").set_defaults(func=cmd_env)

@@ -84,7 +84,7 @@ def method_summary(method: str) -> str:
     doc = (_config_classes()[method].__doc__ or "").strip()
     for para in doc.split("\n\n"):
         text = " ".join(para.split())
-        if text and not text.startswith(("Args", "This is the configuration class", "Configuration class of")):
+        if text and not text.startswith(("Args", "This is the configuration class", "Configuration class of", "Paper")):
             return text.split(". ")[0].rstrip(".")[:160]
     return ""
 
@@ -299,6 +299,11 @@ class PeftMethodStrategy(Strategy):
     Options = PeftOptions
     artifact = "adapter"
 
+    @staticmethod
+    def method_listing(method: str | None = None) -> list[dict]:
+        """For ``petune methods``: every method of the installed peft, offered (with options) or why not."""
+        return method_listing(method)
+
     def check(self, task, model_info, options):
         method = options.method
         if task.peft_task_type in _HEAD_TASKS and not _saves_modules(options.peft_config_class):
@@ -314,7 +319,7 @@ class PeftMethodStrategy(Strategy):
     def peft_config(self, options: PeftOptions, task, heads: list[str] | None = None):
         kwargs = options.peft_kwargs()
         if heads:  # check() refuses head tasks for methods without modules_to_save
-            kwargs["modules_to_save"] = heads
+            kwargs["modules_to_save"] = list(heads)  # peft extends it in place
         try:
             return options.peft_config_class(task_type=task.peft_task_type, **kwargs)
         except (ValueError, TypeError) as exc:
