@@ -91,8 +91,9 @@ strategy = "no"
 dir = "{out}"
 """
 
-#: a test server: the real `petune serve` code, plus one injected failure (a message
-#: holding "__boom__" makes generation raise) and a watchdog that ends it with its parent
+#: a test server: the real `petune serve` code, plus injected faults (a message holding
+#: "__boom__" makes generation raise; one holding "__slow__" makes each token take
+#: PETUNE_TEST_SLOW_STEP seconds) and a watchdog that ends it with its parent
 LAUNCHER = r"""
 import os, sys, threading, time
 parent, deadline = os.getppid(), time.monotonic() + float(os.environ.get("PETUNE_TEST_SERVER_LIFETIME", "900"))
@@ -106,6 +107,14 @@ original = sft.SftTask.generate
 def generate(self, model, tokenizer, options, state, messages, *args, **kwargs):
     if any("__boom__" in m["content"] for m in messages):
         raise RuntimeError("injected failure for the test")
+    if any("__slow__" in m["content"] for m in messages):
+        step = float(os.environ.get("PETUNE_TEST_SLOW_STEP", "0.5"))
+        # on the embeddings: generate runs the inner model, not the peft wrapper's forward
+        hook = model.get_input_embeddings().register_forward_pre_hook(lambda *_: time.sleep(step))
+        try:
+            return original(self, model, tokenizer, options, state, messages, *args, **kwargs)
+        finally:
+            hook.remove()
     return original(self, model, tokenizer, options, state, messages, *args, **kwargs)
 sft.SftTask.generate = generate
 from petune.serve import main
@@ -417,8 +426,8 @@ def test_predict_equals_petune_predict(server, expected):
 
 # -- auth, bad requests, failures -------------------------------------------------------------
 def test_api_key_is_required(server):
-    for method, path in (("GET", "/v1/models"), ("GET", "/health"), ("GET", "/metrics"),
-                         ("POST", "/v1/chat/completions"), ("POST", "/v1/predict")):
+    for method, path in (("GET", "/v1/models"), ("GET", "/v1/models/a"), ("GET", "/v1/runs/a"), ("GET", "/metrics"),
+                         ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/predict")):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
             response = httpx.request(method, server.url + path, headers=headers, json={}, timeout=30)
             assert response.status_code == 401, (method, path, headers)
@@ -427,6 +436,19 @@ def test_api_key_is_required(server):
     assert httpx.get(server.url + "/v1/models", headers=AUTH, timeout=30).status_code == 200
     assert post(server, "/v1/chat/completions", chat_body("a")).status_code == 200
     assert httpx.get(server.url + "/", timeout=30).status_code == 200  # the page's code is public, no data
+
+
+def test_health_answers_load_balancers_without_the_key_and_tells_nothing_else(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, AUTH):
+        response = httpx.get(server.url + "/health", headers=headers, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"status": "ok"}  # no run names, bases or uptime
+
+
+def test_a_server_with_a_key_answers_any_host_name(server):
+    """The Host check is for keyless servers: with a key, a proxy may forward any name."""
+    response = httpx.get(server.url + "/v1/models", headers={**AUTH, "Host": "models.example.com"}, timeout=30)
+    assert response.status_code == 200, response.text
 
 
 BAD_REQUESTS = [
@@ -457,6 +479,18 @@ BAD_REQUESTS = [
     ("/v1/predict", {"model": "cls", "inputs": ["ok", ""]}, 400, "inputs[1]", "at least 1 character"),
     ("/v1/predict", {"model": "cls", "inputs": ["x"] * 9}, 400, "inputs", "limit of 8"),
     ("/v1/predict", {"model": "cls", "inputs": "a good movie"}, 400, "inputs", "list"),
+    # lengths that drive work, and text that is no Unicode (JSON can carry lone surrogates)
+    ("/v1/chat/completions", chat_body("a", stop=["x" * 65]), 400, "stop[0]", "at most 64 characters"),
+    ("/v1/chat/completions", chat_body("a", stop="x" * 65), 400, "stop", "at most 64 characters"),
+    ("/v1/chat/completions", chat_body("m" * 257), 400, "model", "at most 256 characters"),
+    ("/v1/chat/completions", b'{"model": "a", "messages": [{"role": "user", "content": "hi \\ud800"}]}', 400,
+     "messages[0].content", "lone surrogate"),
+    ("/v1/chat/completions", (b'{"model": "a", "messages": [{"role": "user", "content": [{"type": "text", '
+                              b'"text": "\\udfff"}]}]}'), 400, "messages[0].content[0].text", "lone surrogate"),
+    ("/v1/chat/completions", b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}', 400,
+     "model", "lone surrogate"),
+    ("/v1/completions", b'{"model": "a", "prompt": "\\udc80"}', 400, "prompt", "lone surrogate"),
+    ("/v1/predict", b'{"model": "cls", "inputs": ["ok", "\\ud800"]}', 400, "inputs[1]", "lone surrogate"),
 ]
 
 

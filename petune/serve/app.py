@@ -3,7 +3,9 @@
 
 Errors are JSON in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, with
 ``param`` naming the request field at fault. Model work runs on worker threads; the registry
-serialises it per base model.
+serialises it per base model. While a request's work runs, the server checks every
+``POLL_SECONDS`` whether its client is still there and whether its time limit has passed; either
+stops the generation at its next token (and frees the base for the next request).
 """
 
 from __future__ import annotations
@@ -28,19 +30,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from petune.errors import UserError
 from petune.serve.metrics import Metrics
 from petune.serve.registry import Generated, Registry, Sampling, ServedRun
-from petune.serve.schemas import ChatCompletionRequest, CompletionRequest, PredictRequest
+from petune.serve.schemas import ChatCompletionRequest, CompletionRequest, PredictRequest, not_unicode
 
 STATIC = Path(__file__).with_name("static")
-#: paths anyone may fetch when an API key is set: the playground's code and the API description, no data
-PUBLIC_PATHS = ("/", "/favicon.ico", "/docs", "/openapi.json")
+#: paths anyone may fetch when an API key is set: the playground's code, the API description and
+#: a bare health status (for load balancers), no data
+PUBLIC_PATHS = ("/", "/favicon.ico", "/docs", "/openapi.json", "/health")
 PUBLIC_PREFIXES = ("/static/",)
+#: the host names a keyless server bound to loopback answers to (see _Guard)
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+#: how often a waiting request checks its client and its time limit, seconds
+POLL_SECONDS = 0.2
 
 
 class Limits:
     def __init__(self, *, max_tokens: int = 2048, default_max_tokens: int = 256, max_body_bytes: int = 1 << 20,
-                 max_inputs: int = 256):
+                 max_inputs: int = 256, max_prompt_tokens: int | None = None, request_timeout: float | None = None):
         self.max_tokens, self.default_max_tokens = max_tokens, min(default_max_tokens, max_tokens)
         self.max_body_bytes, self.max_inputs = max_body_bytes, max_inputs
+        self.max_prompt_tokens, self.request_timeout = max_prompt_tokens, request_timeout
 
 
 class ApiError(Exception):
@@ -73,13 +81,19 @@ def _field_path(loc) -> str:
 
 
 def _validation_error(errors: list[dict]) -> ApiError:
-    error = errors[0]
+    # for a union (``stop``: a string or a list) pydantic reports every member; the member of the
+    # right type says what is wrong with the value, the others only that the type differs
+    error = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
     path = _field_path(error.get("loc", ()))
     if error.get("type") in ("json_invalid", "json_type"):
         return ApiError(400, f"the request body is not valid JSON: {error.get('msg')}", None, code="invalid_json")
     if not path and error.get("type") in ("model_attributes_type", "model_type", "dict_type"):
         return ApiError(400, "the request body must be a JSON object", None, code="invalid_body")
-    message = error.get("msg", "invalid value")
+    message = error.get("msg", "invalid value").removeprefix("Value error, ")
+    if error.get("type") == "string_unicode" and isinstance(error.get("input"), str):  # pydantic's own check
+        message = not_unicode(error["input"]) or message
+    if error.get("type") in ("string_too_long", "too_long"):
+        message += " (this server's limit)"
     if error.get("type") == "missing":
         message = "is required"
     elif error.get("type") == "too_short" and path == "messages":
@@ -93,7 +107,7 @@ def _user_error(exc: UserError, default_param: str | None) -> ApiError:
     where = exc.where if exc.where and " " not in exc.where and "/" not in exc.where else None
     text = exc.message + (f" (hint: {exc.hint})" if exc.hint else "")
     param = where or default_param
-    return ApiError(400, f"{param}: {text}" if param else text, param)
+    return ApiError(400, f"{param}: {text}" if param else text, param, code=getattr(exc, "code", None))
 
 
 # -- middleware (plain ASGI: it also sees streamed answers to their end) -----------------------
@@ -139,16 +153,27 @@ def _endpoint(path: str) -> str:
 
 
 class _Guard:
-    """API key (when set) and request body size, before anything is parsed."""
+    """The Host header (keyless loopback servers), the API key (when set) and the request body
+    size, before anything is parsed.
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+    A server on 127.0.0.1 without a key trusts whoever can connect to it: this machine. A web
+    page can still make a browser connect to it under the page's own host name (DNS rebinding),
+    so such a server answers only requests addressed to a loopback name."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int, check_host: bool = False):
+        self.app, self.api_key, self.max_body_bytes, self.check_host = app, api_key, max_body_bytes, check_host
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         path = scope["path"]
+        if self.check_host and "host" in headers and not _loopback_host(headers["host"]):
+            error = ApiError(421, f"this server answers only requests addressed to {', '.join(LOOPBACK_NAMES)} "
+                                  f"(the Host header was {headers['host'][:100]!r}): it is bound to this machine "
+                                  "without an API key; to reach it under another name, give it an --api-key",
+                             None, code="invalid_host")
+            return await error.response()(scope, receive, send)
         if self.api_key and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             scheme, _, token = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
@@ -183,6 +208,19 @@ class _Guard:
             return await receive()
 
         return await self.app(scope, replay, send)
+
+
+def _loopback_host(value: str) -> bool:
+    """Is a Host header a loopback name, with or without a port?"""
+    value = value.strip().lower()
+    if value.startswith("["):  # an IPv6 address
+        end = value.find("]") + 1  # 0 when unclosed: no name
+    else:
+        end = value.find(":") if ":" in value else len(value)
+    name, port = value[:end], value[end:]
+    if port and not (port.startswith(":") and port[1:].isdigit()):
+        return False
+    return name in LOOPBACK_NAMES
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -235,14 +273,61 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         request.state.model = body.model
         return Sampling(max_tokens=requested or limits.default_max_tokens, temperature=body.temperature,
-                        top_p=body.top_p, stop=stop, seed=body.seed)
+                        top_p=body.top_p, stop=stop, seed=body.seed, max_prompt_tokens=limits.max_prompt_tokens)
 
-    async def work(request: Request, fn, default_param: str | None):
-        """Run ``fn`` on a worker thread; user errors → 400, anything else → 500."""
+    def deadline() -> float | None:
+        return None if limits.request_timeout is None else time.monotonic() + limits.request_timeout
+
+    async def watch(request: Request, waiting: asyncio.Future, cancel: threading.Event, until: float | None):
+        """``waiting``'s result, checking meanwhile that the client is still there and the time
+        limit has not passed; if either fails, ``cancel`` is set (the work stops at its next
+        token, or before it starts) and this raises."""
         try:
-            return await run_in_threadpool(fn)
-        except Exception as exc:  # noqa: BLE001 — the server keeps serving whatever one request did
-            raise _as_api_error(exc, default_param, log) from None
+            while True:
+                timeout = POLL_SECONDS if until is None else max(0.0, min(POLL_SECONDS, until - time.monotonic()))
+                done, _ = await asyncio.wait({waiting}, timeout=timeout)
+                if done:
+                    return waiting.result()
+                if until is not None and time.monotonic() >= until:
+                    raise timed_out()
+                if await request.is_disconnected():
+                    raise ApiError(499, "the client closed the connection before the answer was ready", None,
+                                   code="client_closed_request")
+        except BaseException:
+            cancel.set()
+            waiting.cancel()
+            raise
+
+    def timed_out() -> ApiError:
+        return ApiError(503, f"the request was stopped at this server's time limit of {limits.request_timeout:g} s "
+                             "(--request-timeout), waiting included; ask for fewer max_tokens or a shorter prompt, "
+                             "or try again when the server is less busy", None, code="timeout")
+
+    async def work(request: Request, fn, default_param: str | None, until: float | None):
+        """``fn(cancel)`` on a thread of its own, watched (see ``watch``); user errors → 400,
+        anything else → 500."""
+        loop = asyncio.get_running_loop()
+        waiting, cancel = loop.create_future(), threading.Event()
+
+        def settle(outcome):
+            if not waiting.done():
+                waiting.set_result(outcome)
+
+        def target():
+            try:
+                outcome = (True, fn(cancel))
+            except Exception as exc:  # noqa: BLE001 — the server keeps serving whatever one request did
+                outcome = (False, exc)
+            try:
+                loop.call_soon_threadsafe(settle, outcome)
+            except RuntimeError:  # the event loop is gone (shutting down)
+                pass
+
+        threading.Thread(target=target, name="petune-work", daemon=True).start()
+        ok, value = await watch(request, waiting, cancel, until)
+        if not ok:
+            raise _as_api_error(value, default_param, log) from None
+        return value
 
     # -- pages and status -------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -257,12 +342,12 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
 
     @app.get("/health")
     async def health():
+        # public (load balancers probe it without a key): the status alone; the runs are in /v1/models
         if registry.error is not None:
-            return JSONResponse({"status": "failed", "error": registry.error}, status_code=503)
+            return JSONResponse({"status": "failed"}, status_code=503)
         if not registry.ready:
-            return JSONResponse({"status": "loading", "runs": list(registry.runs)}, status_code=503)
-        return {"status": "ok", "runs": list(registry.runs), "bases": len(registry.bases),
-                "uptime_seconds": round(time.time() - metrics.started, 3)}
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return {"status": "ok"}
 
     @app.get("/metrics")
     async def get_metrics(request: Request, format: str | None = None):
@@ -307,6 +392,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
     # -- generation -------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        until = deadline()
         params = sampling(body, request)
         run = find(body.model, "chat")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -321,13 +407,14 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await stream(request, lambda send, cancel: registry.chat(run, messages, params, send, cancel),
-                                first=chunk({"role": "assistant", "content": ""}),
+                                until, first=chunk({"role": "assistant", "content": ""}),
                                 piece=lambda text: chunk({"content": text}),
                                 last=lambda g: chunk({}, g.finish_reason), include_usage=include_usage,
                                 usage_chunk=lambda g: {"id": ident, "object": "chat.completion.chunk",
                                                        "created": created, "model": run.name, "choices": [],
                                                        "usage": _usage(g)})
-        result: Generated = await work(request, lambda: registry.chat(run, messages, params), "messages")
+        result: Generated = await work(request, lambda cancel: registry.chat(run, messages, params, cancel=cancel),
+                                       "messages", until)
         _count(request, result)
         return {"id": ident, "object": "chat.completion", "created": created, "model": run.name,
                 "system_fingerprint": None,
@@ -337,6 +424,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        until = deadline()
         params = sampling(body, request)
         run = find(body.model, "chat", completions=True)
         created, ident = int(time.time()), f"cmpl-{uuid.uuid4().hex}"
@@ -348,23 +436,25 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return await stream(request, lambda send, cancel: registry.complete(run, body.prompt, params, send, cancel),
-                                first=None, piece=chunk, last=lambda g: chunk("", g.finish_reason),
+                                until, first=None, piece=chunk, last=lambda g: chunk("", g.finish_reason),
                                 include_usage=include_usage,
                                 usage_chunk=lambda g: {"id": ident, "object": "text_completion", "created": created,
                                                        "model": run.name, "choices": [], "usage": _usage(g)},
                                 default_param="prompt")
-        result: Generated = await work(request, lambda: registry.complete(run, body.prompt, params), "prompt")
+        result: Generated = await work(
+            request, lambda cancel: registry.complete(run, body.prompt, params, cancel=cancel), "prompt", until)
         _count(request, result)
         return {"id": ident, "object": "text_completion", "created": created, "model": run.name,
                 "choices": [{"index": 0, "text": result.text, "logprobs": None,
                              "finish_reason": result.finish_reason}],
                 "usage": _usage(result)}
 
-    async def stream(request: Request, job, *, first, piece, last, include_usage: bool, usage_chunk,
-                     default_param: str = "messages"):
+    async def stream(request: Request, job, until: float | None, *, first, piece, last, include_usage: bool,
+                     usage_chunk, default_param: str = "messages"):
         """Server-sent events. Generation runs on its own thread and hands text over as it
         comes; the response starts only with the first piece, so an error before any text
-        still gets its proper status. A client that goes away stops the generation."""
+        (the time limit included) still gets its proper status. A client that goes away stops
+        the generation; past the time limit, an error event ends the stream."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
@@ -382,11 +472,7 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
                 put(("error", exc))
 
         threading.Thread(target=target, name="petune-generate", daemon=True).start()
-        try:
-            kind, value = await queue.get()
-        except BaseException:
-            cancel.set()
-            raise
+        kind, value = await watch(request, asyncio.ensure_future(queue.get()), cancel, until)
         if kind == "error":
             cancel.set()
             raise _as_api_error(value, default_param, log)
@@ -411,7 +497,11 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
                         request.state.status = error.status
                         yield _sse(error.body())
                         break
-                    item = await queue.get()
+                    try:
+                        item = await asyncio.wait_for(queue.get(), None if until is None else until - time.monotonic())
+                    except TimeoutError:
+                        cancel.set()
+                        item = ("error", timed_out())
                 yield "data: [DONE]\n\n"
             finally:
                 cancel.set()
@@ -422,12 +512,13 @@ def create_app(registry: Registry, *, api_key: str | None = None, limits: Limits
     # -- encoders ---------------------------------------------------------------------------
     @app.post("/v1/predict")
     async def predict(body: PredictRequest, request: Request):
+        until = deadline()
         request.state.model = body.model
         if len(body.inputs) > limits.max_inputs:
             raise ApiError(400, f"inputs: {len(body.inputs)} inputs is above this server's limit of "
                                 f"{limits.max_inputs} per request", "inputs", code="too_many_inputs")
         run = find(body.model, "predict")
-        predictions = await work(request, lambda: registry.predict(run, body.inputs), "inputs")
+        predictions = await work(request, lambda cancel: registry.predict(run, body.inputs, cancel), "inputs", until)
         data = []
         for i, (item, prediction) in enumerate(zip(body.inputs, predictions)):
             entry = {"index": i, "input": item if isinstance(item, str) else item.model_dump()}
@@ -467,7 +558,9 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-def with_middleware(app: FastAPI, *, api_key: str | None) -> Any:
-    """The ASGI app to serve: metrics outermost, then the key and size guard, then the API."""
+def with_middleware(app: FastAPI, *, api_key: str | None, check_host: bool = False) -> Any:
+    """The ASGI app to serve: metrics outermost, then the host, key and size guard, then the API.
+    ``check_host``: answer only requests addressed to a loopback name (for a keyless server
+    bound to loopback)."""
     limits: Limits = app.state.limits
-    return _Observe(_Guard(app, api_key, limits.max_body_bytes), app.state.metrics)
+    return _Observe(_Guard(app, api_key, limits.max_body_bytes, check_host), app.state.metrics)

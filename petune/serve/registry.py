@@ -10,7 +10,9 @@ fine-tuning, bottleneck adapters) load on their own.
 
 All use of a base — activating a run's adapter, then generating or predicting — happens
 under that base's lock, so requests to different runs of one base take turns and the
-adapter one request chose is never the one another request runs with.
+adapter one request chose is never the one another request runs with. A request whose
+``cancel`` event is set (its client left, or its time ran out) stops waiting for the lock,
+and a generation stops at its next token.
 """
 
 from __future__ import annotations
@@ -50,6 +52,16 @@ def parse_run_args(values: list[str]) -> list[tuple[str, Path]]:
                             hint="name them apart: petune serve a=runs/x/run b=runs/y/run")
         runs.append((name, folder))
     return runs
+
+
+class Cancelled(Exception):
+    """The request was cancelled while it waited for its base (nobody waits for its answer)."""
+
+
+class PromptTooLong(UserError):
+    """The prompt has more tokens than the server's ``--max-prompt-tokens``."""
+
+    code = "prompt_too_long"
 
 
 # -- what is loaded -------------------------------------------------------------------------
@@ -238,13 +250,22 @@ class Registry:
 
     # -- using a run ------------------------------------------------------------------------
     @contextmanager
-    def use(self, run: ServedRun):
-        """The run's model with its adapter active, held for this caller alone."""
+    def use(self, run: ServedRun, cancel: threading.Event | None = None):
+        """The run's model with its adapter active, held for this caller alone. Waiting for it
+        ends with :class:`Cancelled` once ``cancel`` is set."""
         base = run.base
-        with _counted(base), base.lock:
-            if run.adapter is not None:
-                base.model.set_adapter(run.adapter, inference_mode=True)
-            yield base.model
+        with _counted(base):
+            while not base.lock.acquire(timeout=0.1):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+            try:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled()
+                if run.adapter is not None:
+                    base.model.set_adapter(run.adapter, inference_mode=True)
+                yield base.model
+            finally:
+                base.lock.release()
 
     def memory(self) -> dict:
         """Bytes of parameters per base (shared tensors counted once) and of each adapter,
@@ -286,22 +307,22 @@ class Registry:
         return self._generate(run, call, params, on_text, cancel)
 
     def _generate(self, run, call, params: Sampling, on_text, cancel) -> Generated:
-        with self.use(run) as model:
+        with self.use(run, cancel) as model:
             deltas = TextDeltas(run.tokenizer, params.stop, on_text) if on_text else None
-            tap = _Tap(model, deltas.update if deltas else None, cancel)
+            tap = _Tap(model, deltas.update if deltas else None, cancel, params.max_prompt_tokens)
             text = call(tap)
             if deltas:
                 deltas.finish(text)
             return Generated(text, tap.prompt_tokens, len(tap.new_ids), tap.finish_reason(text, params.stop, run.tokenizer))
 
-    def predict(self, run: ServedRun, inputs: list) -> list[dict]:
+    def predict(self, run: ServedRun, inputs: list, cancel: threading.Event | None = None) -> list[dict]:
         lines = []
         for item in inputs:
             if isinstance(item, str):
                 lines.append(_one_line(item))
             else:
                 lines.append(_one_line(item.text) + ("\t" + _one_line(item.text_pair) if item.text_pair is not None else ""))
-        with self.use(run) as model:
+        with self.use(run, cancel) as model:
             rows = run.task.parse_inputs(run.recipe.task, "".join(line + "\n" for line in lines), "request.txt")
             if len(rows) != len(lines):
                 raise UserError(f"the {len(lines)} inputs were read as {len(rows)} rows", where="inputs",
@@ -343,6 +364,7 @@ class Sampling:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    max_prompt_tokens: int | None = None  # the server's limit (None: the model's context only)
 
 
 @dataclass
@@ -355,12 +377,14 @@ class Generated:
 
 class _Tap:
     """Stands in for the model during one generate call of a task: passes everything
-    through, and around ``generate`` adds a streamer (new tokens as they come), a stop on
-    cancellation (the client went away), and records the token counts for ``usage``."""
+    through, and around ``generate`` refuses a prompt over the server's token limit, adds a
+    streamer (new tokens as they come), a stop on cancellation (the client went away, the time
+    ran out), its own stop-string matcher, and records the token counts for ``usage``."""
 
-    def __init__(self, model, on_ids=None, cancel: threading.Event | None = None):
-        self.__dict__.update(_model=model, _on_ids=on_ids, _cancel=cancel, prompt_tokens=0, new_ids=[],
-                             eos_ids=[], max_new_tokens=None)
+    def __init__(self, model, on_ids=None, cancel: threading.Event | None = None,
+                 max_prompt_tokens: int | None = None):
+        self.__dict__.update(_model=model, _on_ids=on_ids, _cancel=cancel, _max_prompt_tokens=max_prompt_tokens,
+                             prompt_tokens=0, new_ids=[], eos_ids=[], max_new_tokens=None)
 
     def __getattr__(self, name):
         return getattr(self._model, name)
@@ -374,9 +398,21 @@ class _Tap:
         self.__dict__["max_new_tokens"] = config.max_new_tokens
         input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
         self.__dict__["prompt_tokens"] = int(input_ids.shape[-1])
+        limit = self._max_prompt_tokens
+        if limit is not None and self.prompt_tokens > limit:
+            raise PromptTooLong(f"the prompt takes {self.prompt_tokens} tokens, above this server's limit of {limit} "
+                                "(--max-prompt-tokens)", hint="shorten the prompt or the conversation")
         criteria = list(kwargs.pop("stopping_criteria", None) or [])
         if self._cancel is not None:
             criteria.append(_Cancelled(self._cancel))
+        stop = kwargs.get("stop_strings")
+        if stop and kwargs.get("tokenizer") is not None:
+            # transformers' matcher builds (and caches) a table of vocabulary size × stop length
+            # for each new set of stop strings: about 1 MB and 45 ms per character on a large
+            # vocabulary. This one decodes the last few tokens at each step instead.
+            del kwargs["stop_strings"]
+            criteria.append(_StopStrings(kwargs["tokenizer"], [stop] if isinstance(stop, str) else list(stop),
+                                         self.prompt_tokens))
         if criteria:
             kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
         if self._on_ids is not None:
@@ -423,6 +459,27 @@ def _Cancelled(event: threading.Event):
             return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
 
     return Cancelled()
+
+
+def _StopStrings(tokenizer, stop: list[str], start: int):
+    """A stopping criterion: the text generated since position ``start`` holds a stop string.
+    Checked at every step, so a stop string can only be new in the last tokens: it is enough to
+    decode a window of them (4 per character: a token carries at least one UTF-8 byte)."""
+    from transformers import StoppingCriteria
+
+    window = 4 * max(len(s) for s in stop) + 4
+
+    class StopStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            import torch
+
+            done = []
+            for row in input_ids:
+                text = tokenizer.decode(row[start:][-window:].tolist(), skip_special_tokens=True)
+                done.append(any(s in text for s in stop))
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    return StopStrings()
 
 
 class TextDeltas:

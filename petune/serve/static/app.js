@@ -79,7 +79,9 @@ async function refreshStatus() {
   try {
     const response = await fetch("/health", { headers: headers(false) });
     const data = await response.json().catch(() => ({}));
-    if (response.status === 401) { badge.dataset.state = "error"; badge.textContent = "API key needed"; return false; }
+    // /health answers without the key; the runs need it
+    const probe = data.status === "ok" ? await fetch("/v1/models", { headers: headers(false) }) : response;
+    if (probe.status === 401) { badge.dataset.state = "error"; badge.textContent = "API key needed"; return false; }
     badge.dataset.state = data.status === "ok" ? "ok" : data.status === "loading" ? "loading" : "error";
     badge.textContent = data.status === "ok" ? "ready" : data.status || "error";
     return data.status === "ok";
