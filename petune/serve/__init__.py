@@ -158,8 +158,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="finished run folders (NAME=RUN_DIR names a run; default: the folder's name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free port)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request "
-                                     "(default: $PETUNE_API_KEY, else no key)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request but the playground page "
+                                     "and /health; printable ASCII (default: $PETUNE_API_KEY, else no key)")
     p.add_argument("--max-tokens", type=int, default=2048, metavar="N",
                    help="largest max_tokens a request may ask for (default 2048)")
     p.add_argument("--default-max-tokens", type=int, default=256, metavar="N",
