@@ -245,7 +245,7 @@ def test_prompt_tuning_is_refused(host, task, tokenizer, tiny_llama_path, tmp_pa
 STRATEGY_OPTIONS = {"full": {}, "lora": {"r": 4}, "qlora": {"r": 4, "compute_dtype": "float32"}}
 
 
-def _recipe(host, tmp_path, task_opts, strategy, model="random:tiny-llama", out="run"):
+def _recipe(host, tmp_path, task_opts, strategy, model="random:tiny-llama", out="run", eval_opts=None):
     from petune.recipe import validate
 
     return validate({"model": {"name": model},
@@ -253,7 +253,7 @@ def _recipe(host, tmp_path, task_opts, strategy, model="random:tiny-llama", out=
                               "max_length": 64, "num_sample_generations": 1, "sample_max_new_tokens": 4, **task_opts},
                      "strategy": {"name": strategy, **STRATEGY_OPTIONS[strategy]},
                      "train": {"max_steps": 2, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3},
-                     "eval": {"strategy": "no"}, "output": {"dir": str(tmp_path / out)}},
+                     "eval": eval_opts or {"strategy": "no"}, "output": {"dir": str(tmp_path / out)}},
                     host, path=tmp_path / "recipe.toml")
 
 
@@ -264,8 +264,13 @@ def test_method_by_strategy(host, tmp_path, strategy, method):
 
     write_jsonl(tmp_path / "train.jsonl", _pairs(6))
     write_jsonl(tmp_path / "validation.jsonl", _pairs(2))
-    result = runner.run(_recipe(host, tmp_path, {"method": method}, strategy), host)
+    # LoRA DPO also evaluates every step, keeping the best checkpoint by the default metric (accuracy)
+    eval_opts = {"strategy": "steps", "steps": 1, "early_stopping_patience": 3} if strategy == "lora" else None
+    result = runner.run(_recipe(host, tmp_path, {"method": method}, strategy, eval_opts=eval_opts), host)
     assert result.status == "completed"
+    if eval_opts:
+        history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+        assert any("eval_accuracy" in entry and "eval_margin" in entry for entry in history)
     after, before = result.metrics["validation"], result.metrics["validation_before"]
     assert after["pairs"] == before["pairs"] == 2
     if method in ("dpo", "kto"):  # the starting model is its own reference
@@ -312,6 +317,12 @@ def test_start_from_a_finished_sft_run(host, tmp_path, monkeypatch):
     result = runner.run(_recipe(host, tmp_path, {}, "lora", model="runs/my_sft", out="runs/dpo"), host)
     assert result.status == "completed"
     assert json.loads((tmp_path / "runs/dpo/task_state.json").read_text())["chat_template"] == "chatml"
+    # a preference run is a causal-LM run for the commands on finished runs
+    from petune.cli import main
+
+    assert main(["eval", "runs/dpo"]) == 0
+    assert json.loads((tmp_path / "runs/dpo/eval/metrics.json").read_text())["validation"]["pairs"] == 2
+    assert main(["generate", "runs/dpo", "--prompt", "what is 1 plus 1 ?", "--max-new-tokens", "3"]) == 0
 
 
 def test_a_run_that_did_not_complete_is_refused_as_a_start(host, tmp_path):

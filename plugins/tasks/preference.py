@@ -533,12 +533,12 @@ def score_singles(trainer, dataset, method: str, beta: float) -> dict:
 
 
 # -- TRL trainers on data tokenized here --------------------------------------------------------
-def _accuracy_alias(metrics: dict, prefix: str) -> dict:
-    """TRL logs ``rewards/accuracies``; the recipe's eval.metric (and early stopping) reads ``accuracy``."""
+def _alias_accuracy(store: dict, prefix: str) -> None:
+    """TRL logs ``rewards/accuracies`` and ``rewards/margins``; the recipe's eval.metric (and early
+    stopping, which reads the metrics as they are logged) finds them as ``accuracy`` and ``margin``."""
     for ours, theirs in (("accuracy", "rewards/accuracies"), ("margin", "rewards/margins")):
-        if f"{prefix}_{theirs}" in metrics:
-            metrics[f"{prefix}_{ours}"] = metrics[f"{prefix}_{theirs}"]
-    return metrics
+        if store.get(prefix + theirs):
+            store[prefix + ours] = list(store[prefix + theirs])
 
 
 def _trainer_classes(method: str):
@@ -551,9 +551,10 @@ def _trainer_classes(method: str):
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
                 return dataset  # prompt_ids / chosen_ids / rejected_ids, cut and checked in load_data
 
-            def evaluate(self, *args, metric_key_prefix: str = "eval", **kwargs):
-                return _accuracy_alias(super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs),
-                                       metric_key_prefix)
+            def log(self, logs, start_time=None):
+                if not self.model.training:
+                    _alias_accuracy(self._metrics["eval"], "")
+                super().log(logs, start_time)
 
         return PetuneDPOTrainer, DPOConfig
     if method == "kto":
@@ -579,9 +580,9 @@ def _trainer_classes(method: str):
             def tokenize_row(self, feature, model=None):
                 return {}  # already in CPO's columns (see _cpo_columns)
 
-            def evaluate(self, *args, metric_key_prefix: str = "eval", **kwargs):
-                return _accuracy_alias(super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs),
-                                       metric_key_prefix)
+            def log(self, logs, start_time=None):
+                _alias_accuracy(self._stored_metrics["eval"], "eval_")
+                super().log(logs, start_time)
 
         return PetuneCPOTrainer, CPOConfig
     if method == "orpo":
@@ -591,9 +592,9 @@ def _trainer_classes(method: str):
             def tokenize_row(self, feature, model=None):
                 return {}
 
-            def evaluate(self, *args, metric_key_prefix: str = "eval", **kwargs):
-                return _accuracy_alias(super().evaluate(*args, metric_key_prefix=metric_key_prefix, **kwargs),
-                                       metric_key_prefix)
+            def log(self, logs, start_time=None):
+                _alias_accuracy(self._stored_metrics["eval"], "eval_")
+                super().log(logs, start_time)
 
         return PetuneORPOTrainer, ORPOConfig
     raise ValueError(method)  # pragma: no cover - Options restrict the names
