@@ -6,13 +6,13 @@ import sys
 
 from rich.markup import escape
 
-from petune import bench
+from . import suite
 from petune.console import err
 from petune.errors import UserError
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 parser = argparse.ArgumentParser(prog="python -m benchmarks")
-bench.add_to(parser.add_subparsers(dest="command"))
+suite.add_to(parser.add_subparsers(dest="command"))
 args = parser.parse_args(["bench", *sys.argv[1:]])
 try:
     sys.exit(args.func(args))

@@ -25,7 +25,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 from pathlib import Path
 
-from benchmarks.harness import (
+from .harness import (
     LEARNING_RATE,
     MAX_GRAD_NORM,
     STRATEGY_OPTIONS,
@@ -37,7 +37,7 @@ from benchmarks.harness import (
     set_threads,
     synthetic_rows,
 )
-from benchmarks.shapes import SHAPES, model_path
+from .shapes import SHAPES, model_path
 
 PROMPT_INIT_TEXT = "Read the following text and do the task it calls for."
 

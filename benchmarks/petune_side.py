@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.harness import (
+from .harness import (
     Case,
     Meter,
     StepClock,
@@ -26,7 +26,7 @@ from benchmarks.harness import (
     synthetic_rows,
     trainer_clock_callback,
 )
-from benchmarks.shapes import SHAPES, model_path
+from .shapes import SHAPES, model_path
 
 
 def recipe_data(case: Case, model: str, data_file: Path) -> dict:

@@ -141,7 +141,8 @@ def ensure_built(names) -> None:
         shape = SHAPES[name]
         if shape.source is None and not (cache_dir("bench") / f"{name}-v{_VERSION}" / "petune_bench.json").exists():
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
-            subprocess.run([sys.executable, "-m", "benchmarks.shapes", name], cwd=repo, env=env, check=True)
+            subprocess.run([sys.executable, "-m", f"{__package__ or 'benchmarks'}.shapes", name], cwd=repo, env=env,
+                           check=True)
         else:
             model_path(shape)
 

@@ -1,11 +1,11 @@
-"""``petune bench`` (the benchmark suite in ``benchmarks/``) and ``petune estimate`` (the
-memory estimate of a recipe, :mod:`petune.memory`).
+"""``petune bench``: the benchmark suite, a plugin of its own (it registers the command
+through petune's ``register_commands`` hook; the core does not import it).
 
 The suite pairs every configuration (shape × strategy) with a plain transformers + peft
-loop measured in the same run, each side in a process of its own (see
-``benchmarks/worker.py``), and writes a rich table, ``results.json`` and ``bench.png`` to
-the output folder. The measurement code lives in the repository's ``benchmarks/`` folder,
-like the bundled recipes: ``petune bench`` runs from a checkout.
+loop measured in the same run, each side in a process of its own (see ``worker.py``),
+and writes a rich table, ``results.json`` and ``bench.png`` to the output folder. It is
+installed with petune (as ``petune_benchmarks``) and also runs from a checkout as
+``python -m benchmarks``.
 """
 
 from __future__ import annotations
@@ -21,26 +21,21 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from petune import hookimpl
 from petune.console import err, human_bytes, human_count, out
 from petune.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-BENCH_DIR = REPO / "benchmarks"
-DEFAULT_OUT = BENCH_DIR / "out"
+#: this package's name: ``benchmarks`` in a checkout, ``petune_benchmarks`` when installed
+PACKAGE = __package__ or "benchmarks"
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # on PYTHONPATH for the worker processes
+DEFAULT_OUT = Path("benchmarks") / "out"
 CASE_TIMEOUT_S = 1800
 
 
 def _benchmarks():
-    """The ``benchmarks`` package of this checkout."""
-    if not (BENCH_DIR / "harness.py").is_file():
-        raise UserError(f"the benchmark suite is not here ({BENCH_DIR})",
-                        hint="run `petune bench` from a petune source checkout")
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    import benchmarks.harness
-    import benchmarks.shapes
+    from . import harness, shapes
 
-    return benchmarks.harness, benchmarks.shapes
+    return harness, shapes
 
 
 # -- planning ----------------------------------------------------------------------------------
@@ -120,7 +115,7 @@ class CaseRunner:
 
     def _env(self) -> dict:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_PARENT), env.get("PYTHONPATH")]))
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         return env
 
@@ -130,7 +125,7 @@ class CaseRunner:
         import threading
 
         with open(self.log_dir / "server.log", "ab") as log:
-            self.server = subprocess.Popen([sys.executable, "-u", "-m", "benchmarks.worker", "--serve"], cwd=REPO,
+            self.server = subprocess.Popen([sys.executable, "-u", "-m", f"{PACKAGE}.worker", "--serve"], cwd=PACKAGE_PARENT,
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
                                            env=self._env())
         self.lines = queue.Queue()
@@ -202,8 +197,8 @@ class CaseRunner:
         import subprocess
 
         try:
-            return subprocess.run([sys.executable, "-m", "benchmarks.worker", "--case", json.dumps(asdict(case)),
-                                   "--result", str(result_file), "--log", str(log)], cwd=REPO, env=self._env(),
+            return subprocess.run([sys.executable, "-m", f"{PACKAGE}.worker", "--case", json.dumps(asdict(case)),
+                                   "--result", str(result_file), "--log", str(log)], cwd=PACKAGE_PARENT, env=self._env(),
                                   check=False, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             return None
@@ -274,10 +269,11 @@ def predict(case) -> dict:
     counts those; the petune side uses what its task does."""
     try:
         from benchmarks import petune_side
-        from benchmarks.shapes import SHAPES, build_config
         from petune import memory
         from petune.api import ModelInfo
         from petune.recipe import validate
+
+        from .shapes import SHAPES, build_config
 
         host = _plugin_host()
         shape = SHAPES[case.shape]
@@ -304,16 +300,10 @@ def predict(case) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"}
 
 
-_HOST = None
-
-
 def _plugin_host():
-    global _HOST
-    if _HOST is None:
-        from petune.plugins import PluginHost
+    from petune.plugins import get_host
 
-        _HOST = PluginHost()
-    return _HOST
+    return get_host()
 
 
 def _source_config(name: str):
@@ -617,11 +607,11 @@ def run_suite(*, out_dir: Path = DEFAULT_OUT, smoke: bool = False, device: str =
     pairs = plan(smoke=smoke, device=device, shapes=shapes, strategies=strategies, steps=steps, warmup=warmup,
                  threads=threads, batch=batch, seq=seq, gradient_checkpointing=gradient_checkpointing,
                  work_dir=out_dir / "work", baseline_kbit_prep=baseline_kbit_prep, variant=variant)
-    from benchmarks.shapes import ensure_built
+    from .shapes import ensure_built
 
     ensure_built(dict.fromkeys(a.shape for a, _ in pairs))  # random-weight folders, built once, before timing
     with CaseRunner(out_dir / "logs") as runner:  # the worker imports torch & co. while we predict
-        from benchmarks.harness import Case
+        from .harness import Case
 
         predictions = {id(case): predict(case) for pair in pairs for case in pair}
         device_used = pairs[0][0].device if pairs else "cpu"
@@ -631,7 +621,7 @@ def run_suite(*, out_dir: Path = DEFAULT_OUT, smoke: bool = False, device: str =
         if max_context is None:
             max_context = device_used == "cuda" and not smoke and (shapes is None or "llama-3-8b" in shapes)
         if max_context:
-            from benchmarks.harness import Case
+            from .harness import Case
 
             base = Case(shape="llama-3-8b" if device_used == "cuda" else (shapes or ["tiny-llama"])[0],
                         strategy="qlora", side="petune", batch=1, seq=4096, gradient_checkpointing=True,
@@ -716,31 +706,13 @@ def cmd_bench(args) -> int:
     return 1 if failed and args.smoke else 0
 
 
-def cmd_estimate(args) -> int:
-    from petune import memory
-    from petune.cli import _host
-    from petune.recipe import load_recipe
-
-    host = _host()
-    recipe = load_recipe(args.recipe, host, args.set or [])
-    task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
-    with host.blame("strategy", strategy.name, "check"):
-        strategy.check(task, None, recipe.strategy)
-    device = None if args.device == "auto" else args.device
-    with err.status("estimating (no weights load) ..."):
-        est = memory.estimate_recipe(recipe, host, device=device)
-    if args.json:
-        print(json.dumps(est.as_dict(), indent=2))
-    else:
-        out.print(memory.estimate_table(est, f"Peak training memory — {args.recipe} "
-                                             f"({recipe.strategy_name}, batch {est.batch} × {est.seq})"))
-    if est.warning:
-        err.print(f"[yellow]warning[/]: {escape(est.warning)}")
-    return 0
+@hookimpl
+def register_commands(subparsers) -> None:
+    add_to(subparsers)
 
 
 def add_to(sub) -> None:
-    """Add ``bench`` and ``estimate`` to the ``petune`` command's subparsers."""
+    """Add ``bench`` to the ``petune`` command's subparsers."""
     from argparse import BooleanOptionalAction
 
     p = sub.add_parser("bench", help="benchmark every strategy against a plain transformers+peft loop")
@@ -767,11 +739,3 @@ def add_to(sub) -> None:
                    help="print the memory estimate of every case and run nothing (e.g. --device cuda without a GPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")
     p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("estimate", help="predict a recipe's peak training memory (nothing loads)")
-    p.add_argument("recipe", type=Path, help="recipe .toml file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="device to predict for (default: this machine's)")
-    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    p.set_defaults(func=cmd_estimate)

@@ -26,8 +26,8 @@ def _quiet_stdout():
 
 
 def run_case(case_dict: dict) -> dict:
-    from benchmarks import baseline, petune_side
-    from benchmarks.harness import Case
+    from . import baseline, petune_side
+    from .harness import Case
 
     case = Case(**case_dict)
     try:
@@ -68,7 +68,7 @@ def serve() -> None:
     import transformers  # noqa: F401
     import trl  # noqa: F401
 
-    from benchmarks import baseline, petune_side  # noqa: F401
+    from . import baseline, petune_side  # noqa: F401
 
     print(json.dumps({"ready": True}), file=proto, flush=True)
     for line in sys.stdin:

@@ -82,10 +82,10 @@ class ModelInfo:
 
     name: str
     path: Path
-    config: "PretrainedConfig"
+    config: PretrainedConfig
 
     @classmethod
-    def from_path(cls, name: str, path: Path) -> "ModelInfo":
+    def from_path(cls, name: str, path: Path) -> ModelInfo:
         from transformers import AutoConfig
 
         return cls(name=name, path=Path(path), config=AutoConfig.from_pretrained(path, trust_remote_code=False))
@@ -95,7 +95,7 @@ class ModelInfo:
         return self.config.model_type
 
     @property
-    def text_config(self) -> "PretrainedConfig":
+    def text_config(self) -> PretrainedConfig:
         """The language-model part of multimodal configs (e.g. Gemma 3), else the config."""
         get = getattr(self.config, "get_text_config", None)
         return get() if get else self.config
@@ -163,39 +163,39 @@ class Task(_Plugin):
     def check(self, model_info: ModelInfo, options: Options) -> None:
         """Raise :class:`petune.errors.Refusal` if this model cannot do this task."""
 
-    def load_data(self, options: Options, tokenizer: "PreTrainedTokenizerBase") -> TaskData:
+    def load_data(self, options: Options, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         """Read and tokenize the data. May adapt the tokenizer (pad token, chat template);
         the runner saves the tokenizer after this call."""
         raise NotImplementedError
 
-    def load_eval_data(self, options: Options, tokenizer: "PreTrainedTokenizerBase", state: dict) -> TaskData:
+    def load_eval_data(self, options: Options, tokenizer: PreTrainedTokenizerBase, state: dict) -> TaskData:
         """Read and tokenize only the held-out files (``validation`` where it is a file, and
         ``test``) for ``petune eval``, with the finished run's ``state``: a trained run must stay
         scorable after its training file moves. This default re-reads everything."""
         return self.load_data(options, tokenizer)
 
-    def build_model(self, model_info: ModelInfo, options: Options, state: dict, **load_kwargs) -> "PreTrainedModel":
+    def build_model(self, model_info: ModelInfo, options: Options, state: dict, **load_kwargs) -> PreTrainedModel:
         """Load the base model with this task's head (``load_kwargs`` come from the strategy)."""
         raise NotImplementedError
 
-    def head_modules(self, model: "PreTrainedModel") -> list[str]:
+    def head_modules(self, model: PreTrainedModel) -> list[str]:
         """Names of modules that must stay trainable and be saved with an adapter
         (peft ``modules_to_save``), e.g. ``["classifier"]``. Empty for LM tasks."""
         return []
 
-    def make_trainer(self, *, model, tokenizer, data: TaskData, options: Options, args: dict, callbacks: list) -> "Trainer":
+    def make_trainer(self, *, model, tokenizer, data: TaskData, options: Options, args: dict, callbacks: list) -> Trainer:
         """Return a ready ``transformers.Trainer`` (or TRL trainer). ``args`` are keyword
         arguments for ``TrainingArguments`` (or ``trl.SFTConfig``) built from the recipe's
         [train]/[eval] sections; add task-specific ones (metric_for_best_model, ...)."""
         raise NotImplementedError
 
-    def evaluate(self, trainer: "Trainer", data: TaskData, options: Options, run_dir: Path) -> dict[str, dict]:
+    def evaluate(self, trainer: Trainer, data: TaskData, options: Options, run_dir: Path) -> dict[str, dict]:
         """Final metrics per split (``{"validation": {...}, "test": {...}}``); write the
         task's reports into ``run_dir`` with :mod:`petune.artifacts`."""
         raise NotImplementedError
 
     # -- optional, with defaults: what estimates, the server and strategies ask --------------
-    def peft_task_type_for(self, config: "PretrainedConfig | None") -> str:
+    def peft_task_type_for(self, config: PretrainedConfig | None) -> str:
         """peft's task type for a model with this ``config`` (None: not known yet). The
         default is the class's ``peft_task_type``; a task whose model kind depends on the
         base (seq2seq: encoder-decoder or causal LM) decides here, without storing it."""
@@ -206,13 +206,13 @@ class Task(_Plugin):
         estimates). None: the estimate assumes 128 tokens and says so in the plan."""
         return None
 
-    def loss_memory(self, options: Options, batch_size: int, config: "PretrainedConfig", device: str | None = None) -> str:
+    def loss_memory(self, options: Options, batch_size: int, config: PretrainedConfig, device: str | None = None) -> str:
         """How this task's trainer computes the loss, for memory estimates: ``"chunked"``
         when full-vocabulary logits are never held at once (e.g. a fused LM-head loss),
         else ``"logits"``."""
         return "logits"
 
-    def prepare_skeleton(self, model: "torch.nn.Module", quantized: bool) -> None:
+    def prepare_skeleton(self, model: torch.nn.Module, quantized: bool) -> None:
         """Mirror on a meta-device model what this task's trainer changes before training
         (e.g. casting the trainable weights of a 4-bit model to bf16), so memory estimates
         count it. Default: the trainer changes nothing."""
@@ -276,19 +276,19 @@ class Strategy(_Plugin):
         """Extra ``from_pretrained`` keyword arguments (e.g. ``quantization_config``)."""
         return {}
 
-    def apply(self, model: "PreTrainedModel", task: Task, options: Options) -> "torch.nn.Module":
+    def apply(self, model: PreTrainedModel, task: Task, options: Options) -> torch.nn.Module:
         """Return the model ready to train (frozen / wrapped as the strategy wants)."""
         raise NotImplementedError
 
-    def save(self, model: "torch.nn.Module", path: Path) -> None:
+    def save(self, model: torch.nn.Module, path: Path) -> None:
         """Write the trained weights to ``path`` in a format other tools load."""
         model.save_pretrained(path)
 
-    def restore(self, base: "PreTrainedModel", path: Path, task: Task, options: Options) -> "torch.nn.Module":
+    def restore(self, base: PreTrainedModel, path: Path, task: Task, options: Options) -> torch.nn.Module:
         """Put the weights saved by :meth:`save` onto a freshly built base model."""
         raise NotImplementedError
 
-    def merge(self, model: "torch.nn.Module") -> "PreTrainedModel":
+    def merge(self, model: torch.nn.Module) -> PreTrainedModel:
         """Return a plain transformers model with the trained weights folded in."""
         raise Refusal(f"strategy {self.name!r} has nothing to merge")
 
@@ -319,7 +319,7 @@ class ModelSource(_Plugin):
         raise NotImplementedError
 
 
-def count_parameters(model: "torch.nn.Module") -> tuple[int, int]:
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters, counting 4-bit packed weights at their real number."""
     trainable = total = 0
     for p in model.parameters():

@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import tomli_w
@@ -159,7 +159,7 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool, protected: lis
                         hint="choose a writable output.dir (e.g. --set output.dir=runs/NAME)") from None
 
 
-def start_run_dir(path: Path, *, overwrite: bool, resume: bool, protected: list[Path] = ()) -> "RunLock":
+def start_run_dir(path: Path, *, overwrite: bool, resume: bool, protected: list[Path] = ()) -> RunLock:
     """Lock the run folder (created if needed) and, for ``--overwrite``, empty it. The
     lock is held until ``release()`` or the process ends."""
     path = Path(path)
@@ -278,7 +278,7 @@ def new_manifest(recipe, plugins: list[dict]) -> dict:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def plot_loss(log_history: list[dict], path: Path) -> None:

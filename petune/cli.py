@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -22,10 +23,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 def _host():
     from petune.plugins import get_host
 
-    host = get_host()
-    for failure in host.failures:
-        err.print(f"[yellow]warning[/]: {escape(str(failure))}", soft_wrap=True)
-    return host
+    return get_host()  # its load failures were reported once, when the CLI started
 
 
 def _recipe(args):
@@ -69,33 +67,6 @@ def cmd_plugins(args) -> int:
         table.add_column(col)
     for r in sorted(rows, key=lambda r: (r["kind"], r["name"])):
         table.add_row(r["kind"], r["name"], r["package"], r["version"], r["description"])
-    out.print(table)
-    return 0
-
-
-def cmd_methods(args) -> int:
-    """The peft methods the 'peft' strategy offers in this install, read from peft itself."""
-    rows = _host().get("strategy", "peft", "petune methods").cls.method_listing(args.method)
-    if args.method and not rows:
-        raise UserError(f"the installed peft has no method {args.method!r}", hint="`petune methods` lists them")
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-        return 0
-    if args.method and rows[0]["offered"]:
-        table = Table(title=f"peft method {args.method!r}: \\[strategy] options"
-                      + (f" — {escape(rows[0]['summary'])}" if rows[0]["summary"] else ""), title_justify="left")
-        for col in ("option", "type", "default", "description"):
-            table.add_column(col, overflow="fold")
-        for o in rows[0]["options"]:
-            table.add_row(o["name"], o["type"], escape(repr(o["default"])), escape(o["description"]))
-        out.print(table)
-        return 0
-    table = Table(title='peft methods: \\[strategy] name = "peft", method = "..."', title_justify="left")
-    for col in ("method", "4-bit base", "options / why not offered"):
-        table.add_column(col, overflow="fold")
-    for r in rows:
-        text = ", ".join(o["name"] for o in r["options"]) if r["offered"] else f"[dim]not offered: {escape(r['refused'])}[/]"
-        table.add_row(r["method"], ("yes" if r["bitsandbytes_4bit"] else "no") if r["offered"] else "", text)
     out.print(table)
     return 0
 
@@ -157,19 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON: [{name, kind, package, version}]")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("methods", help="peft methods of the 'peft' strategy and their options (from the installed peft)")
-    p.add_argument("method", nargs="?", help="one method: its options with types, defaults and descriptions")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_methods)
-
     sub.add_parser("recipes", help="list the bundled recipes").set_defaults(func=cmd_recipes)
     sub.add_parser("env", help="versions and device, for bug reports").set_defaults(func=cmd_env)
 
-    from petune import bench, commands, inspect_commands, serve
+    # every other command (eval, predict, ..., serve, bench, and third-party ones) is a plugin
+    _host().call("register_commands", subparsers=sub)
+    from petune import serve
 
-    bench.add_to(sub)  # bench, estimate
-    commands.add_to(sub)  # eval, predict, generate, chat, merge
-    inspect_commands.add_to(sub)  # explain, runs, compare
     serve.add_to(sub)  # serve (fastapi/uvicorn load only when it runs)
     return parser
 
@@ -182,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse exits 2 on bad arguments
-    args.argv = argv
-    try:
+    try:  # the one place where errors become exit codes, for every command, plugins' too
+        for failure in _host().failures:  # a broken plugin is one line, and the rest works
+            err.print(f"[yellow]warning[/]: {escape(str(failure))}", soft_wrap=True)
+        args = build_parser().parse_args(argv)  # argparse exits 2 on bad arguments
+        args.argv = argv
         return args.func(args) or 0
     except UserError as exc:
         err.print(f"[bold red]error[/]: {escape(str(exc))}", soft_wrap=True)
@@ -193,11 +159,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which stopped reading: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error()
+        err.print(f"[bold red]error[/]: the disk is full ({escape(str(exc.filename or exc))}): free some space "
+                  "and run the command again", soft_wrap=True)
+        return 2
     except Exception:
-        err.print_exception(max_frames=20)
-        err.print("[bold red]internal error[/]: this is a bug in petune or a plugin; please report it with `petune env`")
-        return 1
+        return _internal_error()
 
+
+def _internal_error() -> int:
+    err.print_exception(max_frames=20)
+    err.print("[bold red]internal error[/]: this is a bug in petune or a plugin; please report it with `petune env`")
+    return 1
 
 if __name__ == "__main__":
     sys.exit(main())

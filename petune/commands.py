@@ -11,17 +11,18 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from petune import hookimpl
 from petune.api import Generates, Predicts, require
 from petune.console import err, metrics_table, out
 from petune.errors import UserError
 
 
 def _load(run_dir, **kwargs):
-    from petune.cli import _host
+    from petune.plugins import get_host
     from petune.runner import load_run
 
     with err.status(f"loading {run_dir} ..."):
-        return load_run(run_dir, _host(), **kwargs)
+        return load_run(run_dir, get_host(), **kwargs)
 
 
 def cmd_eval(args) -> int:
@@ -147,6 +148,11 @@ def cmd_merge(args) -> int:
     out.print(f"[green]merged[/] model written to [bold]{escape(str(out_dir))}[/] "
               f"(load with transformers' from_pretrained)")
     return 0
+
+
+@hookimpl
+def register_commands(subparsers) -> None:
+    add_to(subparsers)
 
 
 def add_to(sub) -> None:

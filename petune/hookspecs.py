@@ -66,6 +66,16 @@ def register_model_sources(register):
 
 
 @hookspec
+def register_commands(subparsers):
+    """Add ``petune`` sub-commands: ``p = subparsers.add_parser("name", help=...)``, its
+    arguments, and ``p.set_defaults(func=run)`` where ``run(args) -> int`` is the exit code.
+    petune's own commands beyond ``run``/``validate``/``plugins``/``recipes``/``env``
+    register this way too. Raise :class:`petune.errors.UserError` for the user's mistakes:
+    the CLI prints it without a traceback and exits 2. Called once, when the CLI starts.
+    """
+
+
+@hookspec
 def on_run_start(run):
     """Called once a run's plan is fixed, before training. ``run`` is a
     :class:`petune.runner.Run` (recipe, run folder, task, strategy)."""

@@ -9,14 +9,15 @@ from pathlib import Path
 
 from rich.markup import escape
 
+from petune import hookimpl
 from petune.console import err, out
 from petune.errors import UserError
 
 
 def _host():
-    from petune.cli import _host as host
+    from petune.plugins import get_host
 
-    return host()
+    return get_host()
 
 
 def _primary_metric(host):
@@ -145,6 +146,11 @@ def cmd_compare(args) -> int:
         out.print(runs.compare_table(loaded))
     err.print(f"wrote [bold]{escape(str(png))}[/]")
     return 0
+
+
+@hookimpl
+def register_commands(subparsers) -> None:
+    add_to(subparsers)
 
 
 def add_to(sub) -> None:

@@ -13,7 +13,15 @@ from pydantic import BaseModel
 
 from petune import artifacts, checkpoints, memory
 from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters
-from petune.console import err, human_count, is_main_process, key_value_table, metrics_table, out, training_progress_callback
+from petune.console import (
+    err,
+    human_count,
+    is_main_process,
+    key_value_table,
+    metrics_table,
+    out,
+    training_progress_callback,
+)
 from petune.errors import UserError
 from petune.models import load_tokenizer, loading_weights, resolve_model
 from petune.plugins import PluginHost

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from petune import bench
+from benchmarks import suite as bench
 
 STRATEGIES = ("full", "lora", "qlora", "adapters", "prompt_tuning")
 

@@ -171,10 +171,10 @@ def test_estimate_recipe_for_every_strategy(host, tmp_path, strategy):
 def test_estimate_command_prints_a_table(host, tmp_path, capsys):
     import argparse
 
-    from petune import bench
+    from petune import estimate
 
     parser = argparse.ArgumentParser()
-    bench.add_to(parser.add_subparsers(dest="command"))
+    estimate.register_commands(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["estimate", str(write_recipe(tmp_path)), "--device", "cpu",
                               "--set", "train.batch_size=2"])
     assert args.func(args) == 0
@@ -198,7 +198,7 @@ def test_plan_row_for_dry_run(host, tmp_path):
 
 
 def test_petune_estimate_cli(tmp_path):
-    """The installed command, once `petune.bench.add_to` is wired into petune/cli.py."""
+    """The installed command (registered through the register_commands hook)."""
     import subprocess
     import sys
 

@@ -5,9 +5,9 @@ after the new one is whole, one process per run folder, a full disk is a user er
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
-import io
 import shutil
 import subprocess
 import sys
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import adapter_tensors, petune, tiny_classification_recipe
 from safetensors.torch import load_file
 
 from petune import artifacts, checkpoints
 from petune.cli import main
-from helpers import adapter_tensors, petune, tiny_classification_recipe
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

@@ -27,13 +27,20 @@ import types
 import typing
 from typing import Any, ClassVar, Literal
 
+from petune_plugins.strategies._common import (
+    _check_target_names,
+    head_modules,
+    is_4bit,
+    quantization_method,
+    restore_peft,
+)
 from pydantic import ConfigDict, Field, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
 from petune import hookimpl
 from petune.api import Options, Strategy
+from petune.console import out
 from petune.errors import Refusal, UserError
-from petune_plugins.strategies._common import _check_target_names, head_modules, is_4bit, quantization_method, restore_peft
 
 # Methods the installed peft has that this strategy does not offer, with the reason and what
 # to use instead. Every prompt-learning (virtual-token) method is refused as well, generically.
@@ -391,6 +398,47 @@ def trainer_callbacks(run):
 @hookimpl
 def register_strategies(register):
     register(PeftMethodStrategy)
+
+
+# -- `petune methods`: this plugin's own command ---------------------------------------------------
+def cmd_methods(args) -> int:
+    """The peft methods the 'peft' strategy offers in this install, read from peft itself."""
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    rows = PeftMethodStrategy.method_listing(args.method)
+    if args.method and not rows:
+        raise UserError(f"the installed peft has no method {args.method!r}", hint="`petune methods` lists them")
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if args.method and rows[0]["offered"]:
+        table = Table(title=f"peft method {args.method!r}: \\[strategy] options"
+                      + (f" — {escape(rows[0]['summary'])}" if rows[0]["summary"] else ""), title_justify="left")
+        for col in ("option", "type", "default", "description"):
+            table.add_column(col, overflow="fold")
+        for o in rows[0]["options"]:
+            table.add_row(o["name"], o["type"], escape(repr(o["default"])), escape(o["description"]))
+        out.print(table)
+        return 0
+    table = Table(title='peft methods: \\[strategy] name = "peft", method = "..."', title_justify="left")
+    for col in ("method", "4-bit base", "options / why not offered"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        text = ", ".join(o["name"] for o in r["options"]) if r["offered"] else f"[dim]not offered: {escape(r['refused'])}[/]"
+        table.add_row(r["method"], ("yes" if r["bitsandbytes_4bit"] else "no") if r["offered"] else "", text)
+    out.print(table)
+    return 0
+
+
+@hookimpl
+def register_commands(subparsers):
+    p = subparsers.add_parser("methods", help="peft methods of the 'peft' strategy and their options (from the installed peft)")
+    p.add_argument("method", nargs="?", help="one method: its options with types, defaults and descriptions")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_methods)
 
 
 # -- listing -----------------------------------------------------------------------------------
