@@ -151,3 +151,26 @@ def test_non_ascii_api_key_stops_the_command_before_it_serves(tmp_path, monkeypa
     assert result.returncode == 2, result.stderr
     assert "PETUNE_API_KEY" in result.stderr and "ASCII" in result.stderr
     assert "not a finished petune run" not in result.stderr, "the key is checked first"
+
+
+def test_stop_strings_end_generation_where_transformers_would(tiny_llama_path):
+    """The server matches stop strings itself (transformers' matcher builds a table of
+    vocabulary × stop length per new set of stop strings); it stops at the same token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from petune.serve.registry import _Tap
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
+    inputs = tokenizer("the quick brown fox", return_tensors="pt")
+    start = inputs["input_ids"].shape[1]
+    free = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    text = tokenizer.decode(free[0, start:], skip_special_tokens=True)
+    assert len(text) > 15
+    for stop in (text[5:8], text[-3:], [text[12:14], text[3:5]]):  # early, at the very end, the first of two
+        theirs = model.generate(**inputs, max_new_tokens=20, do_sample=False, stop_strings=stop, tokenizer=tokenizer)
+        ours = _Tap(model).generate(**inputs, max_new_tokens=20, do_sample=False, stop_strings=stop,
+                                    tokenizer=tokenizer)
+        assert torch.equal(theirs, ours), stop
+        assert ours.shape[1] < free.shape[1] or stop == text[-3:], "the stop string ends it early"
