@@ -148,9 +148,9 @@ def _wait_for_url(server, host: str, timeout: float = 120.0) -> str | None:
 
 
 def _plugin_host():
-    from petune.cli import _host
+    from petune.plugins import get_host
 
-    return _host()
+    return get_host()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
