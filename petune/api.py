@@ -29,7 +29,8 @@ The whole contract is in this module:
   ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``skeleton_options``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
   commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
-  :class:`Generates` (``petune generate``, ``chat``, the server's chat and completions).
+  :class:`Generates` (``petune generate``, ``chat``, the server's chat and completions),
+  :class:`Explains` (``petune explain``).
   A command that needs one the task lacks refuses with exit 2 (:func:`require`).
 
 The hooks that register plugins and follow a run are in :mod:`petune.hookspecs`.
@@ -248,10 +249,23 @@ class Generates(Protocol):
         (``max_new_tokens``, ``temperature``, ``top_p``, ``stop`` ...)."""
 
 
+@runtime_checkable
+class Explains(Protocol):
+    """A task whose model ``petune explain`` can attribute: unlocks ``petune explain``."""
+
+    #: what the model outputs: "label" (one per input), "token_labels" (one per word) or
+    #: "next_token" (a language model)
+    explained_output: str
+
+    def word_spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character spans of the words the task labels in plain ``text`` (used
+        for "token_labels"; other tasks may return ``[]``)."""
+
+
 def require(task: Task, capability: type, where: str | None = None) -> Task:
     """``task`` if it implements ``capability`` (a protocol above), else a UserError saying so."""
     if not isinstance(task, capability):
-        verbs = {Predicts: "predict", Generates: "generate text"}
+        verbs = {Predicts: "predict", Generates: "generate text", Explains: "be explained"}
         raise UserError(f"task {task.name!r} cannot {verbs.get(capability, 'do this')} "
                         f"(it does not implement {capability.__name__})", where=where,
                         hint=f"see petune/api.py: {capability.__name__}")

@@ -133,9 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     # every other command (eval, predict, ..., serve, bench, and third-party ones) is a plugin
     _host().call("register_commands", subparsers=sub)
-    from petune import serve
-
-    serve.add_to(sub)  # serve (fastapi/uvicorn load only when it runs)
     return parser
 
 

@@ -117,8 +117,8 @@ def generate(self, model, tokenizer, options, state, messages, *args, **kwargs):
             hook.remove()
     return original(self, model, tokenizer, options, state, messages, *args, **kwargs)
 sft.SftTask.generate = generate
-from petune.serve import main
-sys.exit(main(sys.argv[1:]))
+from petune.cli import main
+sys.exit(main(["serve", *sys.argv[1:]]))
 """
 
 

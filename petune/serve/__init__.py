@@ -15,6 +15,7 @@ import threading
 
 from rich.markup import escape
 
+from petune import hookimpl
 from petune.console import err
 from petune.errors import UserError
 
@@ -184,26 +185,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+@hookimpl
+def register_commands(subparsers) -> None:
+    add_to(subparsers)
+
+
 def add_to(sub) -> None:
     """Add the ``serve`` subcommand to petune's argument parser."""
     add_arguments(sub.add_parser("serve", help="serve finished runs over HTTP: an OpenAI-compatible API, "
                                                "many adapters on one base, and a playground page"))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m petune.serve``: the same command without petune's full parser (what
-    ``petune serve`` runs, with petune's exit codes: 2 for a user error)."""
-    import sys
-    import warnings
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    parser = add_arguments(argparse.ArgumentParser(prog="petune serve", description=__doc__.split("\n")[0]))
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        return cmd_serve(args)
-    except UserError as exc:
-        err.print(f"[bold red]error[/]: {escape(str(exc))}", soft_wrap=True)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130

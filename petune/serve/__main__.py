@@ -1,3 +1,7 @@
-from petune.serve import main
+"""``python -m petune.serve ...``: the same as ``petune serve ...``."""
 
-raise SystemExit(main())
+import sys
+
+from petune.cli import main
+
+raise SystemExit(main(["serve", *sys.argv[1:]]))

@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from petune.api import Generates, ModelInfo, Predicts, require
 from petune.errors import UserError
 
 #: line breaks as str.splitlines() sees them: each becomes a space in /v1/predict inputs
@@ -98,11 +99,14 @@ class ServedRun:
     @property
     def kind(self) -> str:
         """"chat" for runs that generate text, "predict" for the others (classification, NER ...)."""
-        return "chat" if callable(getattr(self.task, "generate", None)) else "predict"
+        return "chat" if isinstance(self.task, Generates) else "predict"
 
     @property
     def causal(self) -> bool:
-        return getattr(self.task, "peft_task_type", None) == "CAUSAL_LM"
+        """Plain-text completions need a task that generates and a decoder-only model."""
+        config = getattr(self.base.model if self.base else None, "config", None)
+        return (isinstance(self.task, Generates) and config is not None
+                and ModelInfo(self.name, self.dir, config).is_decoder_only)
 
     def describe(self) -> dict:
         """Listing entry (OpenAI's model object plus petune's fields)."""
@@ -150,10 +154,8 @@ def _canonical(value) -> str:
 
 
 def model_state(task, state: dict) -> dict:
-    """The part of a run's task state that shapes its model. A task may say which with
-    ``model_state(state)``; otherwise all of it counts (the safe side: no sharing)."""
-    pick = getattr(task, "model_state", None)
-    return pick(state) if callable(pick) else state
+    """The part of a run's task state that shapes its model (``Task.model_state``)."""
+    return task.model_state(state)
 
 
 def share_key(run: ServedRun, quantized: bool = True) -> tuple | None:
@@ -208,9 +210,8 @@ class Registry:
             if not (folder / strategy.artifact).exists():
                 raise UserError(f"the run has no {strategy.artifact}/ folder (did it finish?)", where=str(folder))
             run = ServedRun(name, folder, recipe, task, strategy, artifacts.read_json(folder / "task_state.json"))
-            if not callable(getattr(task, "generate", None)) and not callable(getattr(task, "predict", None)):
-                raise UserError(f"task {task.name!r} can neither generate nor predict: nothing to serve",
-                                where=str(folder))
+            if not isinstance(task, Generates):  # a run is served for chat, or else for predictions
+                require(task, Predicts, where=str(folder))
             run.created = int((folder / "recipe.toml").stat().st_mtime)
             self.runs[name] = run
         self.bases = plan(list(self.runs.values()), quantized)
