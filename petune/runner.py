@@ -26,6 +26,7 @@ from petune.errors import UserError
 from petune.models import load_tokenizer, loading_weights, resolve_model
 from petune.plugins import PluginHost
 from petune.recipe import Recipe, load_recipe
+from petune.run_log import RunLog
 from petune.runs import plot_learning_rate
 
 
@@ -55,6 +56,14 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+    log = RunLog()  # what the libraries say, for the run folder's run.log
+    try:
+        return _run(recipe, host, log, dry_run=dry_run, resume=resume, overwrite=overwrite)
+    finally:
+        log.close()
+
+
+def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume: bool, overwrite: bool) -> RunResult:
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     check_recipe(recipe, host, task, strategy)  # refuse what is impossible before anything loads
     run_dir = recipe.output_dir
@@ -93,6 +102,7 @@ def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool
     lock = None
     if is_main_process():
         lock = artifacts.start_run_dir(run_dir, overwrite=overwrite, resume=resume, protected=inputs_of(recipe))
+        log.write_to(run_dir / "run.log")
         artifacts.write_toml(run_dir / "recipe.toml", recipe.resolved())
         artifacts.write_json(run_dir / "task_state.json", data.state)
     manifest = artifacts.new_manifest(recipe, host.listing())

@@ -234,3 +234,9 @@ def test_resumed_train_loss_averages_every_step():
                {"train_loss": 0.5, "step": 8}]
     whole_run_train_loss(history, resumed_at=4)
     assert history[-1]["train_loss"] == pytest.approx((3.0 * 2 + 1.0 * 2 + 0.5 * 4) / 8)
+
+
+# -- 11. what is kept off the terminal is kept in the run's log ------------------------------
+def test_the_run_log_keeps_what_the_terminal_does_not_show(finished):
+    log = (finished / "run" / "run.log").read_text(encoding="utf-8")
+    assert "LOAD REPORT" in log  # the tiny classifier's new head, reported by transformers
