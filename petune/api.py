@@ -26,7 +26,7 @@ The whole contract is in this module:
 * **optional with a default** (override to improve on it): ``Task.check``,
   ``load_eval_data``, ``head_modules``, ``peft_task_type_for``, ``sequence_length``,
   ``loss_memory``, ``prepare_skeleton``, ``model_state``; ``Strategy.check``,
-  ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``skeleton_options``;
+  ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
   commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
   :class:`Generates` (``petune generate``, ``chat``, the server's chat and completions),
@@ -305,6 +305,13 @@ class Strategy(_Plugin):
     def merge(self, model: torch.nn.Module) -> PreTrainedModel:
         """Return a plain transformers model with the trained weights folded in."""
         raise Refusal(f"strategy {self.name!r} has nothing to merge")
+
+    def make_optimizer(self, model: "torch.nn.Module", options: Options, optimizer_cls: type,
+                       optimizer_kwargs: dict) -> "torch.optim.Optimizer | None":
+        """An optimizer of the recipe's class and settings (``train.optimizer``,
+        ``learning_rate`` ...) with this strategy's own parameter groups, e.g. LoRA+'s
+        higher learning rate for LoRA's B matrices. None (the default): the trainer's own."""
+        return None
 
     def skeleton_options(self, options: Options) -> Options:
         """The options to apply on a meta-device skeleton (no real weights) for memory

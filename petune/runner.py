@@ -123,6 +123,7 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
             trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,
                                         args=args, callbacks=callbacks)
         prepare_trainer(trainer)
+        use_strategy_optimizer(trainer, strategy, recipe, host)
         resumed_at = checkpoints.state_of(resume_from)["global_step"] if resume_from else 0
         if finished:
             err.print(f"training had reached step {resumed_at}: writing the final artifacts only")
@@ -424,6 +425,18 @@ def prepare_trainer(trainer) -> None:
     """What petune changes on every Trainer it drives (runs, eval, benchmarks)."""
     remove_trainer_printing(trainer)
     count_parameters_once(trainer)
+
+
+def use_strategy_optimizer(trainer, strategy: Strategy, recipe: Recipe, host: PluginHost) -> None:
+    """The strategy's own optimizer (``Strategy.make_optimizer``), built with the recipe's
+    optimizer class and settings; the trainer keeps it and checkpoints its state."""
+    from transformers import Trainer
+
+    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    with host.blame("strategy", strategy.name, "make_optimizer"):
+        optimizer = strategy.make_optimizer(trainer.model, recipe.strategy, optimizer_cls, dict(optimizer_kwargs))
+    if optimizer is not None:
+        trainer.optimizer = optimizer
 
 
 def remove_trainer_printing(trainer) -> None:
