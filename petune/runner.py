@@ -272,10 +272,9 @@ class LoadedRun:
     tokenizer: object
 
 
-def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True) -> LoadedRun:
-    """Rebuild a finished run's model (base + trained weights) from its folder alone.
-    ``quantized=False`` loads the base in 16/32-bit even for 4-bit strategies (for merging)."""
-    run_dir = Path(run_dir)
+def read_finished_run(run_dir: Path, host: PluginHost) -> tuple[Recipe, Task, Strategy, dict]:
+    """A finished run's recipe, plugins and task state (nothing heavy loads), or a UserError
+    saying what is missing."""
     for needed in ("recipe.toml", "task_state.json", "tokenizer"):
         if not (run_dir / needed).exists():
             raise UserError(f"not a finished petune run (no {needed})", where=str(run_dir),
@@ -284,8 +283,15 @@ def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True) -
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     if not (run_dir / strategy.artifact).exists():
         raise UserError(f"the run has no {strategy.artifact}/ folder (did it finish?)", where=str(run_dir))
+    return recipe, task, strategy, artifacts.read_json(run_dir / "task_state.json")
+
+
+def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True) -> LoadedRun:
+    """Rebuild a finished run's model (base + trained weights) from its folder alone.
+    ``quantized=False`` loads the base in 16/32-bit even for 4-bit strategies (for merging)."""
+    run_dir = Path(run_dir)
+    recipe, task, strategy, state = read_finished_run(run_dir, host)
     info = resolve_model(recipe.model.name, host.model_sources())
-    state = artifacts.read_json(run_dir / "task_state.json")
     load_kwargs = {"dtype": model_dtype(recipe.model.dtype), "trust_remote_code": False}
     if quantized:
         load_kwargs.update(strategy.load_kwargs(recipe.strategy))

@@ -195,21 +195,13 @@ class Registry:
     def __init__(self, specs: list[tuple[str, Path]], host, *, quantized: bool = True):
         """``quantized=False`` loads the bases of 4-bit (QLoRA) runs in 16/32-bit, as
         ``petune merge`` does: faster on CPUs, more memory, slightly different answers."""
-        from petune import artifacts
-        from petune.recipe import load_recipe
+        from petune.runner import read_finished_run
 
         self.host, self.quantized = host, quantized
         self.runs: dict[str, ServedRun] = {}
         for name, folder in specs:
-            for needed in ("recipe.toml", "task_state.json", "tokenizer"):
-                if not (folder / needed).exists():
-                    raise UserError(f"not a finished petune run (no {needed})", where=str(folder),
-                                    hint="give the output folder of a completed `petune run`")
-            recipe = load_recipe(folder / "recipe.toml", host, check_paths=False)
-            task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
-            if not (folder / strategy.artifact).exists():
-                raise UserError(f"the run has no {strategy.artifact}/ folder (did it finish?)", where=str(folder))
-            run = ServedRun(name, folder, recipe, task, strategy, artifacts.read_json(folder / "task_state.json"))
+            recipe, task, strategy, state = read_finished_run(folder, host)
+            run = ServedRun(name, folder, recipe, task, strategy, state)
             if not isinstance(task, Generates):  # a run is served for chat, or else for predictions
                 require(task, Predicts, where=str(folder))
             run.created = int((folder / "recipe.toml").stat().st_mtime)
