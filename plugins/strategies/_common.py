@@ -139,7 +139,7 @@ def lora_config(options: LoraOptions, task: Task, model: "torch.nn.Module"):
     if isinstance(targets, list):
         _check_target_names(model, targets)
     return LoraConfig(
-        task_type=task.peft_task_type,
+        task_type=task.peft_task_type_for(model.config),
         r=options.r,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,

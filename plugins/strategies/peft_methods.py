@@ -313,7 +313,8 @@ class PeftMethodStrategy(Strategy):
 
     def check(self, task, model_info, options):
         method = options.method
-        if task.peft_task_type in _HEAD_TASKS and not _saves_modules(options.peft_config_class):
+        model_config = model_info.config if model_info is not None else None
+        if task.peft_task_type_for(model_config) in _HEAD_TASKS and not _saves_modules(options.peft_config_class):
             raise Refusal(f"method {method!r} cannot save a task head with the adapter, and task {task.name!r} has one "
                           "that trains", where="strategy.method", hint="use another method, or strategy 'lora'")
         quant = quantization_method(model_info)
@@ -321,14 +322,14 @@ class PeftMethodStrategy(Strategy):
             raise Refusal(f"model {model_info.name!r} is quantised ({quant}), and peft has no {quant} layers for "
                           f"method {method!r}", where="strategy.method",
                           hint="load an unquantised model, or use strategy 'lora' / 'qlora'")
-        self.peft_config(options, task)  # peft's own rules on the options, before anything loads
+        self.peft_config(options, task, model_config=model_config)  # peft's own rules on the options, before anything loads
 
-    def peft_config(self, options: PeftOptions, task, heads: list[str] | None = None):
+    def peft_config(self, options: PeftOptions, task, heads: list[str] | None = None, model_config=None):
         kwargs = options.peft_kwargs()
         if heads:  # check() refuses head tasks for methods without modules_to_save
             kwargs["modules_to_save"] = list(heads)  # peft extends it in place
         try:
-            return options.peft_config_class(task_type=task.peft_task_type, **kwargs)
+            return options.peft_config_class(task_type=task.peft_task_type_for(model_config), **kwargs)
         except (ValueError, TypeError) as exc:
             raise UserError(f"peft refuses these {options.method} options: {exc}", where="strategy",
                             hint=f"see `petune methods {options.method}` for its options and defaults") from None
@@ -339,7 +340,7 @@ class PeftMethodStrategy(Strategy):
         if isinstance(getattr(options, "target_modules", None), list):
             _check_target_names(model, options.target_modules)
         heads = head_modules(task, model)
-        config = self.peft_config(options, task, heads)
+        config = self.peft_config(options, task, heads, model_config=model.config)
         # frozen embeddings give inputs that need no grad; with (reentrant) gradient
         # checkpointing nothing would then reach the adapter
         model.enable_input_require_grads()

@@ -68,20 +68,21 @@ class PromptTuningStrategy(Strategy):
     def check(self, task, model_info, options):
         if options.method != "prompt":
             return
+        task_type = task.peft_task_type_for(model_info.config if model_info is not None else None)
         limit = _absolute_position_limit(model_info.config) if model_info is not None else None
         if limit is not None and options.num_virtual_tokens >= limit:
             raise Refusal(f"{model_info.name} has {limit} learned positions; {options.num_virtual_tokens} virtual "
                           "tokens leave no room for the input", where="strategy.num_virtual_tokens",
                           hint=f"use fewer virtual tokens (e.g. 20) and task.max_length ≤ {limit} − num_virtual_tokens")
-        if task.peft_task_type == "TOKEN_CLS":
+        if task_type == "TOKEN_CLS":
             raise Refusal("prompt tuning prepends virtual tokens, which shifts token logits away from the "
                           "per-token labels of token classification",
                           where="strategy.method", hint="use method = 'prefix' (keeps the sequence as it is) or strategy 'lora'")
-        if task.peft_task_type == "QUESTION_ANS":
+        if task_type == "QUESTION_ANS":
             raise Refusal("prompt tuning prepends virtual tokens, which shifts the start/end logits of extractive "
                           "question answering away from the answer positions it is trained on",
                           where="strategy.method", hint="use method = 'prefix' (keeps the sequence as it is) or strategy 'lora'")
-        if task.peft_task_type == "SEQ_CLS" and model_info is not None and model_info.is_decoder_only:
+        if task_type == "SEQ_CLS" and model_info is not None and model_info.is_decoder_only:
             raise Refusal("prompt tuning feeds embeddings instead of input_ids, so a decoder's classifier cannot "
                           "find the last real token of padded inputs",
                           where="strategy.method", hint="use method = 'prefix' or strategy 'lora'")
@@ -103,20 +104,21 @@ class PromptTuningStrategy(Strategy):
         from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
         heads = head_modules(task, model) or None
+        task_type = task.peft_task_type_for(model.config)
         if options.method == "prefix":
             _refuse_checkpointing(model)
-            config = PrefixTuningConfig(task_type=task.peft_task_type, num_virtual_tokens=options.num_virtual_tokens,
+            config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=options.num_virtual_tokens,
                                         modules_to_save=heads)
         elif options.resolved_init == "text":
             tokenizer = model.name_or_path or getattr(model.config, "_name_or_path", "")
             if not (Path(tokenizer) / "tokenizer_config.json").is_file():
                 raise UserError(f"init = 'text' needs the model's tokenizer, not found in {tokenizer!r}",
                                 where="strategy.init", hint="set init = 'random'")
-            config = PromptTuningConfig(task_type=task.peft_task_type, num_virtual_tokens=options.num_virtual_tokens,
+            config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.num_virtual_tokens,
                                         prompt_tuning_init="TEXT", prompt_tuning_init_text=options.init_text or DEFAULT_INIT_TEXT,
                                         tokenizer_name_or_path=str(tokenizer), modules_to_save=heads)
         else:
-            config = PromptTuningConfig(task_type=task.peft_task_type, num_virtual_tokens=options.num_virtual_tokens,
+            config = PromptTuningConfig(task_type=task_type, num_virtual_tokens=options.num_virtual_tokens,
                                         prompt_tuning_init="RANDOM", modules_to_save=heads)
         peft_model = get_peft_model(model, config)
         if options.method == "prompt":
