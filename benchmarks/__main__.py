@@ -6,9 +6,10 @@ import sys
 
 from rich.markup import escape
 
-from . import suite
 from petune.console import err
 from petune.errors import UserError
+
+from . import suite
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 parser = argparse.ArgumentParser(prog="python -m benchmarks")

@@ -16,6 +16,11 @@ Per strategy:
   it measures petune's pipeline around the adapters, not the adapters themselves.
 * prompt_tuning — ``PromptTuningConfig`` with 20 virtual tokens initialised from text.
 
+Real-length cases (``case.data``, an Alpaca JSON file): the examples as a careful user
+prepares them — the Alpaca prompt, answer + EOS, labels -100 on the prompt, cut at
+``max_length`` — in shuffled batches padded to their longest example by transformers'
+``DataCollatorForSeq2Seq``.
+
 Task heads: the classification head (and BERT's pooler, which the masked-LM checkpoint
 lacks) train in full and are saved with the adapter, as petune does (``modules_to_save``).
 """
@@ -32,6 +37,7 @@ from .harness import (
     Case,
     Meter,
     StepClock,
+    TokenCounter,
     dir_size,
     result_record,
     set_threads,
@@ -40,6 +46,27 @@ from .harness import (
 from .shapes import SHAPES, model_path
 
 PROMPT_INIT_TEXT = "Read the following text and do the task it calls for."
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n")
+
+
+def alpaca_examples(path: str, tokenizer, max_length: int) -> list[dict]:
+    """Tokenized Alpaca examples with the loss on the answer only, cut at ``max_length``;
+    an example whose answer is cut away entirely is dropped."""
+    import json
+
+    examples = []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    for record in json.loads(Path(path).read_text()):
+        user = "\n\n".join(part for part in (record["instruction"], record.get("input") or "") if part.strip())
+        prompt = f"{ALPACA_PREAMBLE}### Instruction:\n{user}\n\n### Response:\n"
+        prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (prompt_ids + answer_ids)[:max_length]
+        labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
+        if any(label != -100 for label in labels):
+            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return examples
 
 
 def run(case: Case) -> dict:
@@ -117,10 +144,23 @@ def run(case: Case) -> dict:
         model.to(device)
 
     # -- data ---------------------------------------------------------------------------------
-    rows = synthetic_rows(case, AutoConfig.from_pretrained(path).vocab_size, shape.family, tokenizer.pad_token_id)
-    names = list(rows)
-    dataset = TensorDataset(*(torch.tensor(rows[n]) for n in names))
-    loader = DataLoader(dataset, batch_size=case.batch, shuffle=True, drop_last=True, pin_memory=cuda)
+    counter = TokenCounter() if case.data else None
+    if case.data:
+        from transformers import DataCollatorForSeq2Seq
+
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        examples = alpaca_examples(case.data, tokenizer, case.seq)
+        collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100, return_tensors="pt")
+        loader = DataLoader(examples, batch_size=case.batch, shuffle=True, drop_last=True, collate_fn=collator,
+                            pin_memory=cuda)
+        passes = lambda: iter(loader)
+    else:
+        rows = synthetic_rows(case, AutoConfig.from_pretrained(path).vocab_size, shape.family, tokenizer.pad_token_id)
+        names = list(rows)
+        dataset = TensorDataset(*(torch.tensor(rows[n]) for n in names))
+        tensors_loader = DataLoader(dataset, batch_size=case.batch, shuffle=True, drop_last=True, pin_memory=cuda)
+        passes = lambda: ({n: t for n, t in zip(names, tensors)} for tensors in tensors_loader)
 
     # -- training -----------------------------------------------------------------------------
     from petune.api import count_parameters  # the same counting as the petune side
@@ -138,10 +178,12 @@ def run(case: Case) -> dict:
     model.train()
     meter.train_begin()
     clock.begin()
-    for step, tensors in enumerate(loader):
+    for step, tensors in enumerate(_batches(passes, case.total_steps)):
         if step == timed:  # the untimed probe step (CPU): every tensor allocation recorded
             meter.probe.start()
-        batch = {n: t.to(device, non_blocking=True) for n, t in zip(names, tensors)}
+        batch = {n: t.to(device, non_blocking=True) for n, t in tensors.items()}
+        if counter is not None:
+            counter.add(batch)
         with autocast:
             loss = model(**batch).loss
         loss.backward()
@@ -166,6 +208,24 @@ def run(case: Case) -> dict:
                   artifact / "adapter_model.safetensors")
     else:
         model.save_pretrained(artifact)
+    extra = {"trainer": "plain loop"}
+    if counter is not None:
+        extra.update(counter.summary(clock, case.warmup, case.steps), examples=len(examples))
+        extra["tokens_per_s"] = extra["useful_tokens_per_s"]
     return result_record(case, clock=clock, memory=memory, trainable=trainable, total=total,
-                         artifact_bytes=dir_size(artifact), losses=losses,
-                         extra={"trainer": "plain loop"})
+                         artifact_bytes=dir_size(artifact), losses=losses, extra=extra)
+
+
+def _batches(passes, steps: int):
+    """``steps`` batches from ``passes()`` (one pass over the data each call, a new shuffle),
+    passing over the data again when it runs out."""
+    done = 0
+    while done < steps:
+        before = done
+        for batch in passes():
+            yield batch
+            done += 1
+            if done == steps:
+                return
+        if done == before:
+            raise ValueError("the data gives not one full batch")

@@ -51,6 +51,9 @@ class Case:
     #: loss with the model's own cross-entropy instead of TRL's fused, chunked LM head)
     variant: str = ""
     strategy_options: dict = field(default_factory=dict)
+    #: "" trains on synthetic fixed-length rows; a path to an Alpaca JSON file makes this a
+    #: real-length case: those examples, tokenized, cut at ``seq`` (= max_length), loss on the answers
+    data: str = ""
 
     @property
     def probe(self) -> bool:
@@ -65,7 +68,8 @@ class Case:
     @property
     def label(self) -> str:
         side = f"{self.side}[{self.variant}]" if self.variant and self.side == "petune" else self.side
-        return f"{self.shape}/{self.strategy}/{side} b{self.batch}×{self.seq}"
+        kind = f" real lengths ≤{self.seq}" if self.data else f"×{self.seq}"
+        return f"{self.shape}/{self.strategy}/{side} b{self.batch}{kind}"
 
 
 #: the options both sides use for each strategy (the petune defaults, spelled out)
@@ -221,6 +225,37 @@ class StepClock:
                 "measured_steps": len(measured)}
 
 
+class TokenCounter:
+    """Tokens of every batch a side trains on, for real-length cases: ``useful`` are the
+    loss-bearing ones (a label other than -100 after the causal shift: what the model learns
+    from), ``real`` the tokens of the examples (padding excluded), ``computed`` every position
+    the model runs (padding included)."""
+
+    def __init__(self):
+        self.steps: list[dict] = []
+
+    def add(self, batch) -> None:
+        labels = batch["labels"]
+        mask = batch.get("attention_mask")
+        self.steps.append({"useful": int((labels[..., 1:] != -100).sum()),
+                           "real": int(mask.sum()) if mask is not None else int(labels.numel()),
+                           "computed": int(labels.numel()), "rows": int(labels.shape[0])})
+
+    def summary(self, clock: StepClock, warmup: int, steps: int) -> dict:
+        """Useful tokens per second (and per CPU-second) over the measured steps: their tokens
+        over their total time, since a step's cost follows its own batch's length."""
+        times = clock._gaps(clock.t0, clock.ends)[warmup:warmup + steps]
+        cpu = clock._gaps(clock.c0, clock.cpu_ends)[warmup:warmup + steps]
+        counted = self.steps[warmup:warmup + len(times)]
+        total = {k: sum(s[k] for s in counted) for k in ("useful", "real", "computed")}
+        return {"token_steps": self.steps, "useful_tokens": total["useful"],
+                "useful_tokens_per_s": total["useful"] / sum(times) if times and sum(times) > 0 else 0.0,
+                "useful_tokens_per_cpu_s": total["useful"] / sum(cpu) if cpu and sum(cpu) > 0 else 0.0,
+                "computed_tokens_per_step": total["computed"] / len(counted) if counted else 0.0,
+                "pad_share": 1 - total["real"] / total["computed"] if total["computed"] else 0.0,
+                "useful_share": total["useful"] / total["computed"] if total["computed"] else 0.0}
+
+
 class TensorProbe:
     """Peak bytes of live CPU tensors during one step: the tensors alive when it starts
     (found through the garbage collector) plus the highest running total of the
@@ -272,6 +307,18 @@ class TensorProbe:
         self.profiler = None
         self.result = {"tensor_live_at_step_start": self.live_start, "tensor_peak": self.live_start + peak}
         return self.result
+
+
+def count_training_steps(trainer, counter: TokenCounter) -> None:
+    """Record the tokens of every batch a transformers ``Trainer`` trains on (one call of
+    ``training_step`` per optimizer step: the suite never accumulates gradients)."""
+    inner = trainer.training_step
+
+    def training_step(model, inputs, *args, **kwargs):
+        counter.add(inputs)
+        return inner(model, inputs, *args, **kwargs)
+
+    trainer.training_step = training_step
 
 
 def trainer_clock_callback(case: Case, clock: StepClock, meter: Meter, memory: dict):

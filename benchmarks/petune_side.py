@@ -7,6 +7,11 @@ the task plugin's ``make_trainer`` with ``runner.training_arguments`` and the ru
 callbacks (progress bar, checkpoint marking, signal handling) — except reading data files:
 the task gets a fixed-length synthetic dataset instead, the same rows as the baseline.
 
+Real-length cases (``case.data``): the task reads that Alpaca file itself (``load_data``, as
+``petune run`` does) with petune's defaults — loss on the answers, padded batches, or
+packed ones for the variant ``packing`` — and the Alpaca chat template, the layout the
+baseline writes by hand, so both sides train on the same tokens.
+
 Two deliberate differences from ``petune run``, both outside the measured steps:
 checkpoints are not written (``save_strategy = "no"``: the final checkpoint would come after
 the last measured step) and nothing is evaluated after training.
@@ -20,6 +25,8 @@ from .harness import (
     Case,
     Meter,
     StepClock,
+    TokenCounter,
+    count_training_steps,
     dir_size,
     result_record,
     set_threads,
@@ -33,6 +40,10 @@ def recipe_data(case: Case, model: str, data_file: Path) -> dict:
     """The recipe this case stands for, as a TOML-shaped dict."""
     shape = SHAPES[case.shape]
     task = {"name": shape.task, "train": str(data_file), "max_length": case.seq}
+    if case.data:
+        task.update(train=case.data, format="alpaca", chat_template="alpaca", validation_split=0.0)
+        if case.variant == "packing":
+            task["packing"] = True
     if shape.task == "sft":
         task["num_sample_generations"] = 0
     else:
@@ -102,7 +113,7 @@ def run(case: Case) -> dict:
     set_seed(recipe.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     vocab = AutoConfig.from_pretrained(info.path).vocab_size
-    data = synthetic_task_data(case, tokenizer, vocab)
+    data = task.load_data(recipe.task, tokenizer) if case.data else synthetic_task_data(case, tokenizer, vocab)
     if hasattr(runner, "check_batch_size"):
         runner.check_batch_size(recipe, data)
     model = runner.build_trainable_model(recipe, host, task, strategy, info, data.state)
@@ -121,17 +132,24 @@ def run(case: Case) -> dict:
     runner.prepare_trainer(trainer)
     if case.variant == "plain-loss":
         _plain_loss(trainer)
-    elif case.variant:
-        raise ValueError(f"unknown petune variant {case.variant!r}")
+    elif case.variant not in ("", "packing") or (case.variant == "packing" and not case.data):
+        raise ValueError(f"unknown petune variant {case.variant!r}" + (" (packing needs real-length data)"
+                                                                       if case.variant == "packing" else ""))
+    counter = TokenCounter() if case.data else None
+    if counter is not None:
+        count_training_steps(trainer, counter)
     trainer.train()
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     artifact = work / strategy.artifact
     strategy.save(trainer.model, artifact)
+    extra = {"trainer": type(trainer).__name__,
+             "tokens_seen": int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)}
+    if counter is not None:
+        extra.update(counter.summary(clock, case.warmup, case.steps), examples=len(data.train))
+        extra["tokens_per_s"] = extra["useful_tokens_per_s"]
     return result_record(case, clock=clock, memory=memory or meter.read(), trainable=trainable, total=total,
-                         artifact_bytes=dir_size(artifact), losses=losses,
-                         extra={"trainer": type(trainer).__name__,
-                                "tokens_seen": int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)})
+                         artifact_bytes=dir_size(artifact), losses=losses, extra=extra)
 
 
 

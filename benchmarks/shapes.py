@@ -32,6 +32,10 @@ class Shape:
     #: default batch × sequence length for this shape
     batch: int = 2
     seq: int = 128
+    #: real-length cases: rows per batch and max_length (examples are cut there; within the
+    #: model's positions)
+    real_batch: int = 4
+    real_seq: int = 512
 
     @property
     def task(self) -> str:
@@ -46,7 +50,7 @@ _LLAMA_3 = {"vocab_size": 128256, "num_attention_heads": 32, "num_key_value_head
             "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 131072}
 
 SHAPES: dict[str, Shape] = {s.name: s for s in [
-    Shape("tiny-llama", "llama", "cpu", source="random:tiny-llama", batch=4, seq=128),
+    Shape("tiny-llama", "llama", "cpu", source="random:tiny-llama", batch=4, seq=128, real_seq=256),
     Shape("tiny-bert", "bert", "cpu", source="random:tiny-bert", batch=4, seq=96),
     Shape("small-llama", "llama", "cpu", batch=2, seq=256, config={
         "hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 6,
@@ -55,10 +59,10 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
     Shape("small-bert", "bert", "cpu", batch=4, seq=256, config={
         "hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 6,
         "vocab_size": 16000, "max_position_embeddings": 512, "type_vocab_size": 2}),
-    Shape("llama-3.2-1b", "llama", "cuda", batch=2, seq=2048, config={
+    Shape("llama-3.2-1b", "llama", "cuda", batch=2, seq=2048, real_seq=2048, config={
         **_LLAMA_3, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "head_dim": 64,
         "tie_word_embeddings": True}),
-    Shape("llama-3-8b", "llama", "cuda", batch=2, seq=2048, config={
+    Shape("llama-3-8b", "llama", "cuda", batch=2, seq=2048, real_seq=2048, config={
         **_LLAMA_3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "head_dim": 128,
         "tie_word_embeddings": False}),
 ]}

@@ -80,6 +80,94 @@ def plan(*, smoke: bool = False, device: str = "auto", shapes: list[str] | None 
     return pairs
 
 
+#: the real instruction set whose token lengths the real-length cases train on
+REAL_DATA = Path("alpaca") / "alpaca_data_random1k.json"
+CASE_KINDS = ("fixed", "real-length")
+#: the petune variants of a real-length group, each against the same baseline
+REAL_LENGTH_VARIANTS = ("", "packing")
+
+
+def find_real_data(path: str | Path | None = None) -> Path:
+    """The Alpaca file of the real-length cases: ``path``, else ``$PETUNE_BENCH_DATA``, else
+    ``shared/data`` beside or inside the checkout, else the copy ``benchmarks/gpu/prepare``
+    puts in the folder that travels to the GPU machine."""
+    if path:
+        candidates = [Path(path)]
+    else:
+        env = os.environ.get("PETUNE_BENCH_DATA")
+        candidates = [Path(env)] if env else []
+        candidates += [PACKAGE_PARENT.parent / "shared" / "data" / REAL_DATA, PACKAGE_PARENT / "shared" / "data" / REAL_DATA,
+                       Path(__file__).resolve().parent / "gpu" / "carry" / "data" / REAL_DATA.name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate.resolve()
+    raise UserError(f"the real-length cases need Alpaca data ({REAL_DATA.name}); looked at "
+                    + ", ".join(str(c) for c in candidates),
+                    hint="pass --data FILE (a JSON list of {instruction, input, output}) or set PETUNE_BENCH_DATA")
+
+
+def plan_real_length(*, smoke: bool = False, device: str = "cpu", shapes: list[str] | None = None,
+                     strategies: list[str] | None = None, steps: int | None = None, warmup: int | None = None,
+                     threads: int | None = None, batch: int | None = None, seq: int | None = None,
+                     gradient_checkpointing: bool | None = None, work_dir: Path = DEFAULT_OUT / "work",
+                     data: str | Path | None = None) -> list[tuple]:
+    """Real-length groups: (petune with its defaults, petune with packing, baseline) on the
+    token lengths of a real instruction set, one group per causal-LM shape × strategy (LoRA
+    unless ``strategies`` says otherwise)."""
+    harness, shape_mod = _benchmarks()
+    if device == "auto":
+        device = "cuda" if _has_cuda() and not smoke else "cpu"
+    if shapes is None:
+        shapes = list(shape_mod.SMOKE_SHAPES if smoke else shape_mod.GPU_SHAPES if device == "cuda"
+                      else shape_mod.CPU_SHAPES)
+    unknown = [s for s in shapes if s not in shape_mod.SHAPES]
+    if unknown:
+        raise UserError(f"unknown shape(s) {unknown}", hint=f"choose from {', '.join(shape_mod.SHAPES)}")
+    shapes = [s for s in shapes if shape_mod.SHAPES[s].family == "llama"]  # instruction data: causal LMs only
+    strategies = list(strategies or ["lora"])
+    bad = [s for s in strategies if s not in harness.STRATEGIES]
+    if bad:
+        raise UserError(f"unknown strategy(ies) {bad}", hint=f"choose from {', '.join(harness.STRATEGIES)}")
+    data_file = str(find_real_data(data)) if shapes else ""
+    if threads is None and device == "cpu":
+        threads = 1
+    groups = []
+    for shape_name in shapes:
+        shape = shape_mod.SHAPES[shape_name]
+        for strategy in strategies:
+            common = {"shape": shape_name, "strategy": strategy, "batch": batch or shape.real_batch,
+                      "seq": seq or shape.real_seq, "steps": steps or (2 if smoke else 10),
+                      "warmup": warmup if warmup is not None else (1 if smoke else 2),
+                      "gradient_checkpointing": True if gradient_checkpointing is None else gradient_checkpointing,
+                      "device": device, "threads": threads, "data": data_file}
+            cases = [harness.Case(side="petune", variant=v, work_dir=str(
+                Path(work_dir) / f"real-{shape_name}-{strategy}-petune{'-' + v if v else ''}"), **common)
+                for v in REAL_LENGTH_VARIANTS]
+            cases.append(harness.Case(side="baseline", work_dir=str(Path(work_dir) / f"real-{shape_name}-{strategy}-baseline"),
+                                      **common))
+            groups.append(tuple(cases))
+    return groups
+
+
+def run_groups(groups, runner, *, progress: bool = True) -> list[dict]:
+    """Run every case of every group (alternating whether the baseline goes first); rows in
+    plan order."""
+    rows = []
+    for index, group in enumerate(groups):
+        order = list(group) if index % 2 == 0 else [group[-1], *group[:-1]]
+        results = {}
+        for case in order:
+            if progress:
+                err.print(f"[dim]bench[/] {escape(case.label)} ...", end=" ")
+            result = runner.run(case)
+            if progress:
+                err.print(f"{result['useful_tokens_per_s']:,.0f} useful tok/s" if result.get("ok")
+                          else f"[red]failed[/]: {escape(result.get('error', '?'))[:200]}")
+            results[id(case)] = result
+        rows += [results[id(case)] for case in group]
+    return rows
+
+
 def _cuda_capacity() -> int | None:
     """Total memory of GPU 0, asked of nvidia-smi: a CUDA context in this process would take
     memory from the cases for the whole run."""
@@ -101,16 +189,20 @@ def _has_cuda() -> bool:
 
 # -- running, one process per case -------------------------------------------------------------
 class CaseRunner:
-    """Runs cases in processes of their own: forked from ``python -m benchmarks.worker
-    --serve``, a server that imported torch & co once (see benchmarks/worker.py), or, where
-    there is no fork, one fresh interpreter per case."""
+    """Runs cases in processes of their own: on CPU forked from ``python -m benchmarks.worker
+    --serve``, a server that imported torch & co once (see benchmarks/worker.py); on CUDA (and
+    where there is no fork) one fresh interpreter per case, since nothing may fork once an
+    import (bitsandbytes) can have initialised CUDA."""
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, device: str = "cpu"):
+        from .worker import start_method
+
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.server = None
         self.lines = None
-        if hasattr(os, "fork"):
+        self.method = start_method(device)
+        if self.method == "fork":
             self._start_server()
 
     def _env(self) -> dict:
@@ -188,7 +280,8 @@ class CaseRunner:
         if done is None:  # too slow: stop the case, the server carries on
             import signal
 
-            os.kill(started["pid"], signal.SIGKILL)
+            if started["pid"] > 0:
+                os.kill(started["pid"], signal.SIGKILL)
             self._next(60)
             return None
         return done.get("status")
@@ -512,16 +605,20 @@ def write_chart(rows: list[dict], path: Path, title: str) -> Path | None:
     return path
 
 
+def environment_line(env: dict) -> str:
+    versions = env.get("versions", {})
+    return (f"{env.get('device')}, {env.get('date', '')[:10]}; torch {versions.get('torch')}, transformers "
+            f"{versions.get('transformers')}, peft {versions.get('peft')}, trl {versions.get('trl')}, bitsandbytes "
+            f"{versions.get('bitsandbytes')}")
+
+
 def markdown_table(results: dict) -> str:
     """The results as a Markdown table (what benchmarks/RESULTS.md holds), with the
     environment line above it."""
     rows = results["rows"]
     env = results["environment"]
     cpu = any(r["case"]["device"] == "cpu" for r in rows)
-    versions = env.get("versions", {})
-    head = (f"{env.get('device')}, {env.get('date', '')[:10]}; torch {versions.get('torch')}, transformers "
-            f"{versions.get('transformers')}, peft {versions.get('peft')}, trl {versions.get('trl')}, bitsandbytes "
-            f"{versions.get('bitsandbytes')}")
+    head = environment_line(env)
     if cpu:
         cols = ["shape / strategy", "side", "b×seq", "peak RSS (pred.)", "tensors (pred.)", "CPU s/step",
                 "tok/CPU-s", "trainable", "saved", "×time", "×mem"]
@@ -570,6 +667,70 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def real_length_groups(rows: list[dict]) -> list[list[dict]]:
+    """Rows of real-length cases, grouped by configuration (shape, strategy, batch, max_length)
+    in plan order; the baseline is each group's last row."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        c = row["case"]
+        groups.setdefault((c["shape"], c["strategy"], c["batch"], c["seq"]), []).append(row)
+    return [sorted(g, key=lambda r: r["case"]["side"] == "baseline") for g in groups.values()]
+
+
+def _useful_rate(row: dict) -> float | None:
+    """What real-length rows compare: useful tokens per CPU-second on CPU (wall-clock time on a
+    shared machine is noise), per second on GPU."""
+    if not row.get("ok"):
+        return None
+    return row["useful_tokens_per_cpu_s"] if row["case"]["device"] == "cpu" else row["useful_tokens_per_s"]
+
+
+def real_length_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Columns and cells of the real-length table (one line per side)."""
+    cpu = any(r["case"]["device"] == "cpu" for r in rows)
+    cols = ["shape / strategy", "side", "batch × max_len", "useful tok/CPU-s" if cpu else "useful tok/s",
+            *(["useful tok/s (wall)"] if cpu else []), "loss-bearing", "padding", "tokens/step", "peak", "×useful"]
+    lines = []
+    for group in real_length_groups(rows):
+        base = group[-1]
+        for i, row in enumerate(group):
+            case = row["case"]
+            name = f"{case['shape']} / {case['strategy']}" if i == 0 else ""
+            side = f"{case['side']} ({case.get('variant') or 'defaults'})" if case["side"] == "petune" else "baseline"
+            head = [name, side, f"{case['batch']} × ≤{case['seq']}"]
+            if not row.get("ok"):
+                lines.append(head + [f"failed: {str(row.get('error', '?'))[:80]}"] + [""] * (len(cols) - 4))
+                continue
+            ratio = _ratio(_useful_rate(row), _useful_rate(base)) if row is not base else None
+            lines.append(head + [f"{_useful_rate(row):,.0f}", *([f"{row['useful_tokens_per_s']:,.0f}"] if cpu else []),
+                                 f"{100 * row['useful_share']:.0f}%", f"{100 * row['pad_share']:.0f}%",
+                                 f"{row['computed_tokens_per_step']:,.0f}", _fmt_mem(row.get("peak_bytes")),
+                                 f"{ratio:.2f}" if ratio else ""])
+    return cols, lines
+
+
+def real_length_markdown(rows: list[dict], environment: dict | None = None) -> str:
+    cols, lines = real_length_rows(rows)
+    out_lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(cols))) + "|"]
+    out_lines += ["| " + " | ".join(cells) + " |" for cells in lines]
+    out_lines += ["", ("useful: loss-bearing tokens (answers and their stop token) trained per second; loss-bearing / "
+                       "padding: shares of the positions the model computed; tokens/step: positions per step; "
+                       "×useful: petune / baseline.")]
+    return "\n".join(out_lines) + "\n"
+
+
+def real_length_table(rows: list[dict], title: str) -> Table:
+    cols, lines = real_length_rows(rows)
+    table = Table(title=title, title_justify="left", caption_justify="left",
+                  caption="useful: loss-bearing tokens per second (per CPU-second on CPU); loss-bearing, padding: "
+                          "shares of the computed positions; ×useful: petune / baseline")
+    for i, col in enumerate(cols):
+        table.add_column(col, justify="left" if i < 2 else "right")
+    for cells in lines:
+        table.add_row(*(escape(c) for c in cells))
+    return table
+
+
 def environment() -> dict:
     from petune.artifacts import device_description, now, package_versions
 
@@ -600,26 +761,40 @@ def summary(rows: list[dict]) -> dict:
 def run_suite(*, out_dir: Path = DEFAULT_OUT, smoke: bool = False, device: str = "auto", shapes=None,
               strategies=None, steps=None, warmup=None, threads=None, batch=None, seq=None,
               gradient_checkpointing=None, repeat: int = 1, max_context: bool | None = None,
-              baseline_kbit_prep: bool = False, variant: str = "", chart: bool = True, progress: bool = True) -> dict:
+              baseline_kbit_prep: bool = False, variant: str = "", chart: bool = True, progress: bool = True,
+              cases=("fixed",), data=None) -> dict:
     """Plan, run, predict, and write results.json (+ bench.png). Returns the results."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    bad = [c for c in cases if c not in CASE_KINDS]
+    if bad or not cases:
+        raise UserError(f"unknown case kind(s) {bad}", hint=f"choose from {', '.join(CASE_KINDS)}")
     pairs = plan(smoke=smoke, device=device, shapes=shapes, strategies=strategies, steps=steps, warmup=warmup,
                  threads=threads, batch=batch, seq=seq, gradient_checkpointing=gradient_checkpointing,
-                 work_dir=out_dir / "work", baseline_kbit_prep=baseline_kbit_prep, variant=variant)
+                 work_dir=out_dir / "work", baseline_kbit_prep=baseline_kbit_prep,
+                 variant=variant) if "fixed" in cases else []
+    groups = plan_real_length(smoke=smoke, device=device, shapes=shapes, strategies=strategies, steps=steps,
+                              warmup=warmup, threads=threads, batch=batch, seq=seq,
+                              gradient_checkpointing=gradient_checkpointing, work_dir=out_dir / "work",
+                              data=data) if "real-length" in cases else []
     from .shapes import ensure_built
 
-    ensure_built(dict.fromkeys(a.shape for a, _ in pairs))  # random-weight folders, built once, before timing
-    with CaseRunner(out_dir / "logs") as runner:  # the worker imports torch & co. while we predict
+    # random-weight folders, built once, before timing
+    ensure_built(dict.fromkeys([a.shape for a, _ in pairs] + [g[0].shape for g in groups]))
+    first = pairs[0][0] if pairs else groups[0][0] if groups else None
+    device_used = first.device if first else "cpu"
+    with CaseRunner(out_dir / "logs", device_used) as runner:  # a CPU worker imports torch & co. while we predict
         from .harness import Case
 
         predictions = {id(case): predict(case) for pair in pairs for case in pair}
-        device_used = pairs[0][0].device if pairs else "cpu"
         capacity = _cuda_capacity() if device_used == "cuda" else None
         rows = run_pairs(pairs, runner, repeat=repeat, progress=progress, predictions=predictions, capacity=capacity)
         results = {"environment": environment(), "smoke": smoke, "rows": rows}
+        if groups:
+            results["real_length"] = run_groups(groups, runner, progress=progress)
         if max_context is None:
-            max_context = device_used == "cuda" and not smoke and (shapes is None or "llama-3-8b" in shapes)
+            max_context = (device_used == "cuda" and not smoke and "fixed" in cases
+                           and (shapes is None or "llama-3-8b" in shapes))
         if max_context:
             from .harness import Case
 
@@ -632,11 +807,22 @@ def run_suite(*, out_dir: Path = DEFAULT_OUT, smoke: bool = False, device: str =
         row["predicted"] = by_case.get(json.dumps(row["case"], sort_keys=True)) or predict(Case(**row["case"]))
     results["summary"] = summary(rows)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out_dir / "results.md").write_text(markdown_table(results))
-    if chart:
+    (out_dir / "results.md").write_text(results_markdown(results))
+    if chart and rows:
         results["chart"] = str(write_chart(rows, out_dir / "bench.png",
                                            f"petune vs plain transformers+peft — {results['environment']['device']}"))
     return results
+
+
+def results_markdown(results: dict) -> str:
+    """results.md: the fixed-length table and, when there are real-length rows, theirs."""
+    env = results.get("environment") or {}
+    parts = [markdown_table(results)] if results.get("rows") else [environment_line(env) + "\n"]
+    if results.get("real_length"):
+        parts.append("Real lengths (Alpaca examples, loss on the answers):\n\n" + real_length_markdown(results["real_length"]))
+    elif not results.get("rows"):
+        parts.append("No case ran.\n")
+    return "\n".join(parts)
 
 
 def prediction_table(pairs, title: str) -> tuple[Table, list[dict]]:
@@ -688,9 +874,12 @@ def cmd_bench(args) -> int:
                         strategies=args.strategies, steps=args.steps, warmup=args.warmup, threads=args.threads,
                         batch=args.batch, seq=args.seq, gradient_checkpointing=args.gradient_checkpointing,
                         repeat=args.repeat, max_context=args.max_context, baseline_kbit_prep=args.baseline_kbit_prep,
-                        variant=args.variant)
+                        variant=args.variant, cases=args.cases, data=args.data)
     env = results["environment"]
-    _print_wide(results_table(results["rows"], f"petune bench — {env['device']}, {env['date']}"))
+    if results["rows"]:
+        _print_wide(results_table(results["rows"], f"petune bench — {env['device']}, {env['date']}"))
+    if results.get("real_length"):
+        _print_wide(real_length_table(results["real_length"], f"petune bench, real lengths — {env['device']}"))
     s = results["summary"]
     if s["median_step_time_ratio"]:
         out.print(f"median petune/baseline step time ×{s['median_step_time_ratio']:.3f}, "
@@ -702,7 +891,7 @@ def cmd_bench(args) -> int:
                   + (f" (fails at {mc['first_failing_seq']})" if mc["first_failing_seq"] else ""))
     err.print(f"wrote {escape(str(Path(args.out) / 'results.json'))}"
               + (f" and {escape(results['chart'])}" if results.get("chart") else ""))
-    failed = [r for r in results["rows"] if not r.get("ok")]
+    failed = [r for r in results["rows"] + results.get("real_length", []) if not r.get("ok")]
     return 1 if failed and args.smoke else 0
 
 
@@ -735,6 +924,12 @@ def add_to(sub) -> None:
                    help="baseline QLoRA uses peft's prepare_model_for_kbit_training (fp32 upcasts)")
     p.add_argument("--variant", default="", choices=["", "plain-loss"],
                    help="petune-side experiment: plain-loss = SFT loss from full logits instead of TRL's fused head")
+    p.add_argument("--cases", type=lambda s: s.split(","), default=["fixed"],
+                   help="comma-separated: fixed (synthetic fixed-length rows, every strategy; the default), "
+                        "real-length (Alpaca's token lengths: useful tokens/s, petune's defaults and packing vs "
+                        "padded batches; LoRA unless --strategies)")
+    p.add_argument("--data", type=Path, help="Alpaca JSON for the real-length cases (default: shared/data's "
+                                             "alpaca_data_random1k.json, or $PETUNE_BENCH_DATA)")
     p.add_argument("--predict-only", action="store_true",
                    help="print the memory estimate of every case and run nothing (e.g. --device cuda without a GPU)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default benchmarks/out)")

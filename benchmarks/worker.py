@@ -4,9 +4,12 @@
 libraries once, then for every job line on stdin forks a child that runs one case and
 writes its result to a JSON file, and answers with a line when the child is gone. No
 case can inflate another's peak memory, and CI does not pay torch's import time twenty
-times. (The server only imports before forking: no threads, no CUDA, fork is safe.)
-``python -m benchmarks.worker --case JSON --result FILE`` runs one case in this process
-(the fallback where there is no ``fork``).
+times. It serves CPU runs only: peft imports bitsandbytes, which initialises CUDA on
+import on a GPU machine, and a child forked after that dies ("Cannot re-initialize CUDA
+in forked subprocess"). :func:`start_method` says which way a device's cases run, and the
+server refuses to fork once CUDA is initialised in it.
+``python -m benchmarks.worker --case JSON --result FILE`` runs one case in a fresh
+interpreter (spawn): every CUDA case, and every case where there is no ``fork``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,34 @@ import json
 import os
 import sys
 import traceback
+
+
+def start_method(device: str) -> str:
+    """How a case on ``device`` gets its process: ``"fork"`` from the server (CPU, where the
+    platform forks) or ``"spawn"``, a fresh interpreter (CUDA: nothing may fork once CUDA can
+    be initialised, and importing the libraries a case needs can initialise it)."""
+    if device.startswith("cuda") or not hasattr(os, "fork"):
+        return "spawn"
+    return "fork"
+
+
+def cuda_initialised() -> bool:
+    """Whether this process holds a CUDA context (without importing torch if it has not been)."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+def refuse_fork(job: dict, proto) -> bool:
+    """Answer ``job`` with a failed result instead of forking when this process holds a CUDA
+    context (a forked child could not use CUDA). True when refused."""
+    if not cuda_initialised():
+        return False
+    _write_result(job["result"], {"case": job["case"], "ok": False, "error": (
+        "the fork server holds a CUDA context, so a forked case could not use CUDA; CUDA cases run spawned "
+        "(benchmarks.worker.start_method)")})
+    print(json.dumps({"pid": 0}), file=proto, flush=True)
+    print(json.dumps({"done": 0, "status": 1}), file=proto, flush=True)
+    return True
 
 
 def _quiet_stdout():
@@ -75,6 +106,8 @@ def serve() -> None:
         if not line.strip():
             continue
         job = json.loads(line)
+        if refuse_fork(job, proto):
+            continue
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:

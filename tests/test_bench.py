@@ -132,3 +132,111 @@ def test_trainer_counts_parameters_once_for_its_flop_counter(tiny_bert_path, tmp
     assert [trainer.floating_point_ops(inputs) for _ in range(3)] == [expected] * 3 and expected > 0
     assert len(calls) == 1
     assert trainer.floating_point_ops({"labels": torch.ones(4)}) == 0
+
+
+# -- CUDA-safe workers ---------------------------------------------------------------------------
+def test_cuda_cases_are_spawned_never_forked(tmp_path, monkeypatch):
+    """bitsandbytes initialises CUDA when peft imports it, so a case forked from a server that
+    imported peft dies on a GPU machine: CUDA cases get a fresh interpreter each."""
+    import os
+    import subprocess
+
+    from benchmarks import worker
+    from benchmarks.harness import Case
+
+    assert worker.start_method("cuda") == "spawn" and worker.start_method("cuda:1") == "spawn"
+    assert worker.start_method("cpu") == ("fork" if hasattr(os, "fork") else "spawn")
+
+    def no_fork():
+        raise AssertionError("forked for a CUDA case")
+
+    monkeypatch.setattr(os, "fork", no_fork, raising=False)
+    launched = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: launched.append(a) or no_fork())
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: launched.append(argv) or
+                        subprocess.CompletedProcess(argv, 3))
+    case = Case(shape="llama-3-8b", strategy="qlora", side="petune", batch=2, seq=2048, device="cuda",
+                work_dir=str(tmp_path / "w"))
+    with bench.CaseRunner(tmp_path / "logs", "cuda") as runner:
+        assert runner.method == "spawn" and runner.server is None
+        result = runner.run(case, timeout=5)
+    assert len(launched) == 1 and "--case" in launched[0] and json.loads(launched[0][launched[0].index("--case") + 1])[
+        "device"] == "cuda"
+    assert not result["ok"] and "exited with code 3" in result["error"]
+
+
+def test_fork_server_refuses_to_fork_once_cuda_is_initialised(tmp_path, monkeypatch):
+    import io
+    import sys
+    import types
+
+    from benchmarks import worker
+
+    fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_initialized=lambda: False))
+    monkeypatch.setitem(sys.modules, "torch", fake_torch)
+    job = {"case": {"shape": "tiny-llama"}, "result": str(tmp_path / "r.json"), "log": str(tmp_path / "l.log")}
+    proto = io.StringIO()
+    assert not worker.refuse_fork(job, proto) and proto.getvalue() == ""
+    fake_torch.cuda.is_initialized = lambda: True
+    assert worker.refuse_fork(job, proto)
+    answered = [json.loads(line) for line in proto.getvalue().splitlines()]
+    assert answered == [{"pid": 0}, {"done": 0, "status": 1}]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert not result["ok"] and "CUDA context" in result["error"]
+
+
+# -- real-length cases -----------------------------------------------------------------------------
+def test_real_length_plan_groups_petune_defaults_and_packing_with_one_baseline(tmp_path):
+    data = tmp_path / "alpaca.json"
+    data.write_text('[{"instruction": "Say hi.", "input": "", "output": "Hi."}]')
+    groups = bench.plan_real_length(smoke=True, data=data, work_dir=tmp_path)
+    assert len(groups) == 1  # tiny-bert is no instruction model: left out
+    sides = [(c.side, c.variant) for c in groups[0]]
+    assert sides == [("petune", ""), ("petune", "packing"), ("baseline", "")]
+    for case in groups[0]:
+        assert (case.shape, case.strategy, case.data, case.seq, case.batch) == (
+            "tiny-llama", "lora", str(data.resolve()), 256, 4)
+    assert len({c.work_dir for c in groups[0]}) == 3
+    from petune.errors import UserError
+
+    with pytest.raises(UserError, match="Alpaca data"):
+        bench.find_real_data(tmp_path / "missing.json")
+
+
+def test_token_counter_counts_loss_bearing_tokens_not_padding():
+    import torch
+
+    from benchmarks.harness import StepClock, TokenCounter
+
+    counter = TokenCounter()
+    # two rows padded to 6: the first has 5 real tokens, 2 loss-bearing; the second 3 real, 1 loss-bearing
+    labels = torch.tensor([[-100, -100, -100, 7, 8, -100], [-100, -100, 9, -100, -100, -100]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]])
+    counter.add({"labels": labels, "attention_mask": mask})
+    counter.add({"labels": labels[:1, :5]})  # padding-free: every position is a real token
+    assert counter.steps == [{"useful": 3, "real": 8, "computed": 12, "rows": 2},
+                             {"useful": 2, "real": 5, "computed": 5, "rows": 1}]
+    clock = StepClock("cpu")
+    clock.t0 = clock.c0 = 0.0
+    clock.ends, clock.cpu_ends = [1.0, 1.5], [2.0, 3.0]
+    s = counter.summary(clock, warmup=0, steps=2)
+    assert s["useful_tokens"] == 5 and s["useful_tokens_per_s"] == pytest.approx(5 / 1.5)
+    assert s["useful_tokens_per_cpu_s"] == pytest.approx(5 / 3.0)
+    assert s["pad_share"] == pytest.approx(1 - 13 / 17) and s["useful_share"] == pytest.approx(5 / 17)
+
+
+def test_real_length_table_compares_useful_tokens_per_cpu_second():
+    def row(side, variant, useful_cpu, pad):
+        return {"case": {"shape": "small-llama", "strategy": "lora", "side": side, "variant": variant, "batch": 4,
+                         "seq": 512, "device": "cpu"}, "ok": True, "useful_tokens_per_cpu_s": useful_cpu,
+                "useful_tokens_per_s": useful_cpu / 2, "useful_share": 0.3, "pad_share": pad,
+                "computed_tokens_per_step": 1800, "peak_bytes": 2**20}
+
+    rows = [row("petune", "", 900.0, 0.2), row("petune", "packing", 1500.0, 0.0), row("baseline", "", 1000.0, 0.2)]
+    text = bench.real_length_markdown(rows)
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    assert "petune (defaults)" in lines[1] and lines[1].endswith("| 0.90 |")
+    assert "petune (packing)" in lines[2] and lines[2].endswith("| 1.50 |") and "| 0% |" in lines[2]
+    assert lines[3].startswith("|  | baseline") and lines[3].endswith("|  |")
+    failed = dict(rows[1], ok=False, error="boom")
+    assert "failed: boom" in bench.real_length_markdown([rows[0], failed, rows[2]])
