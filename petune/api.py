@@ -25,7 +25,7 @@ The whole contract is in this module:
   of a model source: ``claims``, ``resolve``;
 * **optional with a default** (override to improve on it): ``Task.check``,
   ``load_eval_data``, ``head_modules``, ``peft_task_type_for``, ``sequence_length``,
-  ``loss_memory``, ``prepare_skeleton``, ``model_state``; ``Strategy.check``,
+  ``loss_memory``, ``prepare_skeleton``, ``model_state``, ``verification_texts``; ``Strategy.check``,
   ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
   commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
@@ -149,6 +149,16 @@ class _Plugin:
     Options: ClassVar[type[Options]] = Options
 
 
+#: Fixed inputs for :meth:`Task.verification_texts`: a sentence, a question, a list and an
+#: instruction, so the compared positions cover several kinds of next token.
+VERIFICATION_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the capital of France? The capital of France is",
+    "John Smith works for Acme Corporation in London and visited Paris in June.",
+    "Write a short poem about the sea:",
+)
+
+
 class Task(_Plugin):
     """A kind of supervised job: data, head, collator, metrics, trainer."""
 
@@ -223,6 +233,14 @@ class Task(_Plugin):
         whose model states match share one loaded base in ``petune serve``. Default: all of
         it (the safe side: no sharing)."""
         return state
+
+    def verification_texts(self, options: Options, state: dict) -> list[str]:
+        """A few short inputs, as plain text, that ``petune merge`` runs through the model
+        before and after merging to check the merged folder computes the same outputs. The
+        default, :data:`VERIFICATION_TEXTS`, works for any head (every output whose name ends
+        in ``logits`` is compared); a task may return a few of its held-out rows instead,
+        where reading them is cheap."""
+        return list(VERIFICATION_TEXTS)
 
 
 @runtime_checkable

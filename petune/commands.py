@@ -1,4 +1,4 @@
-"""Commands on a finished run folder: eval, predict, generate, chat, merge.
+"""Commands on a finished run folder: eval, predict, generate, chat (merge: petune/merge.py).
 
 Each needs only the run folder and the input given; the task plugin does the work.
 """
@@ -127,29 +127,6 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def cmd_merge(args) -> int:
-    from petune import artifacts
-
-    out_dir = Path(args.out)
-    if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-        raise UserError("merge output folder already exists", where=str(out_dir), hint="pass --overwrite or pick another --out")
-    # Merge into a 16/32-bit base: folding LoRA into 4-bit weights would round it away.
-    run = _load(args.run_dir, quantized=False)
-    if run.strategy.load_kwargs(run.recipe.strategy).get("quantization_config") is not None:
-        err.print("[yellow]note[/]: the adapter was trained on a 4-bit base; merging into the 16-bit base "
-                  "(not into 4-bit weights, which would lose accuracy). Outputs differ slightly from the 4-bit run.")
-    merged = run.strategy.merge(run.model)
-
-    def fill(tmp: Path):
-        merged.save_pretrained(tmp)
-        run.tokenizer.save_pretrained(tmp)
-
-    artifacts.write_dir(out_dir, fill)
-    out.print(f"[green]merged[/] model written to [bold]{escape(str(out_dir))}[/] "
-              f"(load with transformers' from_pretrained)")
-    return 0
-
-
 @hookimpl
 def register_commands(subparsers) -> None:
     add_to(subparsers)
@@ -181,8 +158,3 @@ def add_to(sub) -> None:
         p.add_argument("--top-p", type=float, default=1.0)
         p.add_argument("--seed", type=int, default=None)
         p.set_defaults(func=func)
-
-    p = run_arg(sub.add_parser("merge", help="merge a LoRA/QLoRA run into a standalone 16-bit model"))
-    p.add_argument("--out", required=True, type=Path, help="output folder for the merged model")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=cmd_merge)
