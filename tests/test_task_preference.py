@@ -336,3 +336,30 @@ def test_a_run_that_did_not_complete_is_refused_as_a_start(host, tmp_path):
     (run / "manifest.json").write_text(json.dumps({"status": "interrupted"}))
     with pytest.raises(UserError, match="interrupted, not completed"):
         resolve_model(str(run), host.model_sources())
+
+
+def test_start_from_a_full_fine_tuning_run(host, tmp_path, monkeypatch):
+    """A full run is its own model: the cached folder holds its trained weights and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    from petune import runner
+    from petune.models import resolve_model
+    from petune.recipe import validate
+
+    monkeypatch.setenv("PETUNE_CACHE", str(tmp_path / "cache"))
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"what is {a} plus 1 ?", "completion": f"{a + 1}"}
+                                         for a in range(4)])
+    sft = validate({"model": {"name": "random:tiny-llama"},
+                    "task": {"name": "sft", "train": "sft.jsonl", "max_length": 64, "num_sample_generations": 0},
+                    "strategy": {"name": "full"}, "train": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-2},
+                    "eval": {"strategy": "no"}, "output": {"dir": str(tmp_path / "full_sft")}}, host,
+                   path=tmp_path / "sft.toml")
+    assert runner.run(sft, host).status == "completed"
+    info = resolve_model(str(tmp_path / "full_sft"), host.model_sources())
+    started = AutoModelForCausalLM.from_pretrained(info.path).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "full_sft" / "model").state_dict()
+    assert started.keys() == trained.keys() and all(torch.equal(started[k], trained[k]) for k in started)
+    from transformers import AutoTokenizer
+
+    template = AutoTokenizer.from_pretrained(info.path).chat_template
+    assert template and template == AutoTokenizer.from_pretrained(tmp_path / "full_sft" / "tokenizer").chat_template
