@@ -25,8 +25,9 @@ The whole contract is in this module:
   of a model source: ``claims``, ``resolve``;
 * **optional with a default** (override to improve on it): ``Task.check``,
   ``load_eval_data``, ``head_modules``, ``peft_task_type_for``, ``sequence_length``,
-  ``loss_memory``, ``prepare_skeleton``, ``model_state``, ``verification_texts``; ``Strategy.check``,
+  ``loss_memory``, ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``; ``Strategy.check``,
   ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``;
+  ``ModelSource.gguf_file``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
   commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
   :class:`Generates` (``petune generate``, ``chat``, the server's chat and completions),
@@ -242,6 +243,13 @@ class Task(_Plugin):
         where reading them is cheap."""
         return list(VERIFICATION_TEXTS)
 
+    def stop_tokens(self, state: dict) -> list[str]:
+        """Tokens that end an answer besides EOS (e.g. ``<end_of_turn>``), which exports write
+        as stop tokens (a GGUF's end-of-turn id, an Ollama Modelfile's ``stop``). Default: the
+        ``stop_tokens`` list in the run's state, if the task saved one."""
+        tokens = state.get("stop_tokens") or []
+        return [t for t in tokens if isinstance(t, str)]
+
 
 @runtime_checkable
 class Predicts(Protocol):
@@ -356,6 +364,12 @@ class ModelSource(_Plugin):
         """Return a local folder with config, weights and tokenizer (may convert and cache).
         Raise :class:`petune.errors.UserError` with what to do when it cannot."""
         raise NotImplementedError
+
+    def gguf_file(self, name: str, workdir: Path) -> Path | None:
+        """The GGUF file the model ``name`` was converted from, for exports that reuse its
+        tokenizer metadata (``petune export --format gguf``); a source that has to assemble
+        it writes it into ``workdir`` (deleted afterwards). Default: None, not from a GGUF."""
+        return None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -278,6 +278,11 @@ class GgufFileSource(ModelSource):
                             hint=f"check the path (relative paths start from the current directory, {Path.cwd()})")
         return converted(file_sha256(path), lambda work: path, label=path.name)
 
+    def gguf_file(self, name: str, workdir: Path) -> Path | None:
+        path = Path(name.strip()).expanduser()
+        path = (path if path.is_absolute() else Path.cwd() / path).resolve()
+        return path if path.is_file() else None
+
 
 @hookimpl
 def register_model_sources(register):

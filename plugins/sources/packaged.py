@@ -70,6 +70,16 @@ class PackagedSource(ModelSource):
         # The package states the file's sha256, so a warm cache is found without assembling.
         return converted(package.EXPECTED_SHA256, assemble, label="gemma-3-270m")
 
+    def gguf_file(self, name: str, workdir: Path) -> Path | None:
+        if name != "gemma-3-270m":
+            return None  # minilm-l6 ships as a transformers folder
+        package = _import(name)
+        try:  # assemble() checks the sha256 of what it writes
+            return Path(package.assemble(workdir / package.MODEL_NAME))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot assemble gemma-3-270m from its package: {exc}", where="model.name",
+                            hint=f"check the free disk space in {workdir}") from exc
+
     def _minilm(self) -> Path:
         package = _import("minilm-l6")
         folder = Path(package.get_model_path())
