@@ -14,18 +14,26 @@ from petune.runner import run
 
 CSV = "text,label\n" + "".join(f"a good movie {i},pos\na bad film {i},neg\n" for i in range(8))
 CONLL = "".join("John B-PER\nSmith I-PER\nvisited O\nParis B-LOC\n.\tO\n\nAcme B-ORG\nhired O\nMary B-PER\n\n" for _ in range(4))
+QA = "".join(json.dumps({"question": f"Where does {name} live?", "context": f"{name} lives in {city} .",
+                            "answers": [{"text": city, "answer_start": len(name) + 10}]}) + "\n"
+             for name, city in [("Anna", "Paris"), ("Ben", "Rome"), ("Carl", "Oslo"), ("Dora", "Lima")] * 3)
+PAIRS = "".join(json.dumps({"source": f"a good movie {i}", "target": f"good {i}"}) + "\n" for i in range(8))
 SFT = "".join(json.dumps({"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"}) + "\n" for i in range(12))
 
 TASKS = {
     "classification": ("random:tiny-bert", "data.csv", CSV, ""),
     "ner": ("random:tiny-bert", "data.conll", CONLL, ""),
     "sft": ("random:tiny-llama", "data.jsonl", SFT, "max_length = 64\nnum_sample_generations = 1\n"),
+    "qa": ("random:tiny-bert", "data.jsonl", QA, "max_length = 32\ndoc_stride = 8\nmax_question_length = 12\n"),
+    "seq2seq": ("random:tiny-t5", "data.jsonl", PAIRS, "max_source_length = 16\nmax_target_length = 8\nmax_new_tokens = 4\n"),
 }
 STRATEGIES = TINY_STRATEGY_OPTIONS
 # Mixes a strategy refuses, with words its reason must contain.
-REFUSED = {("prompt_tuning", "ner"): "token classification"}
+REFUSED = {("prompt_tuning", "ner"): "token classification", ("prompt_tuning", "qa"): "start/end logits",
+           ("adapters", "seq2seq"): "encoder-decoder"}
 EXPECTED_METRICS = {"classification": {"accuracy", "macro_f1"}, "ner": {"f1", "precision", "recall", "token_accuracy"},
-                    "sft": {"loss", "perplexity"}}
+                    "sft": {"loss", "perplexity"}, "qa": {"exact_match", "f1", "loss"},
+                    "seq2seq": {"loss", "bleu", "chrf", "rougeL"}}
 
 
 def recipe_text(task: str, strategy: str, out: Path) -> str:

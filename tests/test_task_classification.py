@@ -11,11 +11,10 @@ from petune_plugins.tasks.classification import (
     ClassificationOptions,
     ClassificationTask,
     FileSettings,
-    find_head_modules,
     read_examples,
-    seeded_split,
     sort_labels,
 )
+from petune_plugins.tasks._common import find_head_modules, seeded_split
 from pydantic import ValidationError
 
 from petune.api import ModelInfo

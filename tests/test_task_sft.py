@@ -267,20 +267,25 @@ def test_malformed_rows(task, tokenizer, tmp_path, record, message):
 def test_options_refuse_two_validation_sources(tmp_path):
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="either validation"):
+    with pytest.raises(ValidationError, match="either a validation file"):
         options(train="a.jsonl", validation="b.jsonl", validation_split=0.1)
 
 
-def test_check_refuses_an_encoder_and_a_too_long_max_length(task, tiny_bert_path, tiny_llama_path):
+def test_check_refuses_an_encoder_a_too_long_max_length_and_a_missing_file(task, tiny_bert_path, tiny_llama_path,
+                                                                             tmp_path):
     from petune.api import ModelInfo
 
+    train = tmp_path / "x.jsonl"
+    train.write_text('{"prompt": "a", "completion": "b"}\n')
     with pytest.raises(Refusal, match="causal"):
-        task.check(ModelInfo.from_path("random:tiny-bert", tiny_bert_path), options(train="x.jsonl"))
+        task.check(ModelInfo.from_path("random:tiny-bert", tiny_bert_path), options(train=str(train)))
     llama = ModelInfo.from_path("random:tiny-llama", tiny_llama_path)
-    task.check(llama, options(train="x.jsonl", max_length=256))
+    task.check(llama, options(train=str(train), max_length=256))
     with pytest.raises(Refusal, match="longer than the model's context") as info:
-        task.check(llama, options(train="x.jsonl", max_length=512))
+        task.check(llama, options(train=str(train), max_length=512))
     assert info.value.where == "task.max_length"
+    with pytest.raises(DataError, match="file not found"):  # before any model loads, as in every task
+        task.check(llama, options(train=str(tmp_path / "missing.jsonl")))
 
 
 # -- real data --------------------------------------------------------------------------------

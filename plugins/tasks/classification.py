@@ -1,9 +1,10 @@
-"""Text classification: one label per text (or text pair), from CSV, TSV, JSONL or JSON files.
+"""Text classification: one label per text (or text pair), from tables or records files.
 
 Data
-    ``train`` (required), ``validation`` and ``test`` are files. Without a validation
-    file, ``validation_split`` (default 0.1) of the training file is held out with
-    ``split_seed``; the label set then comes from the whole training file.
+    ``train`` (required), ``validation`` and ``test`` are files in any format of the shared
+    reader (CSV/TSV, JSON Lines, JSON, each also .gz/.zst; Parquet, Arrow). Without a
+    validation file, ``validation_split`` (default 0.1; 0: none) of the training file is held
+    out with ``split_seed``; the label set then comes from the whole training file.
     Columns are named (header / JSON field) or given as 0-based positions (tables only):
     ``text_column`` (a list joins several columns with ``text_separator``, e.g. AG News
     title + description), ``text_pair_column`` (a second segment, e.g. NLI hypothesis),
@@ -30,38 +31,33 @@ Metrics
     precision/recall/F1 in ``reports/classification_report_<split>.{json,txt}``, the
     confusion matrix in ``reports/confusion_matrix_<split>.json`` and
     ``plots/confusion_matrix_<split>.png``.
-
-This module also holds the helpers the NER task shares (seeded split, padding
-collator, head detection, model inputs).
 """
 
 from __future__ import annotations
 
 import csv
-import inspect
-import random
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
+from petune_plugins.tasks import _common as common
 from petune_plugins.tasks import datafiles, reports
-from pydantic import BeforeValidator, Field, field_validator, model_serializer, model_validator
+from pydantic import Field, field_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Options, Task, TaskData
-from petune.errors import DataError, Refusal
+from petune.api import DataPath, ModelInfo, TaskData
+from petune.errors import DataError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase, Trainer
+    from transformers import Trainer
 
 #: a column: its header name / JSON field, or its 0-based position in a table (-1 = last)
 Column = int | str
 TEXT_NAMES = ("text", "sentence", "content", "review", "document", "body", "utterance")
 LABEL_NAMES = ("label", "labels", "class", "category", "target", "sentiment", "intent")
 DEFAULT_MAX_LENGTH = 128
-DEFAULT_VALIDATION_SPLIT = 0.1
 _INTEGER = re.compile(r"[-+]?\d+")
 
 
@@ -75,7 +71,7 @@ def _delimiter(value: str | None) -> str | None:
     return value
 
 
-class DataFile(Options):
+class DataFile(common.DataFileTable):
     """A data file with settings of its own; unset ones come from [task]."""
 
     path: DataPath
@@ -89,32 +85,18 @@ class DataFile(Options):
 
     _check_delimiter = field_validator("delimiter")(_delimiter)
 
-    @model_serializer(mode="wrap")
-    def _compact(self, handler):
-        # the resolved recipe shows a plain path when nothing else is set (and never a None)
-        data = {k: v for k, v in handler(self).items() if v is not None}
-        return data["path"] if list(data) == ["path"] else data
-
-
-def _as_data_file(value):
-    if isinstance(value, (str, Path)):
-        return {"path": value}
-    if isinstance(value, dict):
-        return value
-    raise ValueError("expected a file path, or a table like { path = \"...\", label_column = 0 }")
-
 
 #: a split's file: a path, or a table with ``path`` and per-file settings
-SplitFile = Annotated[DataFile, BeforeValidator(_as_data_file)]
+SplitFile = common.split_file(DataFile, '{ path = "...", label_column = 0 }')
 
 
-class ClassificationOptions(Options):
-    train: SplitFile = Field(description="training file (.csv, .tsv, .jsonl, .json)")
+class ClassificationOptions(common.SplitOptions):
+    default_validation_split: ClassVar[float] = 0.1
+    default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
+
+    train: SplitFile = Field(description="training file (.csv, .tsv, .jsonl, .json, .parquet ...)")
     validation: SplitFile | None = Field(None, description="validation file (else validation_split of train)")
     test: SplitFile | None = Field(None, description="test file, evaluated after training")
-    validation_split: float | None = Field(None, ge=0, lt=1, description="share of train held out when there is "
-                                           "no validation file (default 0.1; 0 = none)")
-    split_seed: int = Field(42, description="seed of the validation split")
     text_column: Column | list[Column] | None = Field(None, description="text column: name or 0-based position; "
                                                       "a list joins columns")
     text_pair_column: Column | list[Column] | None = Field(None, description="optional second text segment")
@@ -130,155 +112,6 @@ class ClassificationOptions(Options):
     max_rows: int | None = Field(None, ge=1, description="read at most this many rows per file (quick runs)")
 
     _check_delimiter = field_validator("delimiter")(_delimiter)
-
-    @model_validator(mode="after")
-    def _one_way_to_validate(self):
-        if self.validation is not None and self.validation_split:
-            raise ValueError("give either a validation file or validation_split, not both")
-        return self
-
-
-# -- shared helpers (also used by the NER task) ----------------------------------------------
-def seeded_split(items: list, ratio: float, seed: int, source: str) -> tuple[list, list]:
-    """Hold out ``round(ratio * n)`` (at least 1) items chosen with ``seed``; both parts
-    keep file order."""
-    if not ratio:
-        return items, []
-    if len(items) < 2:
-        raise DataError(f"{len(items)} example(s) cannot be split into train and validation", where=source,
-                        hint="add data, give a validation file, or set validation_split = 0")
-    held_count = min(len(items) - 1, max(1, round(ratio * len(items))))
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:held_count])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
-
-
-def model_limit(tokenizer: PreTrainedTokenizerBase, positions: int | None = None) -> int | None:
-    """The most tokens the model takes: the tokenizer's model_max_length (when set) and
-    the config's position embeddings (when known)."""
-    limits = [n for n in (getattr(tokenizer, "model_max_length", None), positions) if n and n < 1_000_000]
-    return min(limits) if limits else None
-
-
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Give a tokenizer without a pad token its EOS (or UNK) token; True if changed."""
-    if tokenizer.pad_token is not None:
-        return False
-    substitute = tokenizer.eos_token or tokenizer.unk_token
-    if substitute is None:
-        raise Refusal("the tokenizer has no pad, EOS or UNK token to pad batches with",
-                      hint="use a model whose tokenizer defines a pad token")
-    tokenizer.pad_token = substitute
-    return True
-
-
-def base_model(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    get = getattr(model, "get_base_model", None)
-    return get() if callable(get) else model
-
-
-def accepted_inputs(model) -> set[str] | None:
-    """The keyword arguments the model's forward names (None when it names none and takes
-    only ``**kwargs``). Batches keep only these, so tokenizer outputs a model does not
-    know (token_type_ids for Llama) never reach it; the Trainer's own column removal
-    cannot see through peft wrappers."""
-    params = inspect.signature(base_model(model).forward).parameters
-    named = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    return named or None
-
-
-def load_with_head(auto_class, model_info: ModelInfo, **kwargs):
-    """``auto_class.from_pretrained`` that remembers which modules the checkpoint did not
-    have (new head, or e.g. a BERT pooler missing from an MLM checkpoint): they start
-    random, so they must train and be saved with an adapter (see find_head_modules)."""
-    model, loading = auto_class.from_pretrained(model_info.path, output_loading_info=True, **kwargs)
-    model.petune_new_modules = sorted({key.rpartition(".")[0] for key in loading.get("missing_keys", ()) if "." in key})
-    return model
-
-
-def find_head_modules(model, known: Sequence[str] = ("classifier", "score", "classification_head", "qa_outputs")) -> list[str]:
-    """Modules that must train and be saved with an adapter: the task head — top-level
-    children with weights other than the base model (BERT: ["classifier"], Llama:
-    ["score"], DistilBERT: ["pre_classifier", "classifier"]), else well-known names —
-    plus any other module the checkpoint lacked (tiny BERT: "bert.pooler.dense"), which
-    would otherwise stay random and be re-drawn differently when the run is loaded."""
-    model = base_model(model)
-    prefix = getattr(model, "base_model_prefix", None)
-    heads = [name for name, child in model.named_children()
-             if name != prefix and any(True for _ in child.parameters())]
-    if not heads:
-        heads = [name for name in known if hasattr(model, name)]
-    new = [m for m in getattr(model, "petune_new_modules", []) if not any(m == h or m.startswith(h + ".") for h in heads)]
-    return heads + new
-
-
-def model_device(model):
-    import torch
-
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-class PadCollator:
-    """Pads a batch on the right: input_ids with the pad id, attention_mask and
-    token_type_ids with 0, labels with -100 (sequence labels are scalars and stay).
-    Keeps only the model's inputs (metadata columns such as word indices are dropped)."""
-
-    def __init__(self, pad_token_id: int, keep: set[str] | None = None, drop: Sequence[str] = ()):
-        self.pad_token_id = pad_token_id
-        self.keep = keep
-        self.drop = set(drop)
-
-    def __call__(self, features: list[dict]) -> dict:
-        import torch
-
-        names = [k for k in features[0] if k not in self.drop and (self.keep is None or k in self.keep)]
-        longest = max(len(f["input_ids"]) for f in features)
-        batch = {}
-        for name in names:
-            values = [f[name] for f in features]
-            if name == "labels" and not isinstance(values[0], (list, tuple)):
-                batch[name] = torch.tensor(values, dtype=torch.long)
-                continue
-            fill = {"input_ids": self.pad_token_id, "labels": -100}.get(name, 0)
-            batch[name] = torch.tensor([list(v) + [fill] * (longest - len(v)) for v in values], dtype=torch.long)
-        return batch
-
-
-def check_data_paths(options: Options, names: Sequence[str] = ("train", "validation", "test")) -> None:
-    """Refuse missing data files before any model loads."""
-    for name in names:
-        value = getattr(options, name, None)
-        path = getattr(value, "path", value)
-        if path is None:
-            continue
-        path = Path(path)
-        if not path.exists():
-            raise DataError("file not found", where=str(path), hint=f"check task.{name}; relative paths are "
-                                                                     "relative to the recipe's folder")
-        if path.is_dir():
-            raise DataError("is a folder, expected a data file", where=str(path), hint=f"check task.{name}")
-
-
-def refuse_unless_head(model_info: ModelInfo, mapping_name: str, what: str) -> None:
-    from transformers.models.auto import modeling_auto
-
-    supported = getattr(modeling_auto, mapping_name)
-    if model_info.model_type not in supported:
-        raise Refusal(f"model {model_info.name!r} (type {model_info.model_type!r}) has no {what} head in transformers",
-                      where="model.name", hint=f"use an encoder such as BERT/RoBERTa/DeBERTa or a decoder such as "
-                                               f"Llama/Qwen/Mistral that has a {what} class")
-
-
-def check_max_length(model_info: ModelInfo, max_length: int | None) -> None:
-    limit = model_info.max_positions
-    if max_length is not None and limit and max_length > limit:
-        raise Refusal(f"max_length = {max_length} is more than the model takes ({limit} positions)",
-                      where="task.max_length", hint=f"set task.max_length to at most {limit}")
 
 
 # -- reading examples -----------------------------------------------------------------------
@@ -328,7 +161,9 @@ def _as_list(value) -> list:
 
 
 def _is_records(source: str) -> bool:
-    return Path(source).suffix.lower() in datafiles.JSONL_SUFFIXES | datafiles.JSON_SUFFIXES
+    """Records (JSON Lines, JSON, Parquet, Arrow) rather than a table, by the shared reader's
+    reading of the name (``train.jsonl.gz`` is JSON Lines)."""
+    return datafiles.data_format(source) in ("jsonl", "json", "parquet", "arrow")
 
 
 def read_examples(settings: FileSettings, *, need_label: bool = True, max_rows: int | None = None,
@@ -341,7 +176,7 @@ def read_examples(settings: FileSettings, *, need_label: bool = True, max_rows: 
     if _is_records(source):
         if text is None:
             records = datafiles.read_records(settings.path, max_rows=max_rows)
-        elif Path(source).suffix.lower() in datafiles.JSONL_SUFFIXES or text.lstrip().startswith("{"):
+        elif datafiles.data_format(source) == "jsonl" or text.lstrip().startswith("{"):
             records = datafiles.parse_jsonl(datafiles.text_lines(text), source, max_rows=max_rows)
         else:
             records = datafiles.parse_json_records(text, source, max_rows=max_rows)
@@ -505,24 +340,12 @@ def encode(tokenizer, examples: list[Example], max_length: int, label_ids: dict[
 
 
 # -- the task -------------------------------------------------------------------------------
-class ClassificationTask(Task):
+class ClassificationTask(common.EncoderTask):
     name = "classification"
-    description = "text (or text-pair) classification from CSV/TSV/JSONL files; accuracy, macro-F1, confusion matrix"
+    description = "text (or text-pair) classification from tables or records files; accuracy, macro-F1, confusion matrix"
     Options = ClassificationOptions
     peft_task_type = "SEQ_CLS"
     primary_metric = "accuracy"
-
-    def __init__(self):
-        self._positions: int | None = None  # the model's position limit, learnt in check()
-
-    def sequence_length(self, options: ClassificationOptions) -> int:
-        return options.max_length or DEFAULT_MAX_LENGTH
-
-    def check(self, model_info: ModelInfo, options: ClassificationOptions) -> None:
-        refuse_unless_head(model_info, "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "sequence-classification")
-        check_max_length(model_info, options.max_length)
-        check_data_paths(options)
-        self._positions = model_info.max_positions
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: ClassificationOptions, tokenizer) -> TaskData:
@@ -531,14 +354,11 @@ class ClassificationTask(Task):
         labels = sort_labels(e.label for e in train)
         _check_label_column(train, labels, train_settings)
         held_out = self._read_held_out(options, labels)
-        if "validation" not in held_out:
-            ratio = DEFAULT_VALIDATION_SPLIT if options.validation_split is None else options.validation_split
-            train, held_out["validation"] = seeded_split(train, ratio, options.split_seed, str(train_settings.path))
+        train = common.hold_out(train, held_out, options, str(train_settings.path))
 
-        padded = ensure_pad_token(tokenizer)
+        padded = common.ensure_pad_token(tokenizer)
         requested = options.max_length or DEFAULT_MAX_LENGTH
-        limit = model_limit(tokenizer, self._positions)
-        max_length = min(requested, limit) if limit else requested
+        max_length = common.length_within_limit(options.max_length, DEFAULT_MAX_LENGTH, tokenizer)
         state = {"labels": labels, "max_length": max_length, "pad_token_id": tokenizer.pad_token_id,
                  "text_pair": any(e.pair is not None for e in train)}
         data = self._encode({"train": train, **held_out}, tokenizer, state)
@@ -554,14 +374,12 @@ class ClassificationTask(Task):
     @staticmethod
     def _read_held_out(options: ClassificationOptions, labels: list[str]) -> dict[str, list[Example]]:
         """The validation and test files (where given); every label must be a training label."""
-        held_out = {}
-        for split in ("validation", "test"):
-            value = getattr(options, split)
-            if value is not None:
-                held_out[split] = read_examples(FileSettings.of(options, value), max_rows=options.max_rows,
-                                                known_labels=labels)
-                check_known_labels(held_out[split], labels, str(getattr(value, "path", value)))
-        return held_out
+        def read(split: str, value) -> list[Example]:
+            examples = read_examples(FileSettings.of(options, value), max_rows=options.max_rows, known_labels=labels)
+            check_known_labels(examples, labels, str(getattr(value, "path", value)))
+            return examples
+
+        return common.read_held_out(options, read)
 
     @staticmethod
     def _encode(splits: dict[str, list[Example]], tokenizer, state: dict) -> TaskData:
@@ -585,13 +403,10 @@ class ClassificationTask(Task):
         labels = state["labels"]
         if state.get("pad_token_id") is not None:
             load_kwargs.setdefault("pad_token_id", state["pad_token_id"])  # decoder heads need it to find the last token
-        return load_with_head(
+        return common.load_with_head(
             AutoModelForSequenceClassification, model_info, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, problem_type="single_label_classification",
             **load_kwargs)
-
-    def head_modules(self, model) -> list[str]:
-        return find_head_modules(model)
 
     # -- training ---------------------------------------------------------------------------
     def make_trainer(self, *, model, tokenizer, data: TaskData, options, args: dict, callbacks: list) -> Trainer:
@@ -602,8 +417,8 @@ class ClassificationTask(Task):
             report = reports.classification_report(prediction.label_ids, logits.argmax(-1), labels)
             return flat_metrics(report)
 
-        return build_trainer(model=model, tokenizer=tokenizer, data=data, args=args, callbacks=callbacks,
-                             collator=PadCollator(tokenizer.pad_token_id, accepted_inputs(model)),
+        return common.build_trainer(model=model, tokenizer=tokenizer, data=data, args=args, callbacks=callbacks,
+                             collator=common.PadCollator(tokenizer.pad_token_id, common.accepted_inputs(model)),
                              compute_metrics=compute_metrics)
 
     def evaluate(self, trainer: Trainer, data: TaskData, options, run_dir: Path) -> dict[str, dict]:
@@ -630,12 +445,12 @@ class ClassificationTask(Task):
         by position, a table has a header only if its first row holds a usual column name
         such as text/sentence/label), or plain text — one text per line,
         ``text<TAB>text_pair`` when the model was trained on pairs."""
-        suffix = Path(source).suffix.lower()
+        table = datafiles.data_format(source) == "table"
         settings = FileSettings.of(options)
-        if suffix in datafiles.TABLE_SUFFIXES and settings.header == "auto" and not settings.named_columns():
+        if table and settings.header == "auto" and not settings.named_columns():
             # a header guessed wrong would drop a row without a word: here only usual names count
             settings.header = _has_usual_names(text, settings.delimiter or datafiles.guess_delimiter(source))
-        if suffix in datafiles.TABLE_SUFFIXES or _is_records(source):
+        if table or _is_records(source):
             examples = read_examples(settings, need_label=False, text=text, source=source)
             return [{"text": e.text, "text_pair": e.pair, "label": e.label, "where": e.where} for e in examples]
         rows = []
@@ -656,9 +471,9 @@ class ClassificationTask(Task):
 
         labels = state.get("labels") or [model.config.id2label[i] for i in range(model.config.num_labels)]
         max_length = state.get("max_length") or options.max_length or DEFAULT_MAX_LENGTH
-        ensure_pad_token(tokenizer)
-        keep = accepted_inputs(model)
-        device = model_device(model)
+        common.ensure_pad_token(tokenizer)
+        keep = common.accepted_inputs(model)
+        device = common.model_device(model)
         model.eval()
         predictions = []
         for start in range(0, len(rows), batch_size):
@@ -729,25 +544,6 @@ def write_classification_reports(report: dict, split: str, run_dir: Path) -> Non
                        {"split": split, "labels": labels, "rows": "true", "columns": "predicted", "matrix": matrix})
     reports.plot_confusion_matrix(labels, matrix, run_dir / "plots" / f"confusion_matrix_{split}.png",
                                   title=f"Confusion matrix ({split})")
-
-
-def build_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks: list, collator, compute_metrics,
-                  preprocess_logits=None) -> Trainer:
-    """A transformers Trainer over the task's splits; our collator picks the model
-    inputs, so the Trainer must not drop columns itself."""
-    from transformers import Trainer, TrainingArguments
-
-    args = dict(args)
-    args["remove_unused_columns"] = False
-    args.setdefault("label_names", ["labels"])  # peft wrappers hide `labels` from the Trainer's signature check
-    if data.validation is None:  # nothing to evaluate on: evaluation and best-model tracking cannot run
-        args["eval_strategy"] = "no"
-        args["load_best_model_at_end"] = False
-        args.pop("metric_for_best_model", None)
-    return Trainer(model=model, args=TrainingArguments(**args), train_dataset=data.train,
-                   eval_dataset=data.validation, processing_class=tokenizer, data_collator=collator,
-                   compute_metrics=compute_metrics, callbacks=list(callbacks or []),
-                   preprocess_logits_for_metrics=preprocess_logits)
 
 
 @hookimpl

@@ -5,8 +5,11 @@ Data
     in the last (whitespace or tab separated; with tabs, tokens may contain spaces),
     a blank line between sentences, ``-DOCSTART-`` lines skipped. JSONL: one sentence
     per line, ``{"tokens": [...], "tags": [...]}`` (also "words" / "ner_tags" /
-    "labels"; integer tags need ``tag_names``). ``format = "auto"`` picks by extension
-    (.jsonl/.json: JSONL, anything else: CoNLL).
+    "labels"; integer tags need ``tag_names``); ``format = "jsonl"`` takes these records from
+    any file the shared reader takes (JSON, CSV/TSV, Parquet, Arrow). ``format = "auto"``
+    picks by the name: JSON(L), Parquet and Arrow are records (also ``.jsonl.gz``),
+    anything else is CoNLL (also compressed). Without a validation file,
+    ``validation_split`` (default 0.1; 0: none) of the training sentences is held out.
 
 Tag schemes
     IOB1, IOB2 and BIOES (BILOU's L/U read as E/S) are accepted and normalised to IOB2
@@ -37,34 +40,32 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from petune_plugins.tasks import datafiles, reports
-from petune_plugins.tasks.classification import (
+from petune_plugins.tasks._common import (
+    EncoderTask,
     PadCollator,
+    SplitOptions,
     accepted_inputs,
     build_trainer,
-    check_data_paths,
-    check_max_length,
     ensure_pad_token,
-    find_head_modules,
+    hold_out,
+    length_within_limit,
     load_with_head,
     model_device,
-    model_limit,
-    refuse_unless_head,
-    seeded_split,
+    read_held_out,
 )
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Options, Task, TaskData
+from petune.api import ModelInfo, TaskData
 from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
     from transformers import Trainer
 
 DEFAULT_MAX_LENGTH = 256
-DEFAULT_VALIDATION_SPLIT = 0.1
 TOKEN_FIELDS = ("tokens", "words")
 TAG_FIELDS = ("tags", "ner_tags", "labels")
 _PREFIX = {"B": "B", "I": "I", "E": "E", "S": "S", "L": "E", "U": "S"}  # BILOU's Last/Unit are BIOES's End/Single
@@ -72,14 +73,12 @@ _TAG = re.compile(r"O|[BIESLU]-\S.*")
 _SCORED_COLUMNS = ("sentence_index", "word_index")  # per-window metadata, not model inputs
 
 
-class NerOptions(Options):
-    train: DataPath = Field(description="training file (CoNLL columns or JSONL)")
-    validation: DataPath | None = Field(None, description="validation file (else validation_split of train)")
-    test: DataPath | None = Field(None, description="test file, evaluated after training")
-    validation_split: float | None = Field(None, ge=0, lt=1, description="share of train sentences held out when "
-                                           "there is no validation file (default 0.1; 0 = none)")
-    split_seed: int = Field(42, description="seed of the validation split")
-    format: Literal["auto", "conll", "jsonl"] = Field("auto", description="file format (auto: by extension)")
+class NerOptions(SplitOptions):
+    default_validation_split: ClassVar[float] = 0.1
+    default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
+
+    format: Literal["auto", "conll", "jsonl"] = Field("auto", description="file format: CoNLL columns, or records "
+                                                      "(jsonl: any records file); auto: by the name")
     scheme: Literal["auto", "IOB1", "IOB2", "BIOES"] = Field("auto", description="tag scheme of the files; "
                                                              "a declared one is checked strictly")
     tokens_field: str | None = Field(None, description="JSONL field with the tokens (default tokens/words)")
@@ -90,12 +89,6 @@ class NerOptions(Options):
     stride: int = Field(16, ge=0, description="words shared by consecutive windows of a long sentence")
     label_all_subtokens: bool = Field(False, description="label every sub-token, not only a word's first")
     max_sentences: int | None = Field(None, ge=1, description="read at most this many sentences per file")
-
-    @model_validator(mode="after")
-    def _one_way_to_validate(self):
-        if self.validation is not None and self.validation_split:
-            raise ValueError("give either a validation file or validation_split, not both")
-        return self
 
 
 # -- sentences ------------------------------------------------------------------------------
@@ -234,10 +227,11 @@ def sentence_from_text(text: str, source: str, line: int | None = None) -> Sente
 
 
 def read_sentences(path: Path, options: NerOptions) -> list[Sentence]:
-    """Sentences of a CoNLL or JSONL file (``options.format``, auto by extension)."""
+    """Sentences of a CoNLL or records file (``options.format``; auto: records when the shared
+    reader names the file JSON(L), Parquet or Arrow, also compressed, else CoNLL)."""
     kind = options.format
     if kind == "auto":
-        kind = "jsonl" if path.suffix.lower() in datafiles.JSONL_SUFFIXES | datafiles.JSON_SUFFIXES else "conll"
+        kind = "jsonl" if datafiles.data_format(path) in ("jsonl", "json", "parquet", "arrow") else "conll"
     if kind == "conll":
         return read_conll(path, options.max_sentences)
     sentences = sentences_from_records(datafiles.read_records(path, max_rows=options.max_sentences), options)
@@ -538,30 +532,16 @@ def _argmax(logits, labels):
 
 
 # -- the task -------------------------------------------------------------------------------
-class NerTask(Task):
+class NerTask(EncoderTask):
     name = "ner"
     description = "named-entity recognition from CoNLL/JSONL (IOB1/IOB2/BIOES); seqeval strict entity F1"
     Options = NerOptions
     peft_task_type = "TOKEN_CLS"
     primary_metric = "f1"
 
-    def __init__(self):
-        self._positions: int | None = None  # the model's position limit, learnt in check()
-
-    def sequence_length(self, options: NerOptions) -> int:
-        return options.max_length or DEFAULT_MAX_LENGTH
-
-    def check(self, model_info: ModelInfo, options: NerOptions) -> None:
-        refuse_unless_head(model_info, "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "token-classification")
-        check_max_length(model_info, options.max_length)
-        check_data_paths(options)
-        self._positions = model_info.max_positions
-
     def max_length(self, options: NerOptions, tokenizer) -> int:
         """``max_length``, or the default, within the model's limit."""
-        limit = model_limit(tokenizer, self._positions)
-        requested = options.max_length or DEFAULT_MAX_LENGTH
-        return min(requested, limit) if limit else requested
+        return length_within_limit(options.max_length, DEFAULT_MAX_LENGTH, tokenizer)
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: NerOptions, tokenizer) -> TaskData:
@@ -569,9 +549,7 @@ class NerTask(Task):
         schemes = {"train": normalise(train, options.scheme)}
         labels = labels_of(train, str(options.train))
         held_out = self._read_held_out(options, labels, schemes)
-        if "validation" not in held_out:
-            ratio = DEFAULT_VALIDATION_SPLIT if options.validation_split is None else options.validation_split
-            train, held_out["validation"] = seeded_split(train, ratio, options.split_seed, str(options.train))
+        train = hold_out(train, held_out, options, str(options.train))
 
         padded = ensure_pad_token(tokenizer)
         state = {"labels": labels, "max_length": self.max_length(options, tokenizer), "stride": options.stride,
@@ -590,14 +568,13 @@ class NerTask(Task):
     def _read_held_out(options: NerOptions, labels: list[str], schemes: dict[str, str]) -> dict[str, list]:
         """The validation and test files (where given), in IOB2; every entity type must be a training one.
         Records each file's tag scheme in ``schemes``."""
-        held_out = {}
-        for split in ("validation", "test"):
-            path = getattr(options, split)
-            if path is not None:
-                held_out[split] = read_sentences(path, options)
-                schemes[split] = normalise(held_out[split], options.scheme)
-                check_known_types(held_out[split], labels, str(path))
-        return held_out
+        def read(split: str, path) -> list[Sentence]:
+            sentences = read_sentences(path, options)
+            schemes[split] = normalise(sentences, options.scheme)
+            check_known_types(sentences, labels, str(path))
+            return sentences
+
+        return read_held_out(options, read)
 
     @staticmethod
     def _encode(splits: dict[str, list], options: NerOptions, tokenizer, state: dict) -> TaskData:
@@ -632,9 +609,6 @@ class NerTask(Task):
         return load_with_head(
             AutoModelForTokenClassification, model_info, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, **load_kwargs)
-
-    def head_modules(self, model) -> list[str]:
-        return find_head_modules(model)
 
     # -- training ---------------------------------------------------------------------------
     def make_trainer(self, *, model, tokenizer, data: TaskData, options, args: dict, callbacks: list) -> Trainer:
@@ -692,8 +666,8 @@ class NerTask(Task):
         """Sentences to tag: JSONL ({"tokens": [...]} or {"text": "..."}), CoNLL (a token
         per line, optional tag columns, blank line between sentences), or plain text with
         one sentence per line, split at whitespace (entities then get character offsets)."""
-        suffix = Path(source).suffix.lower()
-        if suffix in datafiles.JSONL_SUFFIXES | datafiles.JSON_SUFFIXES:
+        suffix = datafiles.data_suffix(source)
+        if datafiles.data_format(source) in ("jsonl", "json"):
             records = (datafiles.parse_json_records(text, source) if text.lstrip().startswith("[")
                        else datafiles.parse_jsonl(datafiles.text_lines(text), source))
             sentences = sentences_from_records(records, options, need_tags=False)

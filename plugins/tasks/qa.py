@@ -6,7 +6,9 @@ Data
     Lines / a JSON list — ``{"question", "context", "answers", "id"}`` where answers is SQuAD's
     list of ``{text, answer_start}``, the Hugging Face layout ``{"text": [...],
     "answer_start": [...]}``, or a list of strings (found in the context). An empty answer
-    list is an unanswerable question (SQuAD v2). Every answer is checked against its context:
+    list is an unanswerable question (SQuAD v2). Records may come in any format the shared
+    reader takes (also ``.jsonl.gz``, Parquet, Arrow). ``validation_split`` (default 0) holds
+    out whole contexts. Every answer is checked against its context:
     a start that is off but whose text occurs in the context is repaired (to the nearest
     occurrence) and counted; an answer not in its context is an error naming the question.
 
@@ -44,25 +46,27 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from petune_plugins.tasks import datafiles, reports, text_metrics
-from petune_plugins.tasks.classification import (
+from petune_plugins.tasks._common import (
+    EncoderTask,
+    SplitOptions,
     accepted_inputs,
     build_trainer,
-    check_max_length,
+    cut_to_tokens,
     ensure_pad_token,
-    find_head_modules,
+    hold_out,
     load_with_head,
     model_device,
     model_limit,
-    refuse_unless_head,
+    read_held_out,
     seeded_split,
 )
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Options, Task, TaskData
+from petune.api import ModelInfo, TaskData
 from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
@@ -74,13 +78,10 @@ META_COLUMNS = ("example_index", "offset_mapping", "cls_index", "example_id", "q
                 "where")
 
 
-class QaOptions(Options):
-    train: DataPath = Field(description="training data: SQuAD JSON, or JSONL/JSON records {question, context, answers}")
-    validation: DataPath | None = Field(None, description="validation data (else validation_split of train)")
-    test: DataPath | None = Field(None, description="test data, evaluated after training")
-    validation_split: float | None = Field(None, ge=0, lt=1, description="share of train contexts held out when there "
-                                           "is no validation file (default 0; questions of a context stay together)")
-    split_seed: int = Field(42, description="seed of the validation split")
+class QaOptions(SplitOptions):
+    """``validation_split`` holds out whole contexts: the questions of one context stay together."""
+
+    default_max_length: ClassVar[int] = DEFAULT_MAX_LENGTH
     max_length: int | None = Field(None, ge=32, description=f"tokens per window, question included (default "
                                    f"min({DEFAULT_MAX_LENGTH}, the model's limit))")
     doc_stride: int = Field(128, ge=0, description="context tokens shared by consecutive windows")
@@ -92,12 +93,6 @@ class QaOptions(Options):
     null_score_diff_threshold: float = Field(0.0, description="answer empty when the no-answer score beats the "
                                                               "best span by more than this")
     max_rows: int | None = Field(None, ge=1, description="read at most this many questions of each file")
-
-    @model_validator(mode="after")
-    def _one_way_to_validate(self):
-        if self.validation is not None and self.validation_split:
-            raise ValueError("give either a validation file or validation_split, not both")
-        return self
 
 
 # -- reading --------------------------------------------------------------------------------
@@ -234,7 +229,7 @@ def parse_examples(text: str, source: str, stats: ReadStats, *, max_rows: int | 
     stripped = text.lstrip()
     if not stripped:
         raise DataError("the file is empty", where=source)
-    if stripped.startswith("{") and Path(source).suffix.lower() not in datafiles.JSONL_SUFFIXES:
+    if stripped.startswith("{") and datafiles.data_format(source) != "jsonl":
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -249,8 +244,12 @@ def parse_examples(text: str, source: str, stats: ReadStats, *, max_rows: int | 
 
 
 def read_examples(path: Path, max_rows: int | None = None) -> tuple[list[QaExample], ReadStats]:
+    """Questions of a SQuAD JSON file, or of records in any format the shared reader takes."""
     stats = ReadStats()
-    examples = parse_examples(datafiles.read_text(path), str(path), stats, max_rows=max_rows)
+    if datafiles.data_format(path) in ("jsonl", "json", None):  # SQuAD JSON is one document, not records
+        examples = parse_examples(datafiles.read_text(path), str(path), stats, max_rows=max_rows)
+    else:
+        examples = examples_from_records(datafiles.read_records(path, max_rows), stats)
     if not examples:
         raise DataError("no questions in the file", where=str(path))
     return examples, stats
@@ -263,22 +262,11 @@ class Windows:
     stats: dict
 
 
-def cut_questions(tokenizer, questions: list[str], limit: int) -> tuple[list[str], int]:
-    encoded = tokenizer(questions, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    out, cut = [], 0
-    for text, offsets in zip(questions, encoded["offset_mapping"]):
-        if len(offsets) > limit:
-            cut += 1
-            text = text[: offsets[limit - 1][1]]
-        out.append(text)
-    return out, cut
-
-
 def make_windows(tokenizer, examples: list[QaExample], *, max_length: int, doc_stride: int,
                  max_question_length: int, max_answer_length: int | None = None) -> Windows:
     """Overlapping windows of question + context with start/end token labels (the first token
     where the window does not hold the whole first answer) and per-window metadata."""
-    questions, questions_cut = cut_questions(tokenizer, [e.question for e in examples], max_question_length)
+    questions, questions_cut = cut_to_tokens(tokenizer, [e.question for e in examples], max_question_length)
     encoded = tokenizer(questions, [e.context for e in examples], truncation="only_second", max_length=max_length,
                         stride=doc_stride, return_overflowing_tokens=True, return_offsets_mapping=True,
                         padding=False, verbose=False)
@@ -412,31 +400,15 @@ def _need_fast(tokenizer) -> None:
 
 
 # -- the task ---------------------------------------------------------------------------------
-class QaTask(Task):
+class QaTask(EncoderTask):
     name = "qa"
     description = "extractive question answering (SQuAD v1.1/v2.0, JSONL); overlapping windows; EM/F1"
     Options = QaOptions
     peft_task_type = "QUESTION_ANS"
     primary_metric = "f1"
 
-    def __init__(self):
-        self._positions: int | None = None
-
-    def sequence_length(self, options: QaOptions) -> int:
-        return options.max_length or DEFAULT_MAX_LENGTH
-
-    def check(self, model_info: ModelInfo, options: QaOptions) -> None:
-        refuse_unless_head(model_info, "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "question-answering")
-        check_max_length(model_info, options.max_length)
-        for split in ("train", "validation", "test"):
-            path = getattr(options, split)
-            if path is not None and not Path(path).is_file():
-                raise DataError("file not found" if not Path(path).exists() else "is a folder, expected a data file",
-                                where=str(path), hint=f"check task.{split}")
-        self._positions = model_info.max_positions
-
     def settings(self, options: QaOptions, tokenizer) -> dict:
-        limit = model_limit(tokenizer, self._positions)
+        limit = model_limit(tokenizer)
         max_length = options.max_length or (min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH)
         if limit:
             max_length = min(max_length, limit)
@@ -455,9 +427,7 @@ class QaTask(Task):
         train, stats = read_examples(options.train, options.max_rows)
         held_out, repaired = self._read_held_out(options)
         repaired += stats.repaired
-        if "validation" not in held_out and options.validation_split:
-            train, held_out["validation"] = split_by_context(train, options.validation_split, options.split_seed,
-                                                             str(options.train))
+        train = hold_out(train, held_out, options, str(options.train), split=split_by_context)
         padded = ensure_pad_token(tokenizer)
         settings = self.settings(options, tokenizer)
         no_answer = options.no_answer if options.no_answer != "auto" else any(not e.answers for e in train)
@@ -477,13 +447,14 @@ class QaTask(Task):
     @staticmethod
     def _read_held_out(options: QaOptions) -> tuple[dict[str, list], int]:
         """The validation and test files (where given), and how many answer starts were repaired."""
-        held_out, repaired = {}, 0
-        for split in ("validation", "test"):
-            path = getattr(options, split)
-            if path is not None:
-                held_out[split], stats = read_examples(path, options.max_rows)
-                repaired += stats.repaired
-        return held_out, repaired
+        stats = ReadStats()
+
+        def read(split: str, path) -> list[QaExample]:
+            examples, file_stats = read_examples(path, options.max_rows)
+            stats.repaired += file_stats.repaired
+            return examples
+
+        return read_held_out(options, read), stats.repaired
 
     @staticmethod
     def _encode(splits: dict[str, list], tokenizer, state: dict, repaired: int) -> TaskData:
@@ -525,9 +496,6 @@ class QaTask(Task):
             model.petune_new_modules = [m for m in model.petune_new_modules
                                         if not (m == prefix or m.startswith(prefix + "."))]
         return model
-
-    def head_modules(self, model) -> list[str]:
-        return find_head_modules(model)
 
     # -- training ---------------------------------------------------------------------------
     def _post(self, state: dict, options: QaOptions) -> dict:

@@ -8,11 +8,13 @@ Models
     answer of a one-exchange conversation rendered with a chat template, exactly as the sft
     task does it (the same template choice, tokenizer preparation and loss mask: labels on the
     target and its end-of-turn token only, see ``sft.Encoder``), trained with TRL's SFTTrainer.
-    peft task type CAUSAL_LM. The type is set on the task instance in ``check`` and
-    ``build_model`` from the model's config (the class attribute is SEQ_2_SEQ_LM).
+    peft task type CAUSAL_LM. The kind comes from the model's config each time it is needed
+    (``peft_task_type_for``; ``load_data`` reads the config beside the tokenizer): the task
+    object keeps nothing between calls.
 
 Data
-    Each split is a records file — JSON Lines, a JSON list, CSV or TSV — with a source and a
+    Each split is a records file — JSON Lines, a JSON list, CSV or TSV (each also .gz/.zst),
+    Parquet or Arrow — with a source and a
     target field, or a pair of line-aligned text files ``{ source = "train.en", target =
     "train.de" }`` (line *n* of one is the translation of line *n* of the other). Fields are
     found by usual names (source/src/input/text/document/article/abstract; target/tgt/output/
@@ -48,14 +50,26 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Literal
 
 from petune_plugins.tasks import datafiles, reports, sft, text_metrics
-from petune_plugins.tasks.classification import build_trainer, model_device, seeded_split
-from pydantic import BeforeValidator, Field, field_validator, model_serializer, model_validator
+from petune_plugins.tasks._common import (
+    DataFileTable,
+    SplitOptions,
+    build_trainer,
+    check_data_paths,
+    cut_to_tokens,
+    hold_out,
+    model_device,
+    model_info_of,
+    model_positions,
+    read_held_out,
+    split_file,
+)
+from pydantic import Field, field_validator, model_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Options, Task, TaskData
+from petune.api import DataPath, ModelInfo, Task, TaskData
 from petune.errors import DataError, Refusal, UserError
 
 if TYPE_CHECKING:
@@ -72,12 +86,14 @@ DEFAULT_PROMPTS = {
     (DECODER_ONLY, True): "Translate this {source_lang} text into {target_lang}.\n\n{source}",
     (DECODER_ONLY, False): "Summarize the following text.\n\n{source}",
 }
+#: the tokenizer_config.json key where a run's tokenizer records the model kind
+_KIND_KEY = "petune_seq2seq_model_kind"
 #: tokens allowed for the template and instruction of a decoder-only prompt, beyond source + target
 _TEMPLATE_ROOM = 96
 
 
 # -- options --------------------------------------------------------------------------------
-class DataFile(Options):
+class DataFile(DataFileTable):
     """A records file (``path``), or two line-aligned text files (``source`` and ``target``)."""
 
     path: DataPath | None = None
@@ -92,34 +108,19 @@ class DataFile(Options):
             raise ValueError("give path (a .jsonl/.json/.csv/.tsv file) or source + target (line-aligned text files)")
         return self
 
-    @model_serializer(mode="wrap")
-    def _compact(self, handler):
-        data = {k: v for k, v in handler(self).items() if v is not None}
-        return data["path"] if list(data) == ["path"] else data
 
-
-def _as_data_file(value):
-    if isinstance(value, (str, Path)):
-        return {"path": value}
-    if isinstance(value, dict):
-        return value
-    raise ValueError('expected a file path, or a table like { source = "train.en", target = "train.de" }')
-
-
-SplitFile = Annotated[DataFile, BeforeValidator(_as_data_file)]
+SplitFile = split_file(DataFile, '{ source = "train.en", target = "train.de" }')
 
 
 def prompt_fields(template: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
 
 
-class Seq2SeqOptions(Options):
+class Seq2SeqOptions(SplitOptions):
     train: SplitFile = Field(description="training data: a .jsonl/.json/.csv/.tsv file, or "
                                          "{ source = \"train.en\", target = \"train.de\" }")
     validation: SplitFile | None = Field(None, description="validation data (loss; generated and scored at the end)")
     test: SplitFile | None = Field(None, description="test data, generated and scored after training")
-    validation_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train as validation")
-    split_seed: int = Field(42, description="seed of the validation_split shuffle")
     source_field: str | None = Field(None, description="records: field of the source (default: source/src/input/"
                                                        "text/document/article/abstract); a.b reaches into objects")
     target_field: str | None = Field(None, description="records: field of the target (default: target/tgt/output/"
@@ -170,8 +171,6 @@ class Seq2SeqOptions(Options):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.validation is not None and self.validation_split is not None:
-            raise ValueError("give either validation (a file) or validation_split (a fraction of train), not both")
         if (self.source_lang is None) != (self.target_lang is None):
             raise ValueError("give both source_lang and target_lang (translation), or neither")
         names = prompt_fields(self.prompt) if self.prompt else []
@@ -189,22 +188,19 @@ class Pair:
     where: str
 
 
-RECORD_SUFFIXES = datafiles.JSONL_SUFFIXES | datafiles.JSON_SUFFIXES | set(datafiles.TABLE_SUFFIXES)
-
-
 def as_data_file(value, options: Seq2SeqOptions | None = None, option: str = "test") -> DataFile:
     """A split's DataFile; a plain path to a text file (``petune eval --data test.en``) is paired
     with its target file by the suffixes of the training pair (train.en/train.de: test.de)."""
     if isinstance(value, DataFile):
         return value
     path = Path(value)
-    if path.suffix.lower() in RECORD_SUFFIXES:
+    if datafiles.data_format(path) is not None:  # records, in any format the shared reader takes
         return DataFile(path=path)
     train = options.train if options is not None else None
     if train is not None and train.source is not None and train.target is not None \
             and train.source.suffix != train.target.suffix and path.suffix == train.source.suffix:
         return DataFile(source=path, target=path.with_suffix(train.target.suffix))
-    raise DataError(f"{path.name}: not a records file (.jsonl/.json/.csv/.tsv), and its target file cannot be "
+    raise DataError(f"{path.name}: not a records file ({datafiles.FORMATS_HINT}), and its target file cannot be "
                     "told from the training pair", where=str(path),
                     hint=f'for line-aligned text files give task.{option} = {{ source = "x.en", target = "x.de" }}')
 
@@ -327,22 +323,6 @@ def read_pairs(data_file: DataFile, options: Seq2SeqOptions, *, need_target: boo
     return pairs_from_lines(data_file.source, data_file.target, options.max_rows)
 
 
-def check_data_files(options: Seq2SeqOptions) -> None:
-    for split in ("train", "validation", "test"):
-        value = getattr(options, split)
-        if value is None:
-            continue
-        data_file = as_data_file(value, options, split)
-        for path in (data_file.path, data_file.source, data_file.target):
-            if path is None:
-                continue
-            if not Path(path).exists():
-                raise DataError("file not found", where=str(path),
-                                hint=f"check task.{split}; relative paths are relative to the recipe's folder")
-            if Path(path).is_dir():
-                raise DataError("is a folder, expected a data file", where=str(path), hint=f"check task.{split}")
-
-
 # -- prompts and tokens -----------------------------------------------------------------------
 def prompt_template(options, kind: str) -> str:
     return options.prompt or DEFAULT_PROMPTS[kind, options.source_lang is not None]
@@ -350,20 +330,6 @@ def prompt_template(options, kind: str) -> str:
 
 def render_prompt(template: str, source: str, source_lang: str | None, target_lang: str | None) -> str:
     return template.format(source=source, source_lang=source_lang or "", target_lang=target_lang or "")
-
-
-def cut_to_tokens(tokenizer, texts: list[str], limit: int) -> tuple[list[str], int]:
-    """Texts cut to at most ``limit`` tokens (at a token boundary, by character offsets), and how many were cut."""
-    if not texts:
-        return [], 0
-    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
-    cut, count = [], 0
-    for text, offsets in zip(texts, encoded["offset_mapping"]):
-        if len(offsets) > limit:
-            count += 1
-            text = text[: offsets[limit - 1][1]]
-        cut.append(text)
-    return cut, count
 
 
 def model_kind(model_info: ModelInfo) -> str | None:
@@ -475,23 +441,32 @@ class Seq2SeqTask(Task):
     description = ("translation and summarization on encoder-decoder or decoder-only models; "
                    "BLEU/chrF (sacreBLEU) and ROUGE by generating")
     Options = Seq2SeqOptions
-    peft_task_type = "SEQ_2_SEQ_LM"  # CAUSAL_LM on decoder-only models: set per instance in check/build_model
+    peft_task_type = "SEQ_2_SEQ_LM"  # CAUSAL_LM on decoder-only models: see peft_task_type_for
     primary_metric = "loss"  # evaluation during training is the loss; generated metrics come at the end
     token_level_loss = True
 
-    def __init__(self):
-        self.kind: str | None = None
-        self._positions: int | None = None
-
-    def _set_kind(self, model_info: ModelInfo) -> str:
+    @staticmethod
+    def kind_of(model_info: ModelInfo) -> str:
+        """ENCODER_DECODER or DECODER_ONLY, or a Refusal for a model that cannot generate text."""
         kind = model_kind(model_info)
         if kind is None:
             raise Refusal(f"the seq2seq task needs an encoder-decoder model (T5, BART, Marian ...) or a causal "
                           f"language model, and {model_info.name} is a {model_info.model_type} model that cannot "
                           f"generate text", where="model.name",
                           hint="use e.g. gemma-3-270m or a T5 folder; encoders suit the classification, ner and qa tasks")
-        self.kind = kind
-        self.peft_task_type = "SEQ_2_SEQ_LM" if kind == ENCODER_DECODER else "CAUSAL_LM"
+        return kind
+
+    def kind_for(self, tokenizer) -> str:
+        """The model kind, for ``load_data``: from the config beside the tokenizer (the runner
+        loads both from the model's folder), else from a run's saved tokenizer, which records
+        it (``petune eval`` re-reads split-off validation rows with that tokenizer)."""
+        model_info = model_info_of(tokenizer)
+        kind = self.kind_of(model_info) if model_info is not None else tokenizer.init_kwargs.get(_KIND_KEY)
+        if kind is None:
+            raise UserError(f"the seq2seq task cannot tell the model's kind: no config.json beside the tokenizer "
+                            f"({tokenizer.name_or_path or 'loaded from memory'})",
+                            hint="load the tokenizer from the model's folder")
+        tokenizer.init_kwargs[_KIND_KEY] = kind  # saved with the run's tokenizer
         return kind
 
     def peft_task_type_for(self, config) -> str:
@@ -504,9 +479,8 @@ class Seq2SeqTask(Task):
         return options.max_source_length + options.max_target_length  # one sequence on a causal LM
 
     def check(self, model_info: ModelInfo, options: Seq2SeqOptions) -> None:
-        kind = self._set_kind(model_info)
-        self._positions = model_info.max_positions
-        limit = self._positions
+        kind = self.kind_of(model_info)
+        limit = model_info.max_positions
         if limit:
             needed = options.max_source_length + (options.max_target_length + _TEMPLATE_ROOM if kind == DECODER_ONLY else 0)
             if needed > limit:
@@ -515,13 +489,11 @@ class Seq2SeqTask(Task):
                                  f"({_TEMPLATE_ROOM})" if kind == DECODER_ONLY else "")
                               + f" is more than the model takes ({limit} positions)", where="task.max_source_length",
                               hint="lower task.max_source_length / task.max_target_length")
-        check_data_files(options)
+        check_data_paths(options)
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: Seq2SeqOptions, tokenizer) -> TaskData:
-        kind = self.kind  # learnt from the model's config in check() / build_model(), which run first
-        if kind is None:
-            raise UserError("the seq2seq task must check the model before loading data (call check() first)")
+        kind = self.kind_for(tokenizer)
         train_file = as_data_file(options.train, options, "train")
         train, blank = read_pairs(train_file, options)
         notes: dict = {"model_kind": kind}
@@ -529,13 +501,11 @@ class Seq2SeqTask(Task):
             notes["train_blank_lines_skipped"] = blank
         held_out, held_out_notes = self._read_held_out(options)
         notes.update(held_out_notes)
-        if options.validation_split is not None:
-            train, held_out["validation"] = seeded_split(train, options.validation_split, options.split_seed,
-                                                         str(train_file.path or train_file.source))
+        train = hold_out(train, held_out, options, str(train_file.path or train_file.source))
         template = prompt_template(options, kind)
         state = {"model_kind": kind, "prompt": template, "source_lang": options.source_lang,
                  "target_lang": options.target_lang, "max_source_length": options.max_source_length,
-                 "max_target_length": options.max_target_length}
+                 "max_target_length": options.max_target_length, "prompt_limit": model_positions(tokenizer)}
         if kind == DECODER_ONLY:  # the sft task's chat template, stop and pad tokens
             chat = sft.prepare_chat_tokenizer(tokenizer, options.chat_template)
             notes["chat_template"] = chat.note
@@ -551,14 +521,15 @@ class Seq2SeqTask(Task):
     @staticmethod
     def _read_held_out(options: Seq2SeqOptions) -> tuple[dict[str, list[Pair]], dict]:
         """The validation and test files (where given), and notes on blank lines skipped."""
-        held_out, notes = {}, {}
-        for split in ("validation", "test"):
-            value = getattr(options, split)
-            if value is not None:
-                held_out[split], blank = read_pairs(as_data_file(value, options, split), options)
-                if blank:
-                    notes[f"{split}_blank_lines_skipped"] = blank
-        return held_out, notes
+        notes = {}
+
+        def read(split: str, value) -> list[Pair]:
+            pairs, blank = read_pairs(as_data_file(value, options, split), options)
+            if blank:
+                notes[f"{split}_blank_lines_skipped"] = blank
+            return pairs
+
+        return read_held_out(options, read), notes
 
     def _encode(self, splits: dict[str, list[Pair]], options: Seq2SeqOptions, tokenizer, state: dict,
                 notes: dict) -> TaskData:
@@ -599,7 +570,7 @@ class Seq2SeqTask(Task):
             columns["attention_mask"] = [[1] * len(ids) for ids in columns["input_ids"]]
             del columns["conversation"]
         else:
-            limit = self._positions  # the prompt's instruction comes on top of max_source_length
+            limit = state.get("prompt_limit")  # the prompt's instruction comes on top of max_source_length
             encoded = tokenizer(prompts, verbose=False, truncation=limit is not None, max_length=limit)
             if limit is not None:
                 counts["prompt_cut"] = sum(1 for ids in encoded["input_ids"] if len(ids) >= limit)
@@ -613,9 +584,7 @@ class Seq2SeqTask(Task):
 
     # -- model ------------------------------------------------------------------------------
     def build_model(self, model_info: ModelInfo, options: Seq2SeqOptions, state: dict, **load_kwargs):
-        kind = self._set_kind(model_info)
-        self._positions = model_info.max_positions
-        if kind == DECODER_ONLY:
+        if self.kind_of(model_info) == DECODER_ONLY:
             return sft.build_causal_lm(model_info, state, **load_kwargs)
         from transformers import AutoModelForSeq2SeqLM
 
@@ -695,12 +664,12 @@ class Seq2SeqTask(Task):
     def parse_inputs(self, options: Seq2SeqOptions, text: str, source: str) -> list[Pair]:
         """Sources to process: records (.jsonl/.json/.csv/.tsv, read with the recipe's fields; a
         target, if present, is kept as the reference), or plain text with one source per line."""
-        suffix = Path(source).suffix.lower()
+        kind = datafiles.data_format(source)
         stripped = text.lstrip()
-        if suffix in datafiles.TABLE_SUFFIXES:
+        if kind == "table":
             table = datafiles.parse_table(datafiles.text_lines(text), source, header=True, quoting=options.quoting)
             records = [datafiles.Record.at(dict(zip(table.columns, row)), row.where) for row in table.rows]
-        elif suffix in RECORD_SUFFIXES or stripped.startswith(("{", "[")):
+        elif kind in ("jsonl", "json") or stripped.startswith(("{", "[")):
             records = (datafiles.parse_json_records(text, source) if stripped.startswith("[")
                        else datafiles.parse_jsonl(datafiles.text_lines(text), source))
         else:

@@ -1,6 +1,7 @@
 """Supervised fine-tuning (SFT) of causal language models on instructions and chats.
 
-Data: JSON (a list of records) or JSON Lines, in one of four formats; ``format = "auto"``
+Data: JSON (a list of records) or JSON Lines (also .gz/.zst), or any other records file the
+shared reader takes (CSV/TSV, Parquet, Arrow), in one of four formats; ``format = "auto"``
 tells them apart by their keys (from the first record of each file)::
 
     alpaca             {"instruction", "input" (optional), "output"}
@@ -42,17 +43,18 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import re
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from jinja2 import TemplateError
-from pydantic import Field, model_validator
+from petune_plugins.tasks import datafiles
+from petune_plugins.tasks._common import SplitOptions, check_data_paths, hold_out, read_held_out, seeded_split
+from pydantic import Field
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Options, Task, TaskData
+from petune.api import DataPath, ModelInfo, Task, TaskData
 from petune.errors import DataError, Refusal, UserError
 
 if TYPE_CHECKING:
@@ -64,13 +66,9 @@ TEMPLATE_DIR = Path(__file__).with_name("templates")
 SAMPLE_MAX_NEW_TOKENS = 128
 
 
-class SftOptions(Options):
-    train: DataPath = Field(description="training data: a JSON list of records or JSON Lines")
+class SftOptions(SplitOptions):
+    train: DataPath = Field(description="training data: JSON Lines, a JSON list of records, or any records file")
     validation: DataPath | None = Field(None, description="held-out data: loss, perplexity and sample generations")
-    test: DataPath | None = Field(None, description="test data, evaluated after training")
-    validation_split: float | None = Field(None, gt=0, lt=1,
-                                           description="hold out this fraction of train as validation")
-    split_seed: int = Field(42, description="seed of the validation_split shuffle")
     format: Literal["auto", "alpaca", "prompt-completion", "messages", "sharegpt"] = Field(
         "auto", description="data format; auto: by the keys of each file's first record")
     chat_template: Literal["auto", "model", "chatml", "gemma", "alpaca", "plain"] = Field(
@@ -85,12 +83,6 @@ class SftOptions(Options):
         "auto", description="chunked: TRL's fused LM head, never the full-vocabulary logits (less memory); "
                             "full: plain cross-entropy on the logits (faster on a CPU); auto: chunked on a GPU "
                             "or when the logits would pass 1 GiB, else full")
-
-    @model_validator(mode="after")
-    def _one_validation_source(self):
-        if self.validation is not None and self.validation_split is not None:
-            raise ValueError("give either validation (a file) or validation_split (a fraction of train), not both")
-        return self
 
 
 # -- reading records ------------------------------------------------------------------------
@@ -114,20 +106,15 @@ def _json_type(value) -> str:
         type(value), "a number")
 
 
-def _read_text(path: Path) -> str:
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError("data file not found", where=str(path),
-                        hint="check the path in the recipe's [task] section") from None
-    except IsADirectoryError:
-        raise DataError("is a folder, expected a .json or .jsonl file", where=str(path)) from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"not UTF-8 text (byte {exc.start})", where=f"{path}:{line}",
-                        hint="save the file as UTF-8") from None
+def read_rows(path: Path, max_rows: int | None = None) -> list[Row]:
+    """Records of a data file, through the shared reader: JSON Lines and JSON lists (also
+    compressed) are parsed here, so a record of a JSON list is named by its index too; every
+    other records format (CSV/TSV, Parquet, Arrow) comes from :func:`datafiles.read_records`."""
+    kind = datafiles.data_format(path)
+    if kind in ("jsonl", "json", None):
+        return parse_records(datafiles.read_text(path), str(path), jsonl=True if kind == "jsonl" else None,
+                             max_rows=max_rows)
+    return [Row(dict(record), record.where) for record in datafiles.read_records(path, max_rows)]
 
 
 def parse_records(text: str, source: str, *, jsonl: bool | None = None, max_rows: int | None = None) -> list[Row]:
@@ -346,9 +333,7 @@ def _format_of(rows: list[Row], fmt: str, source: str) -> str:
 
 def read_examples(path: Path, fmt: str, max_rows: int | None) -> tuple[list[Example], str]:
     """Conversations of a data file, and the format it was read as."""
-    path = Path(path)
-    jsonl = True if path.suffix.lower() in (".jsonl", ".ndjson") else None  # .json: a list, or JSON Lines
-    rows = parse_records(_read_text(path), str(path), jsonl=jsonl, max_rows=max_rows)
+    rows = read_rows(Path(path), max_rows)
     fmt = _format_of(rows, fmt, str(path))
     examples = []
     for row in rows:
@@ -664,15 +649,14 @@ class SftTask(Task):
             raise Refusal(f"task.max_length = {options.max_length} is longer than the model's context "
                           f"({limit} positions)", where="task.max_length",
                           hint=f"set task.max_length to {limit} or less")
+        check_data_paths(options)
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: SftOptions, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         examples: dict[str, list[Example]] = {}
         examples["train"], fmt = read_examples(options.train, options.format, options.max_rows)
         examples.update(self._read_held_out(options))
-        if options.validation_split is not None:
-            examples["train"], examples["validation"] = split_off(examples["train"], options.validation_split,
-                                                                  options.split_seed, where=str(options.train))
+        examples["train"] = hold_out(examples["train"], examples, options, str(options.train))
         return self._encode(examples, options, tokenizer, fmt)
 
     def load_eval_data(self, options: SftOptions, tokenizer: PreTrainedTokenizerBase, state: dict) -> TaskData:
@@ -682,12 +666,7 @@ class SftTask(Task):
 
     @staticmethod
     def _read_held_out(options: SftOptions) -> dict[str, list[Example]]:
-        held_out = {}
-        for split in ("validation", "test"):
-            path = getattr(options, split)
-            if path is not None:
-                held_out[split], _ = read_examples(path, options.format, options.max_rows)
-        return held_out
+        return read_held_out(options, lambda split, path: read_examples(path, options.format, options.max_rows)[0])
 
     @staticmethod
     def _encode(examples: dict[str, list[Example]], options: SftOptions, tokenizer, fmt) -> TaskData:
@@ -953,15 +932,9 @@ def _is_decoder_only(model_info: ModelInfo) -> bool:
                 and model_info.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def split_off(examples: list[Example], fraction: float, seed: int, *,
-              where: str) -> tuple[list[Example], list[Example]]:
-    """(train, validation): a seeded random ``fraction`` held out, file order kept in each."""
-    count = max(1, round(len(examples) * fraction))
-    if count >= len(examples):
-        raise DataError(f"validation_split = {fraction} of {len(examples)} rows leaves no training rows", where=where,
-                        hint="use more data or a smaller task.validation_split")
-    held = set(random.Random(seed).sample(range(len(examples)), count))
-    return ([e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held])
+def split_off(examples: list, fraction: float, seed: int, *, where: str) -> tuple[list, list]:
+    """(train, validation): the tasks' one seeded split (kept under this name for the preference task)."""
+    return seeded_split(examples, fraction, seed, where)
 
 
 def held_out_loss(trainer, dataset) -> dict:
