@@ -24,8 +24,9 @@ The whole contract is in this module:
   (and ``name``, ``Options``, ``peft_task_type``); of a strategy: ``apply``, ``restore``;
   of a model source: ``claims``, ``resolve``;
 * **optional with a default** (override to improve on it): ``Task.check``,
-  ``load_eval_data``, ``head_modules``, ``peft_task_type_for``, ``sequence_length``,
-  ``loss_memory``, ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``; ``Strategy.check``,
+  ``load_eval_data``, ``head_modules``, ``peft_task_type_for``, ``primary_metric_for``,
+  ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
+  ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``; ``Strategy.check``,
   ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``;
   ``ModelSource.gguf_file``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
@@ -212,6 +213,21 @@ class Task(_Plugin):
         default is the class's ``peft_task_type``; a task whose model kind depends on the
         base (seq2seq: encoder-decoder or causal LM) decides here, without storing it."""
         return self.peft_task_type
+
+    def primary_metric_for(self, options: Options) -> str:
+        """The metric reported as "best" (and early stopping's, unless [eval] metric says)
+        for these options. Default: the class's ``primary_metric``."""
+        return self.primary_metric
+
+    def sequences_per_example(self, options: Options) -> int:
+        """How many sequences one training example feeds the model (preference pairs: the
+        chosen and the rejected answer), for memory estimates. Default: 1."""
+        return 1
+
+    def frozen_reference(self, options: Options, strategy: "Strategy") -> bool:
+        """Whether this task's trainer keeps a frozen copy of the model's weights beside it
+        (e.g. DPO's reference model when every weight trains), for memory estimates."""
+        return False
 
     def sequence_length(self, options: Options) -> int | None:
         """The longest training sequence, in tokens, that ``options`` allow (for memory

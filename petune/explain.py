@@ -1,14 +1,15 @@
 """Why a finished run predicts what it does: attention maps and token attributions.
 
-What can be explained follows from the kind of model the task trains (its peft task type),
-so this module knows no concrete task or strategy:
+What is explained is what the task says its model outputs (``Explains.explained_output`` in
+:mod:`petune.api`), so this module knows no concrete task or strategy:
 
-* ``SEQ_CLS`` (classification): attributions for the predicted label;
-* ``TOKEN_CLS`` (NER): attributions for each predicted entity (the sum of the log-probabilities
-  of its words' predicted tags, read on each word's first sub-token);
-* ``CAUSAL_LM`` (SFT and other language-model tasks): attributions for the predicted next token.
+* ``"label"`` (sequence classifiers): attributions for the predicted label;
+* ``"token_labels"`` (token classifiers): attributions for each predicted entity (the sum of the
+  log-probabilities of its words' predicted tags, read on each word's first sub-token); the task
+  says where its words are (``Explains.word_spans``);
+* ``"next_token"`` (language models): attributions for the predicted next token.
 
-Any other task type is refused with a reason.
+A task that does not implement ``Explains`` is refused with a reason.
 
 Attention maps come from the model itself (``output_attentions``), switched to eager attention
 for the explanation (SDPA and flash attention return no weights). They are
@@ -34,7 +35,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,8 +45,8 @@ if TYPE_CHECKING:
     import torch
     from rich.text import Text
 
-#: peft task type -> what is explained
-KINDS = {"SEQ_CLS": "classification", "TOKEN_CLS": "token classification", "CAUSAL_LM": "causal language model"}
+#: what a task's model outputs -> what is explained
+KINDS = {"label": "the predicted label", "token_labels": "each predicted entity", "next_token": "the next token"}
 METHODS = ("ig", "gradxinput")
 #: longest input explained (attention maps grow with its square)
 MAX_TOKENS = 512
@@ -129,18 +129,20 @@ def _finish(model, tokenizer, encoding, spans, segments, **extra) -> Encoded:
 
 
 def encode(model, tokenizer, kind: str, text: str, *, pair: str | None = None, chat: bool = False,
-           max_length: int | None = None) -> Encoded:
-    """Tokenize ``text`` the way the run's task fed its model."""
+           max_length: int | None = None, word_spans: list[tuple[int, int]] | None = None) -> Encoded:
+    """Tokenize ``text`` the way the run's task fed its model (``word_spans``: where the words
+    of a token-label task are in ``text``)."""
     fast = getattr(tokenizer, "is_fast", False)
     common = {"return_offsets_mapping": fast, "return_special_tokens_mask": True}
-    if kind == "SEQ_CLS":
+    if kind == "label":
         encoding = tokenizer(text, pair, truncation=True, max_length=max_length or MAX_TOKENS, **common)
         sequence_ids = encoding.sequence_ids() if fast else [0] * len(encoding["input_ids"])
         spans = _spans(encoding, lambda i: sequence_ids[i] or 0)
         return _finish(model, tokenizer, encoding, spans, [text] if pair is None else [text, pair])
-    if kind == "TOKEN_CLS":  # words at whitespace, as the NER task predicts plain text
-        matches = list(re.finditer(r"\S+", text))
-        words = [m.group() for m in matches]
+    if kind == "token_labels":
+        if word_spans is None:
+            raise ValueError("token_labels needs the task's word_spans")
+        words = [text[start:end] for start, end in word_spans]
         if not words:
             raise UserError("the text has no words", where="--text")
         encoding = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length or MAX_TOKENS,
@@ -151,9 +153,9 @@ def encode(model, tokenizer, kind: str, text: str, *, pair: str | None = None, c
         spans = []
         for i, w in enumerate(word_ids):
             s, e = encoding["offset_mapping"][i]
-            spans.append((0, matches[w].start() + s, matches[w].start() + e) if w is not None and e > s else None)
+            spans.append((0, word_spans[w][0] + s, word_spans[w][0] + e) if w is not None and e > s else None)
         return _finish(model, tokenizer, encoding, spans, [text], word_ids=word_ids, words=words)
-    if kind == "CAUSAL_LM":
+    if kind == "next_token":
         if chat:
             if not getattr(tokenizer, "chat_template", None):
                 raise UserError("the run's tokenizer has no chat template", where="--chat",
@@ -164,7 +166,7 @@ def encode(model, tokenizer, kind: str, text: str, *, pair: str | None = None, c
         else:
             encoding = tokenizer(text, **common)
         return _finish(model, tokenizer, encoding, _spans(encoding, lambda i: 0), [text])
-    raise UserError(f"cannot encode input for task type {kind!r}")
+    raise UserError(f"cannot encode input for explained output {kind!r}")
 
 
 # -- attention ----------------------------------------------------------------------------------
@@ -248,9 +250,9 @@ def _scorer(model, encoded: Encoded, kind: str, spec):
     def score(embeds: torch.Tensor) -> torch.Tensor:
         batch = {k: v.expand(embeds.shape[0], *v.shape[1:]) for k, v in rest.items()}
         logits = model(inputs_embeds=embeds, **batch).logits.float()
-        if kind == "SEQ_CLS":
+        if kind == "label":
             return logits.log_softmax(-1)[:, spec]
-        if kind == "TOKEN_CLS":
+        if kind == "token_labels":
             positions, tags = spec
             logits = logits[:, -length:]  # anything the model prepends comes first
             picked = logits.log_softmax(-1)[:, positions, :].gather(-1, torch.tensor(tags, device=logits.device)
@@ -277,7 +279,7 @@ def _baseline(model, tokenizer, encoded: Encoded, embeds: torch.Tensor) -> torch
 def attribute(model, tokenizer, encoded: Encoded, kind: str, spec, *, method: str = "ig",
               steps: int = 32) -> list[float]:
     """Signed attribution of each input token to the output ``spec`` names (class id for
-    SEQ_CLS, (positions, tag ids) for TOKEN_CLS, next-token id for CAUSAL_LM)."""
+    "label", (positions, tag ids) for "token_labels", next-token id for "next_token")."""
     import torch
 
     embeds = model.get_input_embeddings()(encoded.inputs["input_ids"]).detach()
@@ -327,7 +329,7 @@ def _entities(tags: list[str]) -> list[tuple[str, int, int]]:
 # -- the whole explanation ----------------------------------------------------------------------
 @dataclass
 class Explanation:
-    kind: str  # peft task type
+    kind: str  # what the model outputs: "label", "token_labels" or "next_token"
     encoded: Encoded
     attentions: torch.Tensor  # layers × heads × queries × keys
     virtual: int  # virtual tokens the model put before the input (prompt tuning)
@@ -348,7 +350,7 @@ class Explanation:
         return attention_rollout(self.attentions, prefix=self.prefix)
 
     def to_json(self, layer: int, head: int) -> dict:
-        return {"task_type": self.kind, "prediction": self.prediction, "method": self.method,
+        return {"explained_output": self.kind, "prediction": self.prediction, "method": self.method,
                 "tokens": self.encoded.labels, "special": self.encoded.special,
                 "virtual_tokens": self.virtual, "prefix_tokens": self.prefix,
                 "layers": int(self.attentions.shape[0]), "heads": int(self.attentions.shape[1]),
@@ -357,12 +359,13 @@ class Explanation:
 
 
 def explain(model, tokenizer, kind: str, text: str, *, labels: list[str] | None = None, pair: str | None = None,
-            chat: bool = False, max_length: int | None = None, method: str = "ig", steps: int = 32) -> Explanation:
-    """Attention maps and attributions for one input. ``kind`` is the task's peft task type."""
+            chat: bool = False, max_length: int | None = None, method: str = "ig", steps: int = 32,
+            word_spans: list[tuple[int, int]] | None = None) -> Explanation:
+    """Attention maps and attributions for one input. ``kind`` is what the task's model
+    outputs (``Explains.explained_output``)."""
     if kind not in KINDS:
-        raise UserError(f"cannot explain task type {kind!r}",
-                        hint="explain supports classification (SEQ_CLS), token classification (TOKEN_CLS) "
-                             "and causal language models (CAUSAL_LM)")
+        raise UserError(f"cannot explain a model whose output is {kind!r}",
+                        hint=f"explain reads models whose output is one of {', '.join(KINDS)}")
     if method not in METHODS:
         raise UserError(f"unknown attribution method {method!r}", where="--method",
                         hint=f"use one of {', '.join(METHODS)}")
@@ -370,7 +373,7 @@ def explain(model, tokenizer, kind: str, text: str, *, labels: list[str] | None 
         raise UserError("--steps must be at least 1", where="--steps")
     model.eval()
     use_eager_attention(model)
-    encoded = encode(model, tokenizer, kind, text, pair=pair, chat=chat, max_length=max_length)
+    encoded = encode(model, tokenizer, kind, text, pair=pair, chat=chat, max_length=max_length, word_spans=word_spans)
     output = _forward(model, encoded.inputs)
     attentions = stack_attentions(output.attentions)
     queries, keys = attentions.shape[-2:]
@@ -378,18 +381,18 @@ def explain(model, tokenizer, kind: str, text: str, *, labels: list[str] | None 
     logits = output.logits[0].detach().float()
     if labels is None:
         id2label = getattr(model.config, "id2label", None) or {}
-        labels = [str(id2label.get(i, i)) for i in range(logits.shape[-1])] if kind != "CAUSAL_LM" else None
+        labels = [str(id2label.get(i, i)) for i in range(logits.shape[-1])] if kind != "next_token" else None
 
     def explain_one(title, spec):
         return Target(title, attribute(model, tokenizer, encoded, kind, spec, method=method, steps=steps))
 
     targets = []
-    if kind == "SEQ_CLS":
+    if kind == "label":
         probabilities = logits.softmax(-1)
         best = int(probabilities.argmax())
         prediction = f"{labels[best]} (p={probabilities[best]:.2f})"
         targets.append(explain_one(f"label {prediction}", best))
-    elif kind == "TOKEN_CLS":
+    elif kind == "token_labels":
         predicted = logits[-encoded.length:].argmax(-1).tolist()
         first = {}  # word -> position of its first sub-token
         for position, word in enumerate(encoded.word_ids):
@@ -415,12 +418,13 @@ def explain(model, tokenizer, kind: str, text: str, *, labels: list[str] | None 
 
 
 def check_explainable(task, where: str | None = None) -> str:
-    """The task's peft task type, or a UserError saying why its runs cannot be explained."""
-    kind = getattr(task, "peft_task_type", None)
+    """What the task's model outputs, or a UserError saying why its runs cannot be explained."""
+    from petune.api import Explains, require
+
+    kind = require(task, Explains, where=where).explained_output
     if kind not in KINDS:
-        raise UserError(f"task {task.name!r} cannot be explained: explain reads classifiers, token classifiers "
-                        f"and causal language models, and this task trains {kind or 'another kind of model'}",
-                        where=where)
+        raise UserError(f"task {task.name!r} says its model outputs {kind!r}, which explain does not read",
+                        where=where, hint=f"explain reads {', '.join(KINDS)}")
     return kind
 
 
@@ -428,12 +432,13 @@ def explain_run(run, text: str, **kwargs) -> Explanation:
     """:func:`explain` on a :class:`petune.runner.LoadedRun`."""
     kind = check_explainable(run.task, str(run.dir))
     state = run.state or {}
-    if kwargs.get("pair") is not None and kind != "SEQ_CLS":
+    if kwargs.get("pair") is not None and kind != "label":
         raise UserError("--pair is for classification runs trained on text pairs", where="--pair")
-    if kwargs.get("chat") and kind != "CAUSAL_LM":
+    if kwargs.get("chat") and kind != "next_token":
         raise UserError("--chat is for causal language-model runs", where="--chat")
+    spans = run.task.word_spans(text) if kind == "token_labels" else None
     return explain(run.model, run.tokenizer, kind, text, labels=state.get("labels"),
-                   max_length=state.get("max_length"), **kwargs)
+                   max_length=state.get("max_length"), word_spans=spans, **kwargs)
 
 
 def check_layer_head(explanation: Explanation, layer: int, head: int) -> tuple[int, int]:

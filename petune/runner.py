@@ -333,7 +333,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData
     """transformers.TrainingArguments keyword arguments from [train] and [eval]."""
     t, e = recipe.train, recipe.eval
     eval_strategy = e.strategy if data.validation is not None else "no"
-    metric = e.metric or task.primary_metric
+    metric = e.metric or task.primary_metric_for(recipe.task)
     keep_best = e.early_stopping_patience is not None and eval_strategy != "no"
     args = dict(
         output_dir=str(run_dir / "checkpoints"),

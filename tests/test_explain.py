@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import argparse
 import io
 import json
@@ -104,7 +106,7 @@ def test_attention_maps_shape_rows_and_png_size(tiny_classifier, tmp_path):
     model, tokenizer = tiny_classifier
     assert model.config._attn_implementation == "sdpa"  # loaded as trained: no attention weights
     text = "the quick brown fox jumps over the lazy dog"
-    e = explain.explain(model, tokenizer, "SEQ_CLS", text, labels=["neg", "pos"], steps=4)
+    e = explain.explain(model, tokenizer, "label", text, labels=["neg", "pos"], steps=4)
     assert model.config._attn_implementation == "eager"
     tokens = len(tokenizer(text)["input_ids"])
     config = model.config
@@ -118,7 +120,7 @@ def test_attention_maps_shape_rows_and_png_size(tiny_classifier, tmp_path):
     png = explain.plot_attention(e, tmp_path / "attention.png", layer=1, head=3)
     width, height = explain.ATTENTION_FIGSIZE
     assert Image.open(png).size == (int(width * explain.DPI), int(height * explain.DPI))
-    many = explain.explain(model, tokenizer, "SEQ_CLS", " ".join(["fox"] * 90), labels=["neg", "pos"], steps=2)
+    many = explain.explain(model, tokenizer, "label", " ".join(["fox"] * 90), labels=["neg", "pos"], steps=2)
     assert Image.open(explain.plot_attention(many, tmp_path / "long.png")).size == Image.open(png).size
     attributions = explain.plot_attributions(e, tmp_path / "attributions.png")
     assert Image.open(attributions).format == "PNG"
@@ -129,7 +131,7 @@ def test_causal_attention_is_lower_triangular_and_explains_the_next_token(tiny_l
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_path)
-    e = explain.explain(model, tokenizer, "CAUSAL_LM", "the capital of france is", steps=4)
+    e = explain.explain(model, tokenizer, "next_token", "the capital of france is", steps=4)
     layers, heads, queries, keys = e.attentions.shape
     assert (layers, heads) == (model.config.num_hidden_layers, model.config.num_attention_heads)
     assert queries == keys == len(tokenizer("the capital of france is")["input_ids"])
@@ -143,7 +145,7 @@ def test_causal_attention_is_lower_triangular_and_explains_the_next_token(tiny_l
 def test_integrated_gradients_add_up_to_the_change_in_log_probability(tiny_classifier):
     """Completeness: attributions sum to f(input) - f(baseline), f = log p(predicted label)."""
     model, tokenizer = tiny_classifier
-    e = explain.explain(model, tokenizer, "SEQ_CLS", "a good movie with a great story", labels=["a", "b"], steps=200)
+    e = explain.explain(model, tokenizer, "label", "a good movie with a great story", labels=["a", "b"], steps=200)
     inputs = e.encoded.inputs
     label = 0 if e.prediction.startswith("a ") else 1
     embeds = model.get_input_embeddings()(inputs["input_ids"])
@@ -160,7 +162,7 @@ def test_integrated_gradients_add_up_to_the_change_in_log_probability(tiny_class
 
 def test_gradient_times_input(tiny_classifier):
     model, tokenizer = tiny_classifier
-    e = explain.explain(model, tokenizer, "SEQ_CLS", "a bad film", labels=["a", "b"], method="gradxinput")
+    e = explain.explain(model, tokenizer, "label", "a bad film", labels=["a", "b"], method="gradxinput")
     scores = e.targets[0].scores
     assert len(scores) == e.encoded.length and any(s != 0 for s in scores)
 
@@ -173,7 +175,9 @@ def test_token_classification_explains_each_predicted_entity(tiny_bert_path):
     with torch.no_grad():  # every token predicts B-PER: each word is an entity of its own
         model.classifier.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert_path)
-    e = explain.explain(model, tokenizer, "TOKEN_CLS", "john smith lives in london", labels=labels, steps=4)
+    text = "john smith lives in london"
+    spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]  # as the task would say
+    e = explain.explain(model, tokenizer, "token_labels", text, labels=labels, steps=4, word_spans=spans)
     assert [t.title for t in e.targets] == [f"PER: {w}" for w in ["john", "smith", "lives", "in", "london"]]
     assert e.encoded.words == ["john", "smith", "lives", "in", "london"]
 
@@ -187,15 +191,15 @@ def test_entities_from_tags():
 
 def test_refuses_what_it_cannot_explain(tiny_classifier):
     model, tokenizer = tiny_classifier
-    with pytest.raises(UserError, match="cannot explain task type 'QUESTION_ANS'"):
-        explain.explain(model, tokenizer, "QUESTION_ANS", "text")
-    qa_run = SimpleNamespace(task=SimpleNamespace(name="qa", peft_task_type="QUESTION_ANS"), dir=Path("runs/qa"),
+    with pytest.raises(UserError, match="cannot explain a model whose output is 'answer_span'"):
+        explain.explain(model, tokenizer, "answer_span", "text")
+    qa_run = SimpleNamespace(task=SimpleNamespace(name="qa"), dir=Path("runs/qa"),
                              state={}, model=model, tokenizer=tokenizer)
-    with pytest.raises(UserError, match="task 'qa' cannot be explained"):
+    with pytest.raises(UserError, match="task 'qa' cannot be explained .it does not implement Explains"):
         explain.explain_run(qa_run, "text")
     with pytest.raises(UserError, match="unknown attribution method"):
-        explain.explain(model, tokenizer, "SEQ_CLS", "text", method="shap")
-    e = explain.explain(model, tokenizer, "SEQ_CLS", "text", labels=["a", "b"], steps=2)
+        explain.explain(model, tokenizer, "label", "text", method="shap")
+    e = explain.explain(model, tokenizer, "label", "text", labels=["a", "b"], steps=2)
     with pytest.raises(UserError, match="layer 2 does not exist: the model has 2 layers"):
         explain.check_layer_head(e, 2, 0)
     with pytest.raises(UserError, match="head 4 does not exist"):
@@ -206,7 +210,7 @@ def test_refuses_what_it_cannot_explain(tiny_classifier):
 def test_terminal_rendering_colours_tokens_and_keeps_the_text(tiny_classifier):
     model, tokenizer = tiny_classifier
     text = "the plot was thin, but the cast was strong"
-    e = explain.explain(model, tokenizer, "SEQ_CLS", text, labels=["a", "b"], steps=4)
+    e = explain.explain(model, tokenizer, "label", text, labels=["a", "b"], steps=4)
     scores = [0.0] * e.encoded.length
     scores[e.encoded.labels.index("thin")] = 1.0
     scores[e.encoded.labels.index("strong")] = -0.5
@@ -346,11 +350,11 @@ def test_explain_command_refuses_other_tasks_before_loading(host, tmp_path, monk
     from petune import runner
 
     task_class = type(host.task("classification"))
-    monkeypatch.setattr(task_class, "peft_task_type", "QUESTION_ANS")
+    monkeypatch.setattr(task_class, "explained_output", "answer_span")
     monkeypatch.setattr(runner, "load_run", lambda *a, **k: pytest.fail("the model was loaded"))
     folder = tmp_path / "qa_run"
     folder.mkdir()
     (folder / "recipe.toml").write_text('[task]\nname = "classification"\n')
     args = parse(["explain", str(folder), "--text", "what is it?"])
-    with pytest.raises(UserError, match="task 'classification' cannot be explained.*QUESTION_ANS"):
+    with pytest.raises(UserError, match="task 'classification' says its model outputs 'answer_span'"):
         args.func(args)

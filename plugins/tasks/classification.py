@@ -341,6 +341,8 @@ def encode(tokenizer, examples: list[Example], max_length: int, label_ids: dict[
 
 # -- the task -------------------------------------------------------------------------------
 class ClassificationTask(common.EncoderTask):
+    explained_output = "label"  # petune explain: attributions for the predicted label
+
     name = "classification"
     description = "text (or text-pair) classification from tables or records files; accuracy, macro-F1, confusion matrix"
     Options = ClassificationOptions
@@ -348,6 +350,9 @@ class ClassificationTask(common.EncoderTask):
     primary_metric = "accuracy"
 
     # -- data -------------------------------------------------------------------------------
+
+    def word_spans(self, text: str) -> list[tuple[int, int]]:
+        return []  # one label per input: no words to place
     def load_data(self, options: ClassificationOptions, tokenizer) -> TaskData:
         train_settings = FileSettings.of(options, options.train)
         train = read_examples(train_settings, max_rows=options.max_rows)

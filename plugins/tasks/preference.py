@@ -640,6 +640,7 @@ def _trl_singles(dataset, seed: int):
 
 # -- the task ---------------------------------------------------------------------------------
 class PreferenceTask(Task):
+    explained_output = "next_token"  # petune explain: attributions for the next token
     name = "preference"
     description = "preference tuning of a causal LM: DPO (IPO, robust ...), SimPO, ORPO, KTO (TRL)"
     Options = PreferenceOptions
@@ -647,6 +648,8 @@ class PreferenceTask(Task):
     primary_metric = "accuracy"
     token_level_loss = False  # one loss per pair
 
+    def word_spans(self, text: str) -> list[tuple[int, int]]:
+        return []  # a language model: the next token is explained, not words
     def check(self, model_info: ModelInfo, options: PreferenceOptions) -> None:
         if not _is_decoder_only(model_info):
             raise Refusal(f"the preference task trains a causal (decoder-only) language model, and {model_info.name} "
@@ -656,8 +659,20 @@ class PreferenceTask(Task):
         if limit and options.max_length > limit:
             raise Refusal(f"task.max_length = {options.max_length} is longer than the model's context "
                           f"({limit} positions)", where="task.max_length", hint=f"set task.max_length to {limit} or less")
+
+    def primary_metric_for(self, options: PreferenceOptions) -> str:
         # unpaired KTO data has no pairs to score: the trainer's own KTO loss is the metric then
-        self.primary_metric = "loss" if options.method == "kto" else "accuracy"
+        return "loss" if options.method == "kto" else "accuracy"
+
+    def sequence_length(self, options: PreferenceOptions) -> int:
+        return options.max_length
+
+    def sequences_per_example(self, options: PreferenceOptions) -> int:
+        return 2  # chosen and rejected (KTO: the answer and a mismatched one for its KL term)
+
+    def frozen_reference(self, options: PreferenceOptions, strategy) -> bool:
+        # with an adapter the reference is the base with the adapter off: no copy
+        return options.method in REFERENCE_METHODS and strategy.artifact == "model"
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: PreferenceOptions, tokenizer) -> TaskData:

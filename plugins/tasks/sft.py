@@ -632,6 +632,7 @@ def check_packing_keeps_examples_apart(model, tokenizer) -> None:
 
 # -- the task ---------------------------------------------------------------------------------
 class SftTask(Task):
+    explained_output = "next_token"  # petune explain: attributions for the next token
     name = "sft"
     description = "supervised fine-tuning of a causal LM on instructions or chats (TRL SFTTrainer)"
     Options = SftOptions
@@ -639,6 +640,8 @@ class SftTask(Task):
     primary_metric = "loss"
     token_level_loss = True
 
+    def word_spans(self, text: str) -> list[tuple[int, int]]:
+        return []  # a language model: the next token is explained, not words
     def check(self, model_info: ModelInfo, options: SftOptions) -> None:
         if not _is_decoder_only(model_info):
             raise Refusal(f"the sft task trains a causal (decoder-only) language model, and {model_info.name} is a "
