@@ -377,15 +377,15 @@ def predict(case) -> dict:
         info = ModelInfo(name=shape.name, path=Path(shape.name), config=config)
         dtype, autocast = memory._dtypes(recipe, case.device)
         quant = strategy.load_kwargs(recipe.strategy).get("quantization_config")
-        task_type = task.peft_task_type_for(info.config)
-        model = memory.build_skeleton(info.config, task_type, dtype)
+        shape = memory.model_shape_of(task, info.config)
+        model = memory.build_skeleton(info.config, shape, dtype)
         model = memory.apply_strategy(strategy, model, task, recipe.strategy)
         if case.side == "petune":
             task.prepare_skeleton(model, memory._is_4bit(quant))
         loss = (memory.loss_memory_of(task, recipe.task, case.batch, config, case.device)
                 if case.side == "petune" and case.variant != "plain-loss" else "logits")
         est = memory.estimate(model, batch=case.batch, seq=case.seq,
-                              gradient_checkpointing=case.gradient_checkpointing, task_type=task_type,
+                              gradient_checkpointing=case.gradient_checkpointing, shape=shape,
                               device=case.device, optimizer=case.optimizer, autocast_dtype=autocast, quant=quant,
                               loss_memory=loss, capacity=None)
         return est.as_dict()

@@ -24,7 +24,7 @@ The whole contract is in this module:
   (and ``name``, ``Options``, ``peft_task_type``); of a strategy: ``apply``, ``restore``;
   of a model source: ``claims``, ``resolve``;
 * **optional with a default** (override to improve on it): ``Task.check``,
-  ``load_eval_data``, ``head_modules``, ``peft_task_type_for``, ``primary_metric_for``,
+  ``load_eval_data``, ``head_modules``, ``peft_task_type_for``, ``primary_metric_for``, ``model_shape``,
   ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
   ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``; ``Strategy.check``,
   ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``;
@@ -132,6 +132,21 @@ class ModelInfo:
         return getattr(self.text_config, "max_position_embeddings", None)
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """How a task's model looks to the memory estimate (:mod:`petune.memory`), beyond its
+    config: which transformers class it is, which labels a training batch carries, and
+    whether the loss is a language model's (logits over the vocabulary at every position)."""
+
+    #: the transformers auto class ``build_model`` loads, e.g. "AutoModelForCausalLM"
+    auto_class: str = "AutoModel"
+    #: a training batch's labels: "tokens" (one per position), "class" (one per row),
+    #: "span" (start and end positions per row), or None
+    labels: str | None = None
+    #: the loss is a causal language model's, over full-vocabulary logits
+    causal_lm_loss: bool = False
+
+
 @dataclass
 class TaskData:
     """A task's prepared data: tokenized splits plus the state needed to rebuild its
@@ -228,6 +243,12 @@ class Task(_Plugin):
         """Whether this task's trainer keeps a frozen copy of the model's weights beside it
         (e.g. DPO's reference model when every weight trains), for memory estimates."""
         return False
+
+    def model_shape(self, config: "PretrainedConfig") -> ModelShape | None:
+        """What the memory estimate needs to build this task's model without weights. None
+        (the default): the bare base model is estimated, without head or labels, and the plan
+        says so."""
+        return None
 
     def sequence_length(self, options: Options) -> int | None:
         """The longest training sequence, in tokens, that ``options`` allow (for memory

@@ -292,25 +292,22 @@ def _find_layers(model):
     return list(best[0]) if best else []
 
 
-def _dummy_inputs(task_type: str, batch: int, seq: int, vocab: int) -> dict:
+def _dummy_inputs(shape, batch: int, seq: int, vocab: int) -> dict:
+    """A full-length training batch for a model of ``shape`` (a :class:`petune.api.ModelShape`)."""
     import torch
 
     ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
     inputs = {"input_ids": ids}  # full-length rows: the attention mask is all ones, which SDPA drops
-    if task_type == "CAUSAL_LM":
+    if shape.labels == "tokens":
         inputs["labels"] = ids
-    elif task_type == "SEQ_CLS":
+    elif shape.labels == "class":
         inputs["labels"] = torch.zeros((batch,), dtype=torch.long, device="meta")
-    elif task_type == "TOKEN_CLS":
-        inputs["labels"] = ids
-    elif task_type == "QUESTION_ANS":
+    elif shape.labels == "span":
         inputs["start_positions"] = inputs["end_positions"] = torch.zeros((batch,), dtype=torch.long, device="meta")
-    else:
-        inputs["labels"] = ids
     return inputs
 
 
-def measure_activations(model, batch: int, seq: int, *, task_type: str, vocab: int, autocast_dtype=None) -> dict:
+def measure_activations(model, batch: int, seq: int, *, shape, vocab: int, autocast_dtype=None) -> dict:
     """Run ``model`` (on the meta device) forward once; return the bytes saved for backward
     per layer, outside the layers, of vocabulary-sized tensors (logits), each layer's input
     size and the largest single tensor a layer saves.
@@ -350,7 +347,7 @@ def measure_activations(model, batch: int, seq: int, *, task_type: str, vocab: i
     model.train()
     try:
         with torch.autograd.graph.saved_tensors_hooks(ledger.pack, lambda t: t):
-            model(**_dummy_inputs(task_type, batch, seq, vocab))
+            model(**_dummy_inputs(shape, batch, seq, vocab))
     finally:
         model.train(was_training)
         for h in handles:
@@ -363,17 +360,9 @@ def measure_activations(model, batch: int, seq: int, *, task_type: str, vocab: i
 
 
 # -- the model skeleton --------------------------------------------------------------------------
-_AUTO_CLASSES = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-}
-
-
-def build_skeleton(config, task_type: str, dtype, attn_implementation: str | None = None):
-    """The task's model class built from ``config`` on the meta device (no memory)."""
+def build_skeleton(config, shape, dtype, attn_implementation: str | None = None):
+    """The task's model (``shape``: a :class:`petune.api.ModelShape`) built from ``config``
+    on the meta device (no memory)."""
     import copy
 
     import torch
@@ -383,8 +372,8 @@ def build_skeleton(config, task_type: str, dtype, attn_implementation: str | Non
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    auto = getattr(transformers, _AUTO_CLASSES.get(task_type, "AutoModel"))
-    if task_type in ("SEQ_CLS", "TOKEN_CLS") and not getattr(config, "num_labels", None):
+    auto = getattr(transformers, shape.auto_class)
+    if shape.labels in ("class", "tokens") and not shape.causal_lm_loss and not getattr(config, "num_labels", None):
         config.num_labels = 2
     with torch.device("meta"):
         try:
@@ -395,11 +384,13 @@ def build_skeleton(config, task_type: str, dtype, attn_implementation: str | Non
 
 
 # -- the estimate ----------------------------------------------------------------------------------
-def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_type: str, device: str,
+def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, shape, device: str,
              optimizer: str = "adamw_torch", autocast_dtype=None, quant=None, loss_memory: str = "logits",
-             capacity: int | None = -1) -> MemoryEstimate:
+             capacity: int | None = -1, frozen_copies: int = 0) -> MemoryEstimate:
     """Predict the training peak of ``model`` — a skeleton on the meta device with the
-    strategy already applied (trainable flags and added modules as in training)."""
+    strategy already applied (trainable flags and added modules as in training); ``shape``
+    is the task's :class:`petune.api.ModelShape`; ``frozen_copies``: frozen copies of the
+    weights the trainer keeps beside the model (a reference model)."""
     import torch
 
     config = model.config if hasattr(model, "config") else None
@@ -409,7 +400,7 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_
     cuda = device.startswith("cuda")
 
     inv = parameter_inventory(model, quant)
-    weights = int(inv["weights"])
+    weights = int(inv["weights"]) * (1 + frozen_copies)
     gradients = sum(math.prod(shape) * _itemsize(dtype) for _, shape, dtype in inv["trainable_params"])
     opt_counted, opt_paged = optimizer_bytes(inv["trainable_params"], optimizer)
 
@@ -423,7 +414,7 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_
         if fused:
             _set_attn(model, attn)
         try:
-            acts = measure_activations(model, batch, seq, task_type=task_type, vocab=vocab,
+            acts = measure_activations(model, batch, seq, shape=shape, vocab=vocab,
                                        autocast_dtype=autocast_dtype)
         finally:
             if fused:
@@ -444,7 +435,7 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_
     compute_size = _itemsize(autocast_dtype) if autocast_dtype is not None else 4
     head_trainable = any(math.prod(s) >= vocab * hidden and s[0] == vocab
                          for _, s, _ in inv["trainable_params"]) if vocab and hidden else False
-    if task_type != "CAUSAL_LM" or not vocab:
+    if not shape.causal_lm_loss or not vocab:
         logits = acts["vocab_sized"]
     elif loss_memory == "chunked":
         # TRL's fused LM head: one [min(tokens, 4096), 32768] tile buffer whatever the vocabulary,
@@ -465,7 +456,7 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_
             resident_logits += vocab * hidden * 4
     else:
         logits = 12 * tokens * vocab
-    if loss_memory != "chunked" or task_type != "CAUSAL_LM" or not vocab:
+    if loss_memory != "chunked" or not shape.causal_lm_loss or not vocab:
         resident_logits = logits
 
     outside_grads = 0
@@ -505,7 +496,7 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, task_
     details = {"tensor_peak": int(tensor_peak), "quantised_params": inv["quantised"], "paged_optimizer_bytes": opt_paged,
                "activations_per_layer": per_layer[0] if per_layer else 0, "layers": len(per_layer),
                "activations_outside_layers": acts["outside"], "backward_workspace": workspace,
-               "loss_memory": loss_memory if task_type == "CAUSAL_LM" else "head", "optimizer": optimizer,
+               "loss_memory": loss_memory if shape.causal_lm_loss else "head", "optimizer": optimizer,
                "attention": "fused" if fused else "math (seq × seq)",
                "tokens": tokens, "peak_phase": phase}
     return MemoryEstimate(parts=parts, peak=int(peak), device=device, capacity=capacity, trainable=inv["trainable"],
@@ -562,18 +553,29 @@ def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None,
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     info = model_info or resolve_model(recipe.model.name, host.model_sources())
     task.check(info, recipe.task)  # refuse here what the run would refuse
-    task_type = task.peft_task_type_for(info.config)
+    shape = model_shape_of(task, info.config)
     dtype, autocast = _dtypes(recipe, device)
     load_kwargs = strategy.load_kwargs(recipe.strategy)
     quant = load_kwargs.get("quantization_config")
-    model = build_skeleton(info.config, task_type, dtype)
+    model = build_skeleton(info.config, shape, dtype)
     model = apply_strategy(strategy, model, task, recipe.strategy)
     task.prepare_skeleton(model, _is_4bit(quant))
     batch = batch or recipe.train.batch_size
-    return estimate(model, batch=batch, seq=seq or recipe_seq_len(recipe, task),
-                    gradient_checkpointing=recipe.train.gradient_checkpointing, task_type=task_type,
-                    device=device, optimizer=recipe.train.optimizer, autocast_dtype=autocast, quant=quant,
-                    loss_memory=loss_memory_of(task, recipe.task, batch, info.config, device))
+    est = estimate(model, batch=batch * task.sequences_per_example(recipe.task),
+                   seq=seq or recipe_seq_len(recipe, task),
+                   gradient_checkpointing=recipe.train.gradient_checkpointing, shape=shape,
+                   device=device, optimizer=recipe.train.optimizer, autocast_dtype=autocast, quant=quant,
+                   loss_memory=loss_memory_of(task, recipe.task, batch, info.config, device),
+                   frozen_copies=int(task.frozen_reference(recipe.task, strategy)))
+    est.details["model_described"] = task.model_shape(info.config) is not None
+    return est
+
+
+def model_shape_of(task, config):
+    """The task's :class:`petune.api.ModelShape`; the bare base model where it gives none."""
+    from petune.api import ModelShape
+
+    return task.model_shape(config) or ModelShape()
 
 
 def apply_strategy(strategy, model, task, options):
@@ -627,6 +629,8 @@ def plan_row(recipe, host, model_info=None, device: str | None = None) -> tuple[
     task = host.task(recipe.task_name)
     if task.sequence_length(recipe.task) is None:
         text += f" (task {task.name!r} does not say its sequence length: {DEFAULT_SEQ} tokens assumed)"
+    if not est.details.get("model_described", True):
+        text += f" (task {task.name!r} does not describe its model: the base model without head is estimated)"
     if not est.fits:
         text += f"  [bold red]warning:[/] {est.warning}"
     return ("memory", text)

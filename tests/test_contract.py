@@ -48,6 +48,14 @@ def test_no_capability_probes_on_tasks_in_the_core():
     assert not found, f"ask through petune/api.py instead: {found}"
 
 
+def test_the_core_knows_no_peft_task_types():
+    """What differs per task comes from the task (petune/api.py), not from branching on its type."""
+    kinds = re.compile(r"""["'](SEQ_CLS|TOKEN_CLS|CAUSAL_LM|SEQ_2_SEQ_LM|QUESTION_ANS)["']""")
+    found = [f"{name}:{i}" for name, text in core_sources().items() if name != "petune/api.py"
+             for i, line in enumerate(text.splitlines(), 1) if kinds.search(line) or "peft_task_type" in line]
+    assert not found, f"ask the task through petune/api.py instead: {found}"
+
+
 @pytest.mark.parametrize("name", ["max_source_length", "max_target_length", "lora_magnitude_vector",
                                   "trainable_bf16_on_4bit", "init_text"])
 def test_the_core_does_not_read_first_party_option_names(name):

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from petune import memory
+from petune.api import ModelShape
 
 
 def llama_config(**overrides):
@@ -29,8 +30,11 @@ def lora(model, dropout=0.05):
                                             task_type="CAUSAL_LM"))
 
 
+CAUSAL_LM = ModelShape("AutoModelForCausalLM", labels="tokens", causal_lm_loss=True)
+
+
 def skeleton(dtype=torch.float32, **config):
-    return memory.build_skeleton(llama_config(**config), "CAUSAL_LM", dtype)
+    return memory.build_skeleton(llama_config(**config), CAUSAL_LM, dtype)
 
 
 def test_skeleton_is_on_meta_and_costs_nothing():
@@ -60,7 +64,7 @@ def test_qlora_weights_are_about_half_a_byte_per_parameter():
 
 def test_lora_optimizer_states_are_eight_bytes_per_trainable_parameter():
     model = lora(skeleton(torch.bfloat16))
-    est = memory.estimate(model, batch=1, seq=16, gradient_checkpointing=False, task_type="CAUSAL_LM", device="cuda",
+    est = memory.estimate(model, batch=1, seq=16, gradient_checkpointing=False, shape=CAUSAL_LM, device="cuda",
                           autocast_dtype=torch.bfloat16, capacity=None)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == est.trainable > 0
@@ -79,24 +83,24 @@ def test_optimizers_and_full_finetuning_in_bf16():
     assert 2 * n <= counted < 2.1 * n and paged == 0
     counted, paged = memory.optimizer_bytes(params, "paged_adamw_8bit")
     assert counted == 0 and paged > 0  # unified memory: not in torch's allocator
-    est = memory.estimate(model, batch=1, seq=16, gradient_checkpointing=False, task_type="CAUSAL_LM", device="cuda",
+    est = memory.estimate(model, batch=1, seq=16, gradient_checkpointing=False, shape=CAUSAL_LM, device="cuda",
                           capacity=None)
     assert est.parts["weights"] == est.parts["gradients"] == 2 * n
 
 
 def test_full_logits_cost_twelve_bytes_per_token_and_vocabulary_entry():
     model = lora(skeleton())
-    est = memory.estimate(model, batch=2, seq=64, gradient_checkpointing=True, task_type="CAUSAL_LM", device="cpu",
+    est = memory.estimate(model, batch=2, seq=64, gradient_checkpointing=True, shape=CAUSAL_LM, device="cpu",
                           loss_memory="logits", capacity=None)
     assert est.parts["logits"] == 12 * 2 * 64 * 1000
-    chunked = memory.estimate(model, batch=2, seq=64, gradient_checkpointing=True, task_type="CAUSAL_LM",
+    chunked = memory.estimate(model, batch=2, seq=64, gradient_checkpointing=True, shape=CAUSAL_LM,
                               device="cuda", loss_memory="chunked", capacity=None)
     assert chunked.parts["logits"] > 0 and chunked.details["loss_memory"] == "chunked"
 
 
 def test_checkpointing_keeps_less_and_activations_grow_with_tokens():
     model = lora(skeleton())
-    kwargs = {"task_type": "CAUSAL_LM", "device": "cuda", "capacity": None}
+    kwargs = {"shape": CAUSAL_LM, "device": "cuda", "capacity": None}
     without = memory.estimate(model, batch=2, seq=128, gradient_checkpointing=False, **kwargs)
     with_gc = memory.estimate(model, batch=2, seq=128, gradient_checkpointing=True, **kwargs)
     longer = memory.estimate(model, batch=2, seq=256, gradient_checkpointing=False, **kwargs)
@@ -110,7 +114,7 @@ def test_activations_count_what_autograd_saves():
     hidden-size and intermediate-size copies per token (nothing seq × seq: fused attention)."""
     model = skeleton(num_hidden_layers=1)
     model.requires_grad_(True)
-    acts = memory.measure_activations(model, 2, 64, task_type="CAUSAL_LM", vocab=1000)
+    acts = memory.measure_activations(model, 2, 64, shape=CAUSAL_LM, vocab=1000)
     tokens, h, i = 2 * 64, 256, 512
     per_layer = acts["per_layer"][0]
     assert 6 * tokens * h * 4 < per_layer < 30 * tokens * (h + i) * 4
@@ -120,11 +124,11 @@ def test_activations_count_what_autograd_saves():
 
 def test_warns_when_the_device_is_too_small():
     model = lora(skeleton())
-    est = memory.estimate(model, batch=2, seq=64, gradient_checkpointing=False, task_type="CAUSAL_LM", device="cpu",
+    est = memory.estimate(model, batch=2, seq=64, gradient_checkpointing=False, shape=CAUSAL_LM, device="cpu",
                           capacity=1024)
     assert not est.fits
     assert "more than the cpu has" in est.warning and "gradient_checkpointing" in est.warning
-    roomy = memory.estimate(model, batch=2, seq=64, gradient_checkpointing=False, task_type="CAUSAL_LM",
+    roomy = memory.estimate(model, batch=2, seq=64, gradient_checkpointing=False, shape=CAUSAL_LM,
                             device="cpu", capacity=2**40)
     assert roomy.fits and roomy.warning is None
 
@@ -214,8 +218,9 @@ def test_petune_estimate_cli(tmp_path):
     assert "peak" in done.stdout and "weights" in done.stdout
 
 
-@pytest.mark.parametrize("model, task_type", [("random:tiny-llama", "CAUSAL_LM"), ("random:tiny-t5", "SEQ_2_SEQ_LM")])
-def test_estimate_follows_the_seq2seq_model_kind(host, tmp_path, monkeypatch, model, task_type):
+@pytest.mark.parametrize("model, auto_class", [("random:tiny-llama", "AutoModelForCausalLM"),
+                                               ("random:tiny-t5", "AutoModelForSeq2SeqLM")])
+def test_estimate_follows_the_seq2seq_model_kind(host, tmp_path, monkeypatch, model, auto_class):
     """seq2seq picks its model class by the model's kind: the plan's estimate must build that class,
     not an encoder-decoder for a causal LM (it printed 'no estimate (ValueError ...)')."""
     from petune.recipe import load_recipe
@@ -240,8 +245,9 @@ def test_estimate_follows_the_seq2seq_model_kind(host, tmp_path, monkeypatch, mo
     recipe = load_recipe(recipe_path, host)
     built = []
     skeleton_of = memory.build_skeleton
-    monkeypatch.setattr(memory, "build_skeleton", lambda config, kind, *a, **kw: built.append(kind) or skeleton_of(config, kind, *a, **kw))
+    monkeypatch.setattr(memory, "build_skeleton",
+                        lambda config, shape, *a, **kw: built.append(shape.auto_class) or skeleton_of(config, shape, *a, **kw))
     est = memory.estimate_recipe(recipe, host, device="cpu")
-    assert built == [task_type]
+    assert built == [auto_class]
     assert est.seq == 64 and est.peak > est.parts["weights"] > 0
     assert memory.plan_row(recipe, host)[1].startswith("≈")

@@ -47,7 +47,7 @@ from petune_plugins.tasks import datafiles, reports
 from pydantic import Field, field_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, TaskData
+from petune.api import DataPath, ModelInfo, ModelShape, TaskData
 from petune.errors import DataError
 
 if TYPE_CHECKING:
@@ -350,6 +350,9 @@ class ClassificationTask(common.EncoderTask):
     primary_metric = "accuracy"
 
     # -- data -------------------------------------------------------------------------------
+
+    def model_shape(self, config) -> ModelShape:
+        return ModelShape("AutoModelForSequenceClassification", labels="class")
 
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         return []  # one label per input: no words to place

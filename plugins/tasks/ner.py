@@ -59,7 +59,7 @@ from petune_plugins.tasks._common import (
 from pydantic import Field
 
 from petune import hookimpl
-from petune.api import ModelInfo, TaskData
+from petune.api import ModelInfo, ModelShape, TaskData
 from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
@@ -539,6 +539,9 @@ class NerTask(EncoderTask):
     Options = NerOptions
     peft_task_type = "TOKEN_CLS"
     primary_metric = "f1"
+
+    def model_shape(self, config) -> ModelShape:
+        return ModelShape("AutoModelForTokenClassification", labels="tokens")
 
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         """The words of plain text as this task tags them (``petune explain``)."""

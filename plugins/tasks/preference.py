@@ -46,19 +46,14 @@ model equals its reference, so accuracy is 0.5 and margin 0 there by definition.
 from __future__ import annotations
 
 import json
-import random
 import re
 from pathlib import Path
 from typing import Literal, NamedTuple
 
-from pydantic import Field, model_validator
-
-from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Options, Task, TaskData
-from petune.errors import DataError, Refusal, UserError
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks.sft import (
     _TEMPLATE_ERRORS,
+    CAUSAL_LM_SHAPE,
     SftTask,
     TemplateMismatch,
     _BadRow,
@@ -74,6 +69,11 @@ from petune_plugins.tasks.sft import (
     prepare_chat_tokenizer,
     render,
 )
+from pydantic import Field, model_validator
+
+from petune import hookimpl
+from petune.api import DataPath, ModelInfo, ModelShape, Options, Task, TaskData
+from petune.errors import DataError, Refusal
 
 METHODS = ("dpo", "simpo", "orpo", "kto")
 #: loss types of trl.DPOConfig / trl.KTOConfig in TRL 1.16
@@ -647,6 +647,9 @@ class PreferenceTask(Task):
     peft_task_type = "CAUSAL_LM"
     primary_metric = "accuracy"
     token_level_loss = False  # one loss per pair
+
+    def model_shape(self, config) -> ModelShape:
+        return CAUSAL_LM_SHAPE
 
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         return []  # a language model: the next token is explained, not words

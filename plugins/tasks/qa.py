@@ -66,7 +66,7 @@ from petune_plugins.tasks._common import (
 from pydantic import Field
 
 from petune import hookimpl
-from petune.api import ModelInfo, TaskData
+from petune.api import ModelInfo, ModelShape, TaskData
 from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
@@ -406,6 +406,9 @@ class QaTask(EncoderTask):
     Options = QaOptions
     peft_task_type = "QUESTION_ANS"
     primary_metric = "f1"
+
+    def model_shape(self, config) -> ModelShape:
+        return ModelShape("AutoModelForQuestionAnswering", labels="span")
 
     def settings(self, options: QaOptions, tokenizer) -> dict:
         limit = model_limit(tokenizer)

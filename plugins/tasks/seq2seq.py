@@ -69,7 +69,7 @@ from petune_plugins.tasks._common import (
 from pydantic import Field, field_validator, model_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Task, TaskData
+from petune.api import DataPath, ModelInfo, ModelShape, Task, TaskData
 from petune.errors import DataError, Refusal, UserError
 
 if TYPE_CHECKING:
@@ -444,6 +444,11 @@ class Seq2SeqTask(Task):
     peft_task_type = "SEQ_2_SEQ_LM"  # CAUSAL_LM on decoder-only models: see peft_task_type_for
     primary_metric = "loss"  # evaluation during training is the loss; generated metrics come at the end
     token_level_loss = True
+
+    def model_shape(self, config) -> ModelShape:
+        if self.peft_task_type_for(config) == "CAUSAL_LM":
+            return sft.CAUSAL_LM_SHAPE
+        return ModelShape("AutoModelForSeq2SeqLM", labels="tokens")  # its logits are measured, not modelled
 
     @staticmethod
     def kind_of(model_info: ModelInfo) -> str:

@@ -54,7 +54,7 @@ from petune_plugins.tasks._common import SplitOptions, check_data_paths, hold_ou
 from pydantic import Field
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Task, TaskData
+from petune.api import DataPath, ModelInfo, ModelShape, Task, TaskData
 from petune.errors import DataError, Refusal, UserError
 
 if TYPE_CHECKING:
@@ -630,6 +630,10 @@ def check_packing_keeps_examples_apart(model, tokenizer) -> None:
                       hint="set task.packing = false")
 
 
+
+#: a causal LM trained on next-token labels over the whole vocabulary (memory estimate)
+CAUSAL_LM_SHAPE = ModelShape("AutoModelForCausalLM", labels="tokens", causal_lm_loss=True)
+
 # -- the task ---------------------------------------------------------------------------------
 class SftTask(Task):
     explained_output = "next_token"  # petune explain: attributions for the next token
@@ -639,6 +643,9 @@ class SftTask(Task):
     peft_task_type = "CAUSAL_LM"
     primary_metric = "loss"
     token_level_loss = True
+
+    def model_shape(self, config) -> ModelShape:
+        return CAUSAL_LM_SHAPE
 
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         return []  # a language model: the next token is explained, not words
