@@ -250,7 +250,8 @@ class CaseRunner:
 
     def run(self, case, timeout: float = CASE_TIMEOUT_S) -> dict:
         """Run one case; never raises for the case's own failures."""
-        name = f"{case.shape}-{case.strategy}-{case.side}-b{case.batch}-s{case.seq}"
+        name = (f"{case.shape}-{case.strategy}-{case.side}{'-' + case.variant if case.variant else ''}"
+                f"{'-real' if case.data else ''}-b{case.batch}-s{case.seq}")  # one log per case of a run
         log, result_file = self.log_dir / f"{name}.log", self.log_dir / f"{name}.json"
         log.write_text("")
         result_file.unlink(missing_ok=True)
