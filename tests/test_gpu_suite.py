@@ -195,3 +195,20 @@ def test_run_without_wheels_on_cuda_stops_before_measuring_and_says_so(tmp_path,
     assert code == 2
     assert "run benchmarks/gpu/prepare" in capsys.readouterr().err
     assert "stopped before measuring" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_gpu_plan_puts_the_issue_targets_first_and_runs_everything_on_cuda(tmp_path, monkeypatch):
+    data = tmp_path / "alpaca.json"
+    data.write_text('[{"instruction": "Say hi.", "input": "", "output": "Hi."}]')
+    monkeypatch.setenv("PETUNE_BENCH_DATA", str(data))
+    jobs = gpu_suite.gpu_plan("cuda", False, tmp_path / "work")
+    names = [j.name for j in jobs]
+    assert names[:4] == ["llama-3-8b-qlora", "llama-3-8b-lora", "real-llama-3.2-1b-lora", "llama-3-8b-qlora-batch1-seq4096"]
+    assert len(set(names)) == len(names)
+    for job in jobs:
+        assert all(c.device == "cuda" and c.threads is None for c in job.cases), job.name
+        if job.kind == "real-length":
+            assert [c.variant for c in job.cases] == ["", "packing", ""] and job.cases[0].data == str(data.resolve())
+        else:
+            assert [c.side for c in job.cases] == ["petune", "baseline"] and job.cases[0].gradient_checkpointing
+    assert {(c.batch, c.seq) for c in jobs[3].cases} == {(1, 4096)}
