@@ -439,7 +439,14 @@ def inner_main(argv) -> int:
     deadline = args.deadline - RESERVE_S
     logs = args.scratch / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    jobs = gpu_plan(args.device, args.dry_run, args.scratch / "work")
+    from petune.errors import UserError
+
+    try:
+        jobs = gpu_plan(args.device, args.dry_run, args.scratch / "work")
+    except UserError as exc:  # e.g. no Alpaca file: say so where the results are read
+        (args.out / "results.md").write_text(f"benchmarks/gpu/run could not plan the cases: {exc}\n")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.only:
         wanted = args.only.split(",")
         unknown = [w for w in wanted if w not in {j.name for j in jobs}]
