@@ -371,8 +371,8 @@ class Strategy(_Plugin):
 
     def make_optimizer(self, model: "torch.nn.Module", options: Options, optimizer_cls: type,
                        optimizer_kwargs: dict) -> "torch.optim.Optimizer | None":
-        """An optimizer of the recipe's class and settings (``train.optimizer``,
-        ``learning_rate`` ...) with this strategy's own parameter groups, e.g. LoRA+'s
+        """An optimizer of the recipe's class and settings (``optimizer_kwargs``: ``lr``,
+        ``weight_decay``, betas ...) with this strategy's own parameter groups, e.g. LoRA+'s
         higher learning rate for LoRA's B matrices. None (the default): the trainer's own."""
         return None
 

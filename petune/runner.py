@@ -439,8 +439,9 @@ def use_strategy_optimizer(trainer, strategy: Strategy, recipe: Recipe, host: Pl
     from transformers import Trainer
 
     optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    optimizer_kwargs = {"weight_decay": trainer.args.weight_decay, **optimizer_kwargs}
     with host.blame("strategy", strategy.name, "make_optimizer"):
-        optimizer = strategy.make_optimizer(trainer.model, recipe.strategy, optimizer_cls, dict(optimizer_kwargs))
+        optimizer = strategy.make_optimizer(trainer.model, recipe.strategy, optimizer_cls, optimizer_kwargs)
     if optimizer is not None:
         trainer.optimizer = optimizer
 

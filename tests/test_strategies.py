@@ -595,3 +595,26 @@ def test_prompt_tuning_inputs_must_fit_the_position_table(build, tiny_bert_path,
     # rotary positions have no table to overflow
     s.check(KINDS["llama-lm"][2], ModelInfo.from_path("tiny-llama", tiny_llama_path),
             strategy("prompt_tuning", num_virtual_tokens=4096)[1])
+
+
+def test_loraplus_gives_lora_b_a_higher_learning_rate(host, tiny_bert_path, tmp_path, capsys):
+    """LoRA+ through Strategy.make_optimizer: B matrices at ratio × lr, A at lr, and a run uses it."""
+    import torch
+
+    from petune.api import ModelInfo
+    from petune.cli import main
+    from helpers import tiny_classification_recipe
+
+    strategy, task = host.strategy("lora"), host.task("classification")
+    options = strategy.Options(r=4, loraplus_lr_ratio=16.0)
+    info = ModelInfo.from_path("tiny-bert", tiny_bert_path)
+    model = strategy.apply(task.build_model(info, task.Options(train=tmp_path / "x.csv"), {"labels": ["a", "b"]}),
+                           task, options)
+    optimizer = strategy.make_optimizer(model, options, torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.0})
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    rates = {name: lr_of[id(p)] for name, p in model.named_parameters() if p.requires_grad}
+    assert {rates[n] for n in rates if "lora_B" in n} == {16e-3}
+    assert {rates[n] for n in rates if "lora_A" in n} == {1e-3}
+    assert strategy.make_optimizer(model, strategy.Options(r=4), torch.optim.AdamW, {"lr": 1e-3}) is None
+    recipe = tiny_classification_recipe(tmp_path, tmp_path / "run", max_steps=2, save_steps=2)
+    assert main(["run", str(recipe), "--set", "strategy.loraplus_lr_ratio=16.0"]) == 0, capsys.readouterr().err

@@ -86,6 +86,9 @@ class LoraOptions(Options):
             "olora (QR of each target weight: cheaper than pissa); loftq (qlora only: fits the adapter to the 4-bit "
             "quantisation error, an SVD per layer plus a read of the full-precision checkpoint); eva, corda: refused "
             "(they need a pass over the training data before training)"))
+    loraplus_lr_ratio: float | None = Field(
+        None, ge=1, description="LoRA+ (Hayou et al., 2024): LoRA's B matrices learn this many times faster than "
+                                "A (e.g. 16); the recipe's learning_rate is A's")
 
 
 # Initialisations that start from the base weights and move part of them into the adapter: the
@@ -204,6 +207,20 @@ def save_lora(model, path: Path) -> None:
                 if k not in converted and "lora_" not in k}
         if head:
             save_file({**converted, **head}, weights, metadata={"format": "pt"})
+
+
+def loraplus_optimizer(model, options: LoraOptions, optimizer_cls: type, optimizer_kwargs: dict):
+    """LoRA+'s parameter groups (peft's ``create_loraplus_optimizer``) in the recipe's
+    optimizer; None without ``loraplus_lr_ratio`` (the trainer's own optimizer then)."""
+    if options.loraplus_lr_ratio is None:
+        return None
+    from peft.optimizers import create_loraplus_optimizer
+
+    kwargs = dict(optimizer_kwargs)
+    lr = kwargs.pop("lr")
+    kwargs["loraplus_weight_decay"] = kwargs.pop("weight_decay", 0.0)
+    return create_loraplus_optimizer(model=model, optimizer_cls=optimizer_cls, lr=lr,
+                                     loraplus_lr_ratio=options.loraplus_lr_ratio, **kwargs)
 
 
 def restore_peft(base: "PreTrainedModel", path: Path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from petune import hookimpl
 from petune.api import Strategy
-from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, merge_lora, quantization_method,
-                                               restore_peft, save_lora)
+from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, loraplus_optimizer, merge_lora,
+                                               quantization_method, restore_peft, save_lora)
 
 
 class LoraStrategy(Strategy):
@@ -19,6 +19,9 @@ class LoraStrategy(Strategy):
 
     def apply(self, model, task, options):
         return apply_lora(model, task, options)
+
+    def make_optimizer(self, model, options, optimizer_cls, optimizer_kwargs):
+        return loraplus_optimizer(model, options, optimizer_cls, optimizer_kwargs)
 
     def save(self, model, path):
         save_lora(model, path)  # adapter_model.safetensors + adapter_config.json

@@ -152,7 +152,10 @@ def _describe(tp: Any) -> str:
     if origin is Literal:
         return " | ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
+        # typing caches unions without regard to order, so args come in whichever order an equal
+        # union was first written: sort them (plain types, then containers, none last)
+        ordered = sorted(args, key=lambda a: (a is type(None), typing.get_origin(a) is not None, _describe(a)))
+        return " or ".join(_describe(a) for a in ordered)
     if origin is list:
         return f"list of ({_describe(args[0])})" if args else "list"
     if origin is dict:

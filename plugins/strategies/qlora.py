@@ -22,8 +22,8 @@ from pydantic import Field
 from petune import hookimpl
 from petune.api import Strategy
 from petune.errors import Refusal
-from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, head_modules, merge_lora,
-                                               quantization_method, restore_peft, save_lora)
+from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, head_modules, loraplus_optimizer,
+                                               merge_lora, quantization_method, restore_peft, save_lora)
 
 # Kept in full precision when quantising: output layers and the usual task-head names.
 # (Giving bitsandbytes any skip list replaces transformers' own default, which only covers
@@ -96,6 +96,9 @@ class QloraStrategy(Strategy):
         model = _keep_trainable_layout(apply_lora(model, task, options))
         model.train()
         return model
+
+    def make_optimizer(self, model, options, optimizer_cls, optimizer_kwargs):
+        return loraplus_optimizer(model, options, optimizer_cls, optimizer_kwargs)
 
     def save(self, model, path):
         save_lora(model, path)
