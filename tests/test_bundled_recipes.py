@@ -19,6 +19,8 @@ def short_run_args(recipe: Path, out: Path) -> list:
     text = recipe.read_text()
     if 'name = "sft"' in text:
         args += ["--set", "task.num_sample_generations=1"]
+    if 'name = "preference"' in text:  # before/after generations are the slow part of a smoke run
+        args += ["--set", "task.num_sample_generations=1", "--set", "task.sample_max_new_tokens=4"]
     if 'name = "seq2seq"' in text:  # metrics come from generating: keep the smoke run's eval small
         args += ["--set", "task.max_rows=16", "--set", "task.max_new_tokens=8"]
     if 'name = "qa"' in text:
