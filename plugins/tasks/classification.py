@@ -341,21 +341,20 @@ def encode(tokenizer, examples: list[Example], max_length: int, label_ids: dict[
 
 # -- the task -------------------------------------------------------------------------------
 class ClassificationTask(common.EncoderTask):
-    explained_output = "label"  # petune explain: attributions for the predicted label
-
     name = "classification"
     description = "text (or text-pair) classification from tables or records files; accuracy, macro-F1, confusion matrix"
     Options = ClassificationOptions
     peft_task_type = "SEQ_CLS"
     primary_metric = "accuracy"
-
-    # -- data -------------------------------------------------------------------------------
+    explained_output = "label"  # petune explain: attributions for the predicted label
 
     def model_shape(self, config) -> ModelShape:
         return ModelShape("AutoModelForSequenceClassification", labels="class")
 
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         return []  # one label per input: no words to place
+
+    # -- data -------------------------------------------------------------------------------
     def load_data(self, options: ClassificationOptions, tokenizer) -> TaskData:
         train_settings = FileSettings.of(options, options.train)
         train = read_examples(train_settings, max_rows=options.max_rows)

@@ -533,12 +533,12 @@ def _argmax(logits, labels):
 
 # -- the task -------------------------------------------------------------------------------
 class NerTask(EncoderTask):
-    explained_output = "token_labels"  # petune explain: attributions for each predicted entity
     name = "ner"
     description = "named-entity recognition from CoNLL/JSONL (IOB1/IOB2/BIOES); seqeval strict entity F1"
     Options = NerOptions
     peft_task_type = "TOKEN_CLS"
     primary_metric = "f1"
+    explained_output = "token_labels"  # petune explain: attributions for each predicted entity
 
     def model_shape(self, config) -> ModelShape:
         return ModelShape("AutoModelForTokenClassification", labels="tokens")
@@ -546,6 +546,7 @@ class NerTask(EncoderTask):
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         """The words of plain text as this task tags them (``petune explain``)."""
         return sentence_from_text(text, "--text").offsets
+
     def max_length(self, options: NerOptions, tokenizer) -> int:
         """``max_length``, or the default, within the model's limit."""
         return length_within_limit(options.max_length, DEFAULT_MAX_LENGTH, tokenizer)

@@ -640,19 +640,20 @@ def _trl_singles(dataset, seed: int):
 
 # -- the task ---------------------------------------------------------------------------------
 class PreferenceTask(Task):
-    explained_output = "next_token"  # petune explain: attributions for the next token
     name = "preference"
     description = "preference tuning of a causal LM: DPO (IPO, robust ...), SimPO, ORPO, KTO (TRL)"
     Options = PreferenceOptions
     peft_task_type = "CAUSAL_LM"
     primary_metric = "accuracy"
     token_level_loss = False  # one loss per pair
+    explained_output = "next_token"  # petune explain: attributions for the next token
 
     def model_shape(self, config) -> ModelShape:
         return CAUSAL_LM_SHAPE
 
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         return []  # a language model: the next token is explained, not words
+
     def check(self, model_info: ModelInfo, options: PreferenceOptions) -> None:
         if not _is_decoder_only(model_info):
             raise Refusal(f"the preference task trains a causal (decoder-only) language model, and {model_info.name} "

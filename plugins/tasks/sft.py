@@ -636,19 +636,20 @@ CAUSAL_LM_SHAPE = ModelShape("AutoModelForCausalLM", labels="tokens", causal_lm_
 
 # -- the task ---------------------------------------------------------------------------------
 class SftTask(Task):
-    explained_output = "next_token"  # petune explain: attributions for the next token
     name = "sft"
     description = "supervised fine-tuning of a causal LM on instructions or chats (TRL SFTTrainer)"
     Options = SftOptions
     peft_task_type = "CAUSAL_LM"
     primary_metric = "loss"
     token_level_loss = True
+    explained_output = "next_token"  # petune explain: attributions for the next token
 
     def model_shape(self, config) -> ModelShape:
         return CAUSAL_LM_SHAPE
 
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         return []  # a language model: the next token is explained, not words
+
     def check(self, model_info: ModelInfo, options: SftOptions) -> None:
         if not _is_decoder_only(model_info):
             raise Refusal(f"the sft task trains a causal (decoder-only) language model, and {model_info.name} is a "
