@@ -19,6 +19,7 @@ from helpers import adapter_tensors, petune, tiny_classification_recipe
 from safetensors.torch import load_file
 
 from petune import artifacts, checkpoints
+from petune.errors import UserError
 from petune.cli import main
 
 
@@ -240,3 +241,24 @@ def test_resumed_train_loss_averages_every_step():
 def test_the_run_log_keeps_what_the_terminal_does_not_show(finished):
     log = (finished / "run" / "run.log").read_text(encoding="utf-8")
     assert "LOAD REPORT" in log  # the tiny classifier's new head, reported by transformers
+
+
+def test_disk_check_on_resume_counts_the_runs_own_checkpoints_as_free(tmp_path, monkeypatch, host):
+    """A resumed run rotates its old checkpoints out: their bytes need not be free twice."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from petune.recipe import load_recipe
+    from petune.runner import check_disk_space
+
+    recipe = load_recipe(tiny_classification_recipe(tmp_path, tmp_path / "run"), host)
+    strategy = host.strategy("lora")
+    checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "optimizer.pt").write_bytes(b"\0" * 30 * 2**20)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(0, 0, 70 * 2**20))
+    check_disk_space(tmp_path / "run", recipe, strategy, trainable=2**20, total=2**22)  # needs 90 MiB, 30 of them held by the old checkpoint
+    shutil_module.rmtree(checkpoint)
+    with pytest.raises(UserError, match="not enough disk space"):
+        check_disk_space(tmp_path / "run", recipe, strategy, trainable=2**20, total=2**22)
