@@ -266,6 +266,11 @@ class Task(_Plugin):
         (e.g. casting the trainable weights of a 4-bit model to bf16), so memory estimates
         count it. Default: the trainer changes nothing."""
 
+    def word_spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character spans of the words the task labels in plain ``text``, for
+        ``petune explain`` on "token_labels" tasks (see :class:`Explains`). Default: none."""
+        return []
+
     def model_state(self, state: dict) -> dict:
         """The part of ``task_state.json`` that shapes the model (e.g. the label set): runs
         whose model states match share one loaded base in ``petune serve``. Default: all of
@@ -316,13 +321,9 @@ class Generates(Protocol):
 class Explains(Protocol):
     """A task whose model ``petune explain`` can attribute: unlocks ``petune explain``."""
 
-    #: what the model outputs: "label" (one per input), "token_labels" (one per word) or
-    #: "next_token" (a language model)
+    #: what the model outputs: "label" (one per input), "token_labels" (one per word, placed
+    #: by ``Task.word_spans``) or "next_token" (a language model)
     explained_output: str
-
-    def word_spans(self, text: str) -> list[tuple[int, int]]:
-        """(start, end) character spans of the words the task labels in plain ``text`` (used
-        for "token_labels"; other tasks may return ``[]``)."""
 
 
 def require(task: Task, capability: type, where: str | None = None) -> Task:

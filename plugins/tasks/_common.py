@@ -121,6 +121,14 @@ def read_held_out(options: Options, read: Callable[[str, object], list]) -> dict
     return {split: read(split, value) for split in HELD_OUT if (value := getattr(options, split, None)) is not None}
 
 
+def held_out_splits(data: TaskData):
+    """(split name, dataset) for each held-out split that has rows, for a task's evaluate."""
+    for split in HELD_OUT:
+        dataset = getattr(data, split)
+        if dataset is not None and len(dataset):
+            yield split, dataset
+
+
 def data_paths(value) -> list[Path]:
     """The files of a split's value: a path, or a settings table with ``paths()``."""
     if value is None:

@@ -351,9 +351,6 @@ class ClassificationTask(common.EncoderTask):
     def model_shape(self, config) -> ModelShape:
         return ModelShape("AutoModelForSequenceClassification", labels="class")
 
-    def word_spans(self, text: str) -> list[tuple[int, int]]:
-        return []  # one label per input: no words to place
-
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: ClassificationOptions, tokenizer) -> TaskData:
         train_settings = FileSettings.of(options, options.train)
@@ -431,10 +428,7 @@ class ClassificationTask(common.EncoderTask):
     def evaluate(self, trainer: Trainer, data: TaskData, options, run_dir: Path) -> dict[str, dict]:
         labels = data.state["labels"]
         results = {}
-        for split in ("validation", "test"):
-            dataset = getattr(data, split)
-            if dataset is None or len(dataset) == 0:
-                continue
+        for split, dataset in common.held_out_splits(data):
             output = trainer.predict(dataset, metric_key_prefix=split)
             logits = output.predictions[0] if isinstance(output.predictions, tuple) else output.predictions
             report = reports.classification_report(output.label_ids, logits.argmax(-1), labels)

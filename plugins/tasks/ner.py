@@ -50,6 +50,7 @@ from petune_plugins.tasks._common import (
     accepted_inputs,
     build_trainer,
     ensure_pad_token,
+    held_out_splits,
     hold_out,
     length_within_limit,
     load_with_head,
@@ -646,10 +647,7 @@ class NerTask(EncoderTask):
     def evaluate(self, trainer: Trainer, data: TaskData, options, run_dir: Path) -> dict[str, dict]:
         labels = data.state["labels"]
         results = {}
-        for split in ("validation", "test"):
-            dataset = getattr(data, split)
-            if dataset is None or len(dataset) == 0:
-                continue
+        for split, dataset in held_out_splits(data):
             # compute_metrics is for evaluation during training (it reads the validation
             # windows' metadata); here each split is scored below with its own metadata.
             compute_metrics, trainer.compute_metrics = trainer.compute_metrics, None

@@ -53,13 +53,12 @@ from typing import Literal, NamedTuple
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks.sft import (
     _TEMPLATE_ERRORS,
-    CAUSAL_LM_SHAPE,
+    CausalLmTask,
     SftTask,
     TemplateMismatch,
     _BadRow,
     _checkpointing_args,
     _device_of,
-    _is_decoder_only,
     _is_prompt_learning,
     _json_type,
     _keys,
@@ -72,7 +71,7 @@ from petune_plugins.tasks.sft import (
 from pydantic import Field, model_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, ModelShape, Options, Task, TaskData
+from petune.api import DataPath, ModelInfo, Options, TaskData
 from petune.errors import DataError, Refusal
 
 METHODS = ("dpo", "simpo", "orpo", "kto")
@@ -639,37 +638,16 @@ def _trl_singles(dataset, seed: int):
 
 
 # -- the task ---------------------------------------------------------------------------------
-class PreferenceTask(Task):
+class PreferenceTask(CausalLmTask):
     name = "preference"
     description = "preference tuning of a causal LM: DPO (IPO, robust ...), SimPO, ORPO, KTO (TRL)"
     Options = PreferenceOptions
-    peft_task_type = "CAUSAL_LM"
     primary_metric = "accuracy"
     token_level_loss = False  # one loss per pair
-    explained_output = "next_token"  # petune explain: attributions for the next token
-
-    def model_shape(self, config) -> ModelShape:
-        return CAUSAL_LM_SHAPE
-
-    def word_spans(self, text: str) -> list[tuple[int, int]]:
-        return []  # a language model: the next token is explained, not words
-
-    def check(self, model_info: ModelInfo, options: PreferenceOptions) -> None:
-        if not _is_decoder_only(model_info):
-            raise Refusal(f"the preference task trains a causal (decoder-only) language model, and {model_info.name} "
-                          f"is a {model_info.model_type} model that does not generate text", where="task.name",
-                          hint="use a causal LM (e.g. gemma-3-270m)")
-        limit = model_info.max_positions
-        if limit and options.max_length > limit:
-            raise Refusal(f"task.max_length = {options.max_length} is longer than the model's context "
-                          f"({limit} positions)", where="task.max_length", hint=f"set task.max_length to {limit} or less")
 
     def primary_metric_for(self, options: PreferenceOptions) -> str:
         # unpaired KTO data has no pairs to score: the trainer's own KTO loss is the metric then
         return "loss" if options.method == "kto" else "accuracy"
-
-    def sequence_length(self, options: PreferenceOptions) -> int:
-        return options.max_length
 
     def sequences_per_example(self, options: PreferenceOptions) -> int:
         return 2  # chosen and rejected (KTO: the answer and a mismatched one for its KL term)

@@ -56,6 +56,7 @@ from petune_plugins.tasks._common import (
     build_trainer,
     cut_to_tokens,
     ensure_pad_token,
+    held_out_splits,
     hold_out,
     load_with_head,
     model_device,
@@ -526,10 +527,7 @@ class QaTask(EncoderTask):
     def evaluate(self, trainer: Trainer, data: TaskData, options, run_dir: Path) -> dict[str, dict]:
         post = self._post(data.state, options)
         results = {}
-        for split in ("validation", "test"):
-            dataset = getattr(data, split)
-            if dataset is None or len(dataset) == 0:
-                continue
+        for split, dataset in held_out_splits(data):
             output = trainer.predict(dataset, metric_key_prefix=split)
             start_logits, end_logits = output.predictions[:2]
             rows, metrics = score_windows(dataset, start_logits, end_logits, post)

@@ -59,6 +59,7 @@ from petune_plugins.tasks._common import (
     build_trainer,
     check_data_paths,
     cut_to_tokens,
+    held_out_splits,
     hold_out,
     model_device,
     model_info_of,
@@ -624,10 +625,7 @@ class Seq2SeqTask(Task):
 
     def evaluate(self, trainer, data: TaskData, options: Seq2SeqOptions, run_dir: Path) -> dict[str, dict]:
         results = {}
-        for split in ("validation", "test"):
-            dataset = getattr(data, split)
-            if dataset is None or len(dataset) == 0:
-                continue
+        for split, dataset in held_out_splits(data):
             loss = self.held_out_loss(trainer, dataset, split)
             metrics = {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf")}
             if split in options.generate_on and trainer.is_world_process_zero():

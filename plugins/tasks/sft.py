@@ -635,32 +635,38 @@ def check_packing_keeps_examples_apart(model, tokenizer) -> None:
 CAUSAL_LM_SHAPE = ModelShape("AutoModelForCausalLM", labels="tokens", causal_lm_loss=True)
 
 # -- the task ---------------------------------------------------------------------------------
-class SftTask(Task):
-    name = "sft"
-    description = "supervised fine-tuning of a causal LM on instructions or chats (TRL SFTTrainer)"
-    Options = SftOptions
+class CausalLmTask(Task):
+    """What the tasks that train a causal LM on text share: the model they accept, the
+    estimate's model shape and sequence length, what explain reads."""
+
     peft_task_type = "CAUSAL_LM"
-    primary_metric = "loss"
-    token_level_loss = True
     explained_output = "next_token"  # petune explain: attributions for the next token
 
     def model_shape(self, config) -> ModelShape:
         return CAUSAL_LM_SHAPE
 
-    def word_spans(self, text: str) -> list[tuple[int, int]]:
-        return []  # a language model: the next token is explained, not words
+    def sequence_length(self, options) -> int:
+        return options.max_length
 
-    def check(self, model_info: ModelInfo, options: SftOptions) -> None:
+    def check(self, model_info: ModelInfo, options) -> None:
         if not _is_decoder_only(model_info):
-            raise Refusal(f"the sft task trains a causal (decoder-only) language model, and {model_info.name} is a "
-                          f"{model_info.model_type} model that does not generate text", where="task.name",
+            raise Refusal(f"the {self.name} task trains a causal (decoder-only) language model, and {model_info.name} "
+                          f"is a {model_info.model_type} model that does not generate text", where="task.name",
                           hint="use a causal LM (e.g. gemma-3-270m), or a task for encoders: classification, ner")
         limit = model_info.max_positions
         if limit and options.max_length > limit:
             raise Refusal(f"task.max_length = {options.max_length} is longer than the model's context "
                           f"({limit} positions)", where="task.max_length",
                           hint=f"set task.max_length to {limit} or less")
-        check_data_paths(options)
+        check_data_paths(options)  # before any model loads, as in every task
+
+
+class SftTask(CausalLmTask):
+    name = "sft"
+    description = "supervised fine-tuning of a causal LM on instructions or chats (TRL SFTTrainer)"
+    Options = SftOptions
+    primary_metric = "loss"
+    token_level_loss = True
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: SftOptions, tokenizer: PreTrainedTokenizerBase) -> TaskData:
@@ -723,9 +729,6 @@ class SftTask(Task):
     def loss_memory(self, options: SftOptions, batch_size: int, config, device: str | None = None) -> str:
         """How this run computes its loss, for the memory estimate."""
         return loss_memory(options.loss, batch_size, options.max_length, config, device)
-
-    def sequence_length(self, options: SftOptions) -> int:
-        return options.max_length
 
     def prepare_skeleton(self, model, quantized: bool) -> None:
         cast_trainable_to_bf16(model, quantized)
