@@ -24,7 +24,7 @@ The whole contract is in this module:
   (and ``name``, ``Options``, ``peft_task_type``); of a strategy: ``apply``, ``restore``;
   of a model source: ``claims``, ``resolve``;
 * **optional with a default** (override to improve on it): ``Task.check``,
-  ``load_eval_data``, ``head_modules``, ``peft_task_type_for``, ``primary_metric_for``, ``model_shape``,
+  ``load_eval_data``, ``held_out_data``, ``with_test_file``, ``head_modules``, ``peft_task_type_for``, ``primary_metric_for``, ``model_shape``,
   ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
   ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``; ``Strategy.check``,
   ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``;
@@ -132,6 +132,10 @@ class ModelInfo:
         return getattr(self.text_config, "max_position_embeddings", None)
 
 
+#: the note ``Task.held_out_data`` leaves when it could not score everything
+HELD_OUT_NOTE = "held_out"
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """How a task's model looks to the memory estimate (:mod:`petune.memory`), beyond its
@@ -201,6 +205,31 @@ class Task(_Plugin):
         ``test``) for ``petune eval``, with the finished run's ``state``: a trained run must stay
         scorable after its training file moves. This default re-reads everything."""
         return self.load_data(options, tokenizer)
+
+    def held_out_data(self, options: Options, tokenizer: PreTrainedTokenizerBase, state: dict) -> TaskData:
+        """What ``petune eval`` scores. The default follows the split options' convention
+        (``validation``, ``test``): validation rows that were split off the training file need
+        that file; where it cannot be read any more, the test file alone is scored
+        (``notes[HELD_OUT_NOTE]`` says so)."""
+        if getattr(options, "validation", None) is not None:
+            return self.load_eval_data(options, tokenizer, state)
+        try:
+            return self.load_data(options, tokenizer)
+        except UserError as exc:
+            data = self.load_eval_data(options, tokenizer, state)
+            if data.test is None:
+                raise
+            why = f"{exc.where}: {exc.message}" if exc.where else exc.message
+            data.notes[HELD_OUT_NOTE] = (f"the validation rows were split off the training data, which cannot "
+                                         f"be read now ({why}); scoring the test data only")
+            return data
+
+    def with_test_file(self, options: Options, path: Path) -> Options:
+        """``options`` with ``path`` as the test data (``petune eval --data``). The default
+        replaces a ``test`` option; a task without one refuses."""
+        if "test" not in type(options).model_fields:
+            raise UserError(f"task {self.name!r} has no 'test' data option to replace", where="--data")
+        return options.model_copy(update={"test": path})
 
     def build_model(self, model_info: ModelInfo, options: Options, state: dict, **load_kwargs) -> PreTrainedModel:
         """Load the base model with this task's head (``load_kwargs`` come from the strategy)."""

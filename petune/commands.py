@@ -12,7 +12,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from petune import hookimpl
-from petune.api import Generates, Predicts, require
+from petune.api import HELD_OUT_NOTE, Generates, Predicts, require
 from petune.console import err, metrics_table, out
 from petune.errors import UserError
 
@@ -30,13 +30,11 @@ def cmd_eval(args) -> int:
     from petune.runner import prepare_trainer, training_arguments
 
     run = _load(args.run_dir)
-    options = run.recipe.task
-    if args.data is not None:
-        if "test" not in type(options).model_fields:
-            raise UserError(f"task {run.task.name!r} has no 'test' data option to replace", where="--data")
-        options = options.model_copy(update={"test": args.data.resolve()})
+    options = run.recipe.task if args.data is None else run.task.with_test_file(run.recipe.task, args.data.resolve())
     out_dir = Path(args.out) if args.out else run.dir / "eval"
-    data = _eval_data(run, options)
+    data = run.task.held_out_data(options, run.tokenizer, run.state)
+    if HELD_OUT_NOTE in data.notes:
+        err.print(f"[yellow]note:[/] {escape(data.notes[HELD_OUT_NOTE])}")
     if data.train is None:  # some trainers (TRL's) insist on a training set; eval never trains on it
         data = dataclasses.replace(data, train=data.test if data.test is not None else data.validation)
     args_dict = training_arguments(run.recipe, out_dir, run.task, data)
@@ -48,23 +46,6 @@ def cmd_eval(args) -> int:
     artifacts.write_json(out_dir / "metrics.json", metrics)
     out.print(metrics_table(f"Evaluation — {run.dir}", metrics))
     return 0
-
-
-def _eval_data(run, options):
-    """The held-out splits to score. Validation rows split off the training file need that
-    file; where it cannot be read any more, the test file alone is scored."""
-    if getattr(options, "validation", None) is not None:
-        return run.task.load_eval_data(options, run.tokenizer, run.state)
-    try:
-        return run.task.load_data(options, run.tokenizer)
-    except UserError as exc:
-        data = run.task.load_eval_data(options, run.tokenizer, run.state)
-        if data.test is None:
-            raise
-        why = f"{exc.where}: {exc.message}" if exc.where else exc.message
-        err.print(f"[yellow]note:[/] the validation rows were split off the training data, which cannot be read "
-                  f"now ({escape(why)}); scoring the test data only")
-        return data
 
 
 def cmd_predict(args) -> int:
