@@ -39,12 +39,8 @@ def _benchmarks():
 
 
 # -- planning ----------------------------------------------------------------------------------
-def plan(*, smoke: bool = False, device: str = "auto", shapes: list[str] | None = None,
-         strategies: list[str] | None = None, steps: int | None = None, warmup: int | None = None,
-         threads: int | None = None, batch: int | None = None, seq: int | None = None,
-         gradient_checkpointing: bool | None = None, work_dir: Path = DEFAULT_OUT / "work",
-         baseline_kbit_prep: bool = False, variant: str = "") -> list[tuple]:
-    """(petune case, baseline case) pairs."""
+def _choose(smoke: bool, device: str, shapes: list[str] | None, strategies) -> tuple[str, list[str], list[str]]:
+    """The device, shapes and strategies a plan runs, checked against what the suite knows."""
     harness, shape_mod = _benchmarks()
     if device == "auto":
         device = "cuda" if _has_cuda() and not smoke else "cpu"
@@ -54,10 +50,21 @@ def plan(*, smoke: bool = False, device: str = "auto", shapes: list[str] | None 
     unknown = [s for s in shapes if s not in shape_mod.SHAPES]
     if unknown:
         raise UserError(f"unknown shape(s) {unknown}", hint=f"choose from {', '.join(shape_mod.SHAPES)}")
-    strategies = list(strategies or harness.STRATEGIES)
+    strategies = list(strategies)
     bad = [s for s in strategies if s not in harness.STRATEGIES]
     if bad:
         raise UserError(f"unknown strategy(ies) {bad}", hint=f"choose from {', '.join(harness.STRATEGIES)}")
+    return device, list(shapes), strategies
+
+
+def plan(*, smoke: bool = False, device: str = "auto", shapes: list[str] | None = None,
+         strategies: list[str] | None = None, steps: int | None = None, warmup: int | None = None,
+         threads: int | None = None, batch: int | None = None, seq: int | None = None,
+         gradient_checkpointing: bool | None = None, work_dir: Path = DEFAULT_OUT / "work",
+         baseline_kbit_prep: bool = False, variant: str = "") -> list[tuple]:
+    """(petune case, baseline case) pairs."""
+    harness, shape_mod = _benchmarks()
+    device, shapes, strategies = _choose(smoke, device, shapes, strategies or harness.STRATEGIES)
     if steps is None:
         steps = 2 if smoke else 6
     if warmup is None:
@@ -115,19 +122,8 @@ def plan_real_length(*, smoke: bool = False, device: str = "cpu", shapes: list[s
     token lengths of a real instruction set, one group per causal-LM shape × strategy (LoRA
     unless ``strategies`` says otherwise)."""
     harness, shape_mod = _benchmarks()
-    if device == "auto":
-        device = "cuda" if _has_cuda() and not smoke else "cpu"
-    if shapes is None:
-        shapes = list(shape_mod.SMOKE_SHAPES if smoke else shape_mod.GPU_SHAPES if device == "cuda"
-                      else shape_mod.CPU_SHAPES)
-    unknown = [s for s in shapes if s not in shape_mod.SHAPES]
-    if unknown:
-        raise UserError(f"unknown shape(s) {unknown}", hint=f"choose from {', '.join(shape_mod.SHAPES)}")
+    device, shapes, strategies = _choose(smoke, device, shapes, strategies or ["lora"])
     shapes = [s for s in shapes if shape_mod.SHAPES[s].family == "llama"]  # instruction data: causal LMs only
-    strategies = list(strategies or ["lora"])
-    bad = [s for s in strategies if s not in harness.STRATEGIES]
-    if bad:
-        raise UserError(f"unknown strategy(ies) {bad}", hint=f"choose from {', '.join(harness.STRATEGIES)}")
     data_file = str(find_real_data(data)) if shapes else ""
     if threads is None and device == "cpu":
         threads = 1
