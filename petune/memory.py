@@ -547,13 +547,15 @@ def recipe_seq_len(recipe, task) -> int:
 def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None, batch: int | None = None,
                     seq: int | None = None) -> MemoryEstimate:
     """Predict a recipe's peak training memory from the model's config alone."""
+    from petune.api import ModelShape
     from petune.models import resolve_model
 
     device = device or default_device()
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     info = model_info or resolve_model(recipe.model.name, host.model_sources())
     task.check(info, recipe.task)  # refuse here what the run would refuse
-    shape = model_shape_of(task, info.config)
+    described = task.model_shape(info.config)
+    shape = described or ModelShape()
     dtype, autocast = _dtypes(recipe, device)
     load_kwargs = strategy.load_kwargs(recipe.strategy)
     quant = load_kwargs.get("quantization_config")
@@ -567,7 +569,7 @@ def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None,
                    device=device, optimizer=recipe.train.optimizer, autocast_dtype=autocast, quant=quant,
                    loss_memory=loss_memory_of(task, recipe.task, batch, info.config, device),
                    frozen_copies=int(task.frozen_reference(recipe.task, strategy)))
-    est.details["model_described"] = task.model_shape(info.config) is not None
+    est.details["model_described"] = described is not None
     return est
 
 

@@ -363,9 +363,6 @@ class PeftMethodStrategy(Strategy):
             peft_model.train()
         return peft_model
 
-    def save(self, model, path):
-        model.save_pretrained(path)
-
     def restore(self, base, path, task, options):
         return restore_peft(base, path)
 

@@ -125,9 +125,6 @@ class PromptTuningStrategy(Strategy):
             _guard_positions(peft_model, options.num_virtual_tokens)
         return peft_model
 
-    def save(self, model, path):
-        model.save_pretrained(path)
-
     def restore(self, base, path, task, options):
         return restore_peft(base, path)
 
