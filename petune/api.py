@@ -8,7 +8,8 @@ calls them in this order::
     info   = ModelInfo.from_path(name, path)
     task.check(info, task_opts)                      # refuse a model the task cannot use
     strategy.check(task, info, strategy_opts)        # refuse impossible mixes, with a reason
-    data   = task.load_data(task_opts, tokenizer)    # datasets + state (e.g. the label map)
+    data   = task.load_data(task_opts, tokenizer)    # datasets + state (e.g. the label map); cached by
+                                                     # petune.datacache, keyed by task.data_files(...)
     model  = task.build_model(info, task_opts, data.state, **strategy.load_kwargs(strategy_opts))
     model  = strategy.apply(model, task, strategy_opts)
     trainer = task.make_trainer(model=..., tokenizer=..., data=..., options=..., args=..., callbacks=...)
@@ -23,7 +24,7 @@ The whole contract is in this module:
 * **required** of a task: ``load_data``, ``build_model``, ``make_trainer``, ``evaluate``
   (and ``name``, ``Options``, ``peft_task_type``); of a strategy: ``apply``, ``restore``;
   of a model source: ``claims``, ``resolve``;
-* **optional with a default** (override to improve on it): ``Task.check``,
+* **optional with a default** (override to improve on it): ``Task.check``, ``data_files``,
   ``load_eval_data``, ``held_out_data``, ``with_test_file``, ``head_modules``, ``peft_task_type_for``, ``primary_metric_for``, ``model_shape``,
   ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
   ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``; ``Strategy.check``,
@@ -40,6 +41,7 @@ The hooks that register plugins and follow a run are in :mod:`petune.hookspecs`.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
@@ -154,7 +156,10 @@ class ModelShape:
 @dataclass
 class TaskData:
     """A task's prepared data: tokenized splits plus the state needed to rebuild its
-    model later without the data (e.g. ``{"labels": [...]}``), saved as task_state.json."""
+    model later without the data (e.g. ``{"labels": [...]}``), saved as task_state.json.
+    Splits that are ``datasets.Dataset`` objects, with JSON-able state and notes, are kept in
+    the data cache (:mod:`petune.datacache`) and come back memory-mapped; other data is
+    prepared again on every run."""
 
     train: Any
     validation: Any = None
@@ -162,6 +167,29 @@ class TaskData:
     state: dict = field(default_factory=dict)
     #: counts worth telling the user (e.g. {"truncated": 3, "dropped": 1}); shown in the plan.
     notes: dict = field(default_factory=dict)
+
+
+def paths_in(value) -> list[Path]:
+    """Every Path inside plugin options, however nested (files with their own options, lists)."""
+    if isinstance(value, Path):
+        return [value]
+    if isinstance(value, BaseModel):
+        value = vars(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in paths_in(v)]
+    return []
+
+
+#: processes a task may tokenize with: the recipe's ``[data] num_proc``, set by the core around
+#: ``load_data`` and ``held_out_data`` (read it with :func:`data_workers`)
+DATA_WORKERS: ContextVar[int] = ContextVar("petune_data_workers", default=1)
+
+
+def data_workers() -> int:
+    """How many processes this task may tokenize with (the recipe's ``[data] num_proc``)."""
+    return DATA_WORKERS.get()
 
 
 class _Plugin:
@@ -199,6 +227,14 @@ class Task(_Plugin):
         """Read and tokenize the data. May adapt the tokenizer (pad token, chat template);
         the runner saves the tokenizer after this call."""
         raise NotImplementedError
+
+    def data_files(self, options: Options) -> list[Path]:
+        """The files and folders ``load_data`` reads: their contents key the data cache
+        (:mod:`petune.datacache`), which stores what ``load_data`` returns — its splits, state,
+        notes and the tokenizer as it left it — and hands it back while these files, the
+        options, the tokenizer and the task's code are unchanged. Default: every Path among
+        the options. A task that reads other files too names them here."""
+        return paths_in(options)
 
     def load_eval_data(self, options: Options, tokenizer: PreTrainedTokenizerBase, state: dict) -> TaskData:
         """Read and tokenize only the held-out files (``validation`` where it is a file, and

@@ -26,20 +26,23 @@ def _load(run_dir, **kwargs):
 
 
 def cmd_eval(args) -> int:
-    from petune import artifacts
+    from petune import artifacts, datacache
     from petune.runner import prepare_trainer, training_arguments
 
     run = _load(args.run_dir)
     options = run.recipe.task if args.data is None else run.task.with_test_file(run.recipe.task, args.data.resolve())
     out_dir = Path(args.out) if args.out else run.dir / "eval"
-    data = run.task.held_out_data(options, run.tokenizer, run.state)
+    prepared = datacache.prepare(run.task, "held_out_data", options, run.tokenizer,
+                                 lambda tok: run.task.held_out_data(options, tok, run.state),
+                                 settings=run.recipe.data, extra={"state": run.state})
+    data, tokenizer = prepared.data, prepared.tokenizer
     if HELD_OUT_NOTE in data.notes:
         err.print(f"[yellow]note:[/] {escape(data.notes[HELD_OUT_NOTE])}")
     if data.train is None:  # some trainers (TRL's) insist on a training set; eval never trains on it
         data = dataclasses.replace(data, train=data.test if data.test is not None else data.validation)
     args_dict = training_arguments(run.recipe, out_dir, run.task, data)
     args_dict.update(eval_strategy="no", load_best_model_at_end=False, report_to="none")
-    trainer = run.task.make_trainer(model=run.model, tokenizer=run.tokenizer, data=data, options=options,
+    trainer = run.task.make_trainer(model=run.model, tokenizer=tokenizer, data=data, options=options,
                                     args=args_dict, callbacks=[])
     prepare_trainer(trainer)
     metrics = run.task.evaluate(trainer, data, options, out_dir)

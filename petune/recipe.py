@@ -18,7 +18,7 @@ from pydantic import Field, ValidationError, ValidationInfo, field_validator, mo
 from petune.api import DataPath, Options
 from petune.errors import RecipeError, UserError
 
-SECTIONS = ("model", "task", "strategy", "train", "eval", "output", "distributed")
+SECTIONS = ("model", "task", "strategy", "train", "eval", "output", "distributed", "data")
 
 
 class ModelSection(Options):
@@ -76,6 +76,15 @@ class OutputSection(Options):
     dir: str = Field(description="run folder, relative to the current directory")
 
 
+class DataSection(Options):
+    """How the task's data is prepared: the data cache (petune/datacache.py) and tokenization."""
+
+    cache: bool = Field(True, description="keep the tokenized splits in the data cache and reuse them")
+    cache_dir: str | None = Field(None, description="the data cache's folder (default: $PETUNE_DATA_CACHE, "
+                                                    "else $XDG_CACHE_HOME/petune/data)")
+    num_proc: int = Field(1, ge=1, description="processes that tokenize (tasks that tokenize in batches)")
+
+
 class FsdpSection(Options):
     """Passed to the HF Trainer's FSDP integration (accelerate underneath)."""
 
@@ -114,7 +123,7 @@ class DistributedSection(Options):
 
 
 _CORE = {"model": ModelSection, "train": TrainSection, "eval": EvalSection, "output": OutputSection,
-         "distributed": DistributedSection}
+         "distributed": DistributedSection, "data": DataSection}
 
 
 @dataclass
@@ -130,6 +139,7 @@ class Recipe:
     output: OutputSection
     distributed: DistributedSection = field(default_factory=DistributedSection)
     overrides: list[str] = field(default_factory=list)
+    data: DataSection = field(default_factory=DataSection)
 
     @property
     def output_dir(self) -> Path:
@@ -148,6 +158,7 @@ class Recipe:
             "eval": dump(self.eval),
             "output": dump(self.output),
             "distributed": dump(self.distributed),
+            "data": dump(self.data),
         }
 
 
@@ -353,6 +364,7 @@ def validate(data: dict, host, *, path: Path | None = None, text: str | None = N
         path=path, model=parsed["model"], task_name=plugins["task"][0], task=plugins["task"][1],
         strategy_name=plugins["strategy"][0], strategy=plugins["strategy"][1], train=parsed["train"],
         eval=parsed["eval"], output=parsed["output"], distributed=parsed["distributed"], overrides=list(overrides),
+        data=parsed["data"],
     )
 
 

@@ -9,10 +9,8 @@ import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel
-
-from petune import artifacts, checkpoints, memory
-from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters
+from petune import artifacts, checkpoints, datacache, memory
+from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters, paths_in
 from petune.console import (
     err,
     human_count,
@@ -86,13 +84,16 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
 
     set_seed(recipe.train.seed)  # one seed for data order, head and adapter initialisation
     tokenizer = load_tokenizer(info.path)
-    with host.blame("task", task.name, "load_data"):
-        data = task.load_data(recipe.task, tokenizer)
+    with host.blame("task", task.name, "load_data"):  # from the data cache when nothing changed
+        prepared = datacache.prepare(task, "load_data", recipe.task, tokenizer,
+                                     lambda tok: task.load_data(recipe.task, tok), settings=recipe.data,
+                                     extra={"seed": recipe.train.seed})
+    data, tokenizer = prepared.data, prepared.tokenizer
     check_batch_size(recipe, data)
     model = build_trainable_model(recipe, host, task, strategy, info, data.state)
     trainable, total = count_parameters(model)
     the_run = Run(recipe, run_dir, task, strategy, info, data)
-    show_plan(the_run, trainable, total, extra=[memory.plan_row(recipe, host, info)])
+    show_plan(the_run, trainable, total, extra=[memory.plan_row(recipe, host, info), ("data cache", prepared.note)])
     if dry_run:
         return RunResult("planned", trainable_parameters=trainable, total_parameters=total)
 
@@ -179,22 +180,9 @@ def inputs_of(recipe: Recipe) -> list[Path]:
     paths = [] if recipe.path is None else [Path(recipe.path)]
     if paths and paths[0].resolve() == (recipe.output_dir / "recipe.toml").resolve():
         paths = []  # re-running a run's own recipe.toml: it is rewritten, nothing is lost
-    paths += [*_paths_in(recipe.task), *_paths_in(recipe.strategy)]
+    paths += [*paths_in(recipe.task), *paths_in(recipe.strategy)]
     model = Path(recipe.model.name).expanduser()
     return paths + ([model] if model.exists() else [])
-
-
-def _paths_in(value) -> list[Path]:
-    """Every Path inside plugin options, however nested (files with their own options, lists)."""
-    if isinstance(value, Path):
-        return [value]
-    if isinstance(value, BaseModel):
-        value = vars(value)
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [p for v in value for p in _paths_in(v)]
-    return []
 
 
 def already_completed(run_dir: Path, strategy: Strategy) -> bool:

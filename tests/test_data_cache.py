@@ -1,0 +1,217 @@
+"""The data cache (petune/datacache.py): a task's prepared data is built once and read back,
+keyed by its files' contents, the tokenizer, the options and the code; a hit gives what a miss
+gives (rows, state, notes, tokenizer); ``--resume`` and ``eval`` use it; ``petune cache``."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from petune import datacache
+from petune.api import TaskData
+from petune.recipe import DataSection, validate
+
+pytest.importorskip("datasets")
+
+ROWS = [{"instruction": f"what is {a} plus {b} ?", "output": f"{a + b}"} for a in range(4) for b in range(3)]
+
+
+def write_jsonl(path: Path, rows=ROWS) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv(datacache.ENV, str(root))
+    return root
+
+
+@pytest.fixture
+def sft(host):
+    return host.task("sft")
+
+
+def tokenizer_of(path):
+    from petune.models import load_tokenizer
+
+    return load_tokenizer(path)  # fresh: load_data changes it
+
+
+def sft_options(host, folder: Path, **task):
+    recipe = validate({"model": {"name": "random:tiny-llama"},
+                       "task": {"name": "sft", "train": "train.jsonl", "max_length": 96, **task},
+                       "strategy": {"name": "lora", "r": 4}, "output": {"dir": str(folder / "run")}},
+                      host, path=folder / "recipe.toml")
+    return recipe.task
+
+
+def prepare(task, options, tokenizer_path, **settings):
+    tokenizer = tokenizer_of(tokenizer_path)
+    return datacache.prepare(task, "load_data", options, tokenizer, lambda tok: task.load_data(options, tok),
+                             settings=DataSection(**settings))
+
+
+def rows_of(data: TaskData) -> dict:
+    return {split: getattr(data, split).to_list() for split in ("train", "validation", "test")
+            if getattr(data, split) is not None}
+
+
+def saved_tokenizer(tokenizer, folder: Path) -> dict:
+    tokenizer.save_pretrained(folder)
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_hit_gives_what_the_miss_built(host, sft, tmp_path, cache, tiny_llama_path):
+    write_jsonl(tmp_path / "train.jsonl")
+    options = sft_options(host, tmp_path, validation_split=0.25)
+    miss = prepare(sft, options, tiny_llama_path)
+    assert miss.note.startswith("built")
+    hit = prepare(sft, options, tiny_llama_path)
+    assert hit.note.startswith("hit")
+    uncached = prepare(sft, options, tiny_llama_path, cache=False)
+    assert uncached.note == "off"
+    assert rows_of(hit.data) == rows_of(miss.data) == rows_of(uncached.data)
+    assert hit.data.state == miss.data.state == uncached.data.state
+    assert hit.data.notes == miss.data.notes == uncached.data.notes
+    # the tokenizer as the task left it (chat template, pad token) comes back with the hit
+    assert hit.tokenizer.chat_template == uncached.tokenizer.chat_template
+    assert hit.tokenizer.pad_token_id == uncached.tokenizer.pad_token_id
+    assert saved_tokenizer(hit.tokenizer, tmp_path / "t1") == saved_tokenizer(uncached.tokenizer, tmp_path / "t2")
+    assert hit.tokenizer.name_or_path == uncached.tokenizer.name_or_path  # tasks find the model's config there
+    # memory-mapped from the cache folder, not held in memory
+    assert all(f["filename"].startswith(str(cache)) for f in hit.data.train.cache_files)
+    assert [e["complete"] for e in datacache.entries(cache)] == [True]
+
+
+def test_changes_that_change_tokens_miss(host, sft, tmp_path, cache, tiny_llama_path):
+    write_jsonl(tmp_path / "train.jsonl")
+    base = sft_options(host, tmp_path)
+    assert prepare(sft, base, tiny_llama_path).note.startswith("built")
+    assert prepare(sft, base, tiny_llama_path).note.startswith("hit")
+
+    for changed in (dict(max_length=64), dict(chat_template="alpaca"), dict(format="alpaca")):
+        assert prepare(sft, sft_options(host, tmp_path, **changed), tiny_llama_path).note.startswith("built"), changed
+
+    write_jsonl(tmp_path / "train.jsonl", ROWS[:-1] + [{"instruction": "what is 3 plus 2 ?", "output": "6"}])
+    changed_file = prepare(sft, base, tiny_llama_path)
+    assert changed_file.note.startswith("built")
+    assert changed_file.data.train[-1]["conversation"][-1]["content"] == "6"
+
+    # the same rows in another format are another file: read again, to the same tokens
+    with gzip.open(tmp_path / "train.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write((tmp_path / "train.jsonl").read_text(encoding="utf-8"))
+    gz = prepare(sft, sft_options(host, tmp_path, train="train.jsonl.gz"), tiny_llama_path)
+    assert gz.note.startswith("built")
+    assert gz.data.train["input_ids"] == changed_file.data.train["input_ids"]
+
+    other_tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tiny_llama_path, other_tokenizer)
+    config = json.loads((other_tokenizer / "tokenizer_config.json").read_text())
+    config["model_max_length"] = 80
+    (other_tokenizer / "tokenizer_config.json").write_text(json.dumps(config))
+    assert prepare(sft, base, other_tokenizer).note.startswith("built")
+    assert prepare(sft, base, other_tokenizer).note.startswith("hit")
+
+
+def test_a_killed_write_is_never_trusted(host, sft, tmp_path, cache, tiny_llama_path):
+    write_jsonl(tmp_path / "train.jsonl")
+    options = sft_options(host, tmp_path)
+    built = prepare(sft, options, tiny_llama_path)
+    entry = Path(built.note.rsplit(" ", 1)[-1])
+    (entry / "meta.json").unlink()  # as if the run died before the entry was whole
+    assert prepare(sft, options, tiny_llama_path).note.startswith("built")
+    shutil.rmtree(next(entry.glob("train")))  # a damaged entry: rebuilt, not trusted
+    again = prepare(sft, options, tiny_llama_path)
+    assert again.note.startswith("built") and len(again.data.train) == len(ROWS)
+
+
+def test_resume_and_eval_use_the_cache(host, tmp_path, cache):
+    from petune import runner
+
+    write_jsonl(tmp_path / "train.jsonl")
+    write_jsonl(tmp_path / "test.jsonl", ROWS[:3])
+    data = {"model": {"name": "random:tiny-llama"},
+            "task": {"name": "sft", "train": "train.jsonl", "test": "test.jsonl", "max_length": 64,
+                     "num_sample_generations": 0},
+            "strategy": {"name": "lora", "r": 4},
+            "train": {"max_steps": 2, "batch_size": 4, "save_steps": 1},
+            "eval": {"strategy": "no"}, "output": {"dir": str(tmp_path / "run")}}
+    recipe = validate(data, host, path=tmp_path / "recipe.toml")
+    calls = []
+    task = host.task("sft")
+    original = type(task).load_data
+
+    def counting(self, options, tokenizer):
+        calls.append(1)
+        return original(self, options, tokenizer)
+
+    type(task).load_data = counting
+    try:
+        assert runner.run(recipe, host, dry_run=True).status == "planned"
+        assert runner.run(recipe, host).status == "completed"
+        (tmp_path / "run" / "manifest.json").write_text(json.dumps({"status": "failed"}))
+        result = runner.run(validate({**data, "train": {**data["train"], "max_steps": 3}}, host,
+                                     path=tmp_path / "recipe.toml"), host, resume=True)
+    finally:
+        type(task).load_data = original
+    assert result.status == "completed"
+    assert calls == [1]  # built once; the real run and the --resume read the cache
+    assert len([e for e in datacache.entries(cache) if e["complete"]]) == 1
+
+    from helpers import petune
+
+    first = petune("eval", str(tmp_path / "run"))
+    assert first.returncode == 0, first.stderr
+    assert len(datacache.entries(cache)) == 2  # eval's held-out data: its own entry
+    second = petune("eval", str(tmp_path / "run"))
+    assert second.returncode == 0, second.stderr
+    assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["test"]["examples"] == 3
+    assert len(datacache.entries(cache)) == 2
+
+
+def test_the_cache_can_be_turned_off(host, sft, tmp_path, cache, tiny_llama_path, monkeypatch):
+    write_jsonl(tmp_path / "train.jsonl")
+    options = sft_options(host, tmp_path)
+    assert prepare(sft, options, tiny_llama_path, cache=False).note == "off"
+    monkeypatch.setenv(datacache.ENV, "off")
+    assert prepare(sft, options, tiny_llama_path).note == "off"
+    other = tmp_path / "elsewhere"
+    assert prepare(sft, options, tiny_llama_path, cache_dir=str(other)).note.startswith("built")
+    assert not cache.exists() and len(datacache.entries(other)) == 1
+
+
+def test_petune_cache_lists_and_clears(host, sft, tmp_path, cache, tiny_llama_path):
+    from helpers import petune
+
+    write_jsonl(tmp_path / "train.jsonl")
+    prepare(sft, sft_options(host, tmp_path), tiny_llama_path)
+    prepare(sft, sft_options(host, tmp_path, max_length=64), tiny_llama_path)
+    (cache / ".tmp-sft-0000-killed").mkdir()
+    listed = petune("cache", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    entries = json.loads(listed.stdout)["entries"]
+    assert sorted(e["complete"] for e in entries) == [False, True, True]
+    assert all(e["bytes"] >= 0 for e in entries) and sum(e["bytes"] for e in entries) > 0
+    table = petune("cache", "list")
+    assert "incomplete" in table.stdout and "train.jsonl" in table.stdout
+    one = next(e["name"] for e in entries if e["complete"])
+    assert petune("cache", "clear", one).returncode == 0
+    assert len(datacache.entries(cache)) == 2
+    missing = petune("cache", "clear", "no-such-entry")
+    assert missing.returncode != 0 and "no such cache entry" in missing.stderr
+    cleared = petune("cache", "clear")
+    assert cleared.returncode == 0 and "removed 2 entries" in cleared.stderr
+    assert datacache.entries(cache) == []
+
+
+def test_data_files_default_is_every_path_among_the_options(host, sft, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl")
+    write_jsonl(tmp_path / "val.jsonl")
+    options = sft_options(host, tmp_path, validation="val.jsonl")
+    assert sorted(p.name for p in sft.data_files(options)) == ["train.jsonl", "val.jsonl"]
