@@ -164,13 +164,11 @@ def test_resume_and_eval_use_the_cache(host, tmp_path, cache):
     assert calls == [1]  # built once; the real run and the --resume read the cache
     assert len([e for e in datacache.entries(cache) if e["complete"]]) == 1
 
-    from helpers import petune
+    from petune.cli import main
 
-    first = petune("eval", str(tmp_path / "run"))
-    assert first.returncode == 0, first.stderr
+    assert main(["eval", str(tmp_path / "run")]) == 0
     assert len(datacache.entries(cache)) == 2  # eval's held-out data: its own entry
-    second = petune("eval", str(tmp_path / "run"))
-    assert second.returncode == 0, second.stderr
+    assert main(["eval", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["test"]["examples"] == 3
     assert len(datacache.entries(cache)) == 2
 
