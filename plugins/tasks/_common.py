@@ -20,12 +20,13 @@ from __future__ import annotations
 import inspect
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ClassVar
 
 from pydantic import BeforeValidator, Field, model_serializer, model_validator
 
-from petune.api import DataPath, ModelInfo, Options, Task, TaskData
+from petune.api import DataPath, ModelInfo, ModelShape, Options, Task, TaskData
 from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
@@ -323,23 +324,57 @@ def build_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks: li
                    preprocess_logits_for_metrics=preprocess_logits)
 
 
-#: peft task type → transformers' mapping of the architectures with that head, and its name for people
-_HEADS = {"SEQ_CLS": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "sequence-classification"),
-          "TOKEN_CLS": ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "token-classification"),
-          "QUESTION_ANS": ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "question-answering")}
+@dataclass(frozen=True)
+class Head:
+    """The head an encoder task puts on a model, declared once: peft's task type, the
+    transformers class that loads it, transformers' mapping of the architectures that
+    have it, and what a training batch's labels are (see :class:`petune.api.ModelShape`)."""
+
+    peft_task_type: str
+    auto_class: str
+    mapping: str
+    labels: str
+
+    @property
+    def described(self) -> str:
+        """e.g. "sequence-classification", for people."""
+        return self.mapping.removeprefix("MODEL_FOR_").removesuffix("_MAPPING_NAMES").lower().replace("_", "-")
+
+    def load(self, model_info: ModelInfo, **kwargs):
+        import transformers
+
+        return load_with_head(getattr(transformers, self.auto_class), model_info, **kwargs)
+
+
+SEQUENCE_CLASSIFICATION = Head("SEQ_CLS", "AutoModelForSequenceClassification",
+                               "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", labels="class")
+TOKEN_CLASSIFICATION = Head("TOKEN_CLS", "AutoModelForTokenClassification",
+                            "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", labels="tokens")
+QUESTION_ANSWERING = Head("QUESTION_ANS", "AutoModelForQuestionAnswering",
+                          "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", labels="span")
 
 
 class EncoderTask(Task):
     """A task that puts a head on a model (classification, NER, QA): refuses a model without
     that head, a ``max_length`` beyond its positions and missing files; the head trains and
-    is saved with an adapter."""
+    is saved with an adapter. A subclass declares its :class:`Head` as ``head``."""
+
+    head: ClassVar[Head]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "head" in cls.__dict__:
+            cls.peft_task_type = cls.head.peft_task_type
+
+    def model_shape(self, config) -> ModelShape:
+        return ModelShape(self.head.auto_class, labels=self.head.labels)
 
     def sequence_length(self, options) -> int:
         """``max_length``, else the options' ``default_max_length`` (lowered in load_data to what the model takes)."""
         return options.max_length or options.default_max_length
 
     def check(self, model_info: ModelInfo, options) -> None:
-        refuse_unless_head(model_info, *_HEADS[self.peft_task_type])
+        refuse_unless_head(model_info, self.head.mapping, self.head.described)
         check_max_length(model_info, options.max_length)
         check_data_paths(options)
 

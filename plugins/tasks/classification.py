@@ -47,7 +47,7 @@ from petune_plugins.tasks import datafiles, reports
 from pydantic import Field, field_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, ModelShape, TaskData
+from petune.api import DataPath, ModelInfo, TaskData
 from petune.errors import DataError
 
 if TYPE_CHECKING:
@@ -344,12 +344,9 @@ class ClassificationTask(common.EncoderTask):
     name = "classification"
     description = "text (or text-pair) classification from tables or records files; accuracy, macro-F1, confusion matrix"
     Options = ClassificationOptions
-    peft_task_type = "SEQ_CLS"
+    head = common.SEQUENCE_CLASSIFICATION
     primary_metric = "accuracy"
     explained_output = "label"  # petune explain: attributions for the predicted label
-
-    def model_shape(self, config) -> ModelShape:
-        return ModelShape("AutoModelForSequenceClassification", labels="class")
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: ClassificationOptions, tokenizer) -> TaskData:
@@ -402,13 +399,11 @@ class ClassificationTask(common.EncoderTask):
 
     # -- model ------------------------------------------------------------------------------
     def build_model(self, model_info: ModelInfo, options: ClassificationOptions, state: dict, **load_kwargs):
-        from transformers import AutoModelForSequenceClassification
-
         labels = state["labels"]
         if state.get("pad_token_id") is not None:
             load_kwargs.setdefault("pad_token_id", state["pad_token_id"])  # decoder heads need it to find the last token
-        return common.load_with_head(
-            AutoModelForSequenceClassification, model_info, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        return self.head.load(
+            model_info, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, problem_type="single_label_classification",
             **load_kwargs)
 

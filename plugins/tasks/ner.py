@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from petune_plugins.tasks import datafiles, reports
 from petune_plugins.tasks._common import (
+    TOKEN_CLASSIFICATION,
     EncoderTask,
     PadCollator,
     SplitOptions,
@@ -53,14 +54,13 @@ from petune_plugins.tasks._common import (
     held_out_splits,
     hold_out,
     length_within_limit,
-    load_with_head,
     model_device,
     read_held_out,
 )
 from pydantic import Field
 
 from petune import hookimpl
-from petune.api import ModelInfo, ModelShape, TaskData
+from petune.api import ModelInfo, TaskData
 from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
@@ -537,12 +537,9 @@ class NerTask(EncoderTask):
     name = "ner"
     description = "named-entity recognition from CoNLL/JSONL (IOB1/IOB2/BIOES); seqeval strict entity F1"
     Options = NerOptions
-    peft_task_type = "TOKEN_CLS"
+    head = TOKEN_CLASSIFICATION
     primary_metric = "f1"
     explained_output = "token_labels"  # petune explain: attributions for each predicted entity
-
-    def model_shape(self, config) -> ModelShape:
-        return ModelShape("AutoModelForTokenClassification", labels="tokens")
 
     def word_spans(self, text: str) -> list[tuple[int, int]]:
         """The words of plain text as this task tags them (``petune explain``)."""
@@ -612,11 +609,9 @@ class NerTask(EncoderTask):
 
     # -- model ------------------------------------------------------------------------------
     def build_model(self, model_info: ModelInfo, options: NerOptions, state: dict, **load_kwargs):
-        from transformers import AutoModelForTokenClassification
-
         labels = state["labels"]
-        return load_with_head(
-            AutoModelForTokenClassification, model_info, num_labels=len(labels), id2label=dict(enumerate(labels)),
+        return self.head.load(
+            model_info, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, **load_kwargs)
 
     # -- training ---------------------------------------------------------------------------

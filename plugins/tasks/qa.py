@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from petune_plugins.tasks import datafiles, reports, text_metrics
 from petune_plugins.tasks._common import (
+    QUESTION_ANSWERING,
     EncoderTask,
     SplitOptions,
     accepted_inputs,
@@ -58,7 +59,6 @@ from petune_plugins.tasks._common import (
     ensure_pad_token,
     held_out_splits,
     hold_out,
-    load_with_head,
     model_device,
     model_limit,
     read_held_out,
@@ -67,7 +67,7 @@ from petune_plugins.tasks._common import (
 from pydantic import Field
 
 from petune import hookimpl
-from petune.api import ModelInfo, ModelShape, TaskData
+from petune.api import ModelInfo, TaskData
 from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
@@ -405,11 +405,8 @@ class QaTask(EncoderTask):
     name = "qa"
     description = "extractive question answering (SQuAD v1.1/v2.0, JSONL); overlapping windows; EM/F1"
     Options = QaOptions
-    peft_task_type = "QUESTION_ANS"
+    head = QUESTION_ANSWERING
     primary_metric = "f1"
-
-    def model_shape(self, config) -> ModelShape:
-        return ModelShape("AutoModelForQuestionAnswering", labels="span")
 
     def settings(self, options: QaOptions, tokenizer) -> dict:
         limit = model_limit(tokenizer)
@@ -480,11 +477,9 @@ class QaTask(EncoderTask):
 
     # -- model ------------------------------------------------------------------------------
     def build_model(self, model_info: ModelInfo, options: QaOptions, state: dict, **load_kwargs):
-        from transformers import AutoModelForQuestionAnswering
-
         if state.get("pad_token_id") is not None:
             load_kwargs.setdefault("pad_token_id", state["pad_token_id"])
-        model = load_with_head(AutoModelForQuestionAnswering, model_info, **load_kwargs)
+        model = self.head.load(model_info, **load_kwargs)
         prefix = getattr(model, "base_model_prefix", "")
         if prefix and any(m == prefix or m.startswith(prefix + ".") for m in model.petune_new_modules):
             # e.g. LlamaForQuestionAnswering keeps its body under "transformer", while a causal LM
