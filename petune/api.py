@@ -27,7 +27,7 @@ The whole contract is in this module:
 * **optional with a default** (override to improve on it): ``Task.check``, ``data_files``,
   ``load_eval_data``, ``held_out_data``, ``with_test_file``, ``head_modules``, ``peft_task_type_for``, ``primary_metric_for``, ``model_shape``,
   ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
-  ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``; ``Strategy.check``,
+  ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``, ``training_plan``; ``Strategy.check``,
   ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``;
   ``ModelSource.gguf_file``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
@@ -281,6 +281,12 @@ class Task(_Plugin):
         arguments for ``TrainingArguments`` (or ``trl.SFTConfig``) built from the recipe's
         [train]/[eval] sections; add task-specific ones (metric_for_best_model, ...)."""
         raise NotImplementedError
+
+    def training_plan(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, options: Options) -> dict[str, str]:
+        """Rows for the plan about how this task will train this (built) model, decided on the
+        model as ``make_trainer`` decides it, e.g. ``{"batching": "padding-free: ..."}`` or why
+        padded batches were chosen instead. Default: none."""
+        return {}
 
     def evaluate(self, trainer: Trainer, data: TaskData, options: Options, run_dir: Path) -> dict[str, dict]:
         """Final metrics per split (``{"validation": {...}, "test": {...}}``); write the

@@ -48,6 +48,13 @@ class TrainSection(Options):
     optimizer: Literal["adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"] = "adamw_torch"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
+    kernels: Literal["auto", "liger", "off"] = Field(
+        "auto", description="fused Triton kernels for RMSNorm, RoPE and SwiGLU (Liger) on a CUDA GPU; auto: where "
+                            "liger-kernel is installed and a GPU is used, else off; liger: refused without them")
+    compile: bool = Field(False, description="torch.compile the model (inductor): faster steps after a slower start")
+    activation_offloading: bool = Field(
+        False, description="keep the activations saved for the backward pass (with gradient_checkpointing: the "
+                           "layer inputs) in CPU memory instead of the GPU's; no effect on a CPU")
     seed: int = 42
     shuffle: bool = Field(True, description="shuffle the training examples (seeded by seed)")
     logging_steps: int = Field(10, ge=1)

@@ -9,7 +9,7 @@ import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petune import artifacts, checkpoints, datacache, memory
+from petune import artifacts, checkpoints, datacache, memory, speed
 from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters, paths_in
 from petune.console import (
     err,
@@ -93,7 +93,10 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
     model = build_trainable_model(recipe, host, task, strategy, info, data.state)
     trainable, total = count_parameters(model)
     the_run = Run(recipe, run_dir, task, strategy, info, data)
-    show_plan(the_run, trainable, total, extra=[memory.plan_row(recipe, host, info), ("data cache", prepared.note)])
+    with host.blame("task", task.name, "training_plan"):
+        training_rows = list(task.training_plan(model, tokenizer, recipe.task).items())
+    training_rows.append(("speed", speed.plan(recipe.train, _has_cuda(), info.model_type)))
+    show_plan(the_run, trainable, total, extra=[*training_rows, memory.plan_row(recipe, host, info), ("data cache", prepared.note)])
     if dry_run:
         return RunResult("planned", trainable_parameters=trainable, total_parameters=total)
 
@@ -116,7 +119,7 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
 
     result = RunResult("failed", trainable_parameters=trainable, total_parameters=total)
     try:
-        args = training_arguments(recipe, run_dir, task, data)
+        args = training_arguments(recipe, run_dir, task, data, model_type=info.model_type)
         callbacks = [training_progress_callback(), *checkpoints.callbacks(recipe.train.save_total_limit),
                      *early_stopping(recipe)]
         callbacks += [cb for cbs in host.call("trainer_callbacks", run=the_run) for cb in cbs]
@@ -124,6 +127,7 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
             trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,
                                         args=args, callbacks=callbacks)
         prepare_trainer(trainer)
+        speed.offload_activations(trainer, recipe.train, _has_cuda())
         use_strategy_optimizer(trainer, strategy, recipe, host)
         resumed_at = checkpoints.state_of(resume_from)["global_step"] if resume_from else 0
         if finished:
@@ -237,6 +241,7 @@ def check_recipe(recipe: Recipe, host: PluginHost, task: Task, strategy: Strateg
     with host.blame("strategy", strategy.name, "check"):
         strategy.check(task, None, recipe.strategy)
         strategy.check_recipe(recipe)
+    speed.check(recipe.train, _has_cuda())  # e.g. fused kernels asked for on a CPU
 
 
 def build_trainable_model(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy, info: ModelInfo, state: dict):
@@ -317,8 +322,9 @@ def precision_flags(precision: str) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData) -> dict:
-    """transformers.TrainingArguments keyword arguments from [train] and [eval]."""
+def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData, model_type: str | None = None) -> dict:
+    """transformers.TrainingArguments keyword arguments from [train] and [eval] (``model_type``:
+    the base model's, for the fused kernels; None leaves that to transformers)."""
     t, e = recipe.train, recipe.eval
     eval_strategy = e.strategy if data.validation is not None else "no"
     metric = e.metric or task.primary_metric_for(recipe.task)
@@ -359,6 +365,7 @@ def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData
         use_cpu=not _has_cuda(),
         average_tokens_across_devices=task.token_level_loss,
         **precision_flags(t.precision),
+        **speed.training_arguments(t, _has_cuda(), model_type),
         **distributed_arguments(recipe),
     )
     report_inside_run(t.report_to, run_dir)

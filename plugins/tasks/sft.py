@@ -30,13 +30,21 @@ after the stop token). SFTTrainer receives ``input_ids`` + ``labels`` and uses t
 are. This works for any template (no ``{% generation %}`` markers needed) and the mask is
 the same for every data format.
 
-Packing (``packing = true``): TRL's best-fit packing with padding-free batches; examples are
-concatenated with ``position_ids`` restarting at 0 and no attention mask, from which
-transformers builds a block-diagonal mask (sdpa, eager) or sequence lengths (flash
-attention). Whether examples really cannot see each other depends on the model's attention
-code, so ``make_trainer`` checks it on the model itself (logits of an example packed after
-another vs. alone) and refuses packing when it does not hold, and for prompt/prefix tuning,
-whose virtual tokens would reach only the first example of a pack.
+Padding-free batches (``padding_free = "auto"``, the default): the examples of a batch are
+concatenated into one row with ``position_ids`` restarting at 0 and no attention mask, from
+which transformers builds a block-diagonal mask (sdpa, eager, also Gemma 3's sliding-window
+layers) or sequence lengths (flash attention). No padding is computed, and the loss is the
+same as with padded batches: the mean over the batch's answer tokens (TRL's collator masks
+the first label of each example, so no example is trained to predict the next one's start).
+Whether examples really cannot see each other depends on the model's attention code, so it is
+checked on the model itself (logits of an example packed after another vs. alone,
+:func:`choose_batching`); where it does not hold, and for prompt/prefix tuning (whose
+virtual tokens would reach only the first example of a row), ``auto`` falls back to padded
+batches and the plan says why (``padding_free = true`` is refused there instead).
+
+Packing (``packing = true``): TRL's best-fit packing, several examples per row up to
+``max_length``, padding-free as above; fewer, fuller rows, so a step sees more examples and an
+epoch has fewer steps. Refused where examples would not be kept apart.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from jinja2 import TemplateError
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks._common import SplitOptions, check_data_paths, hold_out, read_held_out, seeded_split
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from petune import hookimpl
 from petune.api import DataPath, ModelInfo, ModelShape, Task, TaskData
@@ -77,12 +85,23 @@ class SftOptions(SplitOptions):
         "completion", description="completion: assistant answers and their stop token only; all: every token")
     max_length: int = Field(512, ge=8, description="tokens per example; longer ones are cut at the end")
     max_rows: int | None = Field(None, ge=1, description="read at most this many rows of each file")
-    packing: bool = Field(False, description="pack several examples per row (padding-free, examples kept apart)")
+    packing: bool = Field(False, description="pack several examples per row (padding-free, examples kept apart); "
+                                             "fewer, fuller rows: changes the examples per step")
+    padding_free: bool | Literal["auto"] = Field(
+        "auto", description="each batch's examples in one row without padding (same examples per step, same loss); "
+                            "auto: where the model's attention keeps them apart, else padded batches (the plan says "
+                            "which and why)")
     num_sample_generations: int = Field(5, ge=0, description="held-out prompts answered after training (samples.jsonl)")
     loss: Literal["auto", "chunked", "full"] = Field(
         "auto", description="chunked: TRL's fused LM head, never the full-vocabulary logits (less memory); "
                             "full: plain cross-entropy on the logits (faster on a CPU); auto: chunked on a GPU "
                             "or when the logits would pass 1 GiB, else full")
+
+    @model_validator(mode="after")
+    def _packing_is_padding_free(self):
+        if self.packing and self.padding_free is False:
+            raise ValueError("packing = true needs padding-free rows: leave padding_free at 'auto' (or true)")
+        return self
 
 
 # -- reading records ------------------------------------------------------------------------
@@ -597,14 +616,22 @@ def _device_of(model):
     return next(model.parameters()).device
 
 
-def check_packing_keeps_examples_apart(model, tokenizer) -> None:
+def check_packing_keeps_examples_apart(model, tokenizer, where: str = "task.packing") -> None:
     """Refuse packing unless an example packed after another gives the same logits as alone."""
+    why_not = examples_kept_apart(model, tokenizer)
+    if why_not is not None:
+        raise Refusal(f"packing {why_not}", where=where, hint=f"set {where} = false")
+
+
+def examples_kept_apart(model, tokenizer) -> str | None:
+    """None when an example packed after another in one row (``position_ids`` restarting at 0,
+    no attention mask) gives the same logits as alone; else why examples in one row would not
+    be kept apart, as words that follow "packing"."""
     import torch
 
     if _is_prompt_learning(model):
-        raise Refusal("packing cannot be combined with prompt or prefix tuning: the virtual tokens are added once "
-                      "per packed row, so only its first example would see them", where="task.packing",
-                      hint="set task.packing = false")
+        return ("cannot be combined with prompt or prefix tuning: the virtual tokens are added once per packed row, "
+                "so only its first example would see them")
     ids = tokenizer("the quick brown fox jumps over the lazy dog. " * 3, add_special_tokens=False)["input_ids"]
     first, second = ids[:6], ids[6:12]
     device = _device_of(model)
@@ -622,12 +649,42 @@ def check_packing_keeps_examples_apart(model, tokenizer) -> None:
     isolated = (packed - alone).abs().max().item()
     leaked = (shared - alone).abs().max().item()  # what attending across examples looks like
     if not isolated <= max(1e-3, 0.05 * leaked):
-        config = getattr(model, "config", None)
-        attention = getattr(config, "_attn_implementation", None) or "unknown"
-        raise Refusal(f"packing would let examples attend to each other with this model (attention "
-                      f"implementation {attention!r}): an example packed after another gives logits that differ "
-                      f"from the example alone by {isolated:.3g}", where="task.packing",
-                      hint="set task.packing = false")
+        return (f"would let examples attend to each other with this model (attention implementation "
+                f"{_attention_of(model)!r}): an example packed after another gives logits that differ from the "
+                f"example alone by {isolated:.3g}")
+    return None
+
+
+def _attention_of(model) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None) or "unknown"
+
+
+class Batching(NamedTuple):
+    """How an SFT trainer batches its examples, and the words the plan shows for it."""
+
+    padding_free: bool
+    plan: str
+
+
+def choose_batching(model, tokenizer, packing: bool, padding_free: bool | str) -> Batching:
+    """Padding-free rows where this model's attention keeps the examples of a row apart
+    (checked on the model itself: transformers builds a block-diagonal mask from restarting
+    ``position_ids`` for sdpa/eager, flash attention uses the sequence lengths), else padded
+    batches. ``packing`` and ``padding_free = true`` are refused where they cannot hold."""
+    if packing:
+        check_packing_keeps_examples_apart(model, tokenizer)
+        return Batching(True, "packed: several examples per row (best-fit), no padding, kept apart by position ids")
+    if padding_free is False:
+        return Batching(False, "padded batches (task.padding_free = false)")
+    why_not = examples_kept_apart(model, tokenizer)
+    if why_not is None:
+        return Batching(True, f"padding-free: a batch's examples in one row, no padding; the model's "
+                              f"{_attention_of(model)} attention keeps them apart (checked)")
+    if padding_free is True:
+        raise Refusal(f"padding-free batches {why_not}", where="task.padding_free",
+                      hint="set task.padding_free = 'auto' (padded batches where they cannot be kept apart)")
+    return Batching(False, f"padded batches: padding-free rows {why_not}")
 
 
 
@@ -723,8 +780,13 @@ class SftTask(CausalLmTask):
     def make_trainer(self, *, model, tokenizer, data: TaskData, options: SftOptions, args: dict, callbacks: list):
         chunked = loss_memory(options.loss, args.get("per_device_train_batch_size", 1), options.max_length,
                               model.config) == "chunked"
+        batching = choose_batching(model, tokenizer, options.packing, options.padding_free)
         return make_sft_trainer(model=model, tokenizer=tokenizer, data=data, args=args, callbacks=callbacks,
-                                max_length=options.max_length, packing=options.packing, chunked_loss=chunked)
+                                max_length=options.max_length, packing=options.packing,
+                                padding_free=batching.padding_free, chunked_loss=chunked)
+
+    def training_plan(self, model, tokenizer, options: SftOptions) -> dict[str, str]:
+        return {"batching": choose_batching(model, tokenizer, options.packing, options.padding_free).plan}
 
     def loss_memory(self, options: SftOptions, batch_size: int, config, device: str | None = None) -> str:
         """How this run computes its loss, for the memory estimate."""
@@ -889,20 +951,24 @@ def loss_memory(loss: str, batch_size: int, max_length: int, config, device: str
 
 
 def make_sft_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks: list, max_length: int,
-                     packing: bool = False, chunked_loss: bool = True):
+                     packing: bool = False, padding_free: bool = False, chunked_loss: bool = True):
     """TRL's SFTTrainer on datasets already tokenized here (``input_ids`` + ``labels``, cut to
-    ``max_length``). Shared with the seq2seq task's decoder-only models."""
+    ``max_length``). Shared with the seq2seq task's decoder-only models. ``padding_free``: the
+    examples of a batch in one row (the caller has checked that the model keeps them apart);
+    the loss stays the mean over the batch's answer tokens, as with padded batches."""
     from trl import SFTConfig, SFTTrainer
 
     if packing:
         check_packing_keeps_examples_apart(model, tokenizer)
+    padding_free = padding_free or packing
     config = {
         "bf16": False,  # TrainingArguments' default; SFTConfig's is True
         **_checkpointing_args(args, SFTConfig),
-        "max_length": max_length,  # examples are already cut to it
+        # examples are already cut to max_length; TRL refuses it for padding-free rows without packing
+        "max_length": max_length if packing or not padding_free else None,
         "packing": packing,
         "packing_strategy": "bfd",  # whole examples, padding-free: position_ids restart per example
-        "padding_free": packing,
+        "padding_free": padding_free,
         "assistant_only_loss": False,  # labels come with the data
         "completion_only_loss": None,
     }
