@@ -91,8 +91,8 @@ def content_digest(path: Path) -> str:
 
 def tokenizer_digest(tokenizer) -> str:
     """The tokenizer's files (its folder but the weights), or its saved form when it was not
-    loaded from a folder."""
-    folder = Path(getattr(tokenizer, "name_or_path", "") or "")
+    loaded from a folder. ``tokenizer``: a tokenizer, or its folder."""
+    folder = Path(tokenizer if isinstance(tokenizer, (str, Path)) else getattr(tokenizer, "name_or_path", "") or "")
     if str(folder) and folder.is_dir():
         files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix not in _WEIGHTS)
         return _digest_files(files)
@@ -172,20 +172,29 @@ def _workers(num_proc: int):
 def prepare(task: Task, method: str, options: Options, tokenizer, load: Callable[[object], TaskData], *,
             settings=None, extra: dict | None = None) -> Prepared:
     """``load(tokenizer)`` (the task's ``load_data`` or ``held_out_data``), from the cache when
-    an entry for the same inputs exists, else built and stored. ``settings``: the recipe's
-    ``[data]`` section (None: the defaults)."""
+    an entry for the same inputs exists, else built and stored. ``tokenizer``: a tokenizer, or
+    the folder to load it from (loaded only on a miss: a hit brings its own). ``settings``: the
+    recipe's ``[data]`` section (None: the defaults)."""
+    from petune.models import load_tokenizer
+
     num_proc = getattr(settings, "num_proc", 1)
     root = cache_root(getattr(settings, "cache_dir", None)) if getattr(settings, "cache", True) else None
+    if isinstance(tokenizer, (str, Path)):
+        folder, tokenizer = str(tokenizer), None
+    else:
+        folder = getattr(tokenizer, "name_or_path", "")
     if root is None:
+        tokenizer = tokenizer or load_tokenizer(folder)
         with _workers(num_proc):
             return Prepared(load(tokenizer), tokenizer, "off")
     started = time.perf_counter()
-    key = cache_key(task, method, options, tokenizer, extra)
+    key = cache_key(task, method, options, tokenizer or folder, extra)
     entry = root / entry_name(task.name, key)
-    hit = read_entry(entry, key, tokenizer)
+    hit = read_entry(entry, key, folder)
     if hit is not None:
         data, cached_tokenizer = hit
         return Prepared(data, cached_tokenizer, f"hit: {entry} ({time.perf_counter() - started:.1f} s)")
+    tokenizer = tokenizer or load_tokenizer(folder)
     with _workers(num_proc):
         data = load(tokenizer)
     seconds = time.perf_counter() - started
@@ -195,7 +204,7 @@ def prepare(task: Task, method: str, options: Options, tokenizer, load: Callable
     return Prepared(stored, tokenizer, f"built in {seconds:.1f} s, stored in {entry}")
 
 
-def read_entry(entry: Path, key: dict, tokenizer) -> tuple[TaskData, object] | None:
+def read_entry(entry: Path, key: dict, folder: str) -> tuple[TaskData, object] | None:
     """The entry's data and tokenizer, or None when there is no whole entry for ``key``."""
     try:
         meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
@@ -213,7 +222,7 @@ def read_entry(entry: Path, key: dict, tokenizer) -> tuple[TaskData, object] | N
                   "preparing the data again")
         shutil.rmtree(entry, ignore_errors=True)
         return None
-    cached.name_or_path = tokenizer.name_or_path  # the model's folder, where tasks look up its config
+    cached.name_or_path = folder  # the model's folder, where tasks look up its config
     return data, cached
 
 

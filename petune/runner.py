@@ -83,9 +83,8 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
     from transformers import set_seed
 
     set_seed(recipe.train.seed)  # one seed for data order, head and adapter initialisation
-    tokenizer = load_tokenizer(info.path)
     with host.blame("task", task.name, "load_data"):  # from the data cache when nothing changed
-        prepared = datacache.prepare(task, "load_data", recipe.task, tokenizer,
+        prepared = datacache.prepare(task, "load_data", recipe.task, info.path,
                                      lambda tok: task.load_data(recipe.task, tok), settings=recipe.data,
                                      extra={"seed": recipe.train.seed})
     data, tokenizer = prepared.data, prepared.tokenizer

@@ -1,0 +1,217 @@
+"""Data preparation at scale (issue 27): time and peak memory of ``petune run --dry-run``'s data
+step on a generated Alpaca-like instruction file, as JSONL, Parquet and .jsonl.gz; each format
+with the data cache off (the path without a cache), on a first run (cache miss: prepared and
+stored) and on a second run (cache hit).
+
+    python -m benchmarks.data_prep --rows 1000000            # from the repository root
+    python -m benchmarks.data_prep --rows 20000 --formats jsonl   # a quick look
+
+Rows: ``instruction`` / ``input`` (empty in 60% of rows, as in Alpaca) / ``output``, each of a
+word count drawn from the real Alpaca subset's own counts (``../shared/data/alpaca``; a fixed
+spread without it), words drawn from that file's vocabulary; seeded, so every run writes the
+same file. The recipe: the ``sft`` task on the packaged Gemma 3 270M tokenizer (``--model``),
+``format = "alpaca"``, the built-in ``alpaca`` chat template, ``max_length`` 512.
+
+Each measurement is a fresh process that runs ``petune run RECIPE --dry-run`` in-process and
+stops once the data is prepared (the model is not loaded: its weights would dwarf the data's
+memory). It reports the seconds spent preparing (``petune.datacache.prepare``: reading,
+tokenizing, storing or loading the cache), the process's peak RSS when preparation ends and its
+RSS before preparation began (the imported libraries).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ALPACA = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_data_subset2000_longoutputs.json"
+ALPACA_RANDOM = REPO.parent / "shared" / "data" / "alpaca" / "alpaca_data_random1k.json"
+FORMATS = ("jsonl", "parquet", "jsonl.gz")
+
+RECIPE = """\
+[model]
+name = "{model}"
+
+[task]
+name = "sft"
+train = "{train}"
+format = "alpaca"
+chat_template = "alpaca"
+max_length = 512
+
+[strategy]
+name = "lora"
+
+[data]
+cache = {cache}
+cache_dir = "{cache_dir}"
+
+[output]
+dir = "{out}"
+"""
+
+
+# -- the data -------------------------------------------------------------------------------------
+def _shape_source() -> tuple[list[str], list[tuple[int, int, int]]]:
+    """Vocabulary and (instruction, input, output) word counts of the real Alpaca rows."""
+    records = []
+    for path in (ALPACA_RANDOM, ALPACA):  # random1k: Alpaca's own length mix; the other: long outputs
+        if path.is_file():
+            records += json.loads(path.read_text(encoding="utf-8"))
+    if not records:
+        words = "the of and to in a is that for it as was with be by on not he this are or his from".split()
+        return words, [(12, 0, 40), (10, 8, 60), (15, 0, 120), (8, 20, 30), (20, 0, 200)]
+    vocabulary = sorted({w for r in records for key in ("instruction", "input", "output") for w in r[key].split()})
+    counts = [(len(r["instruction"].split()), len(r["input"].split()), len(r["output"].split())) for r in records]
+    return vocabulary, counts
+
+
+def generate(rows: int, folder: Path, formats=FORMATS) -> dict[str, Path]:
+    """Write the rows as JSONL (always), and as Parquet and .jsonl.gz when asked; streamed, in
+    batches, so writing needs little memory."""
+    vocabulary, counts = _shape_source()
+    rng = random.Random(27)
+    paths = {"jsonl": folder / "alpaca_like.jsonl"}
+
+    def text(n: int) -> str:
+        return " ".join(rng.choices(vocabulary, k=n))
+
+    with open(paths["jsonl"], "w", encoding="utf-8") as f:
+        for _ in range(rows):
+            instruction, given, output = rng.choice(counts)
+            f.write(json.dumps({"instruction": text(max(instruction, 1)), "input": text(given),
+                                "output": text(max(output, 1))}, ensure_ascii=False) + "\n")
+    if "parquet" in formats:
+        import pyarrow.json as pj
+        import pyarrow.parquet as pq
+
+        paths["parquet"] = folder / "alpaca_like.parquet"
+        reader = pj.open_json(paths["jsonl"], read_options=pj.ReadOptions(block_size=16 << 20))
+        with pq.ParquetWriter(paths["parquet"], reader.schema) as writer:
+            for batch in reader:
+                writer.write_batch(batch)
+    if "jsonl.gz" in formats:
+        paths["jsonl.gz"] = folder / "alpaca_like.jsonl.gz"
+        with open(paths["jsonl"], "rb") as src, gzip.open(paths["jsonl.gz"], "wb", compresslevel=6) as dst:
+            while chunk := src.read(16 << 20):
+                dst.write(chunk)
+    return {k: v for k, v in paths.items() if k in formats}
+
+
+# -- one measurement (in its own process) ----------------------------------------------------------
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(recipe: Path) -> dict:
+    """Run ``petune run RECIPE --dry-run`` here and stop when the data is prepared."""
+    from petune import datacache
+    from petune.cli import main
+
+    original, seen = datacache.prepare, {}
+
+    def timed(*args, **kwargs):
+        seen["rss_before"] = _rss()
+        started = time.perf_counter()
+        prepared = original(*args, **kwargs)
+        seen.update(seconds=time.perf_counter() - started, note=prepared.note,
+                    peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                    rows=len(prepared.data.train), notes=prepared.data.notes)
+        print(json.dumps(seen, default=str), flush=True)
+        os._exit(0)  # the data is prepared: what follows (loading the model) is not measured
+
+    datacache.prepare = timed
+    main(["run", str(recipe), "--dry-run"])
+    raise SystemExit("the run stopped before its data was prepared (see above)")
+
+
+def run_case(recipe: Path) -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([sys.executable, "-m", "benchmarks.data_prep", "--measure", str(recipe)], cwd=REPO,
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"measuring {recipe} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- the table --------------------------------------------------------------------------------------
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--formats", default=",".join(FORMATS), help="comma-separated: " + ", ".join(FORMATS))
+    parser.add_argument("--model", default="gemma-3-270m", help="whose tokenizer prepares the data")
+    parser.add_argument("--workdir", type=Path, help="keep the files here (default: a temporary folder, deleted)")
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        measure(args.measure)  # prints its numbers and exits
+
+    formats = [f for f in args.formats.split(",") if f]
+    with tempfile.TemporaryDirectory(prefix="petune-data-prep-") as tmp:
+        folder = args.workdir or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        paths = generate(args.rows, folder, formats)
+        plain_size = (folder / "alpaca_like.jsonl").stat().st_size
+        print(f"generated {args.rows:,} rows in {time.perf_counter() - started:.0f} s: "
+              + ", ".join(f"{k} {_mib(p.stat().st_size)}" for k, p in paths.items()), file=sys.stderr)
+        results = []
+        for fmt, path in paths.items():
+            cache_dir = folder / f"cache-{fmt.replace('.', '-')}"
+            for case, cache in (("cache off", "false"), ("first (builds the cache)", "true"),
+                                ("second (cache hit)", "true")):
+                recipe = folder / f"recipe-{fmt.replace('.', '-')}.toml"
+                recipe.write_text(RECIPE.format(model=args.model, train=path, cache=cache, cache_dir=cache_dir,
+                                                out=folder / "run"), encoding="utf-8")
+                result = run_case(recipe)
+                result.update(format=fmt, case=case, file_bytes=path.stat().st_size, plain_bytes=plain_size)
+                results.append(result)
+                print(f"{fmt:9} {case:26} {result['seconds']:8.1f} s  peak {_mib(result['peak_rss'])}  "
+                      f"before {_mib(result['rss_before'])}  ({result['note']})", file=sys.stderr)
+        if args.json:
+            args.json.write_text(json.dumps({"rows": args.rows, "results": results}, indent=2))
+    print(table(args.rows, results))
+    return 0
+
+
+def table(rows: int, results: list[dict]) -> str:
+    lines = [f"{rows:,} rows; uncompressed JSONL {_mib(results[0]['plain_bytes'])}",
+             "",
+             "| format | file | run | prepare (s) | peak RSS | RSS before preparing | peak growth | peak ÷ uncompressed size |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        growth = r["peak_rss"] - r["rss_before"]
+        lines.append(f"| {r['format']} | {_mib(r['file_bytes'])} | {r['case']} | {r['seconds']:.1f} | "
+                     f"{_mib(r['peak_rss'])} | {_mib(r['rss_before'])} | {_mib(growth)} | "
+                     f"{r['peak_rss'] / r['plain_bytes']:.2f} |")
+    firsts = {r["format"]: r for r in results if r["case"].startswith("first")}
+    seconds = {r["format"]: r for r in results if r["case"].startswith("second")}
+    lines.append("")
+    for fmt, first in firsts.items():
+        hit = seconds[fmt]["seconds"] / first["seconds"]
+        line = f"- {fmt}: cached second run {100 * hit:.1f}% of the first (target ≤ 5%)"
+        if fmt != "jsonl" and "jsonl" in firsts:
+            line += f"; first run {first['seconds'] / firsts['jsonl']['seconds']:.2f}× JSONL's (target ≤ 1.5×)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
