@@ -47,6 +47,10 @@ TRAVEL_LIMIT = 64 * 2**20
 #: pins. typing-extensions: pydantic needs a recent one.
 WHEELS = ("trl", "bitsandbytes", "peft", "datasets", "dill", "multiprocess", "pydantic", "pydantic-core",
           "annotated-types", "typing-inspection", "typing-extensions", "zstandard", "tomli-w", "gguf")
+#: wheels carried at a fixed version because they cannot be installed here: Liger's fused
+#: kernels (``train.kernels``) are Triton GPU code (0.9 MiB, pure Python; the GPU machine's
+#: torch brings Triton)
+PINNED = {"liger-kernel": "0.8.5"}
 #: pip matches manylinux tags exactly: every tag a cp312 x86-64 wheel here may carry
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")
@@ -62,9 +66,9 @@ class SuiteError(Exception):
 
 
 # -- prepare (CPU machine) --------------------------------------------------------------------
-def requirements(names=WHEELS) -> list[str]:
+def requirements(names=WHEELS, pinned=PINNED) -> list[str]:
     """``name==version`` for each wheel to carry, at the version installed in this interpreter
-    (what the tests here ran against)."""
+    (what the tests here ran against), then the ``pinned`` ones."""
     from importlib import metadata
 
     pins, missing = [], []
@@ -77,7 +81,7 @@ def requirements(names=WHEELS) -> list[str]:
         raise SuiteError(f"{', '.join(missing)} not installed in {sys.executable}: the wheels are taken at the "
                          "versions installed here; run this with the project's venv: .venv/bin/python "
                          "benchmarks/gpu/prepare")
-    return pins
+    return pins + [f"{name}=={version}" for name, version in pinned.items()]
 
 
 def download_command(pins: list[str], dest: Path, python_version: str = "3.12") -> list[str]:
@@ -315,6 +319,7 @@ def gpu_plan(device: str, dry_run: bool, work: Path) -> list[Job]:
     def fixed(shape, strategy, **kw):
         pairs = suite.plan(device=device, shapes=[shape], strategies=[strategy], work_dir=work, **kw)
         extra = "".join(f"-{k}{v}" for k, v in kw.items() if k in ("batch", "seq"))
+        extra += f"-{kw['variant']}" if kw.get("variant") else ""
         return Job(f"{shape}-{strategy}{extra}", "fixed", pairs[0])
 
     def real(shape, strategy, **kw):
@@ -329,6 +334,7 @@ def gpu_plan(device: str, dry_run: bool, work: Path) -> list[Job]:
         fixed("llama-3-8b", "lora", **steps),
         real("llama-3.2-1b", "lora", steps=8, warmup=2),
         fixed("llama-3-8b", "qlora", batch=1, seq=4096, steps=3, warmup=1),
+        fixed("llama-3-8b", "qlora", variant="no-kernels", **steps),  # the first job without the fused kernels
         *(fixed("llama-3.2-1b", s, **steps) for s in ("qlora", "lora", "full", "adapters", "prompt_tuning")),
         real("llama-3-8b", "qlora", steps=6, warmup=2),
         *(fixed("llama-3-8b", s, **steps) for s in ("adapters", "prompt_tuning")),

@@ -8,9 +8,11 @@ callbacks (progress bar, checkpoint marking, signal handling) — except reading
 the task gets a fixed-length synthetic dataset instead, the same rows as the baseline.
 
 Real-length cases (``case.data``): the task reads that Alpaca file itself (``load_data``, as
-``petune run`` does) with petune's defaults — loss on the answers, padded batches, or
-packed ones for the variant ``packing`` — and the Alpaca chat template, the layout the
-baseline writes by hand, so both sides train on the same tokens.
+``petune run`` does) with petune's defaults — loss on the answers, padding-free batches where
+the model keeps a row's examples apart (else padded), or packed rows for the variant
+``packing`` — and the Alpaca chat template, the layout the baseline writes by hand, so both
+sides train on the same tokens. The variant ``no-kernels`` sets ``train.kernels = "off"``
+(petune's default uses Liger's fused kernels where they are installed on a GPU).
 
 Two deliberate differences from ``petune run``, both outside the measured steps:
 checkpoints are not written (``save_strategy = "no"``: the final checkpoint would come after
@@ -54,7 +56,7 @@ def recipe_data(case: Case, model: str, data_file: Path) -> dict:
         "strategy": {"name": case.strategy, **case.strategy_options},
         "train": {"max_steps": case.total_steps, "batch_size": case.batch, "learning_rate": 2e-4,
                   "gradient_checkpointing": case.gradient_checkpointing, "optimizer": case.optimizer,
-                  "precision": "auto"},
+                  "precision": "auto", **({"kernels": "off"} if case.variant == "no-kernels" else {})},
         "eval": {"strategy": "no"},
         "output": {"dir": str(Path(case.work_dir) / "run")},
     }
@@ -132,7 +134,7 @@ def run(case: Case) -> dict:
     runner.prepare_trainer(trainer)
     if case.variant == "plain-loss":
         _plain_loss(trainer)
-    elif case.variant not in ("", "packing") or (case.variant == "packing" and not case.data):
+    elif case.variant not in ("", "packing", "no-kernels") or (case.variant == "packing" and not case.data):
         raise ValueError(f"unknown petune variant {case.variant!r}" + (" (packing needs real-length data)"
                                                                        if case.variant == "packing" else ""))
     counter = TokenCounter() if case.data else None
@@ -143,7 +145,7 @@ def run(case: Case) -> dict:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     artifact = work / strategy.artifact
     strategy.save(trainer.model, artifact)
-    extra = {"trainer": type(trainer).__name__,
+    extra = {"trainer": type(trainer).__name__, "kernels": "liger" if trainer.args.use_liger_kernel else "off",
              "tokens_seen": int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)}
     if counter is not None:
         extra.update(counter.summary(clock, case.warmup, case.steps), examples=len(data.train))
