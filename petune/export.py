@@ -421,7 +421,7 @@ def export_run(run_dir: Path, out_file: Path, *, fmt: str, quant: str, overwrite
             raise UserError("file already exists", where=str(target), hint="pass --overwrite or pick another --out")
     host = get_host()
     with err.status(f"loading {run_dir} ..."):
-        run = load_run(run_dir, host, quantized=False)  # merge into 16/32-bit weights, never into 4-bit ones
+        run = load_run(run_dir, host, dequantized=True)  # merged into the trained base, dequantised
     config = run.model.config
     arch_name = (getattr(run.model, "get_base_model", lambda: run.model)().config.architectures or [""])[0]
     auto = auto_class_for(arch_name) or auto_class_for(type(getattr(run.model, "get_base_model",

@@ -264,13 +264,14 @@ def merge_run(run_dir: Path, out_dir: Path, *, overwrite: bool = False, force: b
         raise UserError("merge output folder already exists", where=str(out_dir),
                         hint="pass --overwrite or pick another --out")
     host = get_host()
-    # Merge into a 16/32-bit base: folding LoRA into 4-bit weights would round it away.
+    # Merge into the trained base as plain 16/32-bit weights: folding into 4-bit weights would
+    # round the update away, folding into the original checkpoint gives a model never trained.
     with err.status(f"loading {run_dir} ..."):
-        run = load_run(run_dir, host, quantized=False)
+        run = load_run(run_dir, host, dequantized=True)
     if run.strategy.load_kwargs(run.recipe.strategy).get("quantization_config") is not None:
-        err.print("[yellow]note[/]: the adapter was trained on a 4-bit base; it is merged into the base loaded "
-                  "fresh in 16/32-bit (never into 4-bit weights, which would round the update away), and checked "
-                  "against the adapter on that same base. Outputs differ slightly from the 4-bit run itself.")
+        err.print("[yellow]note[/]: the adapter was trained on a quantised base; it is merged into that base "
+                  "dequantised to 16/32-bit (the weights the run computed with), never into 4-bit weights, which "
+                  "would round the update away.")
     texts = run.task.verification_texts(run.recipe.task, run.state)
     with err.status("running the check inputs through the run ..."):
         reference = reference_outputs(run.model, run.tokenizer, texts)

@@ -7,6 +7,8 @@ What is kept out, and why:
   checkpoint's unused pre-training head is expected; petune checks what it needs itself.
 * bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": an
   optional faster CPU kernel from the ``kernels`` package; 4-bit works without it.
+* transformers' "The modules are dequantized in ...": merging a QLoRA run dequantises its
+  base on purpose (see the qlora strategy).
 * tqdm "Loading weights" bars (and the Hub's bars): petune draws its own progress.
 
 The diverted log records are not lost: they go to the ``petune.libraries`` logger, so a
@@ -26,6 +28,7 @@ DIVERTED = {
     "transformers.modeling_layers": "LOAD REPORT",
     "transformers.utils.loading_report": "LOAD REPORT",
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "transformers.integrations.bitsandbytes": "The modules are dequantized in",
 }
 
 library_log = logging.getLogger("petune.libraries")

@@ -278,14 +278,17 @@ def read_finished_run(run_dir: Path, host: PluginHost) -> tuple[Recipe, Task, St
     return recipe, task, strategy, artifacts.read_json(run_dir / "task_state.json")
 
 
-def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True) -> LoadedRun:
+def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True, dequantized: bool = False) -> LoadedRun:
     """Rebuild a finished run's model (base + trained weights) from its folder alone.
-    ``quantized=False`` loads the base in 16/32-bit even for 4-bit strategies (for merging)."""
+    ``dequantized=True``: the base as trained, turned into plain 16/32-bit weights by the
+    strategy (for merging and export: the weights the run computed with, merged without
+    re-quantising). ``quantized=False``: the original checkpoint in 16/32-bit even for
+    4-bit strategies."""
     run_dir = Path(run_dir)
     recipe, task, strategy, state = read_finished_run(run_dir, host)
     info = resolve_model(recipe.model.name, host.model_sources())
     load_kwargs = {"dtype": model_dtype(recipe.model.dtype), "trust_remote_code": False}
-    if quantized:
+    if quantized or dequantized:
         load_kwargs.update(strategy.load_kwargs(recipe.strategy))
     with loading_weights(info.path), host.blame("task", task.name, "build_model"):
         base = task.build_model(info, recipe.task, state, **load_kwargs)
@@ -293,6 +296,9 @@ def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True) -
         model = strategy.restore(base, run_dir / strategy.artifact, task, recipe.strategy)
     model.eval()
     tokenizer = load_tokenizer(run_dir / "tokenizer")
+    if dequantized:
+        with host.blame("strategy", strategy.name, "dequantize"):
+            base = strategy.dequantize(base, recipe.strategy)
     return LoadedRun(run_dir, recipe, task, strategy, state, model, tokenizer)
 
 

@@ -102,10 +102,10 @@ def test_merged_model_loads_with_plain_transformers_and_matches(qlora_run, tmp_p
 
     result = petune("merge", qlora_run, "--out", tmp_path / "merged")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "4-bit" in result.stderr  # says it merged into the 16-bit base, not into 4-bit weights
+    assert "4-bit" in result.stderr  # says it merged into the dequantised base, not into 4-bit weights
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    unmerged = load_run(qlora_run, host, quantized=False)  # the adapter on the same 16-bit base
+    unmerged = load_run(qlora_run, host)  # the adapter on the 4-bit base, as trained
     torch.testing.assert_close(_logits(merged, tokenizer), _logits(unmerged.model, unmerged.tokenizer), rtol=1e-3, atol=1e-3)
 
 

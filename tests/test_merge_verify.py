@@ -65,7 +65,7 @@ def said(capsys) -> tuple[str, str]:
 def test_merge_is_verified(kind, runs, tmp_path, capsys):
     assert main(["merge", str(runs(kind)), "--out", str(tmp_path / "merged")]) == 0
     printed, notes = said(capsys)
-    if kind.startswith("qlora"):  # merged into the base loaded fresh in 16/32-bit, never into 4-bit weights
+    if kind.startswith("qlora"):  # merged into the trained base dequantised, never into 4-bit weights
         assert "never into 4-bit weights" in notes
     assert "verified: largest logit difference" in printed and "within the float32 tolerance" in printed
     assert "argmax agrees at" in printed
@@ -75,6 +75,27 @@ def test_merge_is_verified(kind, runs, tmp_path, capsys):
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert not any("lora" in key for key in config)
     assert (tmp_path / "merged" / "tokenizer.json").is_file()
+
+
+def test_qlora_merge_computes_what_the_4bit_run_computes(runs, tmp_path, host):
+    """The adapter learnt on the 4-bit weights: merged into the dequantised ones, the model
+    answers as the run does (``petune generate``); merged into the original checkpoint, it
+    would not. The tiny model's weights are random, so NF4's rounding is large here."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from petune.merge import encode, logits_of
+    from petune.runner import load_run
+
+    run_dir = runs("qlora-sft")
+    assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 0
+    as_trained = load_run(run_dir, host)  # 4-bit, as petune generate loads it
+    original = load_run(run_dir, host, quantized=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    batch = encode(as_trained.tokenizer, as_trained.model, "Add 3 and 3.")
+    want = logits_of(as_trained.model, batch)["logits"]
+    torch.testing.assert_close(logits_of(merged, batch)["logits"], want, rtol=1e-4, atol=1e-4)
+    assert (logits_of(original.model, batch)["logits"] - want).abs().max() > 1e-2  # the rounding the adapter saw
 
 
 def _merged_copy(runs, tmp_path) -> tuple[Path, Path]:

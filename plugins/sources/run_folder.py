@@ -1,8 +1,8 @@
 """A finished petune run as the starting model: ``[model] name = "runs/my_sft"``.
 
 This is how runs chain (SFT → DPO): the run's trained weights become the next run's base.
-A LoRA/QLoRA run's adapter is merged into its base loaded in 16/32-bit (never into 4-bit
-weights, which would round the update away), as ``petune merge`` does; a full fine-tuning run
+A LoRA/QLoRA run's adapter is merged into its base as trained, in 16/32-bit (a QLoRA base
+dequantised, never re-quantised, which would round the update away), as ``petune merge`` does; a full fine-tuning run
 is its own model. The result is saved once, with the run's tokenizer (its chat template and
 pad token, so the next run renders prompts exactly as this one trained on them) and its
 generation settings, to ``$PETUNE_CACHE/runs/<key>``, where the key changes whenever the run's
@@ -83,7 +83,7 @@ class RunFolderSource(ModelSource):
         from petune.runner import load_run
 
         err.print(f"merging the run {run_dir} into a standalone model (once; cached in {target})")
-        run = load_run(run_dir, PluginHost(), quantized=False)  # 16/32-bit base: a 4-bit merge would lose the update
+        run = load_run(run_dir, PluginHost(), dequantized=True)  # merged into the trained base, dequantised
         try:
             model = run.model if run.strategy.artifact == "model" else run.strategy.merge(run.model)
         except Refusal as exc:

@@ -7,10 +7,13 @@ load dtype, inputs are made to require grad (so gradient checkpointing reaches t
 and peft keeps the LoRA weights themselves in fp32. Gradient checkpointing, when the recipe
 asks for it, is switched on by the trainer with ``use_reentrant=False``.
 
-Merging: folding LoRA into 4-bit weights re-quantises them and loses accuracy. The merge
-path loads the base *without* ``load_kwargs`` (bf16/fp32), restores the adapter onto it
-(a plain peft adapter: it loads on any precision) and merges there. Merging a 4-bit model
-still works but warns.
+Merging: folding LoRA into 4-bit weights re-quantises them and rounds the update away; folding
+it into the original 16-bit checkpoint gives a model the adapter was never trained with (the
+adapter learnt to correct the 4-bit rounding too). The merge path loads the base in 4-bit as
+training did, dequantises it at once to plain 16/32-bit weights (the values bitsandbytes
+computed with: :meth:`QloraStrategy.dequantize`), restores the adapter on them and merges
+there, so the merged model computes what ``petune generate`` on the run computes. Merging a
+4-bit model directly still works but warns.
 """
 
 from __future__ import annotations
@@ -115,6 +118,11 @@ class QloraStrategy(Strategy):
 def _keep_trainable_layout(model):
     """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for faster inference the
     first time a layer runs in eval mode, then computes in bf16 whatever compute_dtype says,
+    def dequantize(self, base, options):
+        # transformers swaps every 4-bit Linear for a plain one holding bitsandbytes'
+        # dequantised weight, and drops the quantisation config; the rest keeps its dtype
+        return base.dequantize()
+
     and never unpacks them for training: an evaluation mid-training would break the next
     step. Reloaded models keep bitsandbytes' default: the repacked kernels compute in bf16,
     so their outputs differ from the training-time ones by bf16 rounding."""
