@@ -213,3 +213,15 @@ def test_data_files_default_is_every_path_among_the_options(host, sft, tmp_path)
     write_jsonl(tmp_path / "val.jsonl")
     options = sft_options(host, tmp_path, validation="val.jsonl")
     assert sorted(p.name for p in sft.data_files(options)) == ["train.jsonl", "val.jsonl"]
+
+
+def test_several_processes_tokenize_to_the_same_rows(host, sft, tmp_path, tiny_llama_path):
+    rows = [{"instruction": f"say {i} twice", "output": f"{i} {i}"} for i in range(2500)]  # three batches
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    options = sft_options(host, tmp_path, validation_split=0.1)
+    one = prepare(sft, options, tiny_llama_path, cache=False)
+    two = prepare(sft, options, tiny_llama_path, cache=False, num_proc=2)
+    assert rows_of(two.data) == rows_of(one.data)
+    assert two.data.notes == one.data.notes and len(one.data.train) == 2250
+    # written to Arrow batch by batch, and read back memory-mapped
+    assert one.data.train.cache_files and two.data.validation.cache_files

@@ -52,6 +52,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -59,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from jinja2 import TemplateError
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks._common import SplitOptions, check_data_paths, hold_out, read_held_out, seeded_split
+from petune_plugins.tasks.encoding import encode_split
 from pydantic import Field, model_validator
 
 from petune import hookimpl
@@ -130,9 +132,13 @@ def read_rows(path: Path, max_rows: int | None = None) -> list[Row]:
     compressed) are parsed here, so a record of a JSON list is named by its index too; every
     other records format (CSV/TSV, Parquet, Arrow) comes from :func:`datafiles.read_records`."""
     kind = datafiles.data_format(path)
-    if kind in ("jsonl", "json", None):
-        return parse_records(datafiles.read_text(path), str(path), jsonl=True if kind == "jsonl" else None,
-                             max_rows=max_rows)
+    if kind == "jsonl":  # line by line: the whole text is never held, nor a list of its lines
+        rows = _parse_jsonl(datafiles.iter_lines(path), str(path), max_rows)
+        if not rows:
+            raise DataError("the data file is empty", where=str(path))
+        return rows
+    if kind in ("json", None):
+        return parse_records(datafiles.read_text(path), str(path), max_rows=max_rows)
     return [Row(dict(record), record.where) for record in datafiles.read_records(path, max_rows)]
 
 
@@ -146,15 +152,16 @@ def parse_records(text: str, source: str, *, jsonl: bool | None = None, max_rows
     if not jsonl and text[start] != "[":
         raise DataError(f"expected a JSON list of records ([{{...}}, ...]), found {text[start]!r}", where=source,
                         hint="or write one record per line and name the file .jsonl")
-    rows = _parse_jsonl(text, source, max_rows) if jsonl else _parse_json_list(text, source, start, max_rows)
+    rows = (_parse_jsonl(enumerate(text.split("\n"), 1), source, max_rows) if jsonl
+            else _parse_json_list(text, source, start, max_rows))
     if not rows:
         raise DataError("the data file holds no records", where=source)
     return rows
 
 
-def _parse_jsonl(text: str, source: str, max_rows: int | None) -> list[Row]:
+def _parse_jsonl(lines: Iterable[tuple[int, str]], source: str, max_rows: int | None) -> list[Row]:
     rows = []
-    for number, line in enumerate(text.split("\n"), 1):
+    for number, line in lines:
         if not line.strip():
             continue  # blank lines are allowed
         try:
@@ -745,15 +752,13 @@ class SftTask(CausalLmTask):
     @staticmethod
     def _encode(examples: dict[str, list[Example]], options: SftOptions, tokenizer, fmt) -> TaskData:
         chat = prepare_chat_tokenizer(tokenizer, options.chat_template)  # a saved run's tokenizer keeps its own
-
-        from datasets import Dataset
-
         encoder = Encoder(tokenizer, chat.template, chat.end_of_turn, loss_on=options.loss_on,
                           max_length=options.max_length)
         datasets, notes = {}, {}
         notes["chat_template"] = chat.note
         for split, split_examples in examples.items():
-            columns, counts = encoder.encode(split_examples)
+            dataset, counts = encode_split(split_examples, encoder.encode, desc=split,  # in batches, to Arrow
+                                           combine={"shortest_dropped_prompt": min})
             if counts["examples"] == 0:
                 where = str(options.train if split == "train" or split == "validation" and options.validation is None
                             else getattr(options, split))
@@ -761,7 +766,7 @@ class SftTask(CausalLmTask):
                                 f"max_length = {options.max_length}: the prompts alone are that long "
                                 f"(the shortest takes {counts.get('shortest_dropped_prompt')} tokens)", where=where,
                                 hint="raise task.max_length, or shorten the prompts")
-            datasets[split] = Dataset.from_dict(columns)
+            datasets[split] = dataset
             notes[f"{split}_truncated"] = counts["truncated"]
             notes[f"{split}_dropped"] = counts["dropped"]
 
