@@ -1,0 +1,456 @@
+"""Reward models: a sequence-classification head with one output (a scalar score) trained on
+preference pairs with TRL's ``RewardTrainer`` (loss −log σ(r(chosen) − r(rejected))).
+
+A task of its own rather than a ``method`` of the ``preference`` task: its model is a
+sequence classifier (peft ``SEQ_CLS``, the head trained and saved with an adapter), it scores
+texts (``petune predict``, ``/v1/predict``) instead of writing them, and its data are the same
+pair files, read by the same code (:func:`petune_plugins.tasks.preference.read_preferences`:
+formats ``pairs``, ``hh-rlhf``, ``openai``; dropped pairs counted in the plan's notes)::
+
+    [task]
+    name = "reward"
+    train = "pairs_train.jsonl"
+    validation = "pairs_validation.jsonl"
+    max_length = 256
+    max_prompt_length = 192
+
+What the model reads, per answer:
+
+* a decoder (Gemma, Llama ...): the prompt and the answer in the chat template, as the
+  ``preference`` task tokenizes them (the answer through its end-of-turn token, whose
+  position the head reads);
+* an encoder (BERT, MiniLM ...): ``[CLS] prompt [SEP] answer [SEP]``, the prompt's turns
+  written as ``user: ...`` / ``assistant: ...`` lines.
+
+``max_prompt_length`` keeps the end of long prompts; ``max_length`` then cuts answers at the
+end; a pair whose answer is cut to nothing, or whose two answers become identical, is dropped
+and counted.
+
+Metrics on held-out pairs, before training and after (``validation_before`` / ``validation``,
+and test), in metrics.json: ``accuracy`` (share of pairs whose chosen answer scores higher,
+ties counted half), ``margin`` (mean score of chosen minus rejected), ``chosen_reward`` and
+``rejected_reward`` (mean scores). Predictions: one ``{"score": float}`` per input, an input
+being ``prompt<TAB>answer`` (a line without a tab: an answer to an empty prompt), or a
+JSON Lines record ``{"prompt", "completion"}`` (strings or messages).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from petune_plugins.tasks import _common as common
+from petune_plugins.tasks import datafiles
+from petune_plugins.tasks.preference import Pair, PairEncoder, _answer, _prompt, read_preferences
+from petune_plugins.tasks.sft import _BadRow, _checkpointing_args, _is_decoder_only, _keys, prepare_chat_tokenizer
+from pydantic import Field, model_validator
+
+from petune import hookimpl
+from petune.api import DataPath, ModelInfo, Options, TaskData
+from petune.errors import DataError
+
+DEFAULT_MAX_LENGTH = 512
+
+
+class RewardOptions(Options):
+    train: DataPath = Field(description="training pairs: JSON Lines, a JSON list or CSV")
+    validation: DataPath | None = Field(None, description="held-out pairs: pairwise accuracy and margin before/after")
+    test: DataPath | None = Field(None, description="test pairs, scored after training")
+    validation_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train")
+    split_seed: int = Field(42, description="seed of the validation_split shuffle")
+    format: Literal["auto", "pairs", "hh-rlhf", "openai"] = Field(
+        "auto", description="data format (as the preference task's); auto: by the keys of each file's first record")
+    chat_template: Literal["auto", "model", "chatml", "gemma", "alpaca", "plain"] = Field(
+        "auto", description="decoder models: as the sft task (auto = the model's own, else a built-in); "
+                            "encoders read '[CLS] prompt [SEP] answer [SEP]'")
+    max_length: int = Field(DEFAULT_MAX_LENGTH, ge=8, description="tokens of prompt + answer; answers are cut at "
+                                                                  "the end")
+    max_prompt_length: int | None = Field(None, ge=1, description="tokens of a prompt; longer ones keep their end")
+    max_rows: int | None = Field(None, ge=1, description="read at most this many records of each file")
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="TRL's auxiliary loss pulling scores towards 0 (e.g. 0.01); none by default")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.validation is not None and self.validation_split is not None:
+            raise ValueError("give either validation (a file) or validation_split (a fraction of train), not both")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
+                             f"({self.max_length}), or no answer token fits")
+        return self
+
+
+# -- texts → token ids ------------------------------------------------------------------------
+def plain_turns(messages: list[dict], first_role: bool = True) -> str:
+    """Messages as ``role: content`` lines (the first without its role when ``first_role`` is False)."""
+    return "\n".join(m["content"] if i == 0 and not first_role else f"{m['role']}: {m['content']}"
+                     for i, m in enumerate(messages))
+
+
+class RewardEncoder:
+    """(prompt, answer) → the token ids the reward model scores; see the module doc."""
+
+    def __init__(self, tokenizer, state: dict):
+        self.tokenizer = tokenizer
+        self.chat = state["encoding"] == "chat"
+        self.max_length, self.max_prompt_length = state["max_length"], state.get("max_prompt_length")
+        if self.chat:
+            self.pairs = PairEncoder(tokenizer, tokenizer.chat_template, state["end_of_turn"],
+                                     max_length=self.max_length, max_prompt_length=self.max_prompt_length)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
+
+    def encode(self, prompt: list[dict], answers: list[list[dict]], where: str, counts: dict) -> list[list[int]]:
+        """One sequence per answer (an empty list: the answer was cut to nothing)."""
+        if self.chat:
+            if not prompt:  # the answer's text as it is, ended by the end-of-turn token
+                return [self.pairs.cut_answer([], self._ids(plain_turns(a, first_role=False) + self.pairs.end_of_turn),
+                                              counts) for a in answers]
+            before = self.pairs.prompt_text(prompt, where)
+            prompt_ids = self.pairs.prompt_ids(before, counts)
+            out = []
+            for answer in answers:
+                ids = self.pairs.cut_answer(prompt_ids, self.pairs._ids(self.pairs.answer_text(prompt, before, answer,
+                                                                                               where)), counts)
+                out.append(prompt_ids + ids if ids else [])
+            return out
+        prefix, middle, suffix = special_frame(self.tokenizer, pair=bool(prompt))
+        specials = len(prefix) + len(middle) + len(suffix)
+        prompt_ids = self._ids(plain_turns(prompt))
+        limit = self.max_prompt_length
+        if limit is not None and len(prompt_ids) > limit:
+            counts["prompts_cut"] += 1
+            prompt_ids = prompt_ids[len(prompt_ids) - limit:]
+        room = max(self.max_length - specials - len(prompt_ids), 0)
+        out = []
+        for answer in answers:
+            ids = self._ids(plain_turns(answer, first_role=False))
+            if len(ids) > room:
+                counts["answers_cut"] += 1
+                ids = ids[:room]
+            if not ids:
+                out.append([])
+                continue
+            out.append(prefix + prompt_ids + middle + ids + suffix if prompt else prefix + ids + suffix)
+        return out
+
+
+def special_frame(tokenizer, pair: bool) -> tuple[list[int], list[int], list[int]]:
+    """The special tokens a tokenizer puts around one text (prefix, [], suffix) or a text pair
+    (prefix, middle, suffix): BERT's [CLS] a [SEP] b [SEP], RoBERTa's <s> a </s></s> b </s>.
+    Found by tokenizing two probe words, since transformers 5's fast tokenizers no longer
+    build inputs from ids."""
+    a = tokenizer("alpha", add_special_tokens=False)["input_ids"]
+    b = tokenizer("omega", add_special_tokens=False)["input_ids"]
+    full = tokenizer("alpha", "omega")["input_ids"] if pair else tokenizer("alpha")["input_ids"]
+
+    def find(part, start=0):
+        return next((i for i in range(start, len(full) - len(part) + 1) if full[i:i + len(part)] == part), None)
+
+    i = find(a)
+    if i is None:
+        return [], [], []
+    if not pair:
+        return full[:i], [], full[i + len(a):]
+    j = find(b, i + len(a))
+    if j is None:
+        return [], [], []
+    return full[:i], full[i + len(a):j], full[j + len(b):]
+
+
+def encode_pairs(encoder: RewardEncoder, pairs: list[Pair]) -> tuple[dict[str, list], dict[str, int]]:
+    columns = {k: [] for k in ("chosen_ids", "rejected_ids", "where")}
+    counts = {"prompts_cut": 0, "answers_cut": 0, "cut_to_nothing": 0, "identical": 0}
+    for pair in pairs:
+        chosen, rejected = encoder.encode(pair.prompt, [pair.chosen, pair.rejected], pair.where, counts)
+        if not chosen or not rejected:
+            counts["cut_to_nothing"] += 1
+            continue
+        if chosen == rejected:  # identical once cut to max_length
+            counts["identical"] += 1
+            continue
+        columns["chosen_ids"].append(chosen)
+        columns["rejected_ids"].append(rejected)
+        columns["where"].append(pair.where)
+    return columns, counts
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def sequence_scores(model, sequences: list[list[int]], batch_size: int = 16) -> list[float]:
+    """The reward model's score of each token sequence (padded on the right in batches)."""
+    import torch
+
+    pad = model.config.get_text_config().pad_token_id
+    pad = 0 if pad is None else pad
+    device = common.model_device(model)
+    was_training = model.training
+    model.eval()
+    scores = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(sequences), batch_size):
+                batch = sequences[start:start + batch_size]
+                longest = max(len(s) for s in batch)
+                ids = torch.tensor([s + [pad] * (longest - len(s)) for s in batch], device=device)
+                mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in batch], device=device)
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                scores += logits[:, 0].float().cpu().tolist()
+    finally:
+        model.train(was_training)
+    return scores
+
+
+def reward_metrics(chosen: list[float], rejected: list[float]) -> dict:
+    """Pairwise accuracy (ties half), mean margin and mean scores of scored pairs."""
+    n = len(chosen)
+    share = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / n
+    return {"accuracy": share, "margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
+            "chosen_reward": sum(chosen) / n, "rejected_reward": sum(rejected) / n, "pairs": n}
+
+
+def score_pairs(model, dataset) -> dict:
+    n = len(dataset)
+    scores = sequence_scores(model, list(dataset["chosen_ids"]) + list(dataset["rejected_ids"]))
+    return reward_metrics(scores[:n], scores[n:])
+
+
+# -- the task ---------------------------------------------------------------------------------
+class RewardTask(common.EncoderTask):
+    name = "reward"
+    description = "reward model: a scalar score head trained on preference pairs (TRL RewardTrainer); pairwise accuracy"
+    Options = RewardOptions
+    head = common.SEQUENCE_CLASSIFICATION
+    primary_metric = "accuracy"
+
+    def sequence_length(self, options: RewardOptions) -> int:
+        return options.max_length
+
+    def sequences_per_example(self, options: RewardOptions) -> int:
+        return 2  # chosen and rejected
+
+    # -- data -------------------------------------------------------------------------------
+    def load_data(self, options: RewardOptions, tokenizer) -> TaskData:
+        examples, notes = {}, {}
+        examples["train"], fmt, dropped = read_preferences(options.train, options.format, options.max_rows)
+        self._note_dropped(notes, "train", dropped)
+        for split, (found, held_dropped) in self._read_held_out(options).items():
+            examples[split] = found
+            self._note_dropped(notes, split, held_dropped)
+        if options.validation_split is not None:
+            from petune_plugins.tasks.sft import split_off
+
+            examples["train"], examples["validation"] = split_off(examples["train"], options.validation_split,
+                                                                  options.split_seed, where=str(options.train))
+        return self._encode(examples, options, self.prepare_tokenizer(options, tokenizer, fmt), tokenizer, notes)
+
+    def load_eval_data(self, options: RewardOptions, tokenizer, state: dict) -> TaskData:
+        examples, notes = {}, {}
+        for split, (found, dropped) in self._read_held_out(options).items():
+            examples[split] = found
+            self._note_dropped(notes, split, dropped)
+        return self._encode(examples, options, state, tokenizer, notes)
+
+    @staticmethod
+    def prepare_tokenizer(options: RewardOptions, tokenizer, fmt: str | None) -> dict:
+        """The run's state: how answers are encoded (chat template for decoders, text pairs for
+        encoders), the lengths, the pad token."""
+        info = common.model_info_of(tokenizer)
+        decoder = _is_decoder_only(info) if info is not None else tokenizer.cls_token is None
+        state = {"format": fmt, "max_length": options.max_length, "max_prompt_length": options.max_prompt_length}
+        if decoder:
+            chat = prepare_chat_tokenizer(tokenizer, options.chat_template)
+            state.update(encoding="chat", end_of_turn=chat.end_of_turn, **chat.state)
+            state["chat_template_note"] = chat.note
+        else:
+            padded = common.ensure_pad_token(tokenizer)
+            state.update(encoding="pair", pad_token=tokenizer.pad_token, pad_token_id=tokenizer.pad_token_id)
+            if padded:
+                state["pad_token_set"] = True
+        return state
+
+    @staticmethod
+    def _read_held_out(options: RewardOptions) -> dict:
+        held_out = {}
+        for split in ("validation", "test"):
+            path = getattr(options, split)
+            if path is not None:
+                found, _, dropped = read_preferences(path, options.format, options.max_rows)
+                held_out[split] = (found, dropped)
+        return held_out
+
+    @staticmethod
+    def _note_dropped(notes: dict, split: str, dropped: dict) -> None:
+        for reason, count in dropped.items():
+            notes[f"{split}_dropped_{reason}"] = count
+
+    @staticmethod
+    def _encode(examples: dict, options: RewardOptions, state: dict, tokenizer, notes: dict) -> TaskData:
+        from datasets import Dataset
+
+        encoder = RewardEncoder(tokenizer, state)
+        if state.get("chat_template_note"):
+            notes = {"chat_template": state["chat_template_note"], **notes}
+        datasets = {}
+        for split, found in examples.items():
+            columns, counts = encode_pairs(encoder, found)
+            for reason, count in counts.items():
+                if count:
+                    key = f"{split}_dropped_{reason}" if reason in ("cut_to_nothing", "identical") else \
+                        f"{split}_{reason}"
+                    notes[key] = notes.get(key, 0) + count
+            if not columns["chosen_ids"]:
+                where = str(options.train if split == "train" or split == "validation" and options.validation is None
+                            else getattr(options, split))
+                reasons = ", ".join(f"{k.removeprefix(split + '_')} {v}" for k, v in notes.items()
+                                    if k.startswith(f"{split}_dropped_")) or "no records"
+                raise DataError(f"no {split} pairs left to train or score on ({reasons})", where=where,
+                                hint="raise task.max_length (or lower task.max_prompt_length), or check the data")
+            datasets[split] = Dataset.from_dict(columns)
+        return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
+                        state=state, notes=notes)
+
+    # -- model ------------------------------------------------------------------------------
+    def build_model(self, model_info: ModelInfo, options: RewardOptions, state: dict, **load_kwargs):
+        if state.get("pad_token_id") is not None:
+            load_kwargs.setdefault("pad_token_id", state["pad_token_id"])  # decoders read the last non-pad token
+        model = self.head.load(model_info, num_labels=1, id2label={0: "score"}, label2id={"score": 0},
+                               problem_type="regression", **load_kwargs)
+        vocab_size = state.get("vocab_size")
+        if vocab_size and vocab_size > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(vocab_size)  # a pad token was added (the tokenizer had none to reuse)
+        if state.get("pad_token_id") is not None:
+            model.config.get_text_config().pad_token_id = state["pad_token_id"]
+        return model
+
+    # -- training ---------------------------------------------------------------------------
+    def make_trainer(self, *, model, tokenizer, data: TaskData, options: RewardOptions, args: dict, callbacks: list):
+        from trl import RewardConfig, RewardTrainer
+
+        config = {"bf16": False, **_checkpointing_args(args, RewardConfig),
+                  "max_length": None,  # cut (and counted) in load_data; TRL would drop longer pairs silently
+                  "center_rewards_coefficient": options.center_rewards_coefficient,
+                  "disable_dropout": True}
+        if data.validation is None:
+            config["eval_strategy"] = "no"
+        # TRL casts a quantized model's trainable weights to bf16 (QLoRA's recipe): right for LoRA's
+        # matrices, which cast their input, but the head would then meet hidden states of another dtype
+        heads = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+        trainer = RewardTrainer(model=model, args=RewardConfig(**config), train_dataset=data.train,
+                                eval_dataset=data.validation, processing_class=tokenizer, callbacks=callbacks)
+        for name, param in trainer.model.named_parameters():
+            if name in heads and param.dtype != heads[name]:
+                param.data = param.data.to(heads[name])
+        trainer.add_callback(before_training_callback(trainer, data))
+        trainer._petune_before = {}
+        return trainer
+
+    # -- evaluation -------------------------------------------------------------------------
+    def evaluate(self, trainer, data: TaskData, options: RewardOptions, run_dir: Path) -> dict[str, dict]:
+        metrics = {}
+        before = getattr(trainer, "_petune_before", {}) or {}
+        for split in ("validation", "test"):
+            dataset = getattr(data, split)
+            if dataset is None or not len(dataset):
+                continue
+            if split in before:
+                metrics[f"{split}_before"] = before[split]
+            metrics[split] = score_pairs(trainer.model, dataset)
+        return metrics
+
+    # -- predict (petune predict, /v1/predict) ----------------------------------------------
+    def parse_inputs(self, options: RewardOptions, text: str, source: str) -> list[dict]:
+        """Rows to score: JSON Lines / JSON records ``{"prompt", "completion"}`` (strings or
+        messages), or plain text, one ``prompt<TAB>answer`` per line (no tab: an answer with an
+        empty prompt)."""
+        rows = []
+        kind = datafiles.data_format(source)
+        if kind in ("jsonl", "json"):
+            for where, record in self._records(text, source, kind):
+                try:
+                    if not isinstance(record, dict) or "completion" not in record:
+                        raise _BadRow("expected a {prompt, completion} record, got "
+                                      + (f"keys {_keys(record)}" if isinstance(record, dict) else type(record).__name__))
+                    prompt = _prompt(record["prompt"], "prompt") if record.get("prompt") else []
+                    rows.append({"prompt": prompt, "answer": _answer(record["completion"], "completion"),
+                                 "where": where})
+                except _BadRow as exc:
+                    raise DataError(str(exc), where=where, hint=exc.hint or 'one {"prompt", "completion"} per record') \
+                        from None
+        else:
+            for number, line in datafiles.text_lines(text):
+                line = line.rstrip("\r\n")
+                if not line.strip():
+                    continue
+                prompt, tab, answer = line.partition("\t")
+                if not tab:
+                    prompt, answer = "", line
+                where = datafiles.where(source, number)
+                if not answer.strip():
+                    raise DataError("the answer after the tab is empty", where=where, hint="give prompt<TAB>answer")
+                rows.append({"prompt": [{"role": "user", "content": prompt}] if prompt.strip() else [],
+                             "answer": [{"role": "assistant", "content": answer}], "where": where})
+        if not rows:
+            raise DataError("no answer to score", where=source, hint="give one prompt<TAB>answer per line")
+        return rows
+
+    @staticmethod
+    def _records(text: str, source: str, kind: str):
+        """(where, record) of a JSON Lines text or a JSON list."""
+        if kind == "json":
+            try:
+                records = json.loads(text)
+            except ValueError as exc:
+                raise DataError(f"not JSON: {exc}", where=source, hint="a JSON list of {prompt, completion}") from None
+            if not isinstance(records, list):
+                records = [records]
+            return [(f"{source}[{i}]", r) for i, r in enumerate(records)]
+        out = []
+        for number, line in datafiles.text_lines(text):
+            if line.strip():
+                where = datafiles.where(source, number)
+                try:
+                    out.append((where, json.loads(line)))
+                except ValueError as exc:
+                    raise DataError(f"not a JSON record: {exc}", where=where,
+                                    hint='one {"prompt": ..., "completion": ...} per line') from None
+        return out
+
+    def predict(self, model, tokenizer, options: RewardOptions, state: dict, rows: list[dict]) -> list[dict]:
+        encoder = RewardEncoder(tokenizer, state)
+        counts = {"prompts_cut": 0, "answers_cut": 0}
+        sequences = [encoder.encode(row["prompt"], [row["answer"]], row.get("where", ""), counts)[0] for row in rows]
+        scored = [i for i, s in enumerate(sequences) if s]
+        scores = dict(zip(scored, sequence_scores(model, [sequences[i] for i in scored])))
+        return [{"score": scores.get(i)} for i in range(len(rows))]
+
+    def format_predictions(self, rows: list[dict], predictions: list[dict]) -> str:
+        """TSV with a header: prompt, answer, score."""
+        lines = ["prompt\tanswer\tscore"]
+        for row, prediction in zip(rows, predictions):
+            score = prediction["score"]
+            cells = [plain_turns(row["prompt"]), plain_turns(row["answer"], first_role=False),
+                     "" if score is None else f"{score:.4f}"]
+            lines.append("\t".join(" ".join(c.split()) for c in cells))
+        return "\n".join(lines) + "\n"
+
+
+def before_training_callback(trainer, data: TaskData):
+    """Scores the held-out pairs once, before the first step (the new head is random then)."""
+    from transformers import TrainerCallback
+
+    class BeforeTraining(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step > 0:  # resumed: the starting model is gone
+                return
+            trainer._petune_before = {split: score_pairs(trainer.model, getattr(data, split))
+                                      for split in ("validation", "test")
+                                      if getattr(data, split) is not None and len(getattr(data, split))}
+
+    return BeforeTraining()
+
+
+@hookimpl
+def register_tasks(register):
+    register(RewardTask)
