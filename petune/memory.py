@@ -23,7 +23,11 @@ activations
     seq × seq matrix), as SDPA does on GPU and CPU. With gradient checkpointing only each
     layer's input is kept, plus one layer's worth while it is recomputed. A backward
     workspace (gradients of the largest activations while a layer's backward runs) is
-    added on top.
+    added on top. With ``train.activation_offloading`` on a GPU, the kept tensors live in
+    CPU memory: on the GPU, at most the in-flight ones (TRL keeps up to five saved tensors
+    on the GPU while their copies run, and brings one layer's back for its backward): counted
+    as two layers' worth. Packing and padding-free batches change nothing here: the estimate
+    is for a batch of full-length examples, which they do not shorten.
 logits & loss
     Plain cross-entropy (transformers' loss) materialises the full-vocabulary logits in
     fp32: at the start of backward, log-softmax output + its gradient + the gradient of
@@ -386,7 +390,8 @@ def build_skeleton(config, shape, dtype, attn_implementation: str | None = None)
 # -- the estimate ----------------------------------------------------------------------------------
 def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, shape, device: str,
              optimizer: str = "adamw_torch", autocast_dtype=None, quant=None, loss_memory: str = "logits",
-             capacity: int | None = -1, frozen_copies: int = 0) -> MemoryEstimate:
+             capacity: int | None = -1, frozen_copies: int = 0,
+             activation_offloading: bool = False) -> MemoryEstimate:
     """Predict the training peak of ``model`` — a skeleton on the meta device with the
     strategy already applied (trainable flags and added modules as in training); ``shape``
     is the task's :class:`petune.api.ModelShape`; ``frozen_copies``: frozen copies of the
@@ -428,6 +433,12 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, shape
     else:
         kept = sum(per_layer)
         recompute = 0
+    offloaded = 0
+    if activation_offloading and cuda and per_layer:
+        in_flight = 2 * (max(acts["layer_input"].get(i, 0) for i in layers) if gradient_checkpointing
+                         else max(per_layer))
+        offloaded = max(kept - in_flight, 0)
+        kept -= offloaded
     base = kept + acts["outside"]
     workspace = 2 * largest  # gradients of the biggest activations while a layer's backward runs
 
@@ -496,6 +507,7 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, shape
     details = {"tensor_peak": int(tensor_peak), "quantised_params": inv["quantised"], "paged_optimizer_bytes": opt_paged,
                "activations_per_layer": per_layer[0] if per_layer else 0, "layers": len(per_layer),
                "activations_outside_layers": acts["outside"], "backward_workspace": workspace,
+               "offloaded_to_cpu": int(offloaded),
                "loss_memory": loss_memory if shape.causal_lm_loss else "head", "optimizer": optimizer,
                "attention": "fused" if fused else "math (seq × seq)",
                "tokens": tokens, "peak_phase": phase}
@@ -568,7 +580,8 @@ def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None,
                    gradient_checkpointing=recipe.train.gradient_checkpointing, shape=shape,
                    device=device, optimizer=recipe.train.optimizer, autocast_dtype=autocast, quant=quant,
                    loss_memory=loss_memory_of(task, recipe.task, batch, info.config, device),
-                   frozen_copies=int(task.frozen_reference(recipe.task, strategy)))
+                   frozen_copies=int(task.frozen_reference(recipe.task, strategy)),
+                   activation_offloading=recipe.train.activation_offloading)
     est.details["model_described"] = described is not None
     return est
 
@@ -606,7 +619,9 @@ def estimate_table(est: MemoryEstimate, title: str = "Memory estimate"):
                                                          if est.details.get("paged_optimizer_bytes") else ""),
         "activations": f"batch {est.batch} × {est.seq} tokens, "
                        + ("gradient checkpointing" if est.gradient_checkpointing else "no checkpointing")
-                       + f", {est.details.get('layers', 0)} layers",
+                       + f", {est.details.get('layers', 0)} layers"
+                       + (f", {human(est.details['offloaded_to_cpu'])} offloaded to CPU memory"
+                          if est.details.get("offloaded_to_cpu") else ""),
         "logits": {"chunked": "loss in chunks (no full logits)", "logits": "full-vocabulary fp32 logits",
                    "head": "task head"}.get(est.details.get("loss_memory"), ""),
         "runtime": "CUDA workspaces, autocast copies" if est.device.startswith("cuda") else "process overhead (measured)",

@@ -275,3 +275,32 @@ def test_activation_offloading_is_a_no_op_on_a_cpu_and_the_plan_says_so():
                                              cuda=True)
     speed.offload_activations(trainer, TrainSection(), cuda=True)  # off: nothing changes on a GPU either
     assert trainer.training_step == step
+
+
+def test_the_memory_estimate_counts_offloaded_activations_on_a_gpu_only():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
+
+    from petune import memory
+    from petune.api import ModelShape
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512,
+                         tie_word_embeddings=False)
+    shape = ModelShape("AutoModelForCausalLM", labels="tokens", causal_lm_loss=True)
+    model = get_peft_model(memory.build_skeleton(config, shape, torch.float32),
+                           LoraConfig(r=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    for checkpointing in (False, True):
+        kwargs = {"batch": 2, "seq": 128, "gradient_checkpointing": checkpointing, "shape": shape, "capacity": None}
+        plain = memory.estimate(model, device="cuda", **kwargs)
+        offloaded = memory.estimate(model, device="cuda", activation_offloading=True, **kwargs)
+        moved = offloaded.details["offloaded_to_cpu"]
+        # of eight layers' kept activations (all of a layer's, or its input under checkpointing), two layers'
+        # worth stay on the GPU
+        if not checkpointing:
+            assert moved == pytest.approx(6 * plain.details["activations_per_layer"], rel=0.1)
+        assert 0 < moved < plain.parts["activations"]
+        assert offloaded.parts["activations"] == plain.parts["activations"] - moved
+        assert offloaded.peak < plain.peak
+        on_cpu = memory.estimate(model, device="cpu", activation_offloading=True, **kwargs)
+        assert on_cpu.details["offloaded_to_cpu"] == 0
