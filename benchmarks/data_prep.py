@@ -52,11 +52,7 @@ max_length = 512
 [strategy]
 name = "lora"
 
-[data]
-cache = {cache}
-cache_dir = "{cache_dir}"
-
-[output]
+{data}[output]
 dir = "{out}"
 """
 
@@ -115,35 +111,80 @@ def _rss() -> int:
 
 
 def measure(recipe: Path) -> dict:
-    """Run ``petune run RECIPE --dry-run`` here and stop when the data is prepared."""
-    from petune import datacache
+    """Run ``petune run RECIPE --dry-run`` here and stop when the data is prepared: timed around
+    ``petune.datacache.prepare``, or around the task's ``load_data`` (with the tokenizer's
+    loading) for a petune from before the cache (``--before``)."""
     from petune.cli import main
 
-    original, seen = datacache.prepare, {}
+    seen = {}
 
-    def timed(*args, **kwargs):
-        seen["rss_before"] = _rss()
-        started = time.perf_counter()
-        prepared = original(*args, **kwargs)
-        seen.update(seconds=time.perf_counter() - started, note=prepared.note,
-                    peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                    rows=len(prepared.data.train), notes=prepared.data.notes)
-        print(json.dumps(seen, default=str), flush=True)
-        os._exit(0)  # the data is prepared: what follows (loading the model) is not measured
+    def timed(original, note):
+        def run(*args, **kwargs):
+            seen["rss_before"] = _rss()
+            started = time.perf_counter()
+            result = original(*args, **kwargs)
+            data = getattr(result, "data", result)
+            seen.update(seconds=time.perf_counter() - started, note=getattr(result, "note", note),
+                        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                        rows=len(data.train), notes=data.notes)
+            print(json.dumps(seen, default=str), flush=True)
+            os._exit(0)  # the data is prepared: what follows (loading the model) is not measured
+        return run
 
-    datacache.prepare = timed
+    try:
+        from petune import datacache
+    except ImportError:  # before the cache: the runner loads the tokenizer, then calls load_data
+        from petune import runner
+        from petune_plugins.tasks.sft import SftTask
+
+        load_tokenizer, load_data = runner.load_tokenizer, SftTask.load_data
+
+        def tokenizer_then_data(path):
+            seen["started"] = time.perf_counter()
+            seen["rss_before"] = _rss()
+            return load_tokenizer(path)
+
+        def data(self, options, tokenizer):
+            result = load_data(self, options, tokenizer)
+            seen.update(seconds=time.perf_counter() - seen.pop("started"), note="petune before the cache",
+                        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                        rows=len(result.train), notes=result.notes)
+            print(json.dumps(seen, default=str), flush=True)
+            os._exit(0)
+
+        runner.load_tokenizer, SftTask.load_data = tokenizer_then_data, data
+    else:
+        datacache.prepare = timed(datacache.prepare, "")
     main(["run", str(recipe), "--dry-run"])
     raise SystemExit("the run stopped before its data was prepared (see above)")
 
 
-def run_case(recipe: Path) -> dict:
+def run_case(recipe: Path, before: Path | None = None) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run([sys.executable, "-m", "benchmarks.data_prep", "--measure", str(recipe)], cwd=REPO,
-                          env=env, capture_output=True, text=True)
+    # an older checkout: started in its folder, whose petune and petune_plugins come first on the path
+    done = subprocess.run([sys.executable, "-m", "benchmarks.data_prep", "--measure", str(recipe)],
+                          cwd=before or REPO, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"measuring {recipe} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _checkout(commit: str, folder: Path) -> Path:
+    """``commit``'s petune as importable packages (petune, petune_plugins) under ``folder``."""
+    tree = folder / "before"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree / "checkout"), commit], cwd=REPO, check=True,
+                   capture_output=True)
+    (tree / "petune").symlink_to(tree / "checkout" / "petune")
+    (tree / "petune_plugins").symlink_to(tree / "checkout" / "plugins")
+    (tree / "benchmarks").symlink_to(REPO / "benchmarks")  # this measuring code
+    return tree
+
+
+def _remove_checkout(folder: Path) -> None:
+    if (folder / "before" / "checkout").exists():
+        subprocess.run(["git", "worktree", "remove", "--force", str(folder / "before" / "checkout")], cwd=REPO,
+                       check=False, capture_output=True)
 
 
 # -- the table --------------------------------------------------------------------------------------
@@ -158,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gemma-3-270m", help="whose tokenizer prepares the data")
     parser.add_argument("--workdir", type=Path, help="keep the files here (default: a temporary folder, deleted)")
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    parser.add_argument("--before", help="also measure this git commit's petune (e.g. the one before the data "
+                                         "cache) on the first format, checked out into a temporary worktree")
     parser.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -172,19 +215,23 @@ def main(argv: list[str] | None = None) -> int:
         plain_size = (folder / "alpaca_like.jsonl").stat().st_size
         print(f"generated {args.rows:,} rows in {time.perf_counter() - started:.0f} s: "
               + ", ".join(f"{k} {_mib(p.stat().st_size)}" for k, p in paths.items()), file=sys.stderr)
+        before = _checkout(args.before, folder) if args.before else None
+        cases = [(f"petune {args.before} (before the cache)", None)] if before else []
+        cases += [("cache off", "false"), ("first (builds the cache)", "true"), ("second (cache hit)", "true")]
         results = []
-        for fmt, path in paths.items():
+        for n, (fmt, path) in enumerate(paths.items()):
             cache_dir = folder / f"cache-{fmt.replace('.', '-')}"
-            for case, cache in (("cache off", "false"), ("first (builds the cache)", "true"),
-                                ("second (cache hit)", "true")):
+            for case, cache in cases[1:] if n and before else cases:  # the older petune: on the first format
                 recipe = folder / f"recipe-{fmt.replace('.', '-')}.toml"
-                recipe.write_text(RECIPE.format(model=args.model, train=path, cache=cache, cache_dir=cache_dir,
-                                                out=folder / "run"), encoding="utf-8")
-                result = run_case(recipe)
+                data = "" if cache is None else f'[data]\ncache = {cache}\ncache_dir = "{cache_dir}"\n\n'
+                recipe.write_text(RECIPE.format(model=args.model, train=path, data=data, out=folder / "run"),
+                                  encoding="utf-8")
+                result = run_case(recipe, before if cache is None else None)
                 result.update(format=fmt, case=case, file_bytes=path.stat().st_size, plain_bytes=plain_size)
                 results.append(result)
                 print(f"{fmt:9} {case:26} {result['seconds']:8.1f} s  peak {_mib(result['peak_rss'])}  "
                       f"before {_mib(result['rss_before'])}  ({result['note']})", file=sys.stderr)
+        _remove_checkout(folder)
         if args.json:
             args.json.write_text(json.dumps({"rows": args.rows, "results": results}, indent=2))
     print(table(args.rows, results))
