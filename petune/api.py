@@ -14,6 +14,7 @@ calls them in this order::
     model  = strategy.apply(model, task, strategy_opts)
     trainer = task.make_trainer(model=..., tokenizer=..., data=..., options=..., args=..., callbacks=...)
     trainer.train()
+    # (strategy.prepare(model, task, strategy_opts, batches, total_steps) just before trainer.train())
     strategy.save(model, run_dir / strategy.artifact)
     metrics = task.evaluate(trainer, data, task_opts, run_dir)
 
@@ -28,7 +29,8 @@ The whole contract is in this module:
   ``load_eval_data``, ``held_out_data``, ``with_test_file``, ``head_modules``, ``peft_task_type_for``, ``primary_metric_for``, ``model_shape``,
   ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
   ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``, ``training_plan``; ``Strategy.check``,
-  ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``;
+  ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``,
+  ``prepare``, ``training_plan``;
   ``ModelSource.gguf_file``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
   commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
@@ -51,6 +53,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, ValidationIn
 from petune.errors import Refusal, UserError
 
 if TYPE_CHECKING:  # heavy imports stay out of start-up
+    from collections.abc import Iterator
+
     import torch
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer
 
@@ -459,6 +463,22 @@ class Strategy(_Plugin):
         estimates: an initialisation that reads real weights must be swapped for one with
         the same parameters. Default: ``options`` unchanged."""
         return options
+
+    def training_plan(self, options: Options) -> dict[str, str]:
+        """Rows for the plan about what these settings cost beyond training itself (e.g. an
+        SVD of every target weight, a pass over training batches before step 1). Default: none."""
+        return {}
+
+    def prepare(self, model: torch.nn.Module, task: Task, options: Options, batches: Iterator[dict],
+                total_steps: int | None) -> None:
+        """Last changes to the model :meth:`apply` returned, in place, once the run's trainer
+        exists and before its optimizer does: e.g. an initialisation computed from activations.
+        ``batches`` is a lazy iterator over the task's own training batches, collated as the
+        trainer feeds them and on the model's device (one epoch at most; nothing is read until
+        it is advanced: take only what you need, e.g. ``itertools.islice(batches, 8)``).
+        ``total_steps`` is the number of optimizer steps the run will take (``max_steps``, or
+        epochs × steps per epoch), None when the trainer cannot tell. Called on every run,
+        resumed ones included (before the checkpoint's weights are loaded). Default: nothing."""
 
 
 class ModelSource(_Plugin):

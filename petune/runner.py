@@ -94,6 +94,8 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
     the_run = Run(recipe, run_dir, task, strategy, info, data)
     with host.blame("task", task.name, "training_plan"):
         training_rows = list(task.training_plan(model, tokenizer, recipe.task).items())
+    with host.blame("strategy", strategy.name, "training_plan"):  # e.g. what an initialisation costs
+        training_rows += list(strategy.training_plan(recipe.strategy).items())
     training_rows.append(("speed", speed.plan(recipe.train, _has_cuda(), info.model_type)))
     show_plan(the_run, trainable, total, extra=[*training_rows, memory.plan_row(recipe, host, info), ("data cache", prepared.note)])
     if dry_run:
@@ -127,6 +129,8 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
                                         args=args, callbacks=callbacks)
         prepare_trainer(trainer)
         speed.offload_activations(trainer, recipe.train, _has_cuda())
+        with host.blame("strategy", strategy.name, "prepare"):  # e.g. an initialisation from training batches
+            strategy.prepare(trainer.model, task, recipe.strategy, training_batches(trainer), planned_steps(trainer))
         use_strategy_optimizer(trainer, strategy, recipe, host)
         resumed_at = checkpoints.state_of(resume_from)["global_step"] if resume_from else 0
         if finished:
@@ -431,6 +435,27 @@ def prepare_trainer(trainer) -> None:
     """What petune changes on every Trainer it drives (runs, eval, benchmarks)."""
     remove_trainer_printing(trainer)
     count_parameters_once(trainer)
+
+
+def training_batches(trainer):
+    """The trainer's own training batches (its sampler, collator and batch size), on the
+    model's device; lazy: no data loader is built until the first batch is asked for."""
+    import torch
+
+    for batch in trainer.get_train_dataloader():
+        yield {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def planned_steps(trainer) -> int | None:
+    """The optimizer steps the run will take, as the trainer will count them (max_steps, or
+    epochs × steps per epoch); None when it cannot tell (a data loader without a length)."""
+    if trainer.args.max_steps > 0:
+        return trainer.args.max_steps
+    try:
+        steps = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+    except (TypeError, AttributeError, ValueError):
+        return None
+    return steps if isinstance(steps, int) and steps > 0 else None
 
 
 def use_strategy_optimizer(trainer, strategy: Strategy, recipe: Recipe, host: PluginHost) -> None:

@@ -149,8 +149,8 @@ def test_resolved_options_validate_again(host):
 def test_peft_rules_run_before_anything_loads():
     from test_strategies import StubTask
 
-    s, opts = peft_strategy("adalora")  # total_step missing: peft's own __post_init__ says so
-    with pytest.raises(UserError, match="total_step"):
+    s, opts = peft_strategy("adalora", total_step=10, tinit=8, tfinal=4)  # peft's own __post_init__ refuses
+    with pytest.raises(UserError, match="budgeting phase"):
         s.check(StubTask("SEQ_CLS", ["classifier"]), None, opts)
     s, opts = peft_strategy("ia3", target_modules=["query"], feedforward_modules=["output.dense"])
     with pytest.raises(UserError, match="feedforward_modules"):
@@ -220,8 +220,8 @@ def test_lora_init_refusals():
     from test_strategies import StubTask
 
     task = StubTask("CAUSAL_LM")
-    for name, init, match in [("lora", "eva", "pass over the training data"), ("lora", "corda", "pass over"),
-                              ("lora", "loftq", "not quantised"), ("qlora", "pissa", "4-bit base cannot")]:
+    for name, init, match in [("lora", "loftq", "not quantised"), ("qlora", "pissa", "4-bit base cannot"),
+                              ("qlora", "corda", "4-bit base cannot")]:
         s, opts = lora(name, init=init)
         with pytest.raises(Refusal, match=match) as exc:
             s.check(task, None, opts)
@@ -229,6 +229,63 @@ def test_lora_init_refusals():
     s, opts = lora(init="pissa", use_rslora=True)
     with pytest.raises(Refusal, match="rank-stabilised"):
         s.check(task, None, opts)
+
+
+@pytest.mark.parametrize("init,kind", [("eva", "bert-seq"), ("eva", "llama-lm"), ("corda", "bert-seq"),
+                                       ("corda", "llama-lm")])
+def test_data_driven_init_reads_training_batches(build, tmp_path, init, kind):
+    """EVA and CorDA initialise in Strategy.prepare from the task's batches: the adapter differs
+    from the default init, counts equal plain peft's, and the saved adapter reloads as is."""
+    import itertools
+    import json
+
+    from peft import PeftModel, get_peft_model
+    from petune_plugins.strategies._common import lora_config
+
+    model, task, batch = build(kind)
+    s, opts = lora(r=4, init=init, init_batches=2)
+    s.check(task, None, opts)
+    assert f"init {init}" in s.training_plan(opts)  # its cost is in the plan
+    peft_model = s.apply(model, task, opts)
+    plain_base = build(kind)[0]
+    plain = get_peft_model(plain_base, lora_config(opts.model_copy(update={"init": "default"}), task, plain_base))
+    default = {n: p.detach().clone() for n, p in plain.named_parameters() if "lora_" in n}
+    base_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if not p.requires_grad}
+
+    seen = []
+
+    def batches():  # lazy, as the runner's: counts what the strategy reads
+        for i in itertools.count():
+            seen.append(i)
+            yield {k: v.roll(i, 0) for k, v in batch.items()}
+
+    s.prepare(peft_model, task, opts, batches(), total_steps=10)
+    assert len(seen) == 2, "the strategy reads init_batches batches, no more"
+    assert n_trainable(peft_model) == plain.get_nb_trainable_parameters()[0] > 0
+    changed = [n for n, p in peft_model.named_parameters() if "lora_A" in n and not torch.equal(p, default[n])]
+    assert changed, f"{init} left A as the default init drew it"
+    base_changed = [n for n, p in peft_model.named_parameters() if n in base_before and not torch.equal(p, base_before[n])]
+    assert bool(base_changed) == (init == "corda"), "only CorDA keeps the residual in the base"
+
+    check_training(peft_model, batch)
+    expected = logits(peft_model, batch)
+    s.save(peft_model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == (8 if init == "corda" else 4)  # CorDA: converted to a plain LoRA for the untouched base
+    reloaded = PeftModel.from_pretrained(build(kind, seed=1)[0], str(tmp_path / "adapter"))
+    torch.testing.assert_close(logits(reloaded, batch), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_data_driven_init_refusals():
+    from test_strategies import StubTask
+
+    task = StubTask("CAUSAL_LM")
+    s, opts = lora(init="eva", use_dora=True)
+    with pytest.raises(Refusal, match="DoRA") as exc:
+        s.check(task, None, opts)
+    assert exc.value.where == "strategy.use_dora"
+    s, opts = lora("qlora", init="eva")
+    s.check(task, None, opts)  # EVA reads activations only: a 4-bit base is fine
 
 
 def test_adalora_allocates_ranks_through_a_trainer_callback(build):
@@ -249,3 +306,28 @@ def test_adalora_allocates_ranks_through_a_trainer_callback(build):
     assert not allocator.ipt
     callback.on_optimizer_step(None, SimpleNamespace(global_step=1), None, model=peft_model)
     assert allocator.ipt, "update_and_allocate did not score the ranks"
+
+
+def test_adalora_total_step_comes_from_the_run_schedule(build):
+    from types import SimpleNamespace
+
+    model, task, batch = build("bert-seq")
+    s, opts = peft_strategy("adalora", init_r=4, target_r=2, tinit=2, tfinal=2)  # no total_step
+    assert "strategy.total_step" in s.training_plan(opts)
+    s.check(task, None, opts)
+    s.check_recipe(SimpleNamespace(strategy=opts, train=SimpleNamespace(max_steps=10)))
+    with pytest.raises(UserError, match="train.max_steps = 4") as exc:  # no budgeting phase left: peft's rule
+        s.check_recipe(SimpleNamespace(strategy=opts, train=SimpleNamespace(max_steps=4)))
+    assert exc.value.where == "strategy"
+    peft_model = s.apply(model, task, opts)
+    with pytest.raises(UserError, match="strategy.total_step") as exc:
+        s.prepare(peft_model, task, opts, iter(()), total_steps=None)
+    assert exc.value.where == "strategy.total_step"
+    s.prepare(peft_model, task, opts, iter(()), total_steps=10)
+    assert peft_model.peft_config["default"].total_step == 10
+    assert peft_model.base_model.rankallocator.peft_config.total_step == 10
+    s2, explicit = peft_strategy("adalora", init_r=4, target_r=2, total_step=7)
+    assert s2.training_plan(explicit) == {}
+    other = s2.apply(build("bert-seq")[0], task, explicit)
+    s2.prepare(other, task, explicit, iter(()), total_steps=10)
+    assert other.peft_config["default"].total_step == 7  # the user's value stands

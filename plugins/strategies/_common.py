@@ -84,8 +84,14 @@ class LoraOptions(Options):
             "how A and B start: default (B = 0, A Kaiming-uniform); gaussian (A normal); pissa (top-r singular "
             "vectors of each target weight: one full SVD per layer at start, O(d^3), minutes per 7B model on a CPU); "
             "olora (QR of each target weight: cheaper than pissa); loftq (qlora only: fits the adapter to the 4-bit "
-            "quantisation error, an SVD per layer plus a read of the full-precision checkpoint); eva, corda: refused "
-            "(they need a pass over the training data before training)"))
+            "quantisation error, an SVD per layer plus a read of the full-precision checkpoint); eva (A from the "
+            "principal directions of each target layer's inputs over the first init_batches training batches: "
+            "forward passes plus an incremental SVD per layer); corda (lora only: A, B from each weight's SVD "
+            "weighted by the covariance of its inputs over init_batches training batches, keeping the residual: "
+            "forward passes one sequence at a time, an in x in covariance, its inverse and one SVD per layer)"))
+    init_batches: int = Field(16, ge=1, description=(
+        "eva, corda: how many of the task's training batches (as the trainer draws them) the initialisation "
+        "reads before step 1"))
     loraplus_lr_ratio: float | None = Field(
         None, ge=1, description="LoRA+ (Hayou et al., 2024): LoRA's B matrices learn this many times faster than "
                                 "A (e.g. 16); the recipe's learning_rate is A's")
@@ -94,17 +100,45 @@ class LoraOptions(Options):
 # Initialisations that start from the base weights and move part of them into the adapter: the
 # base is rewritten during training, so the saved adapter is converted back (to rank 2r) against
 # the untouched base with peft's path_initial_model_for_weight_conversion.
-_REWRITES_BASE = {"pissa", "olora"}
-_NEEDS_DATA = {"eva": "EVA", "corda": "CorDA"}
+_REWRITES_BASE = {"pissa", "olora", "corda"}
+# Initialisations computed from the task's own training batches (Strategy.prepare), after apply
+_FROM_DATA = {"eva", "corda"}
+
+# What each initialisation costs before step 1 (the plan shows it)
+INIT_COST = {
+    "gaussian": "none (random, like the default)",
+    "pissa": "one full SVD of every target weight at start: O(d³) each; seconds for small models, minutes for a 7B "
+             "model on a CPU",
+    "olora": "one QR decomposition of every target weight at start: cheaper than PiSSA's SVD",
+    "loftq": "alternating 4-bit quantisation + SVD of every target weight, and one read of the full-precision "
+             "checkpoint",
+    "eva": "forward passes over up to {n} training batches (cycled until every layer's components converge) with "
+           "an incremental SVD of each target layer's inputs; ranks stay r everywhere (EVA's rho = 1), so the "
+           "counts above hold",
+    "corda": "forward passes over {n} training batches, one sequence at a time; an in × in input covariance, its "
+             "inverse and one SVD per target layer; the base keeps the residual, the saved adapter is converted "
+             "to a plain LoRA of rank 2r",
+}
 
 
 def check_lora_init(options: LoraOptions, *, quantised: bool) -> None:
     """Refuse initialisations that cannot work here, before anything loads."""
     init = options.init
-    if init in _NEEDS_DATA:
-        raise Refusal(f"init = {init!r}: {_NEEDS_DATA[init]} initialises the adapter from activations of a pass over "
-                      "the training data, and petune applies a strategy before the task's data loader exists",
-                      where="strategy.init", hint="use init = 'pissa' or 'olora' (data-free) or 'default'")
+    if init == "corda":
+        try:
+            import peft.tuners.lora.corda  # noqa: F401
+        except ImportError as exc:  # peft 0.21's CorDA module imports the 'attrs' package, which peft does not require
+            raise Refusal(f"init = 'corda': the installed peft's CorDA module cannot be imported ({exc})",
+                          where="strategy.init", hint=f"install what it names (pip install {exc.name or 'attrs'}), "
+                          "or use init = 'eva' or 'pissa'") from None
+    if init == "corda" and quantised:
+        raise Refusal("init = 'corda' moves part of each base weight into the adapter (as PiSSA does), which a 4-bit "
+                      "base cannot take: peft's CorDA needs 16/32-bit weights", where="strategy.init",
+                      hint="use init = 'eva' (data-driven, leaves the base as it is) or 'loftq' on a 4-bit base, or "
+                           "strategy 'lora' for 'corda'")
+    if init in _FROM_DATA and options.use_dora:
+        raise Refusal(f"init = {init!r} with use_dora: peft initialises DoRA's magnitudes from the weights before "
+                      f"{init!r} has read any data", where="strategy.use_dora", hint="set it to false")
     if init == "loftq" and not quantised:
         raise Refusal("init = 'loftq' fits the adapter to the error of 4-bit quantisation; this base is not quantised",
                       where="strategy.init", hint="use strategy 'qlora' for LoftQ, or init = 'pissa' here")
@@ -136,7 +170,7 @@ def _check_target_names(model: "torch.nn.Module", names: list[str]) -> None:
 
 
 def lora_config(options: LoraOptions, task: Task, model: "torch.nn.Module"):
-    from peft import LoraConfig
+    from peft import EvaConfig, LoraConfig
 
     targets = options.target_modules
     if isinstance(targets, list):
@@ -151,18 +185,25 @@ def lora_config(options: LoraOptions, task: Task, model: "torch.nn.Module"):
         use_rslora=options.use_rslora,
         bias=options.bias,
         init_lora_weights=_PEFT_INIT.get(options.init, True),
+        # EVA keeps rank r in every layer (rho = 1): the plan's counts hold after it ran
+        eva_config=EvaConfig(rho=1.0) if options.init == "eva" else None,
         # the head is trained in full and saved with the adapter: a reloaded classifier
         # must not come back with the base model's random head
         modules_to_save=head_modules(task, model) or None,
     )
 
 
-_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}  # loftq: after wrapping
+# loftq: after wrapping; eva: B = 0 now, A from data in prepare_lora; corda: default now, both from data later
+_PEFT_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "eva": "eva"}
+
+
+def init_plan(options: LoraOptions) -> dict[str, str]:
+    """The plan's row on what the initialisation costs before training."""
+    cost = INIT_COST.get(options.init)
+    return {f"init {options.init}": cost.format(n=options.init_batches)} if cost else {}
 
 
 def apply_lora(model: "PreTrainedModel", task: Task, options: LoraOptions):
-    import tempfile
-
     from peft import get_peft_model
 
     if any(p.is_meta for p in model.parameters()):
@@ -172,11 +213,8 @@ def apply_lora(model: "PreTrainedModel", task: Task, options: LoraOptions):
     # checkpointing nothing would then reach the adapters. Cheap insurance either way.
     model.enable_input_require_grads()
     peft_model = get_peft_model(model, lora_config(options, task, model))
-    if options.init in _REWRITES_BASE:
-        # the adapter as initialised, for converting the trained one back at save time
-        initial = tempfile.TemporaryDirectory(prefix="petune-lora-init-")
-        peft_model.save_pretrained(initial.name)
-        peft_model._petune_initial_adapter = initial  # removed with the model
+    if options.init in _REWRITES_BASE and options.init not in _FROM_DATA:
+        _keep_initial_adapter(peft_model)
     elif options.init == "loftq":
         from peft import replace_lora_weights_loftq
 
@@ -187,6 +225,113 @@ def apply_lora(model: "PreTrainedModel", task: Task, options: LoraOptions):
             raise UserError(f"LoftQ initialisation failed: {exc}", where="strategy.init",
                             hint="LoftQ needs the base as a local safetensors checkpoint; or use init = 'default'") from None
     return peft_model
+
+
+def _keep_initial_adapter(peft_model) -> None:
+    """The adapter as initialised, for converting the trained one back at save time."""
+    import tempfile
+
+    initial = tempfile.TemporaryDirectory(prefix="petune-lora-init-")
+    peft_model.save_pretrained(initial.name)
+    peft_model._petune_initial_adapter = initial  # removed with the model
+
+
+def prepare_lora(model, options: LoraOptions, batches) -> None:
+    """EVA and CorDA: initialise the adapter from the task's own training batches (in place)."""
+    import itertools
+
+    if options.init not in _FROM_DATA or any(p.is_meta for p in model.parameters()):
+        return
+    taken = list(itertools.islice(batches, options.init_batches))
+    if not taken:
+        raise UserError(f"init = {options.init!r} needs training batches, and the task's data loader gave none",
+                        where="strategy.init")
+    if options.init == "eva":
+        _eva_init(model, taken)
+    else:
+        _corda_init(model, taken)
+
+
+def _token_mask(inputs: dict):
+    """Which positions are real tokens: the attention mask, minus positions whose token-level
+    labels are ignored (-100) when the labels have one per token."""
+    import torch
+
+    ids = inputs.get("input_ids")
+    mask = inputs.get("attention_mask", torch.ones_like(ids) if ids is not None else None)
+    labels = inputs.get("labels")
+    if mask is None:
+        return None
+    mask = mask.bool()
+    if isinstance(labels, torch.Tensor) and labels.shape == mask.shape and (labels != -100).any():
+        mask = mask & (labels != -100)
+    return mask
+
+
+def _eva_init(model, batches: list[dict]) -> None:
+    import torch
+    from peft import initialize_lora_eva_weights
+
+    def layer_inputs(layer_input, mask, name):
+        x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
+        if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+            return x[mask]  # real tokens only
+        return x.reshape(-1, x.shape[-1])  # e.g. a decoder's inputs, which the encoder's mask does not describe
+
+    with torch.no_grad():
+        try:
+            initialize_lora_eva_weights(model, dataloader=batches, prepare_model_inputs_fn=lambda inputs, _: _token_mask(inputs),
+                                        prepare_layer_inputs_fn=layer_inputs, show_progress_bar=False)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise UserError(f"EVA initialisation failed: {exc}", where="strategy.init",
+                            hint="raise strategy.init_batches (more tokens per layer), or use init = 'default'") from None
+
+
+def _corda_init(model, batches: list[dict]) -> None:
+    """peft's CorDA, on the adapter petune already applied: the covariance of the inputs of each
+    LoRA layer's base layer, its eigens, then ``corda_init`` on each LoRA layer (which moves the
+    top directions out of the base into A and B)."""
+    import copy
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    config = model.peft_config["default"]
+    # peft's hooks find layers by name: here the frozen base layer inside each LoRA layer
+    hooked = copy.copy(config)
+    hooked.target_modules = {"base_layer"}
+    hooked.corda_config = CordaConfig(corda_method="ipm")
+
+    def run_model():  # peft's CorDA hook takes one sequence at a time
+        for inputs in batches:
+            mask = inputs.get("attention_mask")
+            rows = len(next(v for v in inputs.values() if isinstance(v, torch.Tensor)))
+            for i in range(rows):
+                one = {}
+                for key, value in inputs.items():
+                    if not isinstance(value, torch.Tensor):
+                        one[key] = value
+                    elif mask is not None and value.shape == mask.shape:
+                        one[key] = value[i][mask[i].bool()].unsqueeze(0)  # no padding in the covariance
+                    else:
+                        one[key] = value[i:i + 1]
+                model(**one)
+
+    training = model.training
+    with torch.no_grad():
+        try:
+            preprocess_corda(model, hooked, run_model=run_model)
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and "default" in module.lora_A:
+                    module.corda_init("default", "corda")
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise UserError(f"CorDA initialisation failed: {exc}", where="strategy.init",
+                            hint="raise strategy.init_batches, or use init = 'pissa' (data-free)") from None
+    model.train(training)
+    config.init_lora_weights = "corda"
+    _keep_initial_adapter(model)
 
 
 def save_lora(model, path: Path) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from petune import hookimpl
 from petune.api import Strategy
-from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, loraplus_optimizer, merge_lora,
-                                               quantization_method, restore_peft, save_lora)
+from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, init_plan, loraplus_optimizer,
+                                               merge_lora, prepare_lora, quantization_method, restore_peft, save_lora)
 
 
 class LoraStrategy(Strategy):
@@ -19,6 +19,12 @@ class LoraStrategy(Strategy):
 
     def apply(self, model, task, options):
         return apply_lora(model, task, options)
+
+    def training_plan(self, options):
+        return init_plan(options)
+
+    def prepare(self, model, task, options, batches, total_steps):
+        prepare_lora(model, options, batches)  # EVA, CorDA: from the task's own training batches
 
     def make_optimizer(self, model, options, optimizer_cls, optimizer_kwargs):
         return loraplus_optimizer(model, options, optimizer_cls, optimizer_kwargs)

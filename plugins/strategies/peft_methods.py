@@ -18,6 +18,7 @@ module keeps by hand is only which methods it does not offer, and why (``_NOT_OF
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
@@ -60,6 +61,10 @@ _PROMPT_LEARNING = ("it trains virtual tokens, not weights: use strategy 'prompt
 # describe a saved adapter.
 _SET_BY_PETUNE = {"task_type", "peft_type", "auto_mapping", "base_model_name_or_path", "revision",
                   "inference_mode", "peft_version", "modules_to_save"}
+
+# Config fields that, left unset, petune fills in from the run's schedule: the number of optimizer
+# steps (AdaLoRA's rank budget runs over them). Until the trainer exists a placeholder stands in.
+_FROM_SCHEDULE = ("total_step",)
 
 
 # -- the methods of the installed peft -------------------------------------------------------------
@@ -327,8 +332,42 @@ class PeftMethodStrategy(Strategy):
                           hint="load an unquantised model, or use strategy 'lora' / 'qlora'")
         self.peft_config(options, task, model_config=model_config)  # peft's own rules on the options, before anything loads
 
+    def check_recipe(self, recipe):
+        steps = recipe.train.max_steps
+        unset = _unset_schedule_fields(recipe.strategy)
+        if unset and steps:  # peft's rules on the value the run will fill in, before anything loads
+            try:
+                self.peft_config(recipe.strategy.model_copy(update=dict.fromkeys(unset, steps)), _NoTask())
+            except UserError as exc:
+                raise UserError(f"{exc.message} (strategy.{unset[0]} is unset: it takes train.max_steps = {steps})",
+                                where=exc.where, hint=exc.hint) from None
+
+    def training_plan(self, options):
+        return {f"strategy.{key}": "unset: the run's optimizer steps (max_steps, or epochs × steps per epoch), "
+                                   "filled in when training starts" for key in _unset_schedule_fields(options)}
+
+    def prepare(self, model, task, options, batches, total_steps):
+        unset = _unset_schedule_fields(options)
+        if not unset or not hasattr(model, "peft_config"):
+            return
+        if total_steps is None:
+            raise UserError(f"strategy.{unset[0]} is not set, and the trainer cannot tell how many optimizer steps this "
+                            "run takes (its data loader has no length)", where=f"strategy.{unset[0]}",
+                            hint=f"set strategy.{unset[0]} (or train.max_steps)")
+        config = model.peft_config["default"]
+        for key in unset:
+            setattr(config, key, total_steps)  # AdaLoRA's rank allocator reads this very config object
+        try:
+            copy.copy(config).__post_init__()  # peft's own rules, on the real value
+        except (ValueError, TypeError) as exc:
+            raise UserError(f"peft refuses these {options.method} options with {unset[0]} = {total_steps} (the run's "
+                            f"optimizer steps): {exc}", where="strategy", hint=f"set strategy.{unset[0]}, or change "
+                            "the schedule or the options peft names") from None
+
     def peft_config(self, options: PeftOptions, task, heads: list[str] | None = None, model_config=None):
         kwargs = options.peft_kwargs()
+        for key in _unset_schedule_fields(options):  # a stand-in that passes peft's checks; prepare sets the real one
+            kwargs[key] = 1 + sum(v for k, v in kwargs.items() if k in ("tinit", "tfinal") and isinstance(v, int))
         if heads:  # check() refuses head tasks for methods without modules_to_save
             kwargs["modules_to_save"] = list(heads)  # peft extends it in place
         try:
@@ -372,6 +411,18 @@ class PeftMethodStrategy(Strategy):
         except (AttributeError, NotImplementedError, ValueError, TypeError) as exc:
             raise Refusal(f"peft cannot merge a {model.peft_config['default'].peft_type} adapter into the base: {exc}",
                           hint="load the adapter with peft (PeftModel.from_pretrained), or train with 'lora'") from None
+
+
+def _unset_schedule_fields(options: PeftOptions) -> list[str]:
+    fields = type(options).model_fields
+    return [k for k in _FROM_SCHEDULE if k in fields and getattr(options, k) is None]
+
+
+class _NoTask:
+    """A stand-in task for checking options against peft's rules without a task at hand."""
+
+    def peft_task_type_for(self, config):
+        return None
 
 
 class _AdaLoraAllocation:

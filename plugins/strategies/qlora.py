@@ -25,8 +25,9 @@ from pydantic import Field
 from petune import hookimpl
 from petune.api import Strategy
 from petune.errors import Refusal
-from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, head_modules, loraplus_optimizer,
-                                               merge_lora, quantization_method, restore_peft, save_lora)
+from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, head_modules, init_plan,
+                                               loraplus_optimizer, merge_lora, prepare_lora, quantization_method,
+                                               restore_peft, save_lora)
 
 # Kept in full precision when quantising: output layers and the usual task-head names.
 # (Giving bitsandbytes any skip list replaces transformers' own default, which only covers
@@ -99,6 +100,12 @@ class QloraStrategy(Strategy):
         model = _keep_trainable_layout(apply_lora(model, task, options))
         model.train()
         return model
+
+    def training_plan(self, options):
+        return init_plan(options)
+
+    def prepare(self, model, task, options, batches, total_steps):
+        prepare_lora(model, options, batches)  # EVA: from the task's own training batches
 
     def make_optimizer(self, model, options, optimizer_cls, optimizer_kwargs):
         return loraplus_optimizer(model, options, optimizer_cls, optimizer_kwargs)
