@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -142,25 +141,25 @@ def _cell(before: dict, after: dict, key: str, digits: int = 3) -> str:
 
 def section(results: dict) -> list[str]:
     lines = [BEGIN, "", "## Preference tuning and reward models on HH-RLHF (issue 24)", "",
-             "Data: `../shared/data/preference/hh_rlhf_harmless_base_test.jsonl.gz` (Anthropic HH-RLHF, harmless-base "
+             ("Data: `../shared/data/preference/hh_rlhf_harmless_base_test.jsonl.gz` (Anthropic HH-RLHF, harmless-base "
              "test split, 2,312 pairs; see its `SOURCES.md` entry), split in file order by "
              "`benchmarks/quality/prep_hh_rlhf.py`: the first 2,000 pairs to train, the other 312 held out "
              "(files under the git-ignored `benchmarks/out/`). Whole dialogues are split by the task into the "
              "shared prompt and the two answers. Rows run one after the other by "
              "`benchmarks/quality/run_preference.py` (one compute thread, normal priority) on the project's 2-core "
              "CPU machine shared with other engineers' jobs (load average 6–8 while these ran: each row got "
-             "well under one core, so wall time is inflated; CPU time is the steadier figure). One seed (42).",
+             "well under one core, so wall time is inflated; CPU time is the steadier figure). One seed (42)."),
              "",
-             "Accuracy: share of held-out pairs whose chosen answer gets the higher reward (ties count half); "
+             ("Accuracy: share of held-out pairs whose chosen answer gets the higher reward (ties count half); "
              "margin: mean reward of chosen minus rejected. For DPO the reward is β·(log π − log π_ref) summed over "
              "the answer, so before training the model is its own reference and accuracy is 0.5, margin 0, by "
              "definition; `logp accuracy` is the model's own preference by summed log-probability (the base "
              "model's \"before\" figure is the informative one there). For SimPO the reward is β × the mean token "
-             "log-probability (no reference). For the reward model it is the head's score.",
+             "log-probability (no reference). For the reward model it is the head's score."),
              "",
-             "| row | model | held-out pairs | accuracy (before → after) | margin (before → after) | logp accuracy "
+             ("| row | model | held-out pairs | accuracy (before → after) | margin (before → after) | logp accuracy "
              "(before → after) | trainable params | training time (wall) | CPU time | budget | settings | device "
-             "| command |",
+             "| command |"),
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|"]
     for row, label in ROWS.items():
         entry = results.get(row)
