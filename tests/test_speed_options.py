@@ -151,6 +151,13 @@ def test_padding_free_falls_back_to_padded_batches_where_examples_would_see_each
     chosen = choose_batching(prompt_tuned, tokenizer, packing=False, padding_free="auto")
     assert not chosen.padding_free and "prompt or prefix tuning" in chosen.plan
 
+    with torch.device("meta"):  # a process that holds no weights (FSDP's CPU-RAM-efficient loading)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        empty = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_llama_path))
+    chosen = choose_batching(empty, tokenizer, packing=False, padding_free="auto")
+    assert not chosen.padding_free and "weights are not loaded here" in chosen.plan
+
 
 def test_packing_needs_padding_free_rows(train_file):
     from pydantic import ValidationError

@@ -639,6 +639,9 @@ def examples_kept_apart(model, tokenizer) -> str | None:
     if _is_prompt_learning(model):
         return ("cannot be combined with prompt or prefix tuning: the virtual tokens are added once per packed row, "
                 "so only its first example would see them")
+    if any(p.is_meta for p in model.parameters()):
+        return ("cannot be checked in this process: the model's weights are not loaded here (e.g. FSDP's "
+                "CPU-RAM-efficient loading)")
     ids = tokenizer("the quick brown fox jumps over the lazy dog. " * 3, add_special_tokens=False)["input_ids"]
     first, second = ids[:6], ids[6:12]
     device = _device_of(model)
