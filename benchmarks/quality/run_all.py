@@ -55,6 +55,18 @@ ROWS = {
     "sst2_adapters_houlsby": ("sst2", "adapters (houlsby)"),
     "sst2_adapters_pfeiffer": ("sst2", "adapters (pfeiffer)"),
     "sst2_prompt_tuning": ("sst2", "prompt_tuning"),
+    # issue 25: peft's methods and LoRA's initialisations side by side, all at one smaller budget
+    "sst2_lora_100": ("sst2_peft", "lora"),
+    "sst2_ia3": ("sst2_peft", "ia3"),
+    "sst2_vera": ("sst2_peft", "vera"),
+    "sst2_loha": ("sst2_peft", "loha"),
+    "sst2_lokr": ("sst2_peft", "lokr"),
+    "sst2_oft": ("sst2_peft", "oft"),
+    "sst2_adalora": ("sst2_peft", "adalora"),
+    "sst2_lora_pissa": ("sst2_peft", "lora, pissa init"),
+    "sst2_lora_olora": ("sst2_peft", "lora, olora init"),
+    "sst2_loraplus": ("sst2_peft", "lora+"),
+    "sst2_lora_eva": ("sst2_peft", "lora, eva init"),
     "agnews_full": ("agnews", "full"),
     "agnews_lora": ("agnews", "lora"),
     "conll_full": ("conll", "full"),
@@ -76,6 +88,7 @@ ROWS = {
 }
 DATASETS = {
     "sst2": ("SST-2", "dev accuracy", "validation", "accuracy"),
+    "sst2_peft": ("SST-2, peft methods (100 steps)", "dev accuracy", "validation", "accuracy"),
     "agnews": ("AG News", "test accuracy", "test", "accuracy"),
     "conll": ("CoNLL-2003", "test entity F1", "test", "f1"),
     "alpaca": ("Alpaca instruction tuning", "held-out perplexity", "validation", "perplexity"),
@@ -172,6 +185,9 @@ def collect(run_dir: Path) -> dict:
     out.update({k: manifest.get(k) for k in ("status", "trainable_parameters", "total_parameters", "device",
                                              "started", "ended", "git_commit", "error")})
     out["metrics"] = _read(run_dir / "metrics.json") or {}
+    for folder in ("adapter", "model"):  # what the strategy saved: its size on disk
+        if (run_dir / folder).is_dir():
+            out["saved_bytes"] = sum(f.stat().st_size for f in (run_dir / folder).rglob("*") if f.is_file())
     history = _read(run_dir / "log_history.json") or []
     summary = next((h for h in reversed(history) if "train_runtime" in h), {})
     out["train_runtime_s"] = summary.get("train_runtime")
@@ -258,7 +274,8 @@ def budget_text(entry: dict, dataset: str) -> str:
     unit = "question windows" if dataset in QA else {"conll": "sentences", "multi30k": "sentence pairs"}.get(dataset, "examples")
     seen = f"{steps} steps × {bs} = {steps * bs:,} {unit}" if steps else "?"
     epochs = entry.get("epochs")
-    total = {"sst2": 67349, "agnews": 9501, "conll": 14041, "alpaca": 900, "multi30k": 29000, "scitldr": 1992,
+    total = {"sst2": 67349, "sst2_peft": 67349, "agnews": 9501, "conll": 14041, "alpaca": 900, "multi30k": 29000,
+             "scitldr": 1992,
              "xquad": None}.get(dataset)
     if epochs is not None and total:
         seen += f" ({epochs:.2f} epochs of {total:,} {unit})"
@@ -271,8 +288,12 @@ def strategy_text(entry: dict) -> str:
     s = dict((entry.get("recipe") or {}).get("strategy") or {})
     name = s.pop("name", "?")
     keys = {"lora": ("r", "alpha"), "qlora": ("r", "alpha", "quant_type"), "adapters": ("config", "reduction_factor"),
-            "prompt_tuning": ("num_virtual_tokens",), "full": ()}.get(name, ())
+            "prompt_tuning": ("num_virtual_tokens",), "full": (),
+            "peft": ("method", "r", "init_r", "target_r", "oft_block_size", "alpha")}.get(name, ())
     extra = ", ".join(f"{k}={s[k]}" for k in keys if k in s)
+    for key in ("init", "loraplus_lr_ratio"):  # LoRA's initialisation and LoRA+, when not the default
+        if s.get(key) not in (None, "default"):
+            extra += f", {key}={s[key]}"
     if s.get("train_layer_norms"):
         extra += ", layer norms trained"
     lr = ((entry.get("recipe") or {}).get("train") or {}).get("learning_rate")
@@ -405,6 +426,36 @@ def qa_table(results: dict, dataset: str) -> list[str]:
     return lines
 
 
+def reference_entry(results: dict, dataset: str) -> dict:
+    """The row a dataset's others are compared with: full fine-tuning, or (a set without one)
+    plain LoRA at the same budget."""
+    full = full_entry(results, dataset)
+    if full:
+        return full
+    row = next((r for r, (d, label) in ROWS.items() if d == dataset and label == "lora"), None)
+    return results.get(row) or {}
+
+
+def sized_table(results: dict, dataset: str) -> list[str]:
+    """``table`` with the score's difference from LoRA at the same budget and the saved
+    artifact's size on disk."""
+    lines = table(results, dataset)
+    lines[0] = lines[0].replace("| trainable params |", "| vs LoRA (points) | trainable params | saved size |")
+    lines[1] = lines[1].replace("|---|---:|---:|", "|---|---:|---:|---:|---:|", 1)
+    ref = reference_entry(results, dataset)
+    ref_score = score_of(ref, dataset) if ref.get("status") == "completed" else None
+    for i, (row, _) in enumerate((r, v) for r, v in ROWS.items() if v[0] == dataset):
+        entry = results.get(row) or {}
+        size = entry.get("saved_bytes")
+        score = score_of(entry, dataset) if entry.get("status") == "completed" else None
+        delta = "—" if score is None or ref_score is None or entry is ref else f"{100 * (score - ref_score):+.2f}"
+        cells = lines[2 + i].split(" | ")
+        cells[2:2] = [delta]
+        cells[4:4] = ["—" if not size else f"{size / 2**20:.2f} MiB"]
+        lines[2 + i] = " | ".join(cells)
+    return lines
+
+
 def agnews_variants() -> list[str]:
     data = _read(HERE / "agnews_variants.json") or {}
     rows = [r for r in ROWS if ROWS[r][0] == "agnews" and r in data]
@@ -486,7 +537,9 @@ def chart(results: dict) -> None:
     if generation:
         generation_panel(axes[len(panels)], results, generation)
     colors = {"full": "tab:red", "lora": "tab:blue", "qlora": "tab:cyan", "adapters (houlsby)": "tab:green",
-              "adapters (pfeiffer)": "tab:olive", "prompt_tuning": "tab:purple"}
+              "adapters (pfeiffer)": "tab:olive", "prompt_tuning": "tab:purple", "ia3": "tab:orange",
+              "vera": "tab:pink", "loha": "tab:brown", "lokr": "gold", "oft": "tab:gray", "adalora": "teal",
+              "lora+": "navy"}
     for ax, dataset in zip(axes, panels):
         name, metric, _, _ = DATASETS[dataset]
         variants = iter(["s", "D", "^", "v", "P"])  # marker shapes for other budgets/settings of a strategy
@@ -509,6 +562,13 @@ def chart(results: dict) -> None:
                 ax.annotate("", xy=(x, y), xytext=(x, yb), arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.6})
                 ax.scatter(x, yb, s=30, marker="x", color="gray", zorder=3)
         full = full_entry(results, dataset)
+        lora = reference_entry(results, dataset)
+        if not full and lora.get("status") == "completed":  # a set measured against LoRA at its own budget
+            ref = 100 * score_of(lora, dataset)
+            ax.axhline(ref, color="tab:blue", lw=0.8, ls="--", alpha=0.6)
+            ax.axhline(ref - 1, color="gray", lw=0.8, ls=":", alpha=0.8)
+            ax.text(0.01, ref - 1, "LoRA − 1 point", fontsize=7, color="gray", va="bottom",
+                    transform=ax.get_yaxis_transform())
         if dataset != "alpaca" and full.get("status") == "completed":
             ref = score_of(full, dataset) * (1 if dataset in PERCENT_ALREADY else 100)
             share = 0.95 if dataset in QA else 0.98  # the issues' targets
@@ -536,7 +596,8 @@ def publish(results: dict) -> None:
     body = [BEGIN, ""]
     body += TEMPLATE.read_text().rstrip().split("\n")
     generated = {
-        "{{SST2}}": table(results, "sst2"), "{{AGNEWS}}": table(results, "agnews"),
+        "{{SST2}}": table(results, "sst2"), "{{SST2_PEFT}}": sized_table(results, "sst2_peft"),
+        "{{AGNEWS}}": table(results, "agnews"),
         "{{CONLL}}": table(results, "conll"), "{{AGNEWS_VARIANTS}}": agnews_variants(), "{{CONLL_TYPES}}": ner_types(results),
         "{{ALPACA}}": sft_table(results), "{{SAMPLES_LORA}}": sft_samples(results, "alpaca_lora"),
         "{{SAMPLES_QLORA}}": sft_samples(results, "alpaca_qlora"),
