@@ -311,7 +311,7 @@ def test_adalora_allocates_ranks_through_a_trainer_callback(build):
 def test_adalora_total_step_comes_from_the_run_schedule(build):
     from types import SimpleNamespace
 
-    model, task, batch = build("bert-seq")
+    model, task, _ = build("bert-seq")
     s, opts = peft_strategy("adalora", init_r=4, target_r=2, tinit=2, tfinal=2)  # no total_step
     assert "strategy.total_step" in s.training_plan(opts)
     s.check(task, None, opts)

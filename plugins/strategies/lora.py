@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from petune_plugins.strategies._common import (
+    LoraOptions,
+    apply_lora,
+    check_lora_init,
+    init_plan,
+    loraplus_optimizer,
+    merge_lora,
+    prepare_lora,
+    quantization_method,
+    restore_peft,
+    save_lora,
+)
+
 from petune import hookimpl
 from petune.api import Strategy
-from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, init_plan, loraplus_optimizer,
-                                               merge_lora, prepare_lora, quantization_method, restore_peft, save_lora)
 
 
 class LoraStrategy(Strategy):
