@@ -322,6 +322,53 @@ def read_preferences(path: Path, fmt: str, max_rows: int | None) -> tuple[list[P
     return examples, fmt, dropped
 
 
+def read_splits(options, *, held_out_only: bool = False, check_train=None) -> tuple[dict, str | None, dict]:
+    """The examples of each split that a pair task's options name (``train``, unless
+    ``held_out_only``; ``validation``, ``test``; ``validation_split`` of train), the train file's
+    format, and notes counting the records dropped per split and reason. ``check_train(format)``
+    may refuse the train file before the held-out files are read. Shared with the reward task."""
+    examples, notes, fmt = {}, {}, None
+
+    def read(split: str, path) -> str:
+        examples[split], found, dropped = read_preferences(path, options.format, options.max_rows)
+        for reason, count in dropped.items():
+            notes[f"{split}_dropped_{reason}"] = count
+        return found
+
+    if not held_out_only:
+        fmt = read("train", options.train)
+        if check_train is not None:
+            check_train(fmt)
+    for split in ("validation", "test"):
+        if getattr(options, split) is not None:
+            read(split, getattr(options, split))
+    if not held_out_only and options.validation_split is not None:
+        from petune_plugins.tasks.sft import split_off
+
+        examples["train"], examples["validation"] = split_off(examples["train"], options.validation_split,
+                                                              options.split_seed, where=str(options.train))
+    return examples, fmt, notes
+
+
+def note_encoded(notes: dict, split: str, counts: dict) -> None:
+    """Add an encoder's counts to the notes: pairs dropped (cut to nothing, identical once cut)
+    as ``<split>_dropped_<reason>``, prompts and answers cut as ``<split>_<what>``."""
+    for reason, count in counts.items():
+        if count:
+            key = f"{split}_dropped_{reason}" if reason in ("cut_to_nothing", "identical") else f"{split}_{reason}"
+            notes[key] = notes.get(key, 0) + count
+
+
+def no_pairs_left(options, split: str, notes: dict) -> DataError:
+    """The error for a split with no pair left to train or score on, naming its file and why."""
+    where = str(options.train if split == "train" or split == "validation" and options.validation is None
+                else getattr(options, split))
+    reasons = ", ".join(f"{k.removeprefix(split + '_')} {v}" for k, v in notes.items()
+                        if k.startswith(f"{split}_dropped_")) or "no records"
+    return DataError(f"no {split} pairs left to train or score on ({reasons})", where=where,
+                     hint="raise task.max_length (or lower task.max_prompt_length), or check the data")
+
+
 def unpair(examples: list[Pair | Single]) -> list[Single]:
     """KTO's view of pairs: the chosen answer good, the rejected one bad."""
     out = []
@@ -658,45 +705,20 @@ class PreferenceTask(CausalLmTask):
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: PreferenceOptions, tokenizer) -> TaskData:
-        examples, notes = {}, {}
-        examples["train"], fmt, dropped = read_preferences(options.train, options.format, options.max_rows)
-        self._note_dropped(notes, "train", dropped)
-        if fmt == "kto" and options.method != "kto":
-            raise Refusal(f"{options.train} holds unpaired (kto format) answers, which method {options.method!r} "
-                          f"cannot train on", where="task.method", hint="use method = 'kto', or paired data")
-        for split, (found, held_dropped) in self._read_held_out(options).items():
-            examples[split] = found
-            self._note_dropped(notes, split, held_dropped)
-        if options.validation_split is not None:
-            from petune_plugins.tasks.sft import split_off
+        def refuse_unpaired(fmt: str) -> None:
+            if fmt == "kto" and options.method != "kto":
+                raise Refusal(f"{options.train} holds unpaired (kto format) answers, which method "
+                              f"{options.method!r} cannot train on", where="task.method",
+                              hint="use method = 'kto', or paired data")
 
-            examples["train"], examples["validation"] = split_off(examples["train"], options.validation_split,
-                                                                  options.split_seed, where=str(options.train))
+        examples, fmt, notes = read_splits(options, check_train=refuse_unpaired)
         return self._encode(examples, options, tokenizer, fmt, notes)
 
     def load_eval_data(self, options: PreferenceOptions, tokenizer, state: dict) -> TaskData:
-        examples, notes = {}, {}
-        for split, (found, dropped) in self._read_held_out(options).items():
-            examples[split] = found
-            self._note_dropped(notes, split, dropped)
+        examples, _, notes = read_splits(options, held_out_only=True)
         data = self._encode(examples, options, tokenizer, state.get("format"), notes)
         data.state = state
         return data
-
-    @staticmethod
-    def _read_held_out(options: PreferenceOptions) -> dict:
-        held_out = {}
-        for split in ("validation", "test"):
-            path = getattr(options, split)
-            if path is not None:
-                found, _, dropped = read_preferences(path, options.format, options.max_rows)
-                held_out[split] = (found, dropped)
-        return held_out
-
-    @staticmethod
-    def _note_dropped(notes: dict, split: str, dropped: dict) -> None:
-        for reason, count in dropped.items():
-            notes[f"{split}_dropped_{reason}"] = count
 
     @staticmethod
     def _encode(examples: dict, options: PreferenceOptions, tokenizer, fmt, notes: dict) -> TaskData:
@@ -713,18 +735,9 @@ class PreferenceTask(CausalLmTask):
                 columns, counts = encoder.encode_singles(unpair(found))
             else:
                 columns, counts = encoder.encode_pairs(found)
-            for reason, count in counts.items():
-                if count:
-                    key = f"{split}_dropped_{reason}" if reason in ("cut_to_nothing", "identical") else \
-                        f"{split}_{reason}"
-                    notes[key] = notes.get(key, 0) + count
+            note_encoded(notes, split, counts)
             if not columns["prompt_ids"]:
-                where = str(options.train if split == "train" or split == "validation" and options.validation is None
-                            else getattr(options, split))
-                reasons = ", ".join(f"{k.removeprefix(split + '_')} {v}" for k, v in notes.items()
-                                    if k.startswith(f"{split}_dropped_")) or "no records"
-                raise DataError(f"no {split} pairs left to train or score on ({reasons})", where=where,
-                                hint="raise task.max_length (or task.max_prompt_length), or check the data")
+                raise no_pairs_left(options, split, notes)
             datasets[split] = Dataset.from_dict(columns)
         state = {"format": fmt, **chat.state, "method": options.method, "max_length": options.max_length}
         return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),

@@ -42,7 +42,15 @@ from typing import Literal
 
 from petune_plugins.tasks import _common as common
 from petune_plugins.tasks import datafiles
-from petune_plugins.tasks.preference import Pair, PairEncoder, _answer, _prompt, read_preferences
+from petune_plugins.tasks.preference import (
+    Pair,
+    PairEncoder,
+    _answer,
+    _prompt,
+    no_pairs_left,
+    note_encoded,
+    read_splits,
+)
 from petune_plugins.tasks.sft import _BadRow, _checkpointing_args, _is_decoder_only, _keys, prepare_chat_tokenizer
 from pydantic import Field, model_validator
 
@@ -232,24 +240,11 @@ class RewardTask(common.EncoderTask):
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: RewardOptions, tokenizer) -> TaskData:
-        examples, notes = {}, {}
-        examples["train"], fmt, dropped = read_preferences(options.train, options.format, options.max_rows)
-        self._note_dropped(notes, "train", dropped)
-        for split, (found, held_dropped) in self._read_held_out(options).items():
-            examples[split] = found
-            self._note_dropped(notes, split, held_dropped)
-        if options.validation_split is not None:
-            from petune_plugins.tasks.sft import split_off
-
-            examples["train"], examples["validation"] = split_off(examples["train"], options.validation_split,
-                                                                  options.split_seed, where=str(options.train))
+        examples, fmt, notes = read_splits(options)
         return self._encode(examples, options, self.prepare_tokenizer(options, tokenizer, fmt), tokenizer, notes)
 
     def load_eval_data(self, options: RewardOptions, tokenizer, state: dict) -> TaskData:
-        examples, notes = {}, {}
-        for split, (found, dropped) in self._read_held_out(options).items():
-            examples[split] = found
-            self._note_dropped(notes, split, dropped)
+        examples, _, notes = read_splits(options, held_out_only=True)
         return self._encode(examples, options, state, tokenizer, notes)
 
     @staticmethod
@@ -271,21 +266,6 @@ class RewardTask(common.EncoderTask):
         return state
 
     @staticmethod
-    def _read_held_out(options: RewardOptions) -> dict:
-        held_out = {}
-        for split in ("validation", "test"):
-            path = getattr(options, split)
-            if path is not None:
-                found, _, dropped = read_preferences(path, options.format, options.max_rows)
-                held_out[split] = (found, dropped)
-        return held_out
-
-    @staticmethod
-    def _note_dropped(notes: dict, split: str, dropped: dict) -> None:
-        for reason, count in dropped.items():
-            notes[f"{split}_dropped_{reason}"] = count
-
-    @staticmethod
     def _encode(examples: dict, options: RewardOptions, state: dict, tokenizer, notes: dict) -> TaskData:
         from datasets import Dataset
 
@@ -295,18 +275,9 @@ class RewardTask(common.EncoderTask):
         datasets = {}
         for split, found in examples.items():
             columns, counts = encode_pairs(encoder, found)
-            for reason, count in counts.items():
-                if count:
-                    key = f"{split}_dropped_{reason}" if reason in ("cut_to_nothing", "identical") else \
-                        f"{split}_{reason}"
-                    notes[key] = notes.get(key, 0) + count
+            note_encoded(notes, split, counts)
             if not columns["chosen_ids"]:
-                where = str(options.train if split == "train" or split == "validation" and options.validation is None
-                            else getattr(options, split))
-                reasons = ", ".join(f"{k.removeprefix(split + '_')} {v}" for k, v in notes.items()
-                                    if k.startswith(f"{split}_dropped_")) or "no records"
-                raise DataError(f"no {split} pairs left to train or score on ({reasons})", where=where,
-                                hint="raise task.max_length (or lower task.max_prompt_length), or check the data")
+                raise no_pairs_left(options, split, notes)
             datasets[split] = Dataset.from_dict(columns)
         return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
