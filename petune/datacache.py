@@ -107,11 +107,11 @@ def code_modules(cls: type) -> list:
     import sys
     import types
 
-    todo = [sys.modules[k.__module__] for k in cls.__mro__ if k.__module__.split(".")[0] not in ("builtins", "petune")]
+    todo = [sys.modules.get(k.__module__) for k in cls.__mro__ if k.__module__.split(".")[0] not in ("builtins", "petune")]
     seen: dict[str, types.ModuleType] = {}
     while todo:
         module = todo.pop()
-        if module.__name__ in seen or not getattr(module, "__file__", None):
+        if module is None or module.__name__ in seen or not getattr(module, "__file__", None):
             continue
         seen[module.__name__] = module
         if hasattr(module, "__path__"):

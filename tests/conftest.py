@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,10 +10,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
-# the data cache (petune/datacache.py) of the runs tests start: a fresh folder, never the user's
-if "PETUNE_DATA_CACHE" not in os.environ:
-    os.environ["PETUNE_DATA_CACHE"] = tempfile.mkdtemp(prefix="petune-test-data-cache-")
-    atexit.register(shutil.rmtree, os.environ["PETUNE_DATA_CACHE"], True)
+# the data cache (petune/datacache.py) is off in tests, never the user's folder and never shared between tests
+# (a test that patches a task must not get another test's prepared data); tests/test_data_cache.py turns it
+# on in a temporary folder
+os.environ.setdefault("PETUNE_DATA_CACHE", "off")
 
 import pytest  # noqa: E402
 
