@@ -8,8 +8,9 @@
   options; a folder counts with every file in it);
 * the tokenizer as loaded (every file in its folder but the weights: vocabulary, merges,
   special tokens, chat template, and the model's config.json, whose length limit tasks read);
-* the code: petune's version, this module's format, and every file of the task plugin's
-  package (a changed task, template or shared reader rebuilds);
+* the code: petune's version, this module's format, the source of the task plugin's modules
+  and the files beside them (a changed task, template or shared reader rebuilds), and the
+  versions of transformers, tokenizers, jinja2 and sentencepiece;
 * the run's seed and, for ``eval``, the run's task state.
 
 An entry holds each split as a ``datasets`` Arrow folder (``save_to_disk``; read back with
@@ -139,8 +140,22 @@ def code_digest(cls: type) -> str:
     return _digest_files(sorted(files), Path("/"))
 
 
+def library_versions() -> dict[str, str]:
+    """The libraries that turn text into tokens: a new version may tokenize differently."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("transformers", "tokenizers", "jinja2", "sentencepiece"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def cache_key(task: Task, method: str, options: Options, tokenizer, extra: dict | None = None) -> dict:
-    return {"cache_format": CACHE_FORMAT, "petune": __version__, "task": task.name, "method": method,
+    return {"cache_format": CACHE_FORMAT, "petune": __version__, "libraries": library_versions(),
+            "task": task.name, "method": method,
             "code": code_digest(type(task)), "options": options.model_dump(mode="json"),
             "files": {str(p): content_digest(p) for p in task.data_files(options)},
             "tokenizer": tokenizer_digest(tokenizer), **(extra or {})}
