@@ -112,9 +112,9 @@ INIT_COST = {
     "olora": "one QR decomposition of every target weight at start: cheaper than PiSSA's SVD",
     "loftq": "alternating 4-bit quantisation + SVD of every target weight, and one read of the full-precision "
              "checkpoint",
-    "eva": "forward passes over up to {n} training batches (cycled until every layer's components converge) with "
-           "an incremental SVD of each target layer's inputs; ranks stay r everywhere (EVA's rho = 1), so the "
-           "counts above hold",
+    "eva": "one forward pass over {n} training batches with an incremental SVD of each target layer's inputs per "
+           "batch (stopping early where every layer's components have converged); ranks stay r everywhere (EVA's "
+           "rho = 1), so the counts above hold",
     "corda": "forward passes over {n} training batches, one sequence at a time; an in × in input covariance, its "
              "inverse and one SVD per target layer; the base keeps the residual, the saved adapter is converted "
              "to a plain LoRA of rank 2r",
@@ -271,18 +271,38 @@ def _token_mask(inputs: dict):
 def _eva_init(model, batches: list[dict]) -> None:
     import torch
     from peft import initialize_lora_eva_weights
+    from peft.tuners.lora.eva import SVDHook
 
     def layer_inputs(layer_input, mask, name):
         x = layer_input[0] if isinstance(layer_input, (tuple, list)) else layer_input
         if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
-            return x[mask]  # real tokens only
-        return x.reshape(-1, x.shape[-1])  # e.g. a decoder's inputs, which the encoder's mask does not describe
+            return x[mask].contiguous()  # real tokens only
+        # e.g. a decoder's inputs, which the encoder's mask does not describe; contiguous, as peft's
+        # hashing views it flat (an attention output can come transposed)
+        return x.reshape(-1, x.shape[-1]).contiguous()
+
+    calls = 0
+
+    def forward(model, inputs):
+        # peft cycles over the batches until every layer's top components stop moving (cosine >= tau),
+        # which few, short sequences may never reach (a pooler sees one vector per sequence): one
+        # pass over the batches it was given, then the components as estimated so far are taken
+        nonlocal calls
+        out = model(**inputs)
+        calls += 1
+        if calls >= len(batches):
+            for module in model.modules():
+                for hook in module._forward_hooks.values():
+                    if isinstance(hook, SVDHook) and hasattr(hook.svd, "components_"):
+                        hook.converged[:] = True
+        return out
 
     with torch.no_grad():
         try:
-            initialize_lora_eva_weights(model, dataloader=batches, prepare_model_inputs_fn=lambda inputs, _: _token_mask(inputs),
-                                        prepare_layer_inputs_fn=layer_inputs, show_progress_bar=False)
-        except (ValueError, RuntimeError, TypeError) as exc:
+            initialize_lora_eva_weights(model, dataloader=batches, forward_fn=forward, show_progress_bar=False,
+                                        prepare_model_inputs_fn=lambda inputs, _: _token_mask(inputs),
+                                        prepare_layer_inputs_fn=layer_inputs)
+        except (ValueError, RuntimeError, TypeError, AttributeError) as exc:
             raise UserError(f"EVA initialisation failed: {exc}", where="strategy.init",
                             hint="raise strategy.init_batches (more tokens per layer), or use init = 'default'") from None
 
