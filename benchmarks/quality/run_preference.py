@@ -29,6 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RESULTS = HERE / "preference_results.json"
+READING = HERE / "preference_reading.md"
 QUALITY_MD = REPO / "benchmarks" / "QUALITY.md"
 BEGIN, END = "<!-- preference:begin (written by benchmarks/quality/run_preference.py) -->", "<!-- preference:end -->"
 ROWS = {  # id → what the row is
@@ -150,12 +151,24 @@ def section(results: dict) -> list[str]:
              "CPU machine shared with other engineers' jobs (load average 6–8 while these ran: each row got "
              "well under one core, so wall time is inflated; CPU time is the steadier figure). One seed (42)."),
              "",
+             ("**Budget.** CPU time was the limit (about an hour of wall time for all rows, on a shared core). "
+              "The Gemma 3 270M rows train on the first 48 training pairs (`max_rows = 48`: one epoch of 12 steps "
+              "× 4 pairs) and are scored on the first 48 of the 312 held-out pairs, prompts cut to their last 48 "
+              "tokens and answers to their first 48 (`max_length = 96`); one DPO step on Gemma (4 pairs, chosen + "
+              "rejected, policy and reference) took about 55 s of wall time at most of a core. "
+              "The MiniLM reward model trains on 640 of the "
+              "2,000 pairs (80 steps × 8) and is scored on all 312. With 48 scored pairs one pair is 2.1 points "
+              "of accuracy and the 95% interval of an accuracy near 0.5 is about ±0.14, so the Gemma rows show "
+              "whether the methods move the margin, not a converged accuracy."),
+             "",
              ("Accuracy: share of held-out pairs whose chosen answer gets the higher reward (ties count half); "
              "margin: mean reward of chosen minus rejected. For DPO the reward is β·(log π − log π_ref) summed over "
              "the answer, so before training the model is its own reference and accuracy is 0.5, margin 0, by "
              "definition; `logp accuracy` is the model's own preference by summed log-probability (the base "
              "model's \"before\" figure is the informative one there). For SimPO the reward is β × the mean token "
-             "log-probability (no reference). For the reward model it is the head's score."),
+             "log-probability (no reference). For the reward model it is the head's score (a random new head before "
+             "training). Training time is the Trainer's loop, which includes scoring the held-out pairs before "
+             "the first step; CPU time is the whole `petune run` process."),
              "",
              ("| row | model | held-out pairs | accuracy (before → after) | margin (before → after) | logp accuracy "
              "(before → after) | trainable params | training time (wall) | CPU time | budget | settings | device "
@@ -164,7 +177,7 @@ def section(results: dict) -> list[str]:
     for row, label in ROWS.items():
         entry = results.get(row)
         if not entry or entry.get("status") != "completed":
-            state = "not run" if not entry else f"did not finish ({entry.get('status') or 'exit ' + str(entry.get('exit'))})"
+            state = "not run (CPU time)" if not entry else f"did not finish ({entry.get('status') or 'exit ' + str(entry.get('exit'))})"
             lines.append(f"| {label} | — | — | {state} | — | — | — | — | — | — | — | — | "
                          f"`petune run benchmarks/quality/{row}.toml` |")
             continue
@@ -179,7 +192,10 @@ def section(results: dict) -> list[str]:
             _minutes(entry.get("train_runtime_s")), _minutes(entry.get("cpu_s")), _budget(entry), _settings(entry),
             "cpu: x86_64, 2 cores, shared, 1 thread", f"`{entry['command']}` |"]))
     total_cpu = sum((e or {}).get("cpu_s") or 0 for e in results.values())
-    lines += ["", f"CPU time of these rows together: {total_cpu / 60:.0f} min.", "", END]
+    lines += ["", f"CPU time of these rows together: {total_cpu / 60:.0f} min."]
+    if READING.exists():  # what the figures say, written by hand after the runs
+        lines += ["", *READING.read_text().rstrip().split("\n")]
+    lines += ["", END]
     return lines
 
 
