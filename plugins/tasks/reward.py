@@ -321,10 +321,7 @@ class RewardTask(common.EncoderTask):
     def evaluate(self, trainer, data: TaskData, options: RewardOptions, run_dir: Path) -> dict[str, dict]:
         metrics = {}
         before = getattr(trainer, "_petune_before", {}) or {}
-        for split in ("validation", "test"):
-            dataset = getattr(data, split)
-            if dataset is None or not len(dataset):
-                continue
+        for split, dataset in common.held_out_splits(data):
             if split in before:
                 metrics[f"{split}_before"] = before[split]
             metrics[split] = score_pairs(trainer.model, dataset)
@@ -415,9 +412,8 @@ def before_training_callback(trainer, data: TaskData):
         def on_train_begin(self, args, state, control, **kwargs):
             if state.global_step > 0:  # resumed: the starting model is gone
                 return
-            trainer._petune_before = {split: score_pairs(trainer.model, getattr(data, split))
-                                      for split in ("validation", "test")
-                                      if getattr(data, split) is not None and len(getattr(data, split))}
+            trainer._petune_before = {split: score_pairs(trainer.model, dataset)
+                                      for split, dataset in common.held_out_splits(data)}
 
     return BeforeTraining()
 
