@@ -95,22 +95,35 @@ def test_qlora_adapter_loads_with_plain_transformers_and_peft(qlora_run, host):
 
 
 @pytest.mark.slow
-def test_merged_model_loads_with_plain_transformers_and_matches(qlora_run, tmp_path, host):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from petune.runner import load_run
-
-    result = petune("merge", qlora_run, "--out", tmp_path / "merged")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "4-bit" in result.stderr  # says it merged into the dequantised base, not into 4-bit weights
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
-    unmerged = load_run(qlora_run, host)  # the adapter on the 4-bit base, as trained
-    torch.testing.assert_close(_logits(merged, tokenizer), _logits(unmerged.model, unmerged.tokenizer), rtol=1e-3, atol=1e-3)
-
-
-@pytest.mark.slow
 def test_generate_answers_with_the_adapter(qlora_run):
     result = petune("generate", qlora_run, "--prompt", "What is the capital of France?", "--max-new-tokens", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip()
+
+
+@pytest.mark.slow
+def test_exported_gguf_computes_what_the_run_computes(qlora_run, tmp_path, host):
+    """The packaged Gemma's QLoRA run written as an f16 GGUF file and read by transformers'
+    GGUF loader computes what the 4-bit run (petune generate) computes: the adapter is folded
+    into the 4-bit base as trained, dequantised. Folded into the original checkpoint, the
+    model would differ by far more (measured: max |Δ| 1.5 vs 27.6 of 102, argmax 100% vs 75%).
+    After two steps the answers are near-ties, so logits are compared, not greedy text."""
+    from transformers import AutoModelForCausalLM
+
+    from petune.merge import logits_of
+    from petune.runner import load_run
+
+    out = tmp_path / "run.gguf"
+    result = petune("export", qlora_run, "--format", "gguf", "--quant", "f16", "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = load_run(qlora_run, host)  # as petune generate loads it
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    original = load_run(qlora_run, host, quantized=False)  # the adapter on the original checkpoint
+    text = run.tokenizer.apply_chat_template([{"role": "user", "content": "Give three tips for staying focused."}],
+                                             tokenize=False, add_generation_prompt=True)
+    batch = dict(run.tokenizer(text, return_tensors="pt", add_special_tokens=False))
+    want = logits_of(run.model, batch)["logits"]
+    got, other = logits_of(exported, batch)["logits"], logits_of(original.model, batch)["logits"]
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16 compute of the 4-bit run vs f32
+    assert (got - want).abs().max() < (other - want).abs().max() / 5
