@@ -441,15 +441,15 @@ class Strategy(_Plugin):
         """Put the weights saved by :meth:`save` onto a freshly built base model."""
         raise NotImplementedError
 
-    def merge(self, model: torch.nn.Module) -> PreTrainedModel:
-        """Return a plain transformers model with the trained weights folded in."""
-        raise Refusal(f"strategy {self.name!r} has nothing to merge")
-
     def dequantize(self, base: PreTrainedModel, options: Options) -> PreTrainedModel:
         """The base as loaded with :meth:`load_kwargs`, turned into plain 16/32-bit weights
         that compute what it computed (for merging and export: the trained weights are
         folded into the very base they were trained against). Default: ``base`` unchanged."""
         return base
+
+    def merge(self, model: torch.nn.Module) -> PreTrainedModel:
+        """Return a plain transformers model with the trained weights folded in."""
+        raise Refusal(f"strategy {self.name!r} has nothing to merge")
 
     def make_optimizer(self, model: "torch.nn.Module", options: Options, optimizer_cls: type,
                        optimizer_kwargs: dict) -> "torch.optim.Optimizer | None":

@@ -296,13 +296,13 @@ def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True, d
         load_kwargs.update(strategy.load_kwargs(recipe.strategy))
     with loading_weights(info.path), host.blame("task", task.name, "build_model"):
         base = task.build_model(info, recipe.task, state, **load_kwargs)
+    if dequantized:
+        with host.blame("strategy", strategy.name, "dequantize"):
+            base = strategy.dequantize(base, recipe.strategy)
     with host.blame("strategy", strategy.name, "restore"):
         model = strategy.restore(base, run_dir / strategy.artifact, task, recipe.strategy)
     model.eval()
     tokenizer = load_tokenizer(run_dir / "tokenizer")
-    if dequantized:
-        with host.blame("strategy", strategy.name, "dequantize"):
-            base = strategy.dequantize(base, recipe.strategy)
     return LoadedRun(run_dir, recipe, task, strategy, state, model, tokenizer)
 
 

@@ -118,6 +118,11 @@ class QloraStrategy(Strategy):
         # gives the same outputs here and in any other tool (see _keep_trainable_layout)
         return restore_peft(base, path)
 
+    def dequantize(self, base, options):
+        # transformers swaps every 4-bit Linear for a plain one holding bitsandbytes'
+        # dequantised weight, and drops the quantisation config; the rest keeps its dtype
+        return base.dequantize()
+
     def merge(self, model):
         return merge_lora(model)
 
@@ -125,11 +130,6 @@ class QloraStrategy(Strategy):
 def _keep_trainable_layout(model):
     """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for faster inference the
     first time a layer runs in eval mode, then computes in bf16 whatever compute_dtype says,
-    def dequantize(self, base, options):
-        # transformers swaps every 4-bit Linear for a plain one holding bitsandbytes'
-        # dequantised weight, and drops the quantisation config; the rest keeps its dtype
-        return base.dequantize()
-
     and never unpacks them for training: an evaluation mid-training would break the next
     step. Reloaded models keep bitsandbytes' default: the repacked kernels compute in bf16,
     so their outputs differ from the training-time ones by bf16 rounding."""
