@@ -245,7 +245,8 @@ def _load_splits(entry: Path, meta: dict) -> TaskData:
     from datasets import load_from_disk
 
     splits = {name: load_from_disk(str(entry / name)) for name in meta["splits"]}
-    return TaskData(**splits, state=meta["state"], notes=meta["notes"])
+    # held-out data alone (petune eval) has no train split
+    return TaskData(**{"train": None, **splits}, state=meta["state"], notes=meta["notes"])
 
 
 def write_entry(entry: Path, key: dict, data: TaskData, tokenizer, seconds: float) -> TaskData | None:

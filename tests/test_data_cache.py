@@ -225,3 +225,21 @@ def test_several_processes_tokenize_to_the_same_rows(host, sft, tmp_path, tiny_l
     assert two.data.notes == one.data.notes and len(one.data.train) == 2250
     # written to Arrow batch by batch, and read back memory-mapped
     assert one.data.train.cache_files and two.data.validation.cache_files
+
+
+def test_held_out_data_alone_is_cached_and_read_back(host, sft, tmp_path, cache, tiny_llama_path):
+    """petune eval prepares held-out splits only (no train split): a miss and a hit both give them back."""
+    from datasets import Dataset
+
+    write_jsonl(tmp_path / "train.jsonl")
+    options = sft_options(host, tmp_path)
+    held_out = TaskData(train=None, test=Dataset.from_list([{"input_ids": [1, 2, 3]}]), state={"k": 1})
+
+    def load(tokenizer):
+        return held_out
+
+    for _ in range(2):  # built, then read from the cache
+        tokenizer = tokenizer_of(tiny_llama_path)
+        data = datacache.prepare(sft, "held_out_data", options, tokenizer, load, settings=DataSection()).data
+        assert data.train is None and data.test.to_list() == [{"input_ids": [1, 2, 3]}] and data.state == {"k": 1}
+    assert len(datacache.entries(cache)) == 1
