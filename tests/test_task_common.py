@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from petune.api import ModelInfo
 
-TINY = {"classification": "tiny-bert", "ner": "tiny-bert", "qa": "tiny-bert", "seq2seq": "tiny-t5", "sft": "tiny-llama"}
+TINY = {"classification": "tiny-bert", "ner": "tiny-bert", "qa": "tiny-bert", "seq2seq": "tiny-t5", "sft": "tiny-llama",
+        "preference": "tiny-llama", "reward": "tiny-llama"}
 
 
 def records(task: str, n: int) -> list[dict]:
@@ -26,6 +27,8 @@ def records(task: str, n: int) -> list[dict]:
                    "answers": [{"text": "Paris", "answer_start": len(name) + 10}]},
             "seq2seq": {"source": f"a good movie {i}", "target": f"good {i}"},
             "sft": {"instruction": f"Add {i} and {i}.", "input": "", "output": str(2 * i)},
+            "preference": {"prompt": f"Add {i} and {i}.", "chosen": str(2 * i), "rejected": str(2 * i + 1)},
+            "reward": {"prompt": f"Add {i} and {i}.", "chosen": str(2 * i), "rejected": str(2 * i + 1)},
         }[task])
     return rows
 
@@ -51,7 +54,8 @@ def model_paths():
 def task_and_options(host, task: str, **values):
     plugin = host.task(task)
     extra = {"sft": {"max_length": 64}, "qa": {"max_length": 32, "doc_stride": 8, "max_question_length": 12},
-             "seq2seq": {"max_source_length": 16, "max_target_length": 8}}.get(task, {})
+             "seq2seq": {"max_source_length": 16, "max_target_length": 8},
+             "preference": {"max_length": 64, "num_sample_generations": 0}, "reward": {"max_length": 64}}.get(task, {})
     return plugin, plugin.Options.model_validate({**extra, **values})
 
 
@@ -75,7 +79,7 @@ def test_validation_split_zero_with_a_validation_file_means_no_split(task, tmp_p
             "seq2seq": "train_rows"}.get(task)
     if rows is not None:
         assert data.notes[rows] == 12
-    else:  # sft: one row per example
+    else:  # sft: one row per example; preference, reward: one per pair
         assert len(data.train) == 12
     assert data.validation is not None and data.validation.num_rows >= 4
     with pytest.raises(ValidationError, match="either a validation file or validation_split"):

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from petune_plugins.tasks import datafiles
+from petune_plugins.tasks._common import SplitOptions
 from petune_plugins.tasks.sft import (
     _TEMPLATE_ERRORS,
     CausalLmTask,
@@ -71,7 +72,7 @@ from petune_plugins.tasks.sft import (
 from pydantic import Field, model_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Options, TaskData
+from petune.api import DataPath, ModelInfo, TaskData
 from petune.errors import DataError, Refusal
 
 METHODS = ("dpo", "simpo", "orpo", "kto")
@@ -84,12 +85,10 @@ REFERENCE_METHODS = ("dpo", "kto")
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
 
 
-class PreferenceOptions(Options):
+class PreferenceOptions(SplitOptions):
     train: DataPath = Field(description="training pairs: JSON Lines, a JSON list or CSV")
     validation: DataPath | None = Field(None, description="held-out pairs: accuracy, margin, log-probs before/after")
     test: DataPath | None = Field(None, description="test pairs, scored after training")
-    validation_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train")
-    split_seed: int = Field(42, description="seed of the validation_split shuffle")
     format: Literal["auto", "pairs", "hh-rlhf", "openai", "kto"] = Field(
         "auto", description="data format; auto: by the keys of each file's first record")
     method: Literal["dpo", "simpo", "orpo", "kto"] = Field("dpo", description="dpo | simpo | orpo | kto")
@@ -116,8 +115,6 @@ class PreferenceOptions(Options):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.validation is not None and self.validation_split is not None:
-            raise ValueError("give either validation (a file) or validation_split (a fraction of train), not both")
         if self.format == "kto" and self.method != "kto":
             raise ValueError(f"format 'kto' holds unpaired answers, which method {self.method!r} cannot train on: "
                              "use method = 'kto', or paired data")
@@ -342,10 +339,10 @@ def read_splits(options, *, held_out_only: bool = False, check_train=None) -> tu
     for split in ("validation", "test"):
         if getattr(options, split) is not None:
             read(split, getattr(options, split))
-    if not held_out_only and options.validation_split is not None:
+    if not held_out_only and options.split_ratio:
         from petune_plugins.tasks.sft import split_off
 
-        examples["train"], examples["validation"] = split_off(examples["train"], options.validation_split,
+        examples["train"], examples["validation"] = split_off(examples["train"], options.split_ratio,
                                                               options.split_seed, where=str(options.train))
     return examples, fmt, notes
 

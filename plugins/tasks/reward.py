@@ -55,18 +55,16 @@ from petune_plugins.tasks.sft import _BadRow, _checkpointing_args, _is_decoder_o
 from pydantic import Field, model_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, Options, TaskData
+from petune.api import DataPath, ModelInfo, TaskData
 from petune.errors import DataError
 
 DEFAULT_MAX_LENGTH = 512
 
 
-class RewardOptions(Options):
+class RewardOptions(common.SplitOptions):
     train: DataPath = Field(description="training pairs: JSON Lines, a JSON list or CSV")
     validation: DataPath | None = Field(None, description="held-out pairs: pairwise accuracy and margin before/after")
     test: DataPath | None = Field(None, description="test pairs, scored after training")
-    validation_split: float | None = Field(None, gt=0, lt=1, description="hold out this fraction of train")
-    split_seed: int = Field(42, description="seed of the validation_split shuffle")
     format: Literal["auto", "pairs", "hh-rlhf", "openai"] = Field(
         "auto", description="data format (as the preference task's); auto: by the keys of each file's first record")
     chat_template: Literal["auto", "model", "chatml", "gemma", "alpaca", "plain"] = Field(
@@ -81,8 +79,6 @@ class RewardOptions(Options):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.validation is not None and self.validation_split is not None:
-            raise ValueError("give either validation (a file) or validation_split (a fraction of train), not both")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be below max_length "
                              f"({self.max_length}), or no answer token fits")
@@ -226,6 +222,9 @@ def score_pairs(model, dataset) -> dict:
 
 # -- the task ---------------------------------------------------------------------------------
 class RewardTask(common.EncoderTask):
+    """A one-output sequence-classification head scoring (prompt, answer): trained so that the
+    chosen answer of a pair scores above the rejected one, as a reward model for RLHF."""
+
     name = "reward"
     description = "reward model: a scalar score head trained on preference pairs (TRL RewardTrainer); pairwise accuracy"
     Options = RewardOptions
