@@ -11,6 +11,10 @@ import torch
 from helpers import REPO, petune
 
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
+# Real-model smoke runs (Gemma 3 270M in 4-bit, DPO's four passes per pair) take 3-5 minutes on
+# 2 idle cores and over 10 on a busy machine: a generous limit, so a slow CI host is not a failure.
+SMOKE_TIMEOUT = 1500
+pytestmark = pytest.mark.timeout(SMOKE_TIMEOUT + 60)
 SHORT = ["--set", "train.max_steps=2", "--set", "train.logging_steps=1"]
 
 
@@ -44,7 +48,7 @@ def test_every_bundled_recipe_is_listed_and_valid():
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if r.stem != "qlora_sft"], ids=lambda r: r.stem)
 def test_bundled_recipe_runs_end_to_end(recipe, tmp_path):
-    result = petune(*short_run_args(recipe, tmp_path / "run"))
+    result = petune(*short_run_args(recipe, tmp_path / "run"), timeout=SMOKE_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["status"] == "completed"
     assert (tmp_path / "run" / "metrics.json").exists()
@@ -53,7 +57,7 @@ def test_bundled_recipe_runs_end_to_end(recipe, tmp_path):
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qlora") / "run"
-    result = petune(*short_run_args(REPO / "recipes" / "qlora_sft.toml", out))
+    result = petune(*short_run_args(REPO / "recipes" / "qlora_sft.toml", out), timeout=SMOKE_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
