@@ -72,6 +72,10 @@ ROWS = {
     "conll_full": ("conll", "full"),
     "conll_lora": ("conll", "lora"),
     "conll_adapters": ("conll", "adapters (houlsby)"),
+    # issue 25: the best two peft methods on SST-2, and plain LoRA, at one smaller budget
+    "conll_lora_300": ("conll_peft", "lora"),
+    "conll_oft": ("conll_peft", "oft"),
+    "conll_adalora": ("conll_peft", "adalora"),
     "alpaca_lora": ("alpaca", "lora"),
     "alpaca_qlora": ("alpaca", "qlora"),
     "multi30k_lora": ("multi30k", "lora"),
@@ -91,6 +95,7 @@ DATASETS = {
     "sst2_peft": ("SST-2, peft methods (100 steps)", "dev accuracy", "validation", "accuracy"),
     "agnews": ("AG News", "test accuracy", "test", "accuracy"),
     "conll": ("CoNLL-2003", "test entity F1", "test", "f1"),
+    "conll_peft": ("CoNLL-2003, peft methods (300 steps)", "test entity F1", "test", "f1"),
     "alpaca": ("Alpaca instruction tuning", "held-out perplexity", "validation", "perplexity"),
     "multi30k": ("Multi30k en→de", "test_2016_flickr BLEU", "test", "bleu"),
     "scitldr": ("SciTLDR", "test ROUGE-1", "test", "rouge1"),
@@ -98,7 +103,7 @@ DATASETS = {
     "xquad_2ep": ("SQuAD → XQuAD (en), 2 epochs", "XQuAD F1", "test", "f1"),
 }
 QA = {"xquad", "xquad_2ep"}  # the same task at two budgets
-AGAINST_LORA = {"sst2_peft"}  # sets without a full row, compared with plain LoRA at their own budget
+AGAINST_LORA = {"sst2_peft", "conll_peft"}  # sets without a full row, compared with plain LoRA at their own budget
 PERCENT_ALREADY = {"alpaca", "multi30k", "scitldr", *QA}  # scores not in 0..1: shown as they are
 WITH_BEFORE = {"alpaca", "multi30k", "scitldr"}  # rows that also score the untrained model
 SMOKE = {  # tiny budgets that still go through every step (train, save, evaluate, report)
@@ -272,10 +277,10 @@ def budget_text(entry: dict, dataset: str) -> str:
     train = (entry.get("recipe") or {}).get("train", {})
     bs = train.get("batch_size", 0) * train.get("grad_accum", 1)
     steps = entry.get("steps")
-    unit = "question windows" if dataset in QA else {"conll": "sentences", "multi30k": "sentence pairs"}.get(dataset, "examples")
+    unit = "question windows" if dataset in QA else {"conll": "sentences", "conll_peft": "sentences", "multi30k": "sentence pairs"}.get(dataset, "examples")
     seen = f"{steps} steps × {bs} = {steps * bs:,} {unit}" if steps else "?"
     epochs = entry.get("epochs")
-    total = {"sst2": 67349, "sst2_peft": 67349, "agnews": 9501, "conll": 14041, "alpaca": 900, "multi30k": 29000,
+    total = {"sst2": 67349, "sst2_peft": 67349, "agnews": 9501, "conll": 14041, "conll_peft": 14041, "alpaca": 900, "multi30k": 29000,
              "scitldr": 1992,
              "xquad": None}.get(dataset)
     if epochs is not None and total:
@@ -337,8 +342,8 @@ def table(results: dict, dataset: str) -> list[str]:
     return lines
 
 
-def ner_types(results: dict) -> list[str]:
-    rows = [r for r, (ds, _) in ROWS.items() if ds == "conll" and (results.get(r) or {}).get("per_type")]
+def ner_types(results: dict, dataset: str = "conll") -> list[str]:
+    rows = [r for r, (ds, _) in ROWS.items() if ds == dataset and (results.get(r) or {}).get("per_type")]
     if not rows:
         return []
     kinds = sorted(results[rows[0]]["per_type"])
@@ -604,6 +609,8 @@ def publish(results: dict) -> None:
     body += TEMPLATE.read_text().rstrip().split("\n")
     generated = {
         "{{SST2}}": table(results, "sst2"), "{{SST2_PEFT}}": sized_table(results, "sst2_peft"),
+        "{{CONLL_PEFT}}": sized_table(results, "conll_peft"),
+        "{{CONLL_PEFT_TYPES}}": ner_types(results, "conll_peft"),
         "{{AGNEWS}}": table(results, "agnews"),
         "{{CONLL}}": table(results, "conll"), "{{AGNEWS_VARIANTS}}": agnews_variants(), "{{CONLL_TYPES}}": ner_types(results),
         "{{ALPACA}}": sft_table(results), "{{SAMPLES_LORA}}": sft_samples(results, "alpaca_lora"),
@@ -614,6 +621,8 @@ def publish(results: dict) -> None:
                                                                ("rougeL", "ROUGE-L"),
                                                                ("gen_words", "mean output (words)")]),
         "{{XQUAD}}": qa_table(results, "xquad"), "{{XQUAD_2EP}}": qa_table(results, "xquad_2ep"),
+        "{{CONLL_PEFT_READING}}": (HERE / "conll_peft_reading.md").read_text().rstrip().split("\n")
+        if (HERE / "conll_peft_reading.md").exists() else [],
         "{{READING}}": (HERE / "reading.md").read_text().rstrip().split("\n") if (HERE / "reading.md").exists() else [],
         "{{CPU_TOTAL}}": [f"{sum((e or {}).get('cpu_s') or 0 for e in results.values()) / 3600:.1f} CPU-hours"],
     }
