@@ -39,11 +39,13 @@ import csv
 import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from petune_plugins.tasks import _common as common
 from petune_plugins.tasks import datafiles, reports
+from petune_plugins.tasks.encoding import encode_split
 from pydantic import Field, field_validator
 
 from petune import hookimpl
@@ -318,13 +320,12 @@ def check_known_labels(examples: list[Example], known: Sequence[str], source: st
 
 
 # -- encoding -------------------------------------------------------------------------------
-def encode(tokenizer, examples: list[Example], max_length: int, label_ids: dict[str, int] | None):
-    """Tokenize examples into a ``datasets.Dataset`` (input_ids, attention_mask, labels);
-    returns it with the number of truncated examples."""
-    from datasets import Dataset
-
+def encode(tokenizer, examples: list[Example], *, max_length: int, label_ids: dict[str, int] | None,
+           paired: bool) -> tuple[dict[str, list], dict[str, int]]:
+    """Columns (input_ids, attention_mask, labels ...) of a batch of examples, and the number
+    truncated; ``paired``: whether the split has text pairs (decided over the whole split)."""
     texts = [e.text for e in examples]
-    pairs = [e.pair or "" for e in examples] if any(e.pair is not None for e in examples) else None
+    pairs = [e.pair or "" for e in examples] if paired else None
     encoded = dict(tokenizer(texts, pairs, truncation=False, verbose=False))
     too_long = [i for i, ids in enumerate(encoded["input_ids"]) if len(ids) > max_length]
     if too_long:  # only these are tokenized again, with truncation
@@ -336,7 +337,7 @@ def encode(tokenizer, examples: list[Example], max_length: int, label_ids: dict[
     columns = {key: list(values) for key, values in encoded.items()}
     if label_ids is not None:
         columns["labels"] = [label_ids[e.label] for e in examples]
-    return Dataset.from_dict(columns), len(too_long)
+    return columns, {"truncated": len(too_long)}
 
 
 # -- the task -------------------------------------------------------------------------------
@@ -390,8 +391,10 @@ class ClassificationTask(common.EncoderTask):
         truncated = 0
         for split in ("train", "validation", "test"):
             if splits.get(split):
-                datasets[split], cut = encode(tokenizer, splits[split], state["max_length"], label_ids)
-                truncated += cut
+                batch = partial(encode, tokenizer, max_length=state["max_length"], label_ids=label_ids,
+                                paired=any(e.pair is not None for e in splits[split]))
+                datasets[split], counts = encode_split(splits[split], batch, desc=split)  # in batches, to Arrow
+                truncated += counts["truncated"]
                 notes[f"{split}_rows"] = len(splits[split])
         notes["truncated"] = truncated
         return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),

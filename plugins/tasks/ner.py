@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -57,6 +58,7 @@ from petune_plugins.tasks._common import (
     model_device,
     read_held_out,
 )
+from petune_plugins.tasks.encoding import encode_split
 from pydantic import Field
 
 from petune import hookimpl
@@ -378,11 +380,6 @@ class Encoded:
     columns: dict[str, list]
     stats: dict = field(default_factory=dict)
 
-    def dataset(self):
-        from datasets import Dataset
-
-        return Dataset.from_dict(self.columns)
-
 
 def encode_sentences(tokenizer, sentences: list[list[str]], max_length: int, stride: int, *,
                      tag_ids: list[list[int]] | None = None, continue_id: dict[int, int] | None = None,
@@ -463,6 +460,20 @@ def encode_sentences(tokenizer, sentences: list[list[str]], max_length: int, str
                     labels.append(continue_id[tag_ids[i][start + w]] if label_all_subtokens else -100)
             columns["labels"].append(labels)
     return Encoded(columns, stats)
+
+
+def encode_batch(tokenizer, numbered: list[tuple[int, Sentence]], *, max_length: int, stride: int,
+                 label_ids: dict[str, int], label_all_subtokens: bool) -> tuple[dict[str, list], dict[str, int]]:
+    """Windows of a batch of (index in the split, sentence), for :func:`encode_split`: the
+    columns of :func:`encode_sentences`, ``sentence_index`` counted in the whole split."""
+    continue_id = {i: label_ids["I-" + x[2:] if x.startswith("B-") else x] for x, i in label_ids.items()}
+    sentences = [sentence for _, sentence in numbered]
+    encoded = encode_sentences(tokenizer, [s.tokens for s in sentences], max_length, stride,
+                               tag_ids=[[label_ids[t] for t in s.tags] for s in sentences],
+                               continue_id=continue_id, label_all_subtokens=label_all_subtokens)
+    first = numbered[0][0]  # a batch is a run of consecutive sentences
+    encoded.columns["sentence_index"] = [first + i for i in encoded.columns["sentence_index"]]
+    return encoded.columns, encoded.stats
 
 
 def words_from_windows(predicted, sentence_index, word_index, gold=None, lengths=None, fill=0):
@@ -585,21 +596,19 @@ class NerTask(EncoderTask):
     @staticmethod
     def _encode(splits: dict[str, list], options: NerOptions, tokenizer, state: dict) -> TaskData:
         labels = state["labels"]
-        label_ids = {label: i for i, label in enumerate(labels)}
-        continue_id = {label_ids[x]: label_ids["I-" + x[2:] if x.startswith("B-") else x] for x in labels}
+        batch = partial(encode_batch, tokenizer, max_length=state["max_length"],
+                        stride=state.get("stride", options.stride), label_ids={x: i for i, x in enumerate(labels)},
+                        label_all_subtokens=options.label_all_subtokens)
         datasets, notes = {}, {}
         for split in ("train", "validation", "test"):
             sentences = splits.get(split)
             if not sentences:
                 continue
-            encoded = encode_sentences(tokenizer, [s.tokens for s in sentences], state["max_length"], state.get("stride", options.stride),
-                                       tag_ids=[[label_ids[t] for t in s.tags] for s in sentences],
-                                       continue_id=continue_id, label_all_subtokens=options.label_all_subtokens)
-            datasets[split] = encoded.dataset()
+            datasets[split], stats = encode_split(list(enumerate(sentences)), batch, desc=split)  # in batches, to Arrow
             notes[f"{split}_sentences"] = len(sentences)
             for key in ("split_sentences", "unknown_words", "long_words_cut", "words_lost"):
-                if encoded.stats[key]:
-                    notes[f"{split}_{key}"] = encoded.stats[key]
+                if stats[key]:
+                    notes[f"{split}_{key}"] = stats[key]
         schemes = {split: scheme for split, scheme in state["schemes"].items() if split in splits}
         distinct = set(schemes.values())
         notes["tag_scheme"] = distinct.pop() if len(distinct) == 1 else ", ".join(f"{k} {v}" for k, v in schemes.items())
