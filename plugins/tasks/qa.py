@@ -45,6 +45,7 @@ import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
@@ -64,6 +65,7 @@ from petune_plugins.tasks._common import (
     read_held_out,
     seeded_split,
 )
+from petune_plugins.tasks.encoding import encode_split
 from pydantic import Field
 
 from petune import hookimpl
@@ -319,6 +321,21 @@ def make_windows(tokenizer, examples: list[QaExample], *, max_length: int, doc_s
     return Windows(columns, stats)
 
 
+def encode_batch(tokenizer, numbered: list[tuple[int, QaExample]], *, answered: bool,
+                 **settings) -> tuple[dict[str, list], dict[str, int]]:
+    """Windows of a batch of (index in the split, question), for :func:`encode_split`:
+    ``example_index`` counted in the whole split; ``answered``: the split has an answer."""
+    windows = make_windows(tokenizer, [example for _, example in numbered], **settings)
+    columns = windows.columns
+    first = numbered[0][0]  # a batch is a run of consecutive questions
+    columns["example_index"] = [first + i for i in columns["example_index"]]
+    if answered:  # typed: a first batch of unanswerable questions alone would make the column's type null
+        import pyarrow as pa
+
+        columns["answers"] = pa.array(columns["answers"], pa.list_(pa.string()))
+    return columns, windows.stats
+
+
 # -- post-processing --------------------------------------------------------------------------
 def postprocess(windows: dict, start_logits, end_logits, *, n_best: int = 20, max_answer_length: int = 30,
                 no_answer: bool = False, null_score_diff_threshold: float = 0.0) -> list[dict]:
@@ -459,17 +476,15 @@ class QaTask(EncoderTask):
 
     @staticmethod
     def _encode(splits: dict[str, list], tokenizer, state: dict, repaired: int) -> TaskData:
-        from datasets import Dataset
-
         notes = {"answer_starts_repaired": repaired} if repaired else {}
-        settings = {key: state[key] for key in ("max_length", "doc_stride", "max_question_length")}
+        settings = {key: state[key] for key in ("max_length", "doc_stride", "max_question_length", "max_answer_length")}
         datasets = {}
         for split in ("train", "validation", "test"):
             if split not in splits:
                 continue
-            windows = make_windows(tokenizer, splits[split], max_answer_length=state["max_answer_length"], **settings)
-            datasets[split] = Dataset.from_dict(windows.columns)
-            for key, value in windows.stats.items():
+            batch = partial(encode_batch, tokenizer, answered=any(e.answers for e in splits[split]), **settings)
+            datasets[split], stats = encode_split(list(enumerate(splits[split])), batch, desc=split)  # to Arrow
+            for key, value in stats.items():
                 if value or key in ("questions", "windows"):
                     notes[f"{split}_{key}"] = value
         return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),

@@ -49,6 +49,7 @@ import math
 import re
 import string
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -67,6 +68,7 @@ from petune_plugins.tasks._common import (
     read_held_out,
     split_file,
 )
+from petune_plugins.tasks.encoding import encode_split
 from pydantic import Field, field_validator, model_validator
 
 from petune import hookimpl
@@ -539,22 +541,21 @@ class Seq2SeqTask(Task):
 
     def _encode(self, splits: dict[str, list[Pair]], options: Seq2SeqOptions, tokenizer, state: dict,
                 notes: dict) -> TaskData:
-        from datasets import Dataset
-
         datasets = {}
         for split in ("train", "validation", "test"):
             if not splits.get(split):
                 continue
-            columns, counts = self.encode(splits[split], options, tokenizer, state, train=split == "train")
+            batch = partial(self.encode, options=options, tokenizer=tokenizer, state=state, train=split == "train")
+            datasets[split], counts = encode_split(splits[split], batch, desc=split)  # in batches, to Arrow
             for key, value in counts.items():
                 if value:
                     notes[f"{split}_{key}"] = value
-            datasets[split] = Dataset.from_dict(columns)
         return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
 
     def encode(self, pairs: list[Pair], options: Seq2SeqOptions, tokenizer, state: dict, *, train: bool) -> tuple[dict, dict]:
-        """Columns (input_ids, attention_mask, labels, source, references, where) and counts."""
+        """Columns (input_ids, attention_mask, labels, source, references, where) and counts of a
+        batch of pairs."""
         if train and options.train_targets == "each":
             pairs = [Pair(p.source, [r], p.where) for p in pairs for r in p.references]
         sources, source_cut = cut_to_tokens(tokenizer, [p.source for p in pairs], options.max_source_length)
