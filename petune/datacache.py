@@ -242,9 +242,10 @@ def read_entry(entry: Path, key: dict, folder: str) -> tuple[TaskData, object] |
 
 
 def _load_splits(entry: Path, meta: dict) -> TaskData:
-    from datasets import load_from_disk
+    from datasets import Dataset, load_from_disk
 
-    splits = {name: load_from_disk(str(entry / name)) for name in meta["splits"]}
+    splits = {name: Dataset.from_file(str(entry / f"{name}.arrow")) if (entry / f"{name}.arrow").is_file()
+              else load_from_disk(str(entry / name)) for name in meta["splits"]}
     # held-out data alone (petune eval) has no train split
     return TaskData(**{"train": None, **splits}, state=meta["state"], notes=meta["notes"])
 
@@ -272,7 +273,7 @@ def write_entry(entry: Path, key: dict, data: TaskData, tokenizer, seconds: floa
     try:
         tmp.mkdir(parents=True)
         for name, split in splits.items():
-            split.save_to_disk(str(tmp / name))
+            _store_split(split, tmp, name)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         (tmp / "meta.json").write_text(text, encoding="utf-8")  # last: an entry without it is not whole
         try:
@@ -286,6 +287,23 @@ def write_entry(entry: Path, key: dict, data: TaskData, tokenizer, seconds: floa
             err.print(f"[yellow]warning[/]: could not store the prepared data in the cache ({exc}); "
                       "the run goes on without it")
         return data
+
+
+def _store_split(split, folder: Path, name: str) -> None:
+    """``folder/name.arrow`` when the split is one Arrow file on disk as it is (tasks that
+    tokenize through ``encoding.encode_split``, whose scratch file it is): the file is moved,
+    never read through this process's memory, so a large split costs no RSS here. Any other
+    split (in memory, or a selection of a file): ``save_to_disk`` as ``folder/name``."""
+    from datasets.table import MemoryMappedTable
+
+    table = split.data
+    # exactly the file: no selection, changed column or format (from_file itself records the
+    # file's own features as a schema-metadata step)
+    if (isinstance(table, MemoryMappedTable) and split._indices is None and split.format["type"] is None
+            and all(step[0] == "replace_schema_metadata" for step in table.replays)):
+        shutil.move(table.path, folder / f"{name}.arrow")  # a rename, or a copy in the kernel
+        return
+    split.save_to_disk(str(folder / name))
 
 
 # -- petune cache -------------------------------------------------------------------------------

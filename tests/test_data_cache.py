@@ -84,8 +84,11 @@ def test_a_hit_gives_what_the_miss_built(host, sft, tmp_path, cache, tiny_llama_
     assert hit.tokenizer.pad_token_id == uncached.tokenizer.pad_token_id
     assert saved_tokenizer(hit.tokenizer, tmp_path / "t1") == saved_tokenizer(uncached.tokenizer, tmp_path / "t2")
     assert hit.tokenizer.name_or_path == uncached.tokenizer.name_or_path  # tasks find the model's config there
-    # memory-mapped from the cache folder, not held in memory
+    # memory-mapped from the cache folder, not held in memory; the tokenized file was moved
+    # there as it was written (never read back through memory to be copied)
     assert all(f["filename"].startswith(str(cache)) for f in hit.data.train.cache_files)
+    entry = Path(miss.note.rsplit(" ", 1)[-1])
+    assert sorted(p.name for p in entry.glob("*.arrow")) == ["train.arrow", "validation.arrow"]
     assert [e["complete"] for e in datacache.entries(cache)] == [True]
 
 
@@ -126,7 +129,7 @@ def test_a_killed_write_is_never_trusted(host, sft, tmp_path, cache, tiny_llama_
     entry = Path(built.note.rsplit(" ", 1)[-1])
     (entry / "meta.json").unlink()  # as if the run died before the entry was whole
     assert prepare(sft, options, tiny_llama_path).note.startswith("built")
-    shutil.rmtree(next(entry.glob("train")))  # a damaged entry: rebuilt, not trusted
+    (entry / "train.arrow").write_bytes(b"not arrow")  # a damaged entry: rebuilt, not trusted
     again = prepare(sft, options, tiny_llama_path)
     assert again.note.startswith("built") and len(again.data.train) == len(ROWS)
 

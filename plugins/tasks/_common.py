@@ -93,7 +93,7 @@ def split_file(table: type[DataFileTable], example: str):
 
 def seeded_split(items: list, ratio: float, seed: int, source: str) -> tuple[list, list]:
     """Hold out ``round(ratio * n)`` (at least 1) items chosen with ``seed``; both parts
-    keep file order."""
+    keep file order. ``items``: a list, or a :class:`~petune_plugins.tasks.encoding.Spool`."""
     if not ratio:
         return items, []
     if len(items) < 2:
@@ -103,6 +103,8 @@ def seeded_split(items: list, ratio: float, seed: int, source: str) -> tuple[lis
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
     held = set(order[:held_count])
+    if hasattr(items, "subset"):  # a Spool (items on disk): views of the same file
+        return items.subset(held, inside=False), items.subset(held, inside=True)
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
 
 

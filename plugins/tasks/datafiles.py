@@ -18,6 +18,7 @@ The API, for any task::
     read_json_records(path, max_rows=None) -> list[Record]    # a JSON array of objects
     read_records(path, max_rows=None, quoting="auto") -> list[Record]
         # any format: .jsonl/.json/.csv/.tsv (+ .gz/.zst), .parquet, .arrow, a save_to_disk folder
+    iter_records(path, max_rows=None, quoting="auto") -> Iterator[Record]   # the same, streamed
     data_format(path) -> "jsonl" | "json" | "table" | "parquet" | "arrow" | None
     data_suffix(path) -> the format's suffix without compression (".jsonl" for x.jsonl.gz)
     iter_lines(path) -> (line number, line) pairs, UTF-8 checked line by line (decompressed)
@@ -519,7 +520,12 @@ def _json_type(value) -> str:
 
 def parse_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int | None = None) -> list[Record]:
     """One JSON object per non-blank line."""
-    records: list[Record] = []
+    return list(iter_jsonl(lines, source, max_rows=max_rows))
+
+
+def iter_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int | None = None) -> Iterator[Record]:
+    """:func:`parse_jsonl` one record at a time."""
+    count = 0
     seen_any = False
     for number, line in lines:
         text = line.strip()
@@ -537,12 +543,12 @@ def parse_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int 
         if not isinstance(value, dict):
             raise DataError(f"expected a JSON object on each line, found {_json_type(value)}",
                             where=where(source, number))
-        records.append(Record.at(value, where(source, number)))
-        if max_rows is not None and len(records) >= max_rows:
+        yield Record.at(value, where(source, number))
+        count += 1
+        if max_rows is not None and count >= max_rows:
             break
     if not seen_any:
         raise DataError("the file is empty", where=source)
-    return records
 
 
 def read_jsonl(path: str | Path, max_rows: int | None = None) -> list[Record]:
@@ -606,21 +612,28 @@ def read_records(path: str | Path, max_rows: int | None = None, quoting: str = "
     (.gz) or zstd (.zst) compressed and read as a stream; .parquet and .arrow/.feather
     files, a folder written by ``datasets``' ``save_to_disk`` or a folder of .parquet
     shards (values keep their types; ``where`` is ``file:row``, rows counted from 1)."""
+    return list(iter_records(path, max_rows, quoting))
+
+
+def iter_records(path: str | Path, max_rows: int | None = None, quoting: str = "auto") -> Iterator[Record]:
+    """:func:`read_records` one record at a time. JSON Lines and columnar files are read as
+    streams (a line, or a batch of rows, in memory at a time); a .json array and a table are
+    parsed whole first (a JSON array cannot be checked before its end)."""
     path = Path(path)
     kind = data_format(path)
     if kind in ("parquet", "arrow"):
-        return read_columnar(path, max_rows)
+        return iter_columnar(path, max_rows)
     if kind == "jsonl":
-        return read_jsonl(path, max_rows)
+        return iter_jsonl(iter_lines(path), str(path), max_rows=max_rows)
     if kind == "json":
         text = read_text(path)
         stripped = text.lstrip()
         if stripped.startswith("{"):  # JSON Lines saved as .json: common, and unambiguous
-            return parse_jsonl(text_lines(text), str(path), max_rows=max_rows)
-        return parse_json_records(text, str(path), max_rows=max_rows)
+            return iter_jsonl(text_lines(text), str(path), max_rows=max_rows)
+        return iter(parse_json_records(text, str(path), max_rows=max_rows))
     if kind == "table":
         table = read_table(path, header=True, max_rows=max_rows, quoting=quoting)
-        return [Record.at(dict(zip(table.columns, row)), row.where) for row in table.rows]
+        return (Record.at(dict(zip(table.columns, row)), row.where) for row in table.rows)
     suffix = "".join(Path(path).suffixes[-2:]) if compression_of(path) else path.suffix
     raise DataError(f"unsupported file type {suffix or '(no extension)'!r}", where=str(path), hint=f"use {FORMATS_HINT}")
 
@@ -678,6 +691,11 @@ def read_columnar(path: str | Path, max_rows: int | None = None) -> list[Record]
     """Records of a .parquet or .arrow/.feather file, a ``save_to_disk`` folder or a folder
     of .parquet shards, read a batch at a time (never more than ``max_rows``). Rows count
     through all of a save_to_disk folder's files, and per file for parquet shards."""
+    return list(iter_columnar(path, max_rows))
+
+
+def iter_columnar(path: str | Path, max_rows: int | None = None) -> Iterator[Record]:
+    """:func:`read_columnar` one record at a time (one batch of rows in memory)."""
     import pyarrow as pa
 
     path = Path(path)
@@ -693,7 +711,7 @@ def read_columnar(path: str | Path, max_rows: int | None = None) -> list[Record]
         sources = [p if kind == "parquet" else path for p in files]
     else:
         files, sources = [path], [path]
-    records: list[Record] = []
+    count = 0
     index, source = 0, None
     for file, shown in zip(files, sources):
         if shown != source:
@@ -701,15 +719,15 @@ def read_columnar(path: str | Path, max_rows: int | None = None) -> list[Record]
         try:
             for batch in _batches(file, kind):
                 for row in batch.to_pylist():
-                    records.append(Record.at(row, row_where(source, index)))
+                    yield Record.at(row, row_where(source, index))
                     index += 1
-                    if max_rows is not None and len(records) >= max_rows:
-                        return records
+                    count += 1
+                    if max_rows is not None and count >= max_rows:
+                        return
         except (pa.ArrowException, OSError) as exc:
             what = "Parquet" if kind == "parquet" else "Arrow"
             after = f" after row {index}" if index else ""
             raise DataError(f"cannot read this {what} file{after}: {exc}", where=str(file),
                             hint=f"check that it is a complete {what} file (copy or download it again)") from None
-    if not records:
+    if not count:
         raise DataError("the file has no rows" if not path.is_dir() else "the folder has no rows", where=str(path))
-    return records

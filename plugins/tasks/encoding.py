@@ -13,14 +13,23 @@ batches are encoded by that many forked processes, in order. A progress bar show
 equal-length lists) and counts, summed over the batches (``combine`` names other ways, e.g.
 ``{"shortest": min}``). Errors raised in a worker (``UserError`` and its kinds) reach the
 caller as they were raised, with their place and hint.
+
+``items`` may be a list or a :class:`Spool`: the items a task parsed from its files, written to
+disk as they are read, so that even the parsed records of a file of millions of rows never lie
+in memory together; ``spool.subset(positions)`` is the seeded train/validation split of one.
+
+    spool = Spool.write(iter_examples(path))      # one pass over the file, one batch in memory
+    train, validation = spool.subset(held, inside=False), spool.subset(held, inside=True)
 """
 
 from __future__ import annotations
 
 import atexit
+import pickle
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from petune.api import data_workers
@@ -41,6 +50,87 @@ def _scratch() -> Path:
     return _SCRATCH[0]
 
 
+class Spool:
+    """Items (any picklable objects) in an Arrow stream file on disk, one pickled item per row.
+
+    Written in one pass as the items come (:meth:`write`); read back a batch at a time through
+    a plain file, not a memory map, so reading holds one batch, never the file's pages. A
+    subset (:meth:`subset`) is a view: the same file, the items at some positions."""
+
+    def __init__(self, path: Path, count: int, first=None, positions: frozenset[int] | None = None,
+                 inside: bool = True, whole: Spool | None = None):
+        self.path, self.count, self.first = path, count, first
+        self._positions, self._inside = positions, inside
+        self._whole = whole  # a subset keeps the whole alive: the file goes when the last view does
+        if whole is None:
+            weakref.finalize(self, path.unlink, missing_ok=True)
+
+    @classmethod
+    def write(cls, items: Iterable, *, desc: str = "", batch_size: int = 1000) -> Spool:
+        """Spool ``items`` (read as they come); ``desc`` names them on the progress line."""
+        import time
+
+        import pyarrow as pa
+
+        schema = pa.schema([("item", pa.large_binary())])
+        path = _scratch() / f"spool-{time.time_ns()}.arrow"
+        count, first, batch = 0, None, []
+        started = time.perf_counter()
+        with (pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer,
+              _progress(None, f"reading {desc}") as progress):
+            line = progress.add_task(desc, total=None, rate="")
+
+            def flush():
+                writer.write_batch(pa.record_batch([pa.array(batch, pa.large_binary())], schema=schema))
+                batch.clear()
+                rate = count / max(time.perf_counter() - started, 1e-9)
+                progress.update(line, completed=count, rate=f"{rate:,.0f} rows/s")
+
+            for item in items:
+                if count == 0:
+                    first = item
+                batch.append(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+                count += 1
+                if len(batch) >= batch_size:
+                    flush()
+            if batch:
+                flush()
+        return cls(path, count, first)
+
+    def subset(self, positions: set[int], *, inside: bool) -> Spool:
+        """The items at ``positions`` (``inside``) or at every other position, in file order.
+        ``positions``: positions in this spool's whole file (a spool read whole)."""
+        if self._positions is not None:
+            raise ValueError("a subset of a subset is not supported")
+        return Spool(self.path, self.count, self.first, frozenset(positions), inside, whole=self)
+
+    def __len__(self) -> int:
+        if self._positions is None:
+            return self.count
+        return len(self._positions) if self._inside else self.count - len(self._positions)
+
+    def batches(self, size: int) -> Iterator[list]:
+        """Lists of up to ``size`` items, in file order."""
+        import pyarrow as pa
+
+        batch, position = [], 0
+        with pa.OSFile(str(self.path), "rb") as source:
+            for record_batch in pa.ipc.open_stream(source):
+                for raw in record_batch.column(0).to_pylist():
+                    if self._positions is None or (position in self._positions) == self._inside:
+                        batch.append(pickle.loads(raw))
+                        if len(batch) >= size:
+                            yield batch
+                            batch = []
+                    position += 1
+        if batch:
+            yield batch
+
+    def __iter__(self) -> Iterator:
+        for batch in self.batches(1000):
+            yield from batch
+
+
 def _run(items: list):
     try:
         return "ok", _ENCODE(items)
@@ -48,21 +138,28 @@ def _run(items: list):
         return "error", (type(exc), exc.message, exc.where, exc.hint)
 
 
-def _batches(items: Sequence, size: int):
+def _batches(items: Sequence | Spool, size: int):
+    if isinstance(items, Spool):
+        yield from items.batches(size)
+        return
     for start in range(0, len(items), size):
         yield list(items[start:start + size])
 
 
-def _progress(total: int, desc: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+def _progress(total: int | None, label: str):
+    """A transient bar (``total=None``: a count without a bar) with rows/s; only in the main
+    process, and only for splits large enough to take a while."""
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
-    return Progress(TextColumn(f"tokenizing {desc}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[rate]}"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
-                    disable=not is_main_process() or total < 2000)
+    columns = ([BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                TimeRemainingColumn()] if total is not None else
+               [TextColumn("{task.completed:,} rows"), TextColumn("{task.fields[rate]}"), TimeElapsedColumn()])
+    return Progress(TextColumn(label), *columns, console=err, transient=True,
+                    disable=not is_main_process() or (total is not None and total < 2000))
 
 
-def encode_split(items: Sequence, encode: Encode, *, desc: str, batch_size: int = 1000,
+def encode_split(items: Sequence | Spool, encode: Encode, *, desc: str, batch_size: int = 1000,
                  combine: dict[str, Callable[[int, int], int]] | None = None):
     """``(dataset, counts)``: the rows ``encode`` keeps of ``items``, as a memory-mapped Dataset."""
     global _ENCODE
@@ -87,7 +184,7 @@ def encode_split(items: Sequence, encode: Encode, *, desc: str, batch_size: int 
         else:
             results = map(_run, _batches(items, batch_size))
         started = time.perf_counter()
-        with _progress(len(items), desc) as progress:
+        with _progress(len(items), f"tokenizing {desc}") as progress:
             bar = progress.add_task(desc, total=len(items), rate="")
             done = 0
             for status, value in results:

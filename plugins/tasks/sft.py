@@ -49,10 +49,11 @@ epoch has fewer steps. Refused where examples would not be kept apart.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -60,7 +61,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 from jinja2 import TemplateError
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks._common import SplitOptions, check_data_paths, hold_out, read_held_out, seeded_split
-from petune_plugins.tasks.encoding import encode_split
+from petune_plugins.tasks.encoding import Spool, encode_split
 from pydantic import Field, model_validator
 
 from petune import hookimpl
@@ -128,22 +129,37 @@ def _json_type(value) -> str:
 
 
 def read_rows(path: Path, max_rows: int | None = None) -> list[Row]:
-    """Records of a data file, through the shared reader: JSON Lines and JSON lists (also
-    compressed) are parsed here, so a record of a JSON list is named by its index too; every
-    other records format (CSV/TSV, Parquet, Arrow) comes from :func:`datafiles.read_records`."""
+    """Records of a data file (:func:`iter_rows`), as a list."""
+    return list(iter_rows(path, max_rows))
+
+
+def iter_rows(path: Path, max_rows: int | None = None) -> Iterator[Row]:
+    """Records of a data file, through the shared reader, one at a time: JSON Lines and JSON
+    lists (also compressed) are parsed here, so a record of a JSON list is named by its index
+    too; every other records format (CSV/TSV, Parquet, Arrow) comes from
+    :func:`datafiles.iter_records`. JSON Lines and columnar files are streamed; a JSON list's
+    text is read whole (a record at a time is parsed from it)."""
     kind = datafiles.data_format(path)
     if kind == "jsonl":  # line by line: the whole text is never held, nor a list of its lines
-        rows = _parse_jsonl(datafiles.iter_lines(path), str(path), max_rows)
-        if not rows:
+        empty = True
+        for row in _parse_jsonl(datafiles.iter_lines(path), str(path), max_rows):
+            empty = False
+            yield row
+        if empty:
             raise DataError("the data file is empty", where=str(path))
-        return rows
-    if kind in ("json", None):
-        return parse_records(datafiles.read_text(path), str(path), max_rows=max_rows)
-    return [Row(dict(record), record.where) for record in datafiles.read_records(path, max_rows)]
+    elif kind in ("json", None):
+        yield from _iter_records(datafiles.read_text(path), str(path), max_rows=max_rows)
+    else:
+        for record in datafiles.iter_records(path, max_rows):
+            yield Row(dict(record), record.where)
 
 
 def parse_records(text: str, source: str, *, jsonl: bool | None = None, max_rows: int | None = None) -> list[Row]:
     """Records of a JSON list or of JSON Lines (``jsonl=None``: by the first character)."""
+    return list(_iter_records(text, source, jsonl=jsonl, max_rows=max_rows))
+
+
+def _iter_records(text: str, source: str, *, jsonl: bool | None = None, max_rows: int | None = None) -> Iterator[Row]:
     start = len(text) - len(text.lstrip())
     if start == len(text):
         raise DataError("the data file is empty", where=source)
@@ -154,13 +170,16 @@ def parse_records(text: str, source: str, *, jsonl: bool | None = None, max_rows
                         hint="or write one record per line and name the file .jsonl")
     rows = (_parse_jsonl(enumerate(text.split("\n"), 1), source, max_rows) if jsonl
             else _parse_json_list(text, source, start, max_rows))
-    if not rows:
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
         raise DataError("the data file holds no records", where=source)
-    return rows
 
 
-def _parse_jsonl(lines: Iterable[tuple[int, str]], source: str, max_rows: int | None) -> list[Row]:
-    rows = []
+def _parse_jsonl(lines: Iterable[tuple[int, str]], source: str, max_rows: int | None) -> Iterator[Row]:
+    count = 0
     for number, line in lines:
         if not line.strip():
             continue  # blank lines are allowed
@@ -169,16 +188,16 @@ def _parse_jsonl(lines: Iterable[tuple[int, str]], source: str, max_rows: int | 
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", where=f"{source}:{number}",
                             hint="JSON Lines: one complete JSON object per line") from None
-        rows.append(Row(data, f"{source}:{number}"))
-        if max_rows is not None and len(rows) >= max_rows:
+        yield Row(data, f"{source}:{number}")
+        count += 1
+        if max_rows is not None and count >= max_rows:
             break
-    return rows
 
 
 _SPACE = re.compile(r"\s*")
 
 
-def _parse_json_list(text: str, source: str, start: int, max_rows: int | None) -> list[Row]:
+def _parse_json_list(text: str, source: str, start: int, max_rows: int | None) -> Iterator[Row]:
     """A JSON list parsed record by record, so each record knows its line."""
     decoder = json.JSONDecoder()
     line, counted = 1, 0
@@ -189,20 +208,20 @@ def _parse_json_list(text: str, source: str, start: int, max_rows: int | None) -
         counted = pos
         return line
 
-    rows: list[Row] = []
+    index = -1
     pos = _SPACE.match(text, start + 1).end()
     if text.startswith("]", pos):
-        return rows
+        return
     while True:
-        index, record_line = len(rows), line_at(pos)
+        index, record_line = index + 1, line_at(pos)
         try:
             data, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise DataError(f"invalid JSON in record [{index}]: {exc.msg} (column {exc.colno})",
                             where=f"{source}:{exc.lineno}") from None
-        rows.append(Row(data, f"{source}:{record_line}", f"record [{index}]"))
-        if max_rows is not None and len(rows) >= max_rows:
-            return rows
+        yield Row(data, f"{source}:{record_line}", f"record [{index}]")
+        if max_rows is not None and index + 1 >= max_rows:
+            return
         pos = _SPACE.match(text, pos).end()
         if text.startswith(",", pos):
             pos = _SPACE.match(text, pos + 1).end()
@@ -213,7 +232,6 @@ def _parse_json_list(text: str, source: str, start: int, max_rows: int | None) -
     rest = text[pos + 1:].strip()
     if rest:
         raise DataError("invalid JSON: extra data after the closing ']'", where=f"{source}:{line_at(pos + 1)}")
-    return rows
 
 
 # -- records → conversations ----------------------------------------------------------------
@@ -344,34 +362,42 @@ def to_conversation(record, fmt: str, *, need_answer: bool = True) -> list[dict]
     return messages
 
 
-def _format_of(rows: list[Row], fmt: str, source: str) -> str:
+def _format_of(row: Row, fmt: str) -> str:
+    """``fmt``, or for "auto" the format the file's first record is in."""
     if fmt != "auto":
         return fmt
-    found = detect_format(rows[0].data)
+    found = detect_format(row.data)
     if found is None:
-        first = rows[0].data
+        first = row.data
         has = f"its first record has keys {_keys(first)}" if isinstance(first, dict) else \
             f"its first record is {_json_type(first)}"
-        raise DataError(f"cannot tell the data format: {has}", where=rows[0].where,
+        raise DataError(f"cannot tell the data format: {has}", where=row.where,
                         hint=f"{_FORMAT_HINT}; or set task.format")
     return found
 
 
-def read_examples(path: Path, fmt: str, max_rows: int | None) -> tuple[list[Example], str]:
-    """Conversations of a data file, and the format it was read as."""
-    rows = read_rows(Path(path), max_rows)
-    fmt = _format_of(rows, fmt, str(path))
-    examples = []
+def read_examples(path: Path, fmt: str, max_rows: int | None) -> tuple[Spool, str]:
+    """Conversations of a data file and the format it was read as. They are spooled to disk
+    as they are read (:class:`~petune_plugins.tasks.encoding.Spool`): one pass over the file,
+    never all of its records in memory."""
+    rows = iter_rows(Path(path), max_rows)
+    first = next(rows, None)
+    if first is None:
+        raise DataError("the data file holds no records", where=str(path))
+    fmt = _format_of(first, fmt)
+    return Spool.write(_examples(itertools.chain([first], rows), fmt), desc=Path(path).name), fmt
+
+
+def _examples(rows: Iterable[Row], fmt: str) -> Iterator[Example]:
     for row in rows:
         try:
-            examples.append(Example(to_conversation(row.data, fmt), row.where, row.record))
+            yield Example(to_conversation(row.data, fmt), row.where, row.record)
         except _BadRow as exc:
             hint = exc.hint
             looks_like = detect_format(row.data)
             if hint is None and looks_like not in (None, fmt):
                 hint = f"this record looks like {looks_like} data; all records of a file must be in one format"
             raise DataError(f"{row.prefix}{exc} ({fmt} format)", where=row.where, hint=hint) from None
-    return examples, fmt
 
 
 # -- chat templates -------------------------------------------------------------------------
@@ -737,7 +763,7 @@ class SftTask(CausalLmTask):
 
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: SftOptions, tokenizer: PreTrainedTokenizerBase) -> TaskData:
-        examples: dict[str, list[Example]] = {}
+        examples: dict[str, Spool] = {}
         examples["train"], fmt = read_examples(options.train, options.format, options.max_rows)
         examples.update(self._read_held_out(options))
         examples["train"] = hold_out(examples["train"], examples, options, str(options.train))
@@ -749,11 +775,11 @@ class SftTask(CausalLmTask):
         return data
 
     @staticmethod
-    def _read_held_out(options: SftOptions) -> dict[str, list[Example]]:
+    def _read_held_out(options: SftOptions) -> dict[str, Spool]:
         return read_held_out(options, lambda split, path: read_examples(path, options.format, options.max_rows)[0])
 
     @staticmethod
-    def _encode(examples: dict[str, list[Example]], options: SftOptions, tokenizer, fmt) -> TaskData:
+    def _encode(examples: dict[str, Spool], options: SftOptions, tokenizer, fmt) -> TaskData:
         chat = prepare_chat_tokenizer(tokenizer, options.chat_template)  # a saved run's tokenizer keeps its own
         encoder = Encoder(tokenizer, chat.template, chat.end_of_turn, loss_on=options.loss_on,
                           max_length=options.max_length)

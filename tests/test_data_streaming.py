@@ -1,0 +1,106 @@
+"""Bounded memory while preparing data (issue 27): a task's records are spooled to disk as they
+are read (``encoding.Spool``), split without loading them, and tokenized a batch at a time; the
+parsed records of a whole file are never in memory together."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tracemalloc
+from pathlib import Path
+
+import pytest
+
+from petune_plugins.tasks import sft
+from petune_plugins.tasks._common import seeded_split
+from petune_plugins.tasks.encoding import Spool, encode_split
+
+pytest.importorskip("pyarrow")
+
+
+def alpaca_rows(n: int) -> list[dict]:
+    return [{"instruction": f"question number {i} " + "word " * (i % 17), "input": "" if i % 3 else f"context {i}",
+             "output": f"answer {i} " + "text " * (i % 23)} for i in range(n)]
+
+
+def test_a_spool_gives_back_its_items_and_splits_like_a_list():
+    items = [{"n": i, "text": f"row {i}"} for i in range(2345)]
+    spool = Spool.write(iter(items), batch_size=100)
+    assert len(spool) == 2345 and spool.first == items[0]
+    assert list(spool) == items
+    assert [len(b) for b in spool.batches(1000)] == [1000, 1000, 345]
+    train, held = seeded_split(spool, 0.1, 7, "x")
+    list_train, list_held = seeded_split(items, 0.1, 7, "x")
+    assert (len(train), len(held)) == (len(list_train), len(list_held))
+    assert list(train) == list_train and list(held) == list_held
+    # the tokenizing step takes a spool as it takes a list
+    def encode(batch):
+        return {"n": [x["n"] for x in batch]}, {"rows": len(batch)}
+    dataset, counts = encode_split(held, encode, desc="held", batch_size=50)
+    assert dataset["n"] == [x["n"] for x in list_held] and counts == {"rows": len(list_held)}
+
+
+def test_the_spool_file_goes_with_its_last_view():
+    import gc
+
+    spool = Spool.write(iter(range(10)))
+    path = spool.path
+    view = spool.subset({1, 2}, inside=True)
+    del spool
+    gc.collect()
+    assert path.exists() and list(view) == [1, 2]
+    del view
+    gc.collect()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".json", ".parquet"])
+def test_sft_reads_every_format_to_the_same_examples(tmp_path, suffix):
+    rows = alpaca_rows(1500)
+    path = tmp_path / f"train{suffix}"
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    else:
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+        path.write_bytes(gzip.compress(text.encode()) if suffix.endswith(".gz") else text.encode())
+    spool, fmt = sft.read_examples(path, "auto", None)
+    examples = list(spool)
+    assert fmt == "alpaca" and len(examples) == 1500
+    assert [e.messages for e in examples] == [sft.to_conversation(r, "alpaca") for r in rows]
+    capped, _ = sft.read_examples(path, "auto", 10)
+    assert len(capped) == 10
+
+
+def test_reading_a_large_file_holds_a_batch_not_the_file(tmp_path):
+    """The records of a 30,000-row file are parsed, checked and spooled while Python holds far
+    less than the file's size (a list of parsed records holds several times the file)."""
+    path = tmp_path / "train.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for row in alpaca_rows(30_000):
+            f.write(json.dumps(row) + "\n")
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        spool, _ = sft.read_examples(path, "alpaca", None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(spool) == 30_000
+    assert peak < size / 4, f"peak {peak:,} bytes of Python objects for a {size:,}-byte file"
+
+
+def test_a_bad_record_deep_in_a_streamed_file_names_its_line(tmp_path):
+    from petune.errors import DataError
+
+    rows = [json.dumps(r) for r in alpaca_rows(2500)]
+    rows[2200] = json.dumps({"instruction": "no answer here"})
+    path = tmp_path / "train.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    with pytest.raises(DataError) as caught:
+        sft.read_examples(path, "auto", None)
+    assert caught.value.where == f"{path}:2201" and "'output'" in caught.value.message
