@@ -52,6 +52,7 @@ from typing import Literal, NamedTuple
 
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks._common import SplitOptions
+from petune_plugins.tasks.encoding import encode_split
 from petune_plugins.tasks.sft import (
     _TEMPLATE_ERRORS,
     CausalLmTask,
@@ -667,15 +668,16 @@ def _trl_singles(dataset, seed: int):
     if dataset is None:
         return None
     if is_paired(dataset):
-        rows = {"prompt_ids": [], "completion_ids": [], "label": []}
-        for row in dataset:
-            for side, label in (("chosen_ids", True), ("rejected_ids", False)):
-                rows["prompt_ids"].append(row["prompt_ids"])
-                rows["completion_ids"].append(row[side])
-                rows["label"].append(label)
-        from datasets import Dataset
+        def unpaired(positions: list[int]) -> tuple[dict[str, list], dict[str, int]]:
+            pairs = dataset[positions[0]:positions[-1] + 1]  # a batch is a run of consecutive rows
+            rows = {"prompt_ids": [], "completion_ids": [], "label": []}
+            for prompt, chosen, rejected in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]):
+                rows["prompt_ids"] += [prompt, prompt]
+                rows["completion_ids"] += [chosen, rejected]
+                rows["label"] += [True, False]
+            return rows, {}
 
-        dataset = Dataset.from_dict(rows)
+        dataset, _ = encode_split(range(len(dataset)), unpaired, desc="kto-singles")  # in batches, to Arrow
     else:
         dataset = dataset.select_columns(["prompt_ids", "completion_ids", "label"])
     return dataset.shuffle(seed=seed).flatten_indices()
@@ -719,8 +721,6 @@ class PreferenceTask(CausalLmTask):
 
     @staticmethod
     def _encode(examples: dict, options: PreferenceOptions, tokenizer, fmt, notes: dict) -> TaskData:
-        from datasets import Dataset
-
         chat = prepare_chat_tokenizer(tokenizer, options.chat_template)
         encoder = PairEncoder(tokenizer, chat.template, chat.end_of_turn, max_length=options.max_length,
                               max_prompt_length=options.max_prompt_length)
@@ -729,13 +729,13 @@ class PreferenceTask(CausalLmTask):
         for split, found in examples.items():
             paired = all(isinstance(e, Pair) for e in found)
             if options.method == "kto" and split == "train" or not paired:
-                columns, counts = encoder.encode_singles(unpair(found))
+                dataset, counts = encode_split(unpair(found), encoder.encode_singles, desc=split)  # to Arrow
             else:
-                columns, counts = encoder.encode_pairs(found)
+                dataset, counts = encode_split(found, encoder.encode_pairs, desc=split)
             note_encoded(notes, split, counts)
-            if not columns["prompt_ids"]:
+            if not len(dataset):
                 raise no_pairs_left(options, split, notes)
-            datasets[split] = Dataset.from_dict(columns)
+            datasets[split] = dataset
         state = {"format": fmt, **chat.state, "method": options.method, "max_length": options.max_length}
         return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)

@@ -37,11 +37,13 @@ JSON Lines record ``{"prompt", "completion"}`` (strings or messages).
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from petune_plugins.tasks import _common as common
 from petune_plugins.tasks import datafiles
+from petune_plugins.tasks.encoding import encode_split
 from petune_plugins.tasks.preference import (
     Pair,
     PairEncoder,
@@ -266,18 +268,16 @@ class RewardTask(common.EncoderTask):
 
     @staticmethod
     def _encode(examples: dict, options: RewardOptions, state: dict, tokenizer, notes: dict) -> TaskData:
-        from datasets import Dataset
-
         encoder = RewardEncoder(tokenizer, state)
         if state.get("chat_template_note"):
             notes = {"chat_template": state["chat_template_note"], **notes}
         datasets = {}
         for split, found in examples.items():
-            columns, counts = encode_pairs(encoder, found)
+            dataset, counts = encode_split(found, partial(encode_pairs, encoder), desc=split)  # in batches, to Arrow
             note_encoded(notes, split, counts)
-            if not columns["chosen_ids"]:
+            if not len(dataset):
                 raise no_pairs_left(options, split, notes)
-            datasets[split] = Dataset.from_dict(columns)
+            datasets[split] = dataset
         return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
 
