@@ -668,8 +668,10 @@ def _trl_singles(dataset, seed: int):
     if dataset is None:
         return None
     if is_paired(dataset):
+        paired = dataset
+
         def unpaired(positions: list[int]) -> tuple[dict[str, list], dict[str, int]]:
-            pairs = dataset[positions[0]:positions[-1] + 1]  # a batch is a run of consecutive rows
+            pairs = paired[positions[0]:positions[-1] + 1]  # a batch is a run of consecutive rows
             rows = {"prompt_ids": [], "completion_ids": [], "label": []}
             for prompt, chosen, rejected in zip(pairs["prompt_ids"], pairs["chosen_ids"], pairs["rejected_ids"]):
                 rows["prompt_ids"] += [prompt, prompt]
