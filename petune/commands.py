@@ -51,18 +51,60 @@ def cmd_eval(args) -> int:
     return 0
 
 
+_COLUMNAR = {".parquet", ".pq", ".arrow", ".feather"}
+
+
+def read_input(path: Path) -> str:
+    """The text of ``petune predict``'s input file, unpacked when its name ends in .gz or .zst
+    (tasks read its format from the name without that suffix, as for training files)."""
+    suffix = path.suffix.lower()
+    if suffix in _COLUMNAR or path.is_dir() or (suffix in (".gz", ".zst") and Path(path.stem).suffix in _COLUMNAR):
+        raise UserError("predict reads text inputs (JSON Lines, JSON, CSV/TSV, plain lines; also .gz/.zst), "
+                        "not Parquet or Arrow", where=str(path),
+                        hint="write the rows as JSON Lines, e.g. python -c \"import pandas as p; "
+                             f"p.read_parquet('{path.name}').to_json('rows.jsonl', orient='records', lines=True)\"")
+    try:
+        data = path.read_bytes()
+        if suffix == ".gz":
+            import gzip
+
+            data = gzip.decompress(data)
+        elif suffix == ".zst":
+            data = _unzstd(data)
+        return data.decode("utf-8")
+    except UserError:
+        raise
+    except FileNotFoundError:
+        raise UserError("input file not found", where=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"not UTF-8 text (byte {exc.start})", where=str(path),
+                        hint="save the file as UTF-8") from None
+    except Exception as exc:  # gzip: OSError, EOFError; zstandard.ZstdError
+        raise UserError(f"cannot unpack the file ({exc or type(exc).__name__})", where=str(path),
+                        hint="check that it is complete (gzip -t / zstd -t)") from None
+
+
+def _unzstd(data: bytes) -> bytes:
+    """Every zstd frame of ``data`` (as zstd -d reads them); a frame cut short is an EOFError."""
+    import zstandard
+
+    parts = []
+    while data:
+        frame = zstandard.ZstdDecompressor().decompressobj()
+        parts.append(frame.decompress(data))
+        if not frame.eof:
+            raise EOFError("the compressed data ends early")
+        data = frame.unused_data
+    return b"".join(parts)
+
+
 def cmd_predict(args) -> int:
     run = _load(args.run_dir)
     predict = require(run.task, Predicts, where=str(run.dir)).predict
     if args.input is None or str(args.input) == "-":
         text, source = sys.stdin.read(), "<stdin>"
     else:
-        try:
-            text, source = Path(args.input).read_text(encoding="utf-8"), str(args.input)
-        except FileNotFoundError:
-            raise UserError("input file not found", where=str(args.input)) from None
-        except UnicodeDecodeError as exc:
-            raise UserError(f"not UTF-8 text (byte {exc.start})", where=str(args.input)) from None
+        text, source = read_input(Path(args.input)), str(args.input)
     rows = run.task.parse_inputs(run.recipe.task, text, source)
     predictions = predict(run.model, run.tokenizer, run.recipe.task, run.state, rows)
     formatted = run.task.format_predictions(rows, predictions)

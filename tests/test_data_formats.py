@@ -213,3 +213,27 @@ def test_ner_reads_a_parquet_file_as_records(tmp_path):
     assert err.value.where == f"{path}:2"
     pq.write_table(pa.Table.from_pylist([{"tokens": ["EU", "rejects"], "tags": ["B-ORG", "O"]}]), path)
     assert [s.tokens for s in ner.read_sentences(path, options)] == [["EU", "rejects"]]
+
+
+def test_predict_reads_compressed_inputs_and_refuses_columnar_ones(tmp_path):
+    from petune.commands import read_input
+    from petune.errors import UserError
+
+    text = jsonl_bytes().decode()
+    (tmp_path / "in.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    zc = zstandard.ZstdCompressor()
+    half = len(text) // 2
+    (tmp_path / "in.jsonl.zst").write_bytes(zc.compress(text[:half].encode()) + zc.compress(text[half:].encode()))
+    assert read_input(tmp_path / "in.jsonl.gz") == read_input(tmp_path / "in.jsonl.zst") == text
+    for name, data in (("cut.jsonl.gz", gzip.compress(text.encode())[:-20]),
+                       ("cut.jsonl.zst", zc.compress(text.encode())[:-20])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UserError, match="cannot unpack") as err:
+            read_input(tmp_path / name)
+        assert err.value.where == str(tmp_path / name)
+    (tmp_path / "in.parquet").write_bytes(b"PAR1")
+    with pytest.raises(UserError, match="not Parquet or Arrow") as err:
+        read_input(tmp_path / "in.parquet")
+    assert "to_json" in err.value.hint
+    with pytest.raises(UserError, match="not found"):
+        read_input(tmp_path / "missing.jsonl")
