@@ -104,3 +104,23 @@ def test_a_bad_record_deep_in_a_streamed_file_names_its_line(tmp_path):
     with pytest.raises(DataError) as caught:
         sft.read_examples(path, "auto", None)
     assert caught.value.where == f"{path}:2201" and "'output'" in caught.value.message
+
+
+def test_scratch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    import tempfile
+
+    from petune_plugins.tasks import encoding
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"petune-tokens-{gone.stdout.strip()}-abc"
+    alive = tmp_path / f"petune-tokens-{subprocess.os.getppid()}-def"  # a live process's: kept
+    for folder in (orphan, alive):
+        folder.mkdir()
+        (folder / "train.arrow").write_bytes(b"x" * 100)
+    monkeypatch.setattr(encoding, "_SCRATCH", [])
+    scratch = encoding._scratch()
+    assert not orphan.exists() and alive.exists()
+    assert scratch.parent == tmp_path and scratch.name.startswith(f"petune-tokens-{subprocess.os.getpid()}-")

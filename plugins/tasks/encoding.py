@@ -25,6 +25,7 @@ in memory together; ``spool.subset(positions)`` is the seeded train/validation s
 from __future__ import annotations
 
 import atexit
+import os
 import pickle
 import shutil
 import tempfile
@@ -42,12 +43,28 @@ _SCRATCH: list[Path] = []
 
 
 def _scratch() -> Path:
-    """A folder for this process's Arrow files, removed at exit (the data cache copies what it keeps)."""
+    """A folder for this process's Arrow files, removed at exit (the data cache moves what it
+    keeps out of it first). A process killed before its exit leaves its folder behind: the next
+    one removes the folders of processes that are gone (a 1M-row file leaves gigabytes)."""
     if not _SCRATCH:
-        folder = Path(tempfile.mkdtemp(prefix="petune-tokens-"))
+        _remove_orphans()
+        folder = Path(tempfile.mkdtemp(prefix=f"petune-tokens-{os.getpid()}-"))
         atexit.register(shutil.rmtree, folder, True)
         _SCRATCH.append(folder)
     return _SCRATCH[0]
+
+
+def _remove_orphans() -> None:
+    for folder in Path(tempfile.gettempdir()).glob("petune-tokens-*-*"):
+        pid = folder.name.split("-")[2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # gone; any other answer (alive, not ours) leaves it
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass
 
 
 class Spool:
