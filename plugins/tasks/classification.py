@@ -36,8 +36,9 @@ Metrics
 from __future__ import annotations
 
 import csv
+import itertools
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -45,7 +46,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from petune_plugins.tasks import _common as common
 from petune_plugins.tasks import datafiles, reports
-from petune_plugins.tasks.encoding import encode_split
+from petune_plugins.tasks.encoding import Spool, encode_split
 from pydantic import Field, field_validator
 
 from petune import hookimpl
@@ -171,18 +172,46 @@ def _is_records(source: str) -> bool:
 def read_examples(settings: FileSettings, *, need_label: bool = True, max_rows: int | None = None,
                   text: str | None = None, source: str | None = None,
                   known_labels: Collection[str] = ()) -> list[Example]:
-    """Examples from ``settings.path`` (or from ``text`` already read, named ``source``).
-    ``known_labels`` (the training labels) settle ``header = "auto"`` for evaluation
-    files: a first row holding a training label is data, not a header."""
+    """Examples from ``settings.path`` (or from ``text`` already read, named ``source``), as a
+    list (:func:`iter_examples`). ``known_labels`` (the training labels) settle
+    ``header = "auto"`` for evaluation files: a first row holding a training label is data,
+    not a header."""
+    return list(iter_examples(settings, need_label=need_label, max_rows=max_rows, text=text, source=source,
+                              known_labels=known_labels))
+
+
+def spool_examples(settings: FileSettings, *, max_rows: int | None = None, known_labels: Collection[str] = (),
+                   labels: set[str] | None = None) -> Spool:
+    """The examples of ``settings.path``, spooled to disk as they are read
+    (:class:`~petune_plugins.tasks.encoding.Spool`): a records file is never all in memory
+    (a table is parsed whole first). ``labels``: a set that collects the labels seen."""
+    examples = iter_examples(settings, max_rows=max_rows, known_labels=known_labels)
+    if labels is not None:
+        examples = _collecting_labels(examples, labels)
+    return Spool.write(examples, desc=Path(settings.path).name)
+
+
+def _collecting_labels(examples: Iterable[Example], labels: set[str]) -> Iterator[Example]:
+    for example in examples:
+        labels.add(example.label)
+        yield example
+
+
+def iter_examples(settings: FileSettings, *, need_label: bool = True, max_rows: int | None = None,
+                  text: str | None = None, source: str | None = None,
+                  known_labels: Collection[str] = ()) -> Iterator[Example]:
+    """:func:`read_examples` one example at a time: a records file read from its path is
+    streamed (a record in memory at a time); a table (CSV/TSV) is parsed whole first."""
     source = source or str(settings.path)
     if _is_records(source):
         if text is None:
-            records = datafiles.read_records(settings.path, max_rows=max_rows)
+            records = datafiles.iter_records(settings.path, max_rows=max_rows)
         elif datafiles.data_format(source) == "jsonl" or text.lstrip().startswith("{"):
-            records = datafiles.parse_jsonl(datafiles.text_lines(text), source, max_rows=max_rows)
+            records = datafiles.iter_jsonl(datafiles.text_lines(text), source, max_rows=max_rows)
         else:
-            records = datafiles.parse_json_records(text, source, max_rows=max_rows)
-        return _examples_from_records(records, settings, source, need_label)
+            records = iter(datafiles.parse_json_records(text, source, max_rows=max_rows))
+        yield from _examples_from_records(records, settings, source, need_label)
+        return
     header = settings.header
     if header == "auto" and settings.named_columns():
         header = True  # a column name needs a header row
@@ -196,7 +225,7 @@ def read_examples(settings: FileSettings, *, need_label: bool = True, max_rows: 
     if header == "auto" and table.columns is not None and any(
             settings.label_map.get(cell, cell) in known_labels for cell in table.columns):
         table = parse(False)
-    return _examples_from_table(table, settings, need_label)
+    yield from _examples_from_table(table, settings, need_label)
 
 
 def _default_by_name(names: Sequence[str], candidates: Sequence[str]) -> str | None:
@@ -204,7 +233,7 @@ def _default_by_name(names: Sequence[str], candidates: Sequence[str]) -> str | N
     return next((lowered[c] for c in candidates if c in lowered), None)
 
 
-def _examples_from_table(table: datafiles.Table, settings: FileSettings, need_label: bool) -> list[Example]:
+def _examples_from_table(table: datafiles.Table, settings: FileSettings, need_label: bool) -> Iterator[Example]:
     text_cols = [table.index(c, "text_column") for c in _as_list(settings.text_column)]
     pair_cols = [table.index(c, "text_pair_column") for c in _as_list(settings.text_pair_column)]
     label_col = None
@@ -240,32 +269,34 @@ def _examples_from_table(table: datafiles.Table, settings: FileSettings, need_la
         raise DataError(f"the label column ({label_col}) is also a text column", where=table.source,
                         hint=table._columns_hint())
 
-    examples = []
     for row in table.rows:
         text = settings.separator.join(row[i].strip() for i in text_cols if row[i].strip())
         pair = settings.separator.join(row[i].strip() for i in pair_cols if row[i].strip()) if pair_cols else None
         label = _label_value(row[label_col], row.where, settings.label_map) if label_col is not None else None
-        examples.append(Example(text, pair, label, row.where))
-    return examples
+        yield Example(text, pair, label, row.where)
 
 
-def _examples_from_records(records: list[datafiles.Record], settings: FileSettings, source: str,
-                           need_label: bool) -> list[Example]:
+def _examples_from_records(records: Iterator[datafiles.Record], settings: FileSettings, source: str,
+                           need_label: bool) -> Iterator[Example]:
+    """Examples of records read one at a time; the fields are chosen from the first record."""
+    first = next(records, None)  # the readers raise on a file without records
+    if first is None:
+        return
     for option in ("text_column", "text_pair_column", "label_column"):
         for column in _as_list(getattr(settings, option)):
             if isinstance(column, int):
                 raise DataError(f"{option} = {column}: JSON records have field names, not positions", where=source,
                                 hint=f"use the field name, e.g. {option} = \"text\"; fields of the first record: "
-                                     + ", ".join(records[0]))
-    fields = list(records[0])
+                                     + ", ".join(first))
+    fields = list(first)
     text_cols = _as_list(settings.text_column) or [c for c in [_default_by_name(fields, TEXT_NAMES)] if c]
     pair_cols = _as_list(settings.text_pair_column)
     label_col = settings.label_column or _default_by_name(fields, LABEL_NAMES)
     if not text_cols:
-        raise DataError("cannot tell which field holds the text", where=records[0].where,
+        raise DataError("cannot tell which field holds the text", where=first.where,
                         hint="set task.text_column; fields: " + ", ".join(fields))
     if need_label and label_col is None:
-        raise DataError("cannot tell which field holds the label", where=records[0].where,
+        raise DataError("cannot tell which field holds the label", where=first.where,
                         hint="set task.label_column; fields: " + ", ".join(fields))
 
     def field(record, name, option):
@@ -279,15 +310,13 @@ def _examples_from_records(records: list[datafiles.Record], settings: FileSettin
             value = int(value)  # label 1.0 and label 1 are the same class
         return str(value).strip()
 
-    examples = []
-    for record in records:
+    for record in itertools.chain([first], records):
         text = settings.separator.join(t for t in (field(record, c, "text_column") for c in text_cols) if t.strip())
         pair = settings.separator.join(field(record, c, "text_pair_column") for c in pair_cols) if pair_cols else None
         label = None
         if label_col is not None and (need_label or label_col in record):
             label = _label_value(field(record, label_col, "label_column"), record.where, settings.label_map)
-        examples.append(Example(text, pair, label, record.where))
-    return examples
+        yield Example(text, pair, label, record.where)
 
 
 def _label_value(value: str, where: str, label_map: dict[str, str]) -> str:
@@ -305,7 +334,7 @@ def sort_labels(labels) -> list[str]:
     return sorted(labels)
 
 
-def check_known_labels(examples: list[Example], known: Sequence[str], source: str) -> None:
+def check_known_labels(examples: Iterable[Example], known: Sequence[str], source: str) -> None:
     known = set(known)
     unknown: dict[str, list[str]] = {}
     for example in examples:
@@ -352,8 +381,9 @@ class ClassificationTask(common.EncoderTask):
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: ClassificationOptions, tokenizer) -> TaskData:
         train_settings = FileSettings.of(options, options.train)
-        train = read_examples(train_settings, max_rows=options.max_rows)
-        labels = sort_labels(e.label for e in train)
+        seen: set[str] = set()
+        train = spool_examples(train_settings, max_rows=options.max_rows, labels=seen)  # to disk as read
+        labels = sort_labels(seen)
         _check_label_column(train, labels, train_settings)
         held_out = self._read_held_out(options, labels)
         train = common.hold_out(train, held_out, options, str(train_settings.path))
@@ -362,7 +392,7 @@ class ClassificationTask(common.EncoderTask):
         requested = options.max_length or DEFAULT_MAX_LENGTH
         max_length = common.length_within_limit(options.max_length, DEFAULT_MAX_LENGTH, tokenizer)
         state = {"labels": labels, "max_length": max_length, "pad_token_id": tokenizer.pad_token_id,
-                 "text_pair": any(e.pair is not None for e in train)}
+                 "text_pair": _paired(train)}
         data = self._encode({"train": train, **held_out}, tokenizer, state)
         if max_length < requested:
             data.notes["max_length_lowered_to"] = max_length
@@ -374,17 +404,21 @@ class ClassificationTask(common.EncoderTask):
         return self._encode(self._read_held_out(options, state["labels"]), tokenizer, state)
 
     @staticmethod
-    def _read_held_out(options: ClassificationOptions, labels: list[str]) -> dict[str, list[Example]]:
-        """The validation and test files (where given); every label must be a training label."""
-        def read(split: str, value) -> list[Example]:
-            examples = read_examples(FileSettings.of(options, value), max_rows=options.max_rows, known_labels=labels)
-            check_known_labels(examples, labels, str(getattr(value, "path", value)))
+    def _read_held_out(options: ClassificationOptions, labels: list[str]) -> dict[str, Spool]:
+        """The validation and test files (where given), spooled as read; every label must be a
+        training label."""
+        def read(split: str, value) -> Spool:
+            seen: set[str] = set()
+            examples = spool_examples(FileSettings.of(options, value), max_rows=options.max_rows, known_labels=labels,
+                                      labels=seen)
+            if not seen <= set(labels):  # a pass over the spool only to name the unknown labels' lines
+                check_known_labels(examples, labels, str(getattr(value, "path", value)))
             return examples
 
         return common.read_held_out(options, read)
 
     @staticmethod
-    def _encode(splits: dict[str, list[Example]], tokenizer, state: dict) -> TaskData:
+    def _encode(splits: dict[str, Spool | list[Example]], tokenizer, state: dict) -> TaskData:
         label_ids = {label: i for i, label in enumerate(state["labels"])}
         notes: dict = {"labels": len(label_ids)}
         datasets = {}
@@ -392,7 +426,7 @@ class ClassificationTask(common.EncoderTask):
         for split in ("train", "validation", "test"):
             if splits.get(split):
                 batch = partial(encode, tokenizer, max_length=state["max_length"], label_ids=label_ids,
-                                paired=any(e.pair is not None for e in splits[split]))
+                                paired=_paired(splits[split]))
                 datasets[split], counts = encode_split(splits[split], batch, desc=split)  # in batches, to Arrow
                 truncated += counts["truncated"]
                 notes[f"{split}_rows"] = len(splits[split])
@@ -511,7 +545,16 @@ def _one_line(text: str) -> str:
     return re.sub(r"[\t\r\n]+", " ", str(text))
 
 
-def _check_label_column(train: list[Example], labels: list[str], settings: FileSettings) -> None:
+def _paired(examples: Sequence[Example] | Spool) -> bool:
+    """Whether any example of a split has a text pair. The examples of one file have a pair all
+    or none (whether the file has pair columns), so a spool's first example says it, with no
+    pass over the spool (a split-off part's ``first`` is its file's)."""
+    if isinstance(examples, Spool):
+        return examples.first is not None and examples.first.pair is not None
+    return any(e.pair is not None for e in examples)
+
+
+def _check_label_column(train: Sequence[Example] | Spool, labels: list[str], settings: FileSettings) -> None:
     """Catch a label column that is really text, and a training set with one class."""
     source = str(settings.path)
     if len(labels) < 2:
