@@ -45,14 +45,17 @@ model equals its reference, so accuracy is 0.5 and margin 0 there by definition.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+from collections.abc import Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks._common import SplitOptions
-from petune_plugins.tasks.encoding import encode_split
+from petune_plugins.tasks.encoding import Spool, encode_split
 from petune_plugins.tasks.sft import (
     _TEMPLATE_ERRORS,
     CausalLmTask,
@@ -286,10 +289,10 @@ def to_examples(record, fmt: str) -> list[Pair | Single] | str:
     return [Pair(prompt, chosen, rejected, where)]
 
 
-def _format_of(records: list, fmt: str) -> str:
+def _format_of(first, fmt: str) -> str:
+    """``fmt``, or for "auto" the format of a file's first record."""
     if fmt != "auto":
         return fmt
-    first = records[0]
     found = detect_format(first)
     if found is None:
         raise DataError(f"cannot tell the preference data format: its first record has keys {_keys(first)}",
@@ -297,12 +300,23 @@ def _format_of(records: list, fmt: str) -> str:
     return found
 
 
-def read_preferences(path: Path, fmt: str, max_rows: int | None) -> tuple[list[Pair | Single], str, dict]:
+def read_preferences(path: Path, fmt: str, max_rows: int | None) -> tuple[Spool, str, dict]:
     """The pairs (or unpaired examples) of a file, the format it was read as, and the counts of
-    records dropped by reason."""
-    records = datafiles.read_records(path, max_rows=max_rows)
-    fmt = _format_of(records, fmt)
-    examples, dropped = [], {}
+    records dropped by reason. The examples are spooled to disk as they are read
+    (:class:`~petune_plugins.tasks.encoding.Spool`): one pass over the file, never all of its
+    records in memory (a JSON array or a CSV file is parsed whole first)."""
+    records = datafiles.iter_records(path, max_rows=max_rows)
+    first = next(records, None)
+    if first is None:  # the shared reader raises first
+        raise DataError("the file holds no records", where=str(path))
+    fmt = _format_of(first, fmt)
+    dropped: dict[str, int] = {}
+    examples = Spool.write(_examples(itertools.chain([first], records), fmt, path, dropped), desc=Path(path).name)
+    return examples, fmt, dropped
+
+
+def _examples(records: Iterable, fmt: str, path: Path, dropped: dict[str, int]) -> Iterator[Pair | Single]:
+    """The examples of records in format ``fmt``; records dropped are counted in ``dropped`` by reason."""
     for record in records:
         try:
             made = to_examples(record, fmt)
@@ -316,8 +330,7 @@ def read_preferences(path: Path, fmt: str, max_rows: int | None) -> tuple[list[P
         if isinstance(made, str):
             dropped[made] = dropped.get(made, 0) + 1
         else:
-            examples.extend(made)
-    return examples, fmt, dropped
+            yield from made
 
 
 def read_splits(options, *, held_out_only: bool = False, check_train=None) -> tuple[dict, str | None, dict]:
@@ -367,7 +380,7 @@ def no_pairs_left(options, split: str, notes: dict) -> DataError:
                      hint="raise task.max_length (or lower task.max_prompt_length), or check the data")
 
 
-def unpair(examples: list[Pair | Single]) -> list[Single]:
+def unpair(examples: Iterable[Pair | Single]) -> list[Single]:
     """KTO's view of pairs: the chosen answer good, the rejected one bad."""
     out = []
     for e in examples:
@@ -376,6 +389,19 @@ def unpair(examples: list[Pair | Single]) -> list[Single]:
         else:
             out += [Single(e.prompt, e.chosen, True, e.where), Single(e.prompt, e.rejected, False, e.where)]
     return out
+
+
+def _all_pairs(examples: Spool | list) -> bool:
+    """Whether every example is a pair. A file's examples are all pairs or all unpaired (its
+    format decides), so a spool's first example says it, with no pass over the spool (a
+    split-off part's ``first`` is its file's); no example at all counts as pairs."""
+    if isinstance(examples, Spool):
+        return examples.first is None or isinstance(examples.first, Pair)
+    return all(isinstance(e, Pair) for e in examples)
+
+
+def _encode_unpaired(encoder: PairEncoder, examples: list[Pair | Single]) -> tuple[dict[str, list], dict[str, int]]:
+    return encoder.encode_singles(unpair(examples))
 
 
 # -- tokenization -------------------------------------------------------------------------------
@@ -729,9 +755,9 @@ class PreferenceTask(CausalLmTask):
         notes = {"chat_template": chat.note, **notes}
         datasets = {}
         for split, found in examples.items():
-            paired = all(isinstance(e, Pair) for e in found)
-            if options.method == "kto" and split == "train" or not paired:
-                dataset, counts = encode_split(unpair(found), encoder.encode_singles, desc=split)  # to Arrow
+            if options.method == "kto" and split == "train" or not _all_pairs(found):
+                # each batch unpaired as it is encoded: the same rows, in the same order, as unpairing the split
+                dataset, counts = encode_split(found, partial(_encode_unpaired, encoder), desc=split)  # to Arrow
             else:
                 dataset, counts = encode_split(found, encoder.encode_pairs, desc=split)
             note_encoded(notes, split, counts)
