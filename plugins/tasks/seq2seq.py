@@ -44,10 +44,12 @@ Metrics (``evaluate``, on validation and test)
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
 import string
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -68,7 +70,7 @@ from petune_plugins.tasks._common import (
     read_held_out,
     split_file,
 )
-from petune_plugins.tasks.encoding import encode_split
+from petune_plugins.tasks.encoding import Spool, encode_split
 from pydantic import Field, field_validator, model_validator
 
 from petune import hookimpl
@@ -245,10 +247,19 @@ def _text_value(value, what: str, where: str, separator: str, *, list_means: str
     raise DataError(f"the {what} must be text or a list of texts, found {kind}", where=where)
 
 
-def pairs_from_records(records: list[datafiles.Record], options: Seq2SeqOptions, *, need_target: bool = True) -> list[Pair]:
-    if not records:
-        return []
-    first = records[0]
+def pairs_from_records(records: Iterable[datafiles.Record], options: Seq2SeqOptions, *,
+                       need_target: bool = True) -> list[Pair]:
+    return list(iter_pairs_from_records(records, options, need_target=need_target))
+
+
+def iter_pairs_from_records(records: Iterable[datafiles.Record], options: Seq2SeqOptions, *,
+                            need_target: bool = True) -> Iterator[Pair]:
+    """:func:`pairs_from_records` one pair at a time, as the records come (the fields are
+    chosen from the first record)."""
+    records = iter(records)
+    first = next(records, None)
+    if first is None:
+        return
     source_field = _pick_field(first, options.source_field, SOURCE_NAMES, "source", "source_field")
     target_field = None
     if need_target or options.target_field is not None or any(
@@ -258,8 +269,7 @@ def pairs_from_records(records: list[datafiles.Record], options: Seq2SeqOptions,
         except DataError:
             if need_target:
                 raise
-    pairs = []
-    for record in records:
+    for record in itertools.chain([first], records):
         value, found = _lookup(record, source_field)
         if not found:
             raise DataError(f"missing the source field {source_field!r}", where=record.where)
@@ -282,8 +292,7 @@ def pairs_from_records(records: list[datafiles.Record], options: Seq2SeqOptions,
         if need_target and not any(r.strip() for r in references):
             raise DataError("the target is empty: nothing to train or score on", where=record.where,
                             hint="remove the row or fill in the target")
-        pairs.append(Pair(source, references, record.where))
-    return pairs
+        yield Pair(source, references, record.where)
 
 
 def pairs_from_lines(source_path: Path, target_path: Path | None, max_rows: int | None) -> tuple[list[Pair], int]:
@@ -317,13 +326,29 @@ def pairs_from_lines(source_path: Path, target_path: Path | None, max_rows: int 
 
 
 def read_pairs(data_file: DataFile, options: Seq2SeqOptions, *, need_target: bool = True) -> tuple[list[Pair], int]:
+    """The pairs of a split, as a list, and the blank lines skipped (line-aligned files)."""
     if data_file.path is not None:
-        records = datafiles.read_records(data_file.path, options.max_rows, quoting=options.quoting)
-        return pairs_from_records(records, options, need_target=need_target), 0
+        return pairs_from_records(_records(data_file, options), options, need_target=need_target), 0
     if data_file.target is None and need_target:
         raise DataError("line-aligned source file without its target file", where=str(data_file.source),
                         hint='give { source = "x.en", target = "x.de" }')
     return pairs_from_lines(data_file.source, data_file.target, options.max_rows)
+
+
+def read_split(data_file: DataFile, options: Seq2SeqOptions) -> tuple[Spool | list[Pair], int]:
+    """:func:`read_pairs` for training and evaluation: a records file's pairs are spooled to disk
+    as they are read (:class:`~petune_plugins.tasks.encoding.Spool`), so its records are never
+    all in memory (a JSON array or a CSV/TSV table is parsed whole first). Two line-aligned text
+    files stay a list: their lengths are compared and their trailing blank lines dropped before
+    any pair is made, which holds both files' lines at once anyway."""
+    if data_file.path is not None:
+        return Spool.write(iter_pairs_from_records(_records(data_file, options), options),
+                           desc=Path(data_file.path).name), 0
+    return read_pairs(data_file, options)
+
+
+def _records(data_file: DataFile, options: Seq2SeqOptions) -> Iterator[datafiles.Record]:
+    return datafiles.iter_records(data_file.path, options.max_rows, quoting=options.quoting)
 
 
 # -- prompts and tokens -----------------------------------------------------------------------
@@ -503,7 +528,7 @@ class Seq2SeqTask(Task):
     def load_data(self, options: Seq2SeqOptions, tokenizer) -> TaskData:
         kind = self.kind_for(tokenizer)
         train_file = as_data_file(options.train, options, "train")
-        train, blank = read_pairs(train_file, options)
+        train, blank = read_split(train_file, options)
         notes: dict = {"model_kind": kind}
         if blank:
             notes["train_blank_lines_skipped"] = blank
@@ -527,19 +552,19 @@ class Seq2SeqTask(Task):
         return self._encode(held_out, options, tokenizer, state, {"model_kind": state["model_kind"], **notes})
 
     @staticmethod
-    def _read_held_out(options: Seq2SeqOptions) -> tuple[dict[str, list[Pair]], dict]:
+    def _read_held_out(options: Seq2SeqOptions) -> tuple[dict[str, Spool | list[Pair]], dict]:
         """The validation and test files (where given), and notes on blank lines skipped."""
         notes = {}
 
-        def read(split: str, value) -> list[Pair]:
-            pairs, blank = read_pairs(as_data_file(value, options, split), options)
+        def read(split: str, value) -> Spool | list[Pair]:
+            pairs, blank = read_split(as_data_file(value, options, split), options)
             if blank:
                 notes[f"{split}_blank_lines_skipped"] = blank
             return pairs
 
         return read_held_out(options, read), notes
 
-    def _encode(self, splits: dict[str, list[Pair]], options: Seq2SeqOptions, tokenizer, state: dict,
+    def _encode(self, splits: dict[str, Spool | list[Pair]], options: Seq2SeqOptions, tokenizer, state: dict,
                 notes: dict) -> TaskData:
         datasets = {}
         for split in ("train", "validation", "test"):
