@@ -124,3 +124,84 @@ def test_scratch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
     scratch = encoding._scratch()
     assert not orphan.exists() and alive.exists()
     assert scratch.parent == tmp_path and scratch.name.startswith(f"petune-tokens-{subprocess.os.getpid()}-")
+
+
+# -- the other tasks that read records files: classification, preference, reward, seq2seq --------
+def peak_while(read) -> tuple[object, int]:
+    """What ``read()`` returns and the peak of Python allocations while it ran (the modules a
+    spool imports on first use are imported before: the test may run alone)."""
+    Spool.write(iter([0]))
+    tracemalloc.start()
+    try:
+        result = read()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, peak
+
+
+def write_rows(path: Path, rows) -> int:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path.stat().st_size
+
+
+def test_classification_reads_a_large_file_a_batch_at_a_time(tmp_path):
+    from petune_plugins.tasks.classification import ClassificationOptions, FileSettings, spool_examples
+
+    path = tmp_path / "train.jsonl"
+    size = write_rows(path, ({"text": f"review number {i} " + "good words " * (i % 13), "label": f"class{i % 5}"}
+                             for i in range(25_000)))
+    options = ClassificationOptions.model_validate({"train": str(path)})
+    labels: set[str] = set()
+    spool, peak = peak_while(lambda: spool_examples(FileSettings.of(options, options.train), labels=labels))
+    assert len(spool) == 25_000 and labels == {f"class{i}" for i in range(5)}
+    assert peak < size / 4, f"peak {peak:,} bytes of Python objects for a {size:,}-byte file"
+    last = list(spool.batches(1000))[-1][-1]
+    assert (last.text, last.label, last.where) == (("review number 24999 " + "good words " * (24999 % 13)).strip(),
+                                                   "class4", f"{path}:25000")
+
+
+def pair_rows(n: int):
+    return ({"prompt": f"question {i} " + "about things " * (i % 7), "chosen": f"good answer {i} " + "yes " * (i % 5),
+             "rejected": f"bad answer {i}"} for i in range(n))
+
+
+def test_preference_reads_a_large_file_a_batch_at_a_time(tmp_path):
+    from petune_plugins.tasks import preference
+
+    path = tmp_path / "pairs.jsonl"
+    size = write_rows(path, pair_rows(25_000))
+    (spool, fmt, dropped), peak = peak_while(lambda: preference.read_preferences(path, "auto", None))
+    assert (len(spool), fmt, dropped) == (25_000, "pairs", {})
+    assert peak < size / 4, f"peak {peak:,} bytes of Python objects for a {size:,}-byte file"
+    assert spool.first.where == f"{path}:1" and spool.first.chosen == [{"role": "assistant", "content": "good answer 0 "}]
+
+
+def test_reward_reads_a_large_file_a_batch_at_a_time(tmp_path):
+    from petune_plugins.tasks.preference import read_splits
+    from petune_plugins.tasks.reward import RewardOptions
+
+    path = tmp_path / "pairs.jsonl"
+    rows = list(pair_rows(25_000))
+    rows[7]["rejected"] = rows[7]["chosen"]  # dropped and counted while spooling
+    size = write_rows(path, rows)
+    del rows
+    options = RewardOptions.model_validate({"train": str(path)})
+    (examples, fmt, notes), peak = peak_while(lambda: read_splits(options))
+    assert (len(examples["train"]), fmt, notes) == (24_999, "pairs", {"train_dropped_identical": 1})
+    assert peak < size / 4, f"peak {peak:,} bytes of Python objects for a {size:,}-byte file"
+
+
+def test_seq2seq_reads_a_large_file_a_batch_at_a_time(tmp_path):
+    from petune_plugins.tasks.seq2seq import DataFile, Seq2SeqOptions, read_split
+
+    path = tmp_path / "train.jsonl"
+    size = write_rows(path, ({"source": f"source sentence {i} " + "words " * (i % 11),
+                              "target": [f"reference {i}", f"other reference {i}"]} for i in range(25_000)))
+    options = Seq2SeqOptions.model_validate({"train": str(path)})
+    (spool, blank), peak = peak_while(lambda: read_split(DataFile(path=path), options))
+    assert (len(spool), blank) == (25_000, 0)
+    assert peak < size / 4, f"peak {peak:,} bytes of Python objects for a {size:,}-byte file"
+    assert spool.first.references == ["reference 0", "other reference 0"] and spool.first.where == f"{path}:1"
