@@ -142,8 +142,7 @@ def peak_while(read) -> tuple[object, int]:
 
 def write_rows(path: Path, rows) -> int:
     with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     return path.stat().st_size
 
 
