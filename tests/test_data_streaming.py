@@ -84,12 +84,7 @@ def test_reading_a_large_file_holds_a_batch_not_the_file(tmp_path):
         for row in alpaca_rows(30_000):
             f.write(json.dumps(row) + "\n")
     size = path.stat().st_size
-    tracemalloc.start()
-    try:
-        spool, _ = sft.read_examples(path, "alpaca", None)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    (spool, _), peak = peak_while(lambda: sft.read_examples(path, "alpaca", None))
     assert len(spool) == 30_000
     assert peak < size / 4, f"peak {peak:,} bytes of Python objects for a {size:,}-byte file"
 
