@@ -79,7 +79,7 @@ def read_input(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise UserError(f"not UTF-8 text (byte {exc.start})", where=str(path),
                         hint="save the file as UTF-8") from None
-    except Exception as exc:  # gzip: OSError, EOFError; zstandard.ZstdError
+    except Exception as exc:  # noqa: BLE001 - gzip: OSError, EOFError; zstandard.ZstdError
         raise UserError(f"cannot unpack the file ({exc or type(exc).__name__})", where=str(path),
                         hint="check that it is complete (gzip -t / zstd -t)") from None
 

@@ -10,7 +10,6 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-
 from petune_plugins.tasks import sft
 from petune_plugins.tasks._common import seeded_split
 from petune_plugins.tasks.encoding import Spool, encode_split
@@ -81,8 +80,7 @@ def test_reading_a_large_file_holds_a_batch_not_the_file(tmp_path):
     less than the file's size (a list of parsed records holds several times the file)."""
     path = tmp_path / "train.jsonl"
     with open(path, "w", encoding="utf-8") as f:
-        for row in alpaca_rows(30_000):
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in alpaca_rows(30_000))
     size = path.stat().st_size
     (spool, _), peak = peak_while(lambda: sft.read_examples(path, "alpaca", None))
     assert len(spool) == 30_000
@@ -109,7 +107,8 @@ def test_scratch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
     from petune_plugins.tasks import encoding
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     orphan = tmp_path / f"petune-tokens-{gone.stdout.strip()}-abc"
     alive = tmp_path / f"petune-tokens-{subprocess.os.getppid()}-def"  # a live process's: kept
     for folder in (orphan, alive):

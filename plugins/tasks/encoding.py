@@ -166,8 +166,14 @@ def _batches(items: Sequence | Spool, size: int):
 def _progress(total: int | None, label: str):
     """A transient bar (``total=None``: a count without a bar) with rows/s; only in the main
     process, and only for splits large enough to take a while."""
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = ([BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
                 TimeRemainingColumn()] if total is not None else
