@@ -196,6 +196,17 @@ def data_workers() -> int:
     return DATA_WORKERS.get()
 
 
+#: where a task may write scratch files while it prepares data: set by the core to a folder
+#: inside the data cache (on the same disk, so a finished file moves into its entry by a rename,
+#: and never in a RAM-backed /tmp); None: the system's temporary folder
+DATA_SCRATCH: ContextVar[Path | None] = ContextVar("petune_data_scratch", default=None)
+
+
+def data_scratch() -> Path | None:
+    """The folder for scratch files of data preparation (:data:`DATA_SCRATCH`), or None."""
+    return DATA_SCRATCH.get()
+
+
 class _Plugin:
     name: ClassVar[str]
     description: ClassVar[str] = ""

@@ -44,7 +44,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from petune import __version__, hookimpl
-from petune.api import DATA_WORKERS, Options, Task, TaskData
+from petune.api import DATA_SCRATCH, DATA_WORKERS, Options, Task, TaskData
 from petune.console import err, human_bytes, human_count, is_main_process, out
 from petune.errors import UserError
 
@@ -175,13 +175,18 @@ class Prepared:
     note: str
 
 
+#: the folder under the cache root where tasks write while preparing (never an entry)
+SCRATCH = ".scratch"
+
+
 @contextlib.contextmanager
-def _workers(num_proc: int):
-    token = DATA_WORKERS.set(num_proc)
+def _workers(num_proc: int, scratch: Path | None = None):
+    token, where = DATA_WORKERS.set(num_proc), DATA_SCRATCH.set(scratch)
     try:
         yield
     finally:
         DATA_WORKERS.reset(token)
+        DATA_SCRATCH.reset(where)
 
 
 def prepare(task: Task, method: str, options: Options, tokenizer, load: Callable[[object], TaskData], *,
@@ -210,7 +215,7 @@ def prepare(task: Task, method: str, options: Options, tokenizer, load: Callable
         data, cached_tokenizer = hit
         return Prepared(data, cached_tokenizer, f"hit: {entry} ({time.perf_counter() - started:.1f} s)")
     tokenizer = tokenizer or load_tokenizer(folder)
-    with _workers(num_proc):
+    with _workers(num_proc, root / SCRATCH):  # beside the entries: what is kept moves by a rename
         data = load(tokenizer)
     seconds = time.perf_counter() - started
     stored = write_entry(entry, key, data, tokenizer, seconds)
@@ -315,7 +320,7 @@ def entries(root: Path) -> list[dict]:
     """The entries under ``root`` (whole ones and ``.tmp-*`` leftovers), newest first."""
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if not folder.is_dir():
+        if not folder.is_dir() or folder.name == SCRATCH:  # running preparations' files; a dead one's go next time
             continue
         row = {"name": folder.name, "path": str(folder), "bytes": folder_bytes(folder), "complete": False}
         try:

@@ -89,6 +89,10 @@ def test_a_hit_gives_what_the_miss_built(host, sft, tmp_path, cache, tiny_llama_
     assert all(f["filename"].startswith(str(cache)) for f in hit.data.train.cache_files)
     entry = Path(miss.note.rsplit(" ", 1)[-1])
     assert sorted(p.name for p in entry.glob("*.arrow")) == ["train.arrow", "validation.arrow"]
+    # written in the cache's own scratch folder (same disk: a rename, and never a RAM-backed /tmp)
+    import os
+
+    assert list((cache / datacache.SCRATCH).glob(f"petune-tokens-{os.getpid()}-*"))
     assert [e["complete"] for e in datacache.entries(cache)] == [True]
 
 

@@ -114,7 +114,7 @@ def test_scratch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
     for folder in (orphan, alive):
         folder.mkdir()
         (folder / "train.arrow").write_bytes(b"x" * 100)
-    monkeypatch.setattr(encoding, "_SCRATCH", [])
+    monkeypatch.setattr(encoding, "_SCRATCH", {})
     scratch = encoding._scratch()
     assert not orphan.exists() and alive.exists()
     assert scratch.parent == tmp_path and scratch.name.startswith(f"petune-tokens-{subprocess.os.getpid()}-")

@@ -33,29 +33,33 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
-from petune.api import data_workers
+from petune.api import data_scratch, data_workers
 from petune.console import err, is_main_process
 from petune.errors import UserError
 
 Encode = Callable[[list], tuple[dict[str, list], dict[str, int]]]
 _ENCODE: Encode | None = None  # the function forked workers run (inherited, never pickled)
-_SCRATCH: list[Path] = []
+_SCRATCH: dict[Path, Path] = {}  # scratch root -> this process's folder in it
 
 
 def _scratch() -> Path:
     """A folder for this process's Arrow files, removed at exit (the data cache moves what it
-    keeps out of it first). A process killed before its exit leaves its folder behind: the next
-    one removes the folders of processes that are gone (a 1M-row file leaves gigabytes)."""
-    if not _SCRATCH:
-        _remove_orphans()
-        folder = Path(tempfile.mkdtemp(prefix=f"petune-tokens-{os.getpid()}-"))
+    keeps out of it first): inside the data cache while the core prepares a task's data for it
+    (:func:`petune.api.data_scratch`), else in the system's temporary folder. A process killed
+    before its exit leaves its folder behind: the next one removes the folders of processes
+    that are gone (a 1M-row file leaves gigabytes)."""
+    root = data_scratch() or Path(tempfile.gettempdir())
+    if root not in _SCRATCH:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_orphans(root)
+        folder = Path(tempfile.mkdtemp(prefix=f"petune-tokens-{os.getpid()}-", dir=root))
         atexit.register(shutil.rmtree, folder, True)
-        _SCRATCH.append(folder)
-    return _SCRATCH[0]
+        _SCRATCH[root] = folder
+    return _SCRATCH[root]
 
 
-def _remove_orphans() -> None:
-    for folder in Path(tempfile.gettempdir()).glob("petune-tokens-*-*"):
+def _remove_orphans(root: Path) -> None:
+    for folder in root.glob("petune-tokens-*-*"):
         pid = folder.name.split("-")[2]
         if not pid.isdigit():
             continue
