@@ -37,6 +37,9 @@ The whole contract is in this module:
   :class:`Generates` (``petune generate``, ``chat``, the server's chat and completions),
   :class:`Explains` (``petune explain``).
   A command that needs one the task lacks refuses with exit 2 (:func:`require`).
+* **read while preparing data** (set by the core around ``load_data`` / ``held_out_data``):
+  :func:`data_workers` (processes to tokenize with) and :func:`data_scratch` (where to write
+  scratch files).
 
 The hooks that register plugins and follow a run are in :mod:`petune.hookspecs`.
 """
