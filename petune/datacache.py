@@ -180,7 +180,8 @@ SCRATCH = ".scratch"
 
 
 @contextlib.contextmanager
-def _workers(num_proc: int, scratch: Path | None = None):
+def _preparing(num_proc: int, scratch: Path | None = None):
+    """What a task reads while it prepares data: its worker count and scratch folder (petune.api)."""
     token, where = DATA_WORKERS.set(num_proc), DATA_SCRATCH.set(scratch)
     try:
         yield
@@ -205,7 +206,7 @@ def prepare(task: Task, method: str, options: Options, tokenizer, load: Callable
         folder = getattr(tokenizer, "name_or_path", "")
     if root is None:
         tokenizer = tokenizer or load_tokenizer(folder)
-        with _workers(num_proc):
+        with _preparing(num_proc):
             return Prepared(load(tokenizer), tokenizer, "off")
     started = time.perf_counter()
     key = cache_key(task, method, options, tokenizer or folder, extra)
@@ -215,7 +216,7 @@ def prepare(task: Task, method: str, options: Options, tokenizer, load: Callable
         data, cached_tokenizer = hit
         return Prepared(data, cached_tokenizer, f"hit: {entry} ({time.perf_counter() - started:.1f} s)")
     tokenizer = tokenizer or load_tokenizer(folder)
-    with _workers(num_proc, root / SCRATCH):  # beside the entries: what is kept moves by a rename
+    with _preparing(num_proc, root / SCRATCH):  # beside the entries: what is kept moves by a rename
         data = load(tokenizer)
     seconds = time.perf_counter() - started
     stored = write_entry(entry, key, data, tokenizer, seconds)

@@ -687,15 +687,11 @@ def _batches(path: Path, kind: str) -> Iterator:
         yield from pa.ipc.open_stream(pa.memory_map(str(path)))
 
 
-def read_columnar(path: str | Path, max_rows: int | None = None) -> list[Record]:
-    """Records of a .parquet or .arrow/.feather file, a ``save_to_disk`` folder or a folder
-    of .parquet shards, read a batch at a time (never more than ``max_rows``). Rows count
-    through all of a save_to_disk folder's files, and per file for parquet shards."""
-    return list(iter_columnar(path, max_rows))
-
-
 def iter_columnar(path: str | Path, max_rows: int | None = None) -> Iterator[Record]:
-    """:func:`read_columnar` one record at a time (one batch of rows in memory)."""
+    """Records of a .parquet or .arrow/.feather file, a ``save_to_disk`` folder or a folder
+    of .parquet shards, read a batch at a time (one batch of rows in memory, never more than
+    ``max_rows``). Rows count through all of a save_to_disk folder's files, and per file for
+    parquet shards."""
     import pyarrow as pa
 
     path = Path(path)

@@ -128,11 +128,6 @@ def _json_type(value) -> str:
         type(value), "a number")
 
 
-def read_rows(path: Path, max_rows: int | None = None) -> list[Row]:
-    """Records of a data file (:func:`iter_rows`), as a list."""
-    return list(iter_rows(path, max_rows))
-
-
 def iter_rows(path: Path, max_rows: int | None = None) -> Iterator[Row]:
     """Records of a data file, through the shared reader, one at a time: JSON Lines and JSON
     lists (also compressed) are parsed here, so a record of a JSON list is named by its index
