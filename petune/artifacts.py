@@ -109,10 +109,22 @@ def is_run_folder(path: Path) -> bool:
     return isinstance(manifest, dict) and {"status", "started", "versions"} <= manifest.keys()
 
 
-def why_not_replaceable(path: Path, protected: list[Path]) -> str | None:
-    """Why ``--overwrite`` must not delete ``path``; None when it may (a petune run that
-    holds nothing this run reads)."""
-    path = Path(path).resolve()
+def not_a_run_folder(path: Path) -> str | None:
+    """Why ``path`` is not a run folder petune made; None when it is."""
+    return None if is_run_folder(path) else "it is not a petune run folder (it has no petune manifest.json)"
+
+
+def why_not_replaceable(path: Path, protected: list[Path], ours=not_a_run_folder, reader: str = "this run") -> str | None:
+    """Why a command must not delete ``path`` to write its output there; None when it may.
+    Every command that replaces output (``run``/``merge``/``export --overwrite``, ``cache
+    clear``) asks here, so they refuse alike: never home or the current folder, nor a folder
+    holding either; never a link (deleting through it reaches somewhere else); never what the
+    command reads (``protected``; ``reader`` names the command), a folder holding it or a
+    place inside a folder of it; and only what petune wrote: ``ours(path)`` says why ``path`` is not (None: it is)."""
+    path = Path(os.path.abspath(Path(path).expanduser()))
+    if path.is_symlink():
+        return f"it is a symbolic link (to {os.readlink(path)}), not something petune wrote"
+    path = path.resolve()
     for name, place in (("your home folder", Path.home()), ("the current folder", Path.cwd())):
         place = place.resolve()
         if path == place:
@@ -120,12 +132,36 @@ def why_not_replaceable(path: Path, protected: list[Path]) -> str | None:
         if path in place.parents:
             return f"it holds {name} ({place})"
     for keep in protected:
-        keep = Path(keep).resolve()
+        keep = Path(keep).expanduser().resolve()
         if path == keep or path in keep.parents:
-            return f"it holds {keep}, which this run reads"
-    if not is_run_folder(path):
-        return "it is not a petune run folder (it has no petune manifest.json)"
-    return None
+            return f"it holds {keep}, which {reader} reads"
+        if keep in path.parents and keep.is_dir():
+            return f"it is inside {keep}, which {reader} reads"
+    return ours(path)
+
+
+def refuse_to_replace(path: Path, protected: list[Path], ours=not_a_run_folder, *, reader: str = "this run",
+                      option: str = "--overwrite",
+                      hint: str = "pick a new output path, or delete it yourself if it is no longer needed") -> None:
+    """A UserError (exit 2) when :func:`why_not_replaceable` finds a reason; nothing is deleted."""
+    reason = why_not_replaceable(path, protected, ours, reader)
+    if reason:
+        raise UserError(f"{option} refused: {reason}; nothing was deleted", where=str(path), hint=hint)
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output ``path`` whose folder cannot be written (the nearest
+    existing folder above it must take a new file)."""
+    parent = Path(os.path.abspath(Path(path).expanduser())).parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{parent} is a file, not a folder", where=str(path), hint="pick another output path")
+    try:
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as exc:
+        raise UserError(f"cannot write in {parent}: {exc.strerror or exc}", where=str(path),
+                        hint="pick a writable output path") from None
 
 
 def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool, protected: list[Path] = ()) -> None:
@@ -143,10 +179,9 @@ def prepare_run_dir(path: Path, *, resume: bool, overwrite: bool, protected: lis
         if not (resume or overwrite):
             raise UserError("output folder already exists", where=str(path),
                             hint="pass --resume to continue it, --overwrite to replace it, or set output.dir elsewhere")
-        reason = why_not_replaceable(path, list(protected)) if overwrite and not resume else None
-        if reason:
-            raise UserError(f"--overwrite refused: {reason}; nothing was deleted", where=str(path),
-                            hint="--overwrite only replaces a previous petune run; set output.dir to a new folder")
+        if overwrite and not resume:
+            refuse_to_replace(path, list(protected),
+                              hint="--overwrite only replaces a previous petune run; set output.dir to a new folder")
     if resume and not (path / "recipe.toml").exists():
         raise UserError("nothing to resume: the output folder holds no run", where=str(path))
     parent = path
@@ -165,10 +200,11 @@ def start_run_dir(path: Path, *, overwrite: bool, resume: bool, protected: list[
     path = Path(path)
     lock = RunLock(path)
     if overwrite and not resume and is_run_folder(path):
-        reason = why_not_replaceable(path, list(protected))  # checked again: the folder may have changed
-        if reason:
+        try:  # checked again: the folder may have changed
+            refuse_to_replace(path, list(protected))
+        except UserError:
             lock.release()
-            raise UserError(f"--overwrite refused: {reason}; nothing was deleted", where=str(path))
+            raise
         for child in path.iterdir():
             if child.name == RunLock.FILE:
                 continue  # keep our own lock: deleting its file would let a second process lock a new one

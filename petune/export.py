@@ -19,6 +19,7 @@ to Ollama's Go template (for the layouts petune knows), stop tokens, default par
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ ARCHITECTURES = {
 #: llama.cpp's own converter keeps them.
 QUANTS = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
           "q8_0": ("Q8_0", "MOSTLY_Q8_0")}
+#: the first line of every Modelfile petune writes: what ``--overwrite`` may replace
+MODELFILE_MARK = "# written by petune export"
 #: Largest tolerated |stored − merged| per --quant, relative to the tensor's largest |value|.
 READBACK_TOLERANCE = {"f32": 0.0, "f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2}
 
@@ -409,16 +412,28 @@ def export_run(run_dir: Path, out_file: Path, *, fmt: str, quant: str, overwrite
     from petune.merge import auto_class_for
     from petune.models import find_source
     from petune.plugins import get_host
-    from petune.runner import load_run
+    from petune.runner import inputs_of, load_run, read_finished_run
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant!r} is not written by petune", hint=f"choose one of: {', '.join(QUANTS)}")
+    out_file = Path(os.path.abspath(Path(out_file).expanduser()))
     if out_file.suffix.lower() != ".gguf":
         raise UserError("the output file must end in .gguf", where=str(out_file))
-    targets = [out_file] + ([out_file.parent / "Modelfile"] if fmt == "ollama" else [])
-    for target in targets:
-        if target.exists() and not overwrite:
-            raise UserError("file already exists", where=str(target), hint="pass --overwrite or pick another --out")
+    modelfile_path = out_file.parent / "Modelfile"
+    # every output path is checked before anything is loaded or written
+    targets = {out_file: not_a_gguf_file} | ({modelfile_path: not_a_petune_modelfile} if fmt == "ollama" else {})
+    for target, ours in targets.items():
+        if target.is_dir() and not target.is_symlink():
+            raise UserError("a folder is in the way of the file to write (--overwrite replaces files only)",
+                            where=str(target), hint="pick another --out, or move the folder away")
+        if target.exists() or target.is_symlink():
+            if not overwrite:
+                raise UserError("file already exists", where=str(target), hint="pass --overwrite or pick another --out")
+            recipe = read_finished_run(Path(run_dir), get_host())[0]
+            artifacts.refuse_to_replace(target, [Path(run_dir), *inputs_of(recipe)], ours, reader="the export",
+                                        hint="--overwrite replaces only a GGUF file and a Modelfile petune export "
+                                             "wrote; pick another --out")
+        artifacts.check_writable(target)
     host = get_host()
     with err.status(f"loading {run_dir} ..."):
         run = load_run(run_dir, host, dequantized=True)  # merged into the trained base, dequantised
@@ -436,33 +451,60 @@ def export_run(run_dir: Path, out_file: Path, *, fmt: str, quant: str, overwrite
         merged = run.model if run.strategy.artifact == "model" else run.strategy.merge(run.model)
     stop_tokens = run.task.stop_tokens(run.state)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".{out_file.name}.tmp")
-    with tempfile.TemporaryDirectory(prefix="petune-export-") as work:
-        source = find_source(run.recipe.model.name, host.model_sources())
-        base_gguf = source.gguf_file(run.recipe.model.name, Path(work))
-        base_folder = source.resolve(run.recipe.model.name)
-        with err.status(f"writing {out_file.name} ({quant}) ..."):
-            written = write_gguf(merged, run.tokenizer, tmp, quant=quant, name=run.dir.name, base_gguf=base_gguf,
-                                 base_folder=base_folder, stop_tokens=stop_tokens)
-    with err.status("reading the file back ..."):
-        problems = read_back(written, quant, run.tokenizer)
-    if problems:
+    # written beside the output under a temporary name, renamed into place only when read back whole
+    fd, tmp_name = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with tempfile.TemporaryDirectory(prefix="petune-export-") as work:
+            source = find_source(run.recipe.model.name, host.model_sources())
+            base_gguf = source.gguf_file(run.recipe.model.name, Path(work))
+            base_folder = source.resolve(run.recipe.model.name)
+            with err.status(f"writing {out_file.name} ({quant}) ..."):
+                written = write_gguf(merged, run.tokenizer, tmp, quant=quant, name=run.dir.name, base_gguf=base_gguf,
+                                     base_folder=base_folder, stop_tokens=stop_tokens)
+        with err.status("reading the file back ..."):
+            problems = read_back(written, quant, run.tokenizer)
+        if problems:
+            raise UserError("the written GGUF does not hold the merged model: " + "; ".join(problems[:5]),
+                            where=str(out_file))
+        notes = []
+        if fmt == "ollama":
+            from petune.ollama import modelfile
+
+            text, notes = modelfile(out_file, run.tokenizer, stop_tokens, config)
+            artifacts.write_text(modelfile_path, text)  # before the GGUF moves into place: all or nothing new
+        tmp.replace(out_file)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise UserError("the written GGUF does not hold the merged model: " + "; ".join(problems[:5]),
-                        where=str(out_file))
-    tmp.replace(out_file)
     written.path = out_file
     out.print(summary_table(written, quant))
     if fmt == "ollama":
-        from petune.ollama import modelfile
-
-        text, notes = modelfile(out_file, run.tokenizer, stop_tokens, config)
-        artifacts.write_text(out_file.parent / "Modelfile", text)
         for note in notes:
             err.print(f"[yellow]note[/]: {escape(note)}")
-        out.print(f"[green]wrote[/] {escape(str(out_file.parent / 'Modelfile'))}; load it with: "
-                  f"ollama create {escape(_ollama_name(run.dir.name))} -f {escape(str(out_file.parent / 'Modelfile'))}")
+        out.print(f"[green]wrote[/] {escape(str(modelfile_path))}; load it with: "
+                  f"ollama create {escape(_ollama_name(run.dir.name))} -f {escape(str(modelfile_path))}")
     return written
+
+
+def not_a_gguf_file(path: Path) -> str | None:
+    """Why ``path`` is not a GGUF file (what ``--overwrite`` may replace with one); None when it is."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    return None if magic == b"GGUF" else "it is not a GGUF file"
+
+
+def not_a_petune_modelfile(path: Path) -> str | None:
+    """Why ``path`` is not a Modelfile petune export wrote; None when it is."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            first = f.readline()
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    return None if first.startswith(MODELFILE_MARK) else "it is not a Modelfile petune export wrote"
 
 
 def _ollama_name(name: str) -> str:

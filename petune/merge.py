@@ -16,6 +16,7 @@ merged refuses with its reason) and the task's ``verification_texts``.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,20 +250,41 @@ def failure(check: Verification, folder: Path) -> UserError:
 
 
 # -- the command ----------------------------------------------------------------------------
+#: written into every merged folder: what ``--overwrite`` may replace (a folder petune merge wrote)
+MERGE_MARK = "petune_merge.json"
+
+
+def not_a_merged_folder(path: Path) -> str | None:
+    """Why ``path`` is not a folder ``petune merge`` wrote; None when it is."""
+    if (path / MERGE_MARK).is_file() and (path / "config.json").is_file():
+        return None
+    return f"it is not a folder petune merge wrote (it has no {MERGE_MARK})"
+
+
 def merge_run(run_dir: Path, out_dir: Path, *, overwrite: bool = False, force: bool = False,
               verify_only: bool = False) -> Verification:
     """Merge the run into ``out_dir`` (or, with ``verify_only``, check a folder already there)."""
     from petune import artifacts
     from petune.plugins import get_host
-    from petune.runner import load_run
+    from petune.runner import inputs_of, load_run, read_finished_run
 
+    out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))  # `--out .` has a name to write beside
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError("--out is a file; merge writes a folder", where=str(out_dir), hint="pick a folder for --out")
     if verify_only:
         if not (out_dir / "config.json").is_file():
             raise UserError("no merged model to verify here (no config.json)", where=str(out_dir),
                             hint="run petune merge without --verify-only first")
-    elif out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise UserError("merge output folder already exists", where=str(out_dir),
-                        hint="pass --overwrite or pick another --out")
+    elif out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UserError("merge output folder already exists", where=str(out_dir),
+                            hint="pass --overwrite or pick another --out")
+        recipe = read_finished_run(Path(run_dir), get_host())[0]
+        artifacts.refuse_to_replace(out_dir, [Path(run_dir), *inputs_of(recipe)], not_a_merged_folder,
+                                    reader="the merge", hint="--overwrite replaces only a folder petune merge wrote; "
+                                                             "pick a new --out")
+    if not verify_only:
+        artifacts.check_writable(out_dir / "config.json")
     host = get_host()
     # Merge into the trained base as plain 16/32-bit weights: folding into 4-bit weights would
     # round the update away, folding into the original checkpoint gives a model never trained.
@@ -288,8 +310,11 @@ def merge_run(run_dir: Path, out_dir: Path, *, overwrite: bool = False, force: b
             generation = getattr(merged, "generation_config", None)
             if generation is not None and getattr(merged, "can_generate", lambda: False)():
                 generation.save_pretrained(tmp)
+            artifacts.write_json(tmp / MERGE_MARK, {"run": str(Path(run_dir).resolve()), "written": artifacts.now()})
 
         artifacts.write_dir(out_dir, fill)
+    if verify_only:
+        refuse_another_model(out_dir, merged.config)
     with err.status("loading the merged folder with transformers and comparing ..."):
         check = verify(reference, texts, merged, out_dir, run.tokenizer, dtype)
     out.print(verification_table(check))
@@ -303,6 +328,24 @@ def merge_run(run_dir: Path, out_dir: Path, *, overwrite: bool = False, force: b
         out.print(f"[green]merged[/] model written to [bold]{escape(str(out_dir))}[/] "
                   f"(load with transformers' from_pretrained)")
     return check
+
+
+def refuse_another_model(folder: Path, config) -> None:
+    """``--verify-only`` on a folder that is not this run's merge (another architecture, head or
+    vocabulary) is a user error saying so, not a crash feeding the run's inputs to it."""
+    import json
+
+    try:
+        theirs = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"config.json cannot be read ({exc})", where=str(folder / "config.json")) from None
+    ours = config.to_dict()
+    differ = [f"{key} {theirs.get(key)!r} (the run: {ours.get(key)!r})"
+              for key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+              if key in ours and theirs.get(key, ours[key]) != ours[key]]
+    if differ:
+        raise UserError("the folder holds another model, not this run's merge: " + ", ".join(differ),
+                        where=str(folder), hint="give the --out the merge wrote, or merge again without --verify-only")
 
 
 def cmd_merge(args) -> int:
