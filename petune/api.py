@@ -30,7 +30,7 @@ The whole contract is in this module:
   ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
   ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``, ``training_plan``; ``Strategy.check``,
   ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``,
-  ``prepare``, ``training_plan``;
+  ``prepare``, ``training_plan``, ``resolved_options``, ``for_inference``;
   ``ModelSource.gguf_file``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
   commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
@@ -461,6 +461,14 @@ class Strategy(_Plugin):
         folded into the very base they were trained against). Default: ``base`` unchanged."""
         return base
 
+    def for_inference(self, model: torch.nn.Module, options: Options) -> torch.nn.Module:
+        """The trained or restored model made fast to run forward only on its device while
+        computing what it computed in training (e.g. 4-bit weights dequantised once on a CPU
+        instead of at every generated token). May change ``model`` in place; nothing trains
+        it afterwards. Called once training is saved, and on every finished run a command
+        loads. Default: ``model`` unchanged."""
+        return model
+
     def merge(self, model: torch.nn.Module) -> PreTrainedModel:
         """Return a plain transformers model with the trained weights folded in."""
         raise Refusal(f"strategy {self.name!r} has nothing to merge")
@@ -481,6 +489,12 @@ class Strategy(_Plugin):
     def training_plan(self, options: Options) -> dict[str, str]:
         """Rows for the plan about what these settings cost beyond training itself (e.g. an
         SVD of every target weight, a pass over training batches before step 1). Default: none."""
+        return {}
+
+    def resolved_options(self, options: Options) -> dict[str, str]:
+        """What options left to be chosen on this machine (``"auto"``) resolve to, and why,
+        shown in the plan in place of their setting: ``{"compute_dtype": "float32 (auto: CPU
+        without native bf16)"}``. Default: none."""
         return {}
 
     def prepare(self, model: torch.nn.Module, task: Task, options: Options, batches: Iterator[dict],

@@ -90,11 +90,12 @@ def _recipe_summary(path: Path) -> str:
 
 
 def cmd_env(args) -> int:
+    from petune import precision
     from petune.artifacts import device_description, package_versions
     from petune.console import key_value_table
 
     host = _host()
-    rows = list(package_versions().items()) + [("device", device_description())]
+    rows = list(package_versions().items()) + [("device", device_description()), *precision.describe()]
     rows += [(f"plugin {r['kind']} {r['name']}", f"{r['package']} {r['version']}") for r in host.listing()]
     rows += [("plugin failure", str(f)) for f in host.failures]
     out.print(key_value_table(f"petune {__version__} environment", rows))

@@ -538,13 +538,11 @@ def loss_memory_of(task, options=None, batch: int = 1, config=None, device: str 
 def _dtypes(recipe, device: str):
     import torch
 
-    cuda = device.startswith("cuda")
-    name = recipe.model.dtype
-    dtype = (torch.bfloat16 if cuda else torch.float32) if name == "auto" else getattr(torch, name)
-    precision = recipe.train.precision
-    if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    from petune import precision
+
+    dtype = precision.resolve(recipe.model.dtype, device, weights=True).torch_dtype
+    setting = precision.training_precision(recipe.train.precision, device)
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setting)
     return dtype, autocast
 
 

@@ -9,7 +9,7 @@ import errno
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petune import artifacts, checkpoints, datacache, memory, speed
+from petune import artifacts, checkpoints, datacache, memory, precision, speed
 from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters, paths_in
 from petune.console import (
     err,
@@ -96,7 +96,7 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
         training_rows = list(task.training_plan(model, tokenizer, recipe.task).items())
     with host.blame("strategy", strategy.name, "training_plan"):  # e.g. what an initialisation costs
         training_rows += list(strategy.training_plan(recipe.strategy).items())
-    training_rows.append(("speed", speed.plan(recipe.train, _has_cuda(), info.model_type)))
+    training_rows += [("speed", speed.plan(recipe.train, _has_cuda(), info.model_type)), *precision_plan(recipe)]
     show_plan(the_run, trainable, total, extra=[*training_rows, memory.plan_row(recipe, host, info), ("data cache", prepared.note)])
     if dry_run:
         return RunResult("planned", trainable_parameters=trainable, total_parameters=total)
@@ -148,6 +148,8 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
         if is_main_process():
             artifacts.write_dir(run_dir / strategy.artifact, lambda p: strategy.save(trainer.model, p))
             artifacts.write_dir(run_dir / "tokenizer", tokenizer.save_pretrained)
+        with host.blame("strategy", strategy.name, "for_inference"):  # nothing trains from here on
+            trainer.model = strategy.for_inference(trainer.model, recipe.strategy)
         with host.blame("task", task.name, "evaluate"):
             result.metrics = task.evaluate(trainer, data, recipe.task, run_dir)
         result.status = "completed"
@@ -301,6 +303,9 @@ def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True, d
             base = strategy.dequantize(base, recipe.strategy)
     with host.blame("strategy", strategy.name, "restore"):
         model = strategy.restore(base, run_dir / strategy.artifact, task, recipe.strategy)
+    if not dequantized:  # merge and export read the weights themselves
+        with host.blame("strategy", strategy.name, "for_inference"):
+            model = strategy.for_inference(model, recipe.strategy)
     model.eval()
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     return LoadedRun(run_dir, recipe, task, strategy, state, model, tokenizer)
@@ -314,21 +319,31 @@ def _has_cuda() -> bool:
 
 
 def model_dtype(name: str):
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    return getattr(torch, name)
+    """The dtype weights load in: [model] dtype, "auto" chosen for this device (petune/precision.py)."""
+    return precision.resolve(name, weights=True).torch_dtype
 
 
-def precision_flags(precision: str) -> dict:
-    import torch
+def precision_flags(setting: str) -> dict:
+    """TrainingArguments' bf16/fp16 flags for [train] precision; "auto" trains in the
+    dtype the device computes natively."""
+    setting = precision.training_precision(setting)
+    return {"bf16": setting == "bf16", "fp16": setting == "fp16"}
 
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+def precision_plan(recipe: Recipe) -> list[tuple[str, str]]:
+    """Plan rows: the dtype weights load in, the training precision, and a warning for an
+    explicit choice this device would emulate (petune/precision.py)."""
+    weights = precision.resolve(recipe.model.dtype, weights=True)
+    flags = precision_flags(recipe.train.precision)
+    training = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
+    how = "auto" if recipe.train.precision == "auto" else "set in the recipe"
+    rows = [("precision", f"weights {weights}, training {training} ({how})")]
+    for setting, dtype in (("model.dtype", weights.dtype),
+                           ("train.precision", {"bf16": "bfloat16", "fp16": "float16"}.get(training))):
+        warning = dtype and precision.emulation_warning(dtype, setting)
+        if warning:
+            rows.append(("warning", warning))
+    return rows
 
 
 def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData, model_type: str | None = None) -> dict:
@@ -553,7 +568,7 @@ def show_plan(run: Run, trainable: int, total: int, extra: list[tuple[str, str]]
     rows = [
         ("model", f"{r.model.name}  ({run.model_info.model_type}, {run.model_info.path})"),
         ("task", f"{r.task_name}  {_options_text(r.task)}"),
-        ("strategy", f"{r.strategy_name}  {_options_text(r.strategy)}"),
+        ("strategy", f"{r.strategy_name}  {_options_text(r.strategy, run.strategy.resolved_options(r.strategy))}"),
         ("data", sizes),
         ("parameters", f"{human_count(trainable)} trainable of {human_count(total)} ({100 * trainable / max(total, 1):.3f}%)"),
         ("batch", f"{r.train.batch_size} per device × {world_size()} process(es) × grad_accum {r.train.grad_accum}"
@@ -567,5 +582,7 @@ def show_plan(run: Run, trainable: int, total: int, extra: list[tuple[str, str]]
     err.print(key_value_table("Plan", rows))
 
 
-def _options_text(options) -> str:
-    return " ".join(f"{k}={v}" for k, v in options.model_dump(mode="json").items() if v is not None)
+def _options_text(options, resolved: dict[str, str] | None = None) -> str:
+    """``key=value`` for each set option; ``resolved`` replaces the values chosen on this machine."""
+    values = {**options.model_dump(mode="json"), **(resolved or {})}
+    return " ".join(f"{k}={v}" for k, v in values.items() if v is not None)

@@ -14,6 +14,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # (a test that patches a task must not get another test's prepared data); tests/test_data_cache.py turns it
 # on in a temporary folder
 os.environ.setdefault("PETUNE_DATA_CACHE", "off")
+# "auto" dtypes resolve the same on every CPU (float32), so a test's numbers do not depend on whether
+# the CPU it runs on has native bf16; tests/test_precision.py pretends to be each kind of machine
+os.environ.setdefault("PETUNE_CPU_BF16", "0")
 
 import pytest  # noqa: E402
 

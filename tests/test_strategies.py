@@ -358,7 +358,7 @@ def test_qlora_counts_and_training(build, kind, heads):
 def test_qlora_keeps_load_dtype_and_trains_with_checkpointing(build):
     """No prepare_model_for_kbit_training: norms and embeddings stay bf16 (no fp32 upcast);
     only the LoRA weights are fp32. Non-reentrant checkpointing, as the trainer sets it."""
-    s, opts, kwargs = qlora_kwargs(r=4)  # default compute dtype: bfloat16
+    s, opts, kwargs = qlora_kwargs(r=4)  # default compute dtype: auto
     model, task, batch = build("llama-lm", dtype=torch.bfloat16, **kwargs)
     peft_model = s.apply(model, task, opts)
     dtypes = {n: p.dtype for n, p in peft_model.named_parameters() if p.is_floating_point()}
@@ -390,6 +390,29 @@ def test_qlora_reload_and_merge_into_unquantised_base(build, tmp_path):
     merged = s.merge(unquantised)
     assert isinstance(merged, transformers.PreTrainedModel) and count_parameters(merged)[1] == count_parameters(build("llama-seq")[0])[1]
     torch.testing.assert_close(logits(merged, batch), adapter_logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_qlora_for_inference_keeps_outputs_and_dequantises_once(build, monkeypatch, compute_dtype):
+    """On a CPU the 4-bit weights are dequantised once for inference, not at every forward
+    (every generated token): the same outputs, no dequantisation per call."""
+    import bitsandbytes as bnb
+
+    s, opts, kwargs = qlora_kwargs(r=4, compute_dtype=compute_dtype)
+    model, task, batch = build("llama-lm", **kwargs)
+    peft_model = s.apply(model, task, opts)
+    train(peft_model, batch)
+    with torch.no_grad():
+        expected = logits(peft_model, batch)
+        assert s.for_inference(peft_model, opts) is peft_model
+        calls = []
+        real = bnb.functional.dequantize_4bit
+        monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
+        monkeypatch.setattr(torch.ops.bitsandbytes, "gemm_4bit", None, raising=False)
+        fast = logits(peft_model, batch)
+    assert not calls
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[compute_dtype]
+    torch.testing.assert_close(fast, expected, atol=tolerance, rtol=tolerance)
 
 
 def test_qlora_merge_into_4bit_warns(build):

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from petune import hookimpl
+from petune import hookimpl, precision
 from petune.api import Strategy
 from petune.errors import Refusal
 from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, head_modules, init_plan,
@@ -40,8 +40,9 @@ class QloraOptions(LoraOptions):
 
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normally distributed weights")
     double_quant: bool = Field(True, description="quantise the quantisation constants too (~0.4 bit/param saved)")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="dtype the 4-bit weights are dequantised to for matmuls")
+    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype the 4-bit weights are dequantised to for matmuls; auto: the fastest the "
+                            "device computes natively (bfloat16 on recent GPUs and CPUs with bf16, else float32)")
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
         "uint8", description="dtype the packed 4-bit weights are stored in; FSDP needs it equal to the other weights'")
 
@@ -71,7 +72,7 @@ class QloraStrategy(Strategy):
             # weights must be stored in the same dtype as the rest of the model.
             raise Refusal(f"qlora with {recipe.distributed.backend} needs the 4-bit weights stored in the model's "
                           "float dtype", where="strategy.quant_storage",
-                          hint=f"set strategy.quant_storage = \"{options.compute_dtype}\" (same as compute_dtype)")
+                          hint=f"set strategy.quant_storage = \"{_compute_dtype(options).dtype}\" (same as compute_dtype)")
 
     def load_kwargs(self, options):
         import torch
@@ -86,7 +87,7 @@ class QloraStrategy(Strategy):
             load_in_4bit=True,
             bnb_4bit_quant_type=options.quant_type,
             bnb_4bit_use_double_quant=options.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype),
+            bnb_4bit_compute_dtype=getattr(torch, _compute_dtype(options, PartialState().device).dtype),
             llm_int8_skip_modules=_UNQUANTISED,
             bnb_4bit_quant_storage=getattr(torch, options.quant_storage),
             ),
@@ -102,7 +103,18 @@ class QloraStrategy(Strategy):
         return model
 
     def training_plan(self, options):
-        return init_plan(options)
+        from accelerate import PartialState
+
+        compute = _compute_dtype(options, PartialState().device)
+        warning = precision.emulation_warning(compute.dtype, "strategy.compute_dtype", PartialState().device)
+        return {**init_plan(options), **({"warning": warning} if warning else {})}
+
+    def resolved_options(self, options):
+        if options.compute_dtype != "auto":
+            return {}
+        from accelerate import PartialState
+
+        return {"compute_dtype": str(_compute_dtype(options, PartialState().device))}
 
     def prepare(self, model, task, options, batches, total_steps):
         prepare_lora(model, options, batches)  # EVA: from the task's own training batches
@@ -123,8 +135,50 @@ class QloraStrategy(Strategy):
         # dequantised weight, and drops the quantisation config; the rest keeps its dtype
         return base.dequantize()
 
+    def for_inference(self, model, options):
+        # bitsandbytes dequantises every 4-bit weight again for every forward; on a CPU that
+        # is most of a generated token's time, so the dequantised weights are kept instead
+        # (memory of a 16/32-bit base; a GPU keeps its fused 4-bit kernels and its memory)
+        for module in model.modules():
+            if _is_4bit_linear(module) and module.weight.device.type == "cpu":
+                _keep_dequantised(module, _compute_dtype(options, "cpu").torch_dtype)
+        return model
+
     def merge(self, model):
         return merge_lora(model)
+
+
+def _compute_dtype(options, device=None) -> precision.Choice:
+    return precision.resolve(options.compute_dtype, device)
+
+
+def _is_4bit_linear(module) -> bool:
+    import bitsandbytes as bnb
+
+    return isinstance(module, bnb.nn.Linear4bit)  # peft's LoRA wrapper around one is not
+
+
+def _keep_dequantised(module, compute_dtype) -> None:
+    """Swap a 4-bit Linear's forward for a plain matmul on its weight dequantised once in
+    ``compute_dtype``: the values bitsandbytes' own forward computes with, dequantised again
+    on every call."""
+    import copy
+
+    import bitsandbytes as bnb
+    import torch
+
+    state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # repacked for bnb's CPU kernels: leave it
+        return
+    state = copy.copy(state)
+    state.dtype = module.compute_dtype or compute_dtype
+    weight = bnb.functional.dequantize_4bit(module.weight.data, state)
+    bias = None if module.bias is None else module.bias.detach().to(weight.dtype)
+
+    def forward(x):
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+    module.forward = forward
 
 
 def _keep_trainable_layout(model):
