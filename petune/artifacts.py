@@ -261,10 +261,84 @@ class RunLock:
             self.fd = None
 
 
+# -- whose folder is it: scratch folders of processes that may be gone ------------------------
+OWNER_FILE = "owner.json"
+#: a folder whose owner cannot be told dead (another machine or PID namespace, no owner file)
+#: is removed only when nothing in it changed for this long
+ORPHAN_AGE = 7 * 24 * 3600
+
+
+def _read_first_line(path: str) -> str | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().strip() or None
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): a pid
+    reused by a new process has another."""
+    line = _read_first_line(f"/proc/{pid}/stat")
+    return line.rpartition(")")[2].split()[19] if line else None
+
+
+def process_identity() -> dict:
+    """Who this process is, precisely enough for another process to tell, later, that it is
+    certainly gone: host, boot, PID namespace (containers), pid and start time."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = None
+    return {"host": platform.node(), "boot": _read_first_line("/proc/sys/kernel/random/boot_id"),
+            "pid_namespace": namespace, "pid": os.getpid(), "start": _process_start(os.getpid())}
+
+
+def process_gone(identity: dict) -> bool:
+    """True only when the process ``identity`` describes is certainly dead: it ran on this
+    machine since its last boot, in this PID namespace, and its pid is now free or another
+    process's. A process elsewhere (another host, container or boot) is never called dead."""
+    me = process_identity()
+    if not isinstance(identity, dict) or not isinstance(identity.get("pid"), int) or me["boot"] is None:
+        return False
+    if any(identity.get(k) != me[k] for k in ("host", "boot", "pid_namespace")):
+        return False
+    start = _process_start(identity["pid"])
+    return start is None or start != identity.get("start")
+
+
+def mark_owner(folder: Path) -> None:
+    """Record in ``folder`` which process works in it (see :func:`left_by_dead_process`)."""
+    (Path(folder) / OWNER_FILE).write_text(json.dumps(process_identity()), encoding="utf-8")
+
+
+def left_by_dead_process(folder: Path, now: float | None = None) -> bool:
+    """A folder :func:`mark_owner` marked whose process is certainly gone, or one whose owner
+    cannot be told (unmarked, or elsewhere) in which nothing changed for :data:`ORPHAN_AGE`."""
+    import time
+
+    folder = Path(folder)
+    try:
+        identity = json.loads((folder / OWNER_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        identity = None
+    if identity is not None:
+        if process_gone(identity):
+            return True
+        me = process_identity()
+        if all(identity.get(k) == me[k] for k in ("host", "boot", "pid_namespace")):
+            return False  # on this machine, in this namespace, and alive
+    try:
+        newest = max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.rglob("*"))])
+    except OSError:
+        return False
+    return (now or time.time()) - newest > ORPHAN_AGE
+
+
 def git_commit(cwd: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=cwd, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], check=False, cwd=cwd, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:

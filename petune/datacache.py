@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -45,11 +46,12 @@ from rich.table import Table
 
 from petune import __version__, hookimpl
 from petune.api import DATA_SCRATCH, DATA_WORKERS, Options, Task, TaskData
+from petune.artifacts import left_by_dead_process
 from petune.console import err, human_bytes, human_count, is_main_process, out
 from petune.errors import UserError
 
 #: bump when an entry's layout or meaning changes
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: meta.json records a digest of every file written
 ENV = "PETUNE_DATA_CACHE"
 SPLITS = ("train", "validation", "test")
 _OFF = {"off", "0", "false", "no", "none"}
@@ -204,6 +206,7 @@ def prepare(task: Task, method: str, options: Options, tokenizer, load: Callable
         folder, tokenizer = str(tokenizer), None
     else:
         folder = getattr(tokenizer, "name_or_path", "")
+    root = usable_root(root)
     if root is None:
         tokenizer = tokenizer or load_tokenizer(folder)
         with _preparing(num_proc):
@@ -225,26 +228,74 @@ def prepare(task: Task, method: str, options: Options, tokenizer, load: Callable
     return Prepared(stored, tokenizer, f"built in {seconds:.1f} s, stored in {entry}")
 
 
-def read_entry(entry: Path, key: dict, folder: str) -> tuple[TaskData, object] | None:
-    """The entry's data and tokenizer, or None when there is no whole entry for ``key``."""
-    try:
-        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def usable_root(root: Path | None) -> Path | None:
+    """``root``, made if needed, or None (with a warning: the run goes on without the cache)
+    when it is a file or cannot be written."""
+    if root is None:
         return None
-    if json.loads(json.dumps(key, default=str)) != meta.get("key"):
-        return None  # a hash collision, or a hand-edited entry: never trusted
     try:
-        data = _load_splits(entry, meta)
-        from petune.models import load_tokenizer
+        if root.exists() and not root.is_dir():
+            raise NotADirectoryError(0, "it is a file, not a folder")
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryDirectory(dir=root).cleanup()
+    except OSError as exc:
+        if is_main_process():
+            err.print(f"[yellow]warning[/]: the data cache folder {escape(str(root))} cannot be used "
+                      f"({exc.strerror or exc}); preparing the data without the cache", soft_wrap=True)
+        return None
+    return root
 
-        cached = load_tokenizer(entry / "tokenizer")
-    except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never trusted
-        err.print(f"[yellow]warning[/]: the data cache entry {escape(str(entry))} cannot be read ({exc}); "
-                  "preparing the data again")
-        shutil.rmtree(entry, ignore_errors=True)
-        return None
-    cached.name_or_path = folder  # the model's folder, where tasks look up its config
-    return data, cached
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file in an entry but meta.json, by its path in the entry."""
+    return {str(p.relative_to(folder)): content_digest(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "meta.json"}
+
+
+def check_entry(entry: Path, key: dict) -> tuple[dict | None, str | None]:
+    """(meta, None) for a whole entry stored for ``key`` whose files are as written; else
+    (None, what is wrong), the reason None when the entry is simply not there (or was never
+    finished: its meta.json is written last)."""
+    try:
+        text = (entry / "meta.json").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None, None
+    except OSError as exc:
+        return None, f"its meta.json cannot be read ({exc.strerror or exc})"
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        return None, f"its meta.json is damaged ({exc})"
+    if not isinstance(meta, dict) or json.loads(json.dumps(key, default=str)) != meta.get("key"):
+        return None, "it was stored for other inputs (a hand-edited entry, or a hash collision)"
+    if not isinstance(meta.get("digests"), dict):
+        return None, "its meta.json records no digests of its files"
+    found = file_digests(entry)
+    changed = sorted(set(found) ^ set(meta["digests"]) | {f for f in found if found[f] != meta["digests"].get(f)})
+    if changed:
+        return None, f"{', '.join(changed[:3])} changed since it was written"
+    return meta, None
+
+
+def read_entry(entry: Path, key: dict, folder: str) -> tuple[TaskData, object] | None:
+    """The entry's data and tokenizer, or None when there is no whole, intact entry for
+    ``key`` (a damaged one is reported; the rebuild replaces it)."""
+    meta, problem = check_entry(entry, key)
+    if meta is not None:
+        try:
+            data = _load_splits(entry, meta)
+            from petune.models import load_tokenizer
+
+            cached = load_tokenizer(entry / "tokenizer")
+        except Exception as exc:  # noqa: BLE001 - a damaged entry is rebuilt, never trusted
+            problem = f"it cannot be read ({exc})"
+        else:
+            cached.name_or_path = folder  # the model's folder, where tasks look up its config
+            return data, cached
+    if problem and is_main_process():
+        err.print(f"[yellow]warning[/]: the data cache entry {escape(str(entry))} is not used: {escape(problem)}; "
+                  "preparing the data again, to replace it")
+    return None
 
 
 def _load_splits(entry: Path, meta: dict) -> TaskData:
@@ -281,18 +332,40 @@ def write_entry(entry: Path, key: dict, data: TaskData, tokenizer, seconds: floa
         for name, split in splits.items():
             _store_split(split, tmp, name)
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        meta["digests"] = file_digests(tmp)  # checked on every read: a changed byte rebuilds
+        text = json.dumps(meta, indent=1)
         (tmp / "meta.json").write_text(text, encoding="utf-8")  # last: an entry without it is not whole
-        try:
-            os.rename(tmp, entry)
-        except OSError:  # another process stored the same entry first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-        return _load_splits(entry, json.loads((entry / "meta.json").read_text(encoding="utf-8")))
+        stored = _put_in_place(tmp, entry, key)
+        return _load_splits(stored, json.loads((stored / "meta.json").read_text(encoding="utf-8")))
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_main_process():
             err.print(f"[yellow]warning[/]: could not store the prepared data in the cache ({exc}); "
                       "the run goes on without it")
         return data
+
+
+def _put_in_place(tmp: Path, entry: Path, key: dict) -> Path:
+    """Rename the finished ``tmp`` to ``entry``; the folder the data is read from. When an
+    entry is already there: another process's whole entry for the same key is kept (ours is
+    dropped); anything else (damaged, or stored for other inputs) is set aside and replaced,
+    never read."""
+    try:
+        os.rename(tmp, entry)
+        return entry
+    except OSError:
+        pass
+    if check_entry(entry, key)[0] is not None:  # another process stored the same entry first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return entry
+    aside = entry.parent / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(entry, aside)
+        os.rename(tmp, entry)
+    except OSError:
+        return tmp  # read from our own folder this time; it is a .tmp- leftover for `petune cache clear`
+    shutil.rmtree(aside, ignore_errors=True)
+    return entry
 
 
 def _store_split(split, folder: Path, name: str) -> None:
@@ -317,18 +390,54 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+#: an entry's folder name (:func:`entry_name`), and a temporary one (being written, killed, or set aside)
+_ENTRY_NAME = re.compile(r"^[\w.-]+-[0-9a-f]{20}$")
+_TMP_NAME = re.compile(r"^\.tmp-([\w.-]+-[0-9a-f]{20})-\d+-[0-9a-f]{8}$")
+
+
+def not_a_cache_entry(path: Path) -> str | None:
+    """Why ``path`` is not a folder the data cache wrote (what ``petune cache clear`` may
+    remove); None when it is: an entry's name, and nothing in it but what an entry holds."""
+    if path.is_symlink() or not path.is_dir():
+        return "it is not a folder" if not path.is_symlink() else f"it is a symbolic link (to {os.readlink(path)})"
+    if not (_ENTRY_NAME.match(path.name) or _TMP_NAME.match(path.name)):
+        return "its name is not a cache entry's (TASK-<20 hex digits>)"
+    allowed = {"meta.json", "tokenizer", *SPLITS, *(f"{split}.arrow" for split in SPLITS)}
+    other = sorted(child.name for child in path.iterdir() if child.name not in allowed)
+    if other:
+        return f"it holds what no cache entry holds: {', '.join(other[:5])}"
+    return None
+
+
 def entries(root: Path) -> list[dict]:
     """The entries under ``root`` (whole ones and ``.tmp-*`` leftovers), newest first."""
+    return [r for r in survey(root) if not r.get("scratch") and "foreign" not in r]
+
+
+def survey(root: Path) -> list[dict]:
+    """What is under ``root``: its entries (whole ones and ``.tmp-*`` leftovers), newest first; the
+    scratch folders of processes preparing data (``scratch``: True, ``running`` when their
+    process may be alive); anything else is ``foreign`` (with the reason), never removed."""
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if not folder.is_dir() or folder.name == SCRATCH:  # running preparations' files; a dead one's go next time
+        if folder.name == SCRATCH and folder.is_dir() and not folder.is_symlink():
+            found += [{"name": f"{SCRATCH}/{part.name}", "path": str(part), "bytes": folder_bytes(part),
+                       "complete": False, "scratch": True, "running": not left_by_dead_process(part)}
+                      for part in sorted(folder.iterdir()) if part.is_dir() and not part.is_symlink()]
             continue
-        row = {"name": folder.name, "path": str(folder), "bytes": folder_bytes(folder), "complete": False}
+        if folder.name.startswith(".") and not folder.name.startswith(".tmp-"):
+            continue  # hidden files of the system (.DS_Store, .nfs*) are neither entries nor in the way
+        reason = not_a_cache_entry(folder)
+        row = {"name": folder.name, "path": str(folder), "complete": False}
+        if reason:
+            found.append({**row, "bytes": 0, "foreign": reason})
+            continue
+        row["bytes"] = folder_bytes(folder)
         try:
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
             meta = None
-        if meta and not folder.name.startswith(".tmp-"):
+        if isinstance(meta, dict) and not folder.name.startswith(".tmp-"):
             key = meta.get("key", {})
             row.update(complete=True, task=key.get("task"), files=list(key.get("files", {})),
                        splits=meta.get("splits", {}), created=meta.get("created"), seconds=meta.get("seconds"))
@@ -337,42 +446,83 @@ def entries(root: Path) -> list[dict]:
 
 
 def cmd_cache(args) -> int:
+    from petune import artifacts
+
     root = Path(args.dir).expanduser() if args.dir else cache_root()
     if root is None:
         raise UserError(f"the data cache is off (${ENV}={os.environ.get(ENV)})", hint=f"unset {ENV}, or give --dir")
-    rows = entries(root)
+    if root.exists() and not root.is_dir():
+        raise UserError("not a folder", where=str(root), hint="give the data cache's folder")
+    rows = survey(root)
+    foreign = [r for r in rows if "foreign" in r]
     if args.action == "list":
         if args.json:
-            print(json.dumps({"dir": str(root), "entries": rows}, indent=2))
+            print(json.dumps({"dir": str(root), "entries": [r for r in rows if not r.get("scratch") and r not in foreign],
+                              "scratch": [r for r in rows if r.get("scratch")], "foreign": foreign}, indent=2))
             return 0
         table = Table(title=f"Data cache — {root}")
         for column in ("entry", "task", "rows", "size", "built", "files"):
             table.add_column(column, justify="right" if column in ("size", "rows") else "left")
         for r in rows:
-            if not r["complete"]:
+            if "foreign" in r:
+                table.add_row(escape(r["name"]), "[red]not an entry[/]", "", "", "", escape(r["foreign"]))
+            elif r.get("scratch"):
+                state = "[cyan]preparing[/]" if r["running"] else "[yellow]left by a dead process[/]"
+                table.add_row(escape(r["name"]), state, "", human_bytes(r["bytes"]), "", "")
+            elif not r["complete"]:
                 table.add_row(escape(r["name"]), "[yellow]incomplete[/]", "", human_bytes(r["bytes"]), "", "")
-                continue
-            built = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])) if r.get("created") else ""
-            table.add_row(escape(r["name"]), r["task"] or "", ", ".join(f"{k} {human_count(v)}" for k, v in
-                                                                        r["splits"].items()),
-                          human_bytes(r["bytes"]), built, escape(", ".join(Path(f).name for f in r["files"])))
+            else:
+                built = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])) if r.get("created") else ""
+                table.add_row(escape(r["name"]), r["task"] or "", ", ".join(
+                    f"{k} {human_count(v)}" for k, v in r["splits"].items()), human_bytes(r["bytes"]), built,
+                              escape(", ".join(Path(f).name for f in r["files"])))
         out.print(table)
-        err.print(f"{len(rows)} entries, {human_bytes(sum(r['bytes'] for r in rows))}")
+        err.print(f"{len(rows) - len(foreign)} entries, {human_bytes(sum(r['bytes'] for r in rows))}"
+                  + (f"; {len(foreign)} other item(s) that are not cache entries" if foreign else ""))
         return 0
+    removable = [r for r in rows if "foreign" not in r and not r.get("running")]
     if args.entries:
-        chosen = [r for r in rows if r["name"] in args.entries]
+        unknown = set(args.entries) - {r["name"] for r in rows}
+        if unknown:
+            raise UserError(f"no such cache entry: {', '.join(sorted(unknown))}", where=str(root),
+                            hint="see petune cache list")
+        foreign = [r for r in foreign if r["name"] in args.entries]
+        chosen = [r for r in removable if r["name"] in args.entries]
     elif args.task:
-        chosen = [r for r in rows if r.get("task") == args.task]
+        chosen = [r for r in removable if r.get("task") == args.task]
+        foreign = []  # only entries can be a task's
     else:
-        chosen = rows
-    unknown = set(args.entries or ()) - {r["name"] for r in rows}
-    if unknown:
-        raise UserError(f"no such cache entry: {', '.join(sorted(unknown))}", where=str(root),
-                        hint="see petune cache list")
+        chosen = removable
+    # the check every command that deletes output makes (home, the current folder, links, not ours)
+    foreign += [{**r, "foreign": reason} for r in chosen
+                if (reason := artifacts.why_not_replaceable(Path(r["path"]), [], _not_ours_to_clear, "cache clear"))]
+    if foreign:
+        listing = "; ".join(f"{r['name']} ({r['foreign']})" for r in foreign[:10])
+        raise UserError(f"cache clear refused: {len(foreign)} item(s) here are not petune cache entries: {listing}"
+                        f"{' ...' if len(foreign) > 10 else ''}; nothing was deleted", where=str(root),
+                        hint="is this the data cache's folder? Remove entries by name (petune cache clear NAME ...), "
+                             "or move the other items elsewhere")
+    failed = []
     for r in chosen:
-        shutil.rmtree(r["path"], ignore_errors=True)
-    err.print(f"removed {len(chosen)} entries, {human_bytes(sum(r['bytes'] for r in chosen))} freed from {root}")
+        try:
+            shutil.rmtree(r["path"])
+        except OSError as exc:
+            failed.append(f"{r['name']} ({exc.strerror or exc})")
+    if failed:
+        raise UserError(f"could not remove {len(failed)} of {len(chosen)} item(s): {'; '.join(failed[:5])}",
+                        where=str(root), hint="check the folder's permissions")
+    scratch = sum(1 for r in chosen if r.get("scratch"))
+    err.print(f"removed {len(chosen) - scratch} entries" + (f" and {scratch} scratch folder(s) of dead processes"
+                                                             if scratch else "")
+              + f", {human_bytes(sum(r['bytes'] for r in chosen))} freed from {root}")
     return 0
+
+
+def _not_ours_to_clear(path: Path) -> str | None:
+    """Cache entries and dead processes' scratch folders: what ``cache clear`` removes."""
+    if path.parent.name == SCRATCH:
+        return None if left_by_dead_process(path) else "a running preparation's scratch folder"
+    return not_a_cache_entry(path)
 
 
 @hookimpl

@@ -91,6 +91,21 @@ class DataSection(Options):
                                                     "else $XDG_CACHE_HOME/petune/data)")
     num_proc: int = Field(1, ge=1, description="processes that tokenize (tasks that tokenize in batches)")
 
+    @field_validator("cache_dir")
+    @classmethod
+    def _a_folder_beside_the_recipe(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A relative folder resolves against the recipe's folder, like data paths; a file there
+        is refused now rather than when the run prepares its data."""
+        if value is None or value.strip().lower() in ("off", "0", "false", "no", "none"):
+            return value
+        path = Path(value).expanduser()
+        base = (info.context or {}).get("base_dir")
+        if base is not None and not path.is_absolute():
+            path = Path(base) / path
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file, not a folder")
+        return str(path)
+
 
 class FsdpSection(Options):
     """Passed to the HF Trainer's FSDP integration (accelerate underneath)."""

@@ -102,7 +102,7 @@ def test_changes_that_change_tokens_miss(host, sft, tmp_path, cache, tiny_llama_
     assert prepare(sft, base, tiny_llama_path).note.startswith("built")
     assert prepare(sft, base, tiny_llama_path).note.startswith("hit")
 
-    for changed in (dict(max_length=64), dict(chat_template="alpaca"), dict(format="alpaca")):
+    for changed in ({"max_length": 64}, {"chat_template": "alpaca"}, {"format": "alpaca"}):
         assert prepare(sft, sft_options(host, tmp_path, **changed), tiny_llama_path).note.startswith("built"), changed
 
     write_jsonl(tmp_path / "train.jsonl", ROWS[:-1] + [{"instruction": "what is 3 plus 2 ?", "output": "6"}])
@@ -197,7 +197,7 @@ def test_petune_cache_lists_and_clears(host, sft, tmp_path, cache, tiny_llama_pa
     write_jsonl(tmp_path / "train.jsonl")
     prepare(sft, sft_options(host, tmp_path), tiny_llama_path)
     prepare(sft, sft_options(host, tmp_path, max_length=64), tiny_llama_path)
-    (cache / ".tmp-sft-0000-killed").mkdir()
+    (cache / f".tmp-sft-{'a' * 20}-123-0badcafe").mkdir()  # a killed write (write_entry's name)
     listed = petune("cache", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     entries = json.loads(listed.stdout)["entries"]
@@ -250,3 +250,153 @@ def test_held_out_data_alone_is_cached_and_read_back(host, sft, tmp_path, cache,
         data = datacache.prepare(sft, "held_out_data", options, tokenizer, load, settings=DataSection()).data
         assert data.train is None and data.test.to_list() == [{"input_ids": [1, 2, 3]}] and data.state == {"k": 1}
     assert len(datacache.entries(cache)) == 1
+
+
+# -- issue 33: the cache never deletes what is not its own, never serves stale or damaged data ----
+def entry_of(prepared) -> Path:
+    return Path(prepared.note.split(" stored in ", 1)[1])
+
+
+def test_cache_clear_removes_only_cache_entries(host, sft, tmp_path, tiny_llama_path, capsys):
+    from petune.cli import main
+
+    victim = tmp_path / "victim"
+    (victim / "important_project" / "src").mkdir(parents=True)
+    (victim / "important_project" / "src" / "main.py").write_text("print('years of work')")
+    write_jsonl(tmp_path / "train.jsonl")
+    entry = entry_of(prepare(sft, sft_options(host, tmp_path), tiny_llama_path, cache_dir=str(victim)))
+    assert main(["cache", "clear", "--dir", str(victim)]) == 2
+    message = " ".join(capsys.readouterr().err.split())
+    assert "important_project" in message and "not petune cache entries" in message and "nothing was deleted" in message
+    assert (victim / "important_project" / "src" / "main.py").exists() and entry.exists()
+    # by name, the entry goes and the project stays
+    assert main(["cache", "clear", entry.name, "--dir", str(victim)]) == 0
+    assert not entry.exists() and (victim / "important_project" / "src" / "main.py").exists()
+    assert main(["cache", "clear", "important_project", "--dir", str(victim)]) == 2
+    assert (victim / "important_project" / "src" / "main.py").exists()
+
+
+def test_cache_clear_refuses_a_run_folder_as_the_cache(tmp_path, capsys):
+    from petune.cli import main
+
+    run = tmp_path / "run"
+    for part in ("adapter", "checkpoints/checkpoint-2", "plots"):
+        (run / part).mkdir(parents=True)
+        (run / part / "file").write_text("x")
+    assert main(["cache", "clear", "--dir", str(run)]) == 2
+    assert "adapter" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["adapter", "checkpoints", "plots"]
+
+
+def test_a_symlinked_entry_is_refused_not_reported_removed(host, sft, tmp_path, cache, tiny_llama_path, capsys):
+    from petune.cli import main
+
+    write_jsonl(tmp_path / "train.jsonl")
+    entry = entry_of(prepare(sft, sft_options(host, tmp_path), tiny_llama_path))
+    elsewhere = tmp_path / "elsewhere"
+    entry.rename(elsewhere)
+    entry.symlink_to(elsewhere)
+    assert main(["cache", "clear"]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert entry.is_symlink() and elsewhere.is_dir()
+
+
+def test_scratch_of_a_dead_run_is_listed_and_cleared(tmp_path, cache, capsys):
+    import os
+
+    from petune import artifacts
+    from petune.cli import main
+
+    dead = cache / datacache.SCRATCH / "petune-tokens-999999-abc"
+    alive = cache / datacache.SCRATCH / f"petune-tokens-{os.getpid()}-def"
+    for folder, pid in ((dead, 999999), (alive, os.getpid())):
+        folder.mkdir(parents=True)
+        (folder / "spool.arrow").write_bytes(b"x" * 1000)
+        me = artifacts.process_identity()
+        (folder / artifacts.OWNER_FILE).write_text(json.dumps({**me, "pid": pid, "start": me["start"] if
+                                                               pid == os.getpid() else "1"}))
+    assert main(["cache", "list", "--json"]) == 0
+    scratch = {Path(r["path"]).name: r["running"] for r in json.loads(capsys.readouterr().out)["scratch"]}
+    assert scratch == {dead.name: False, alive.name: True}
+    assert main(["cache", "clear"]) == 0
+    assert "1 scratch folder" in capsys.readouterr().err
+    assert not dead.exists() and alive.exists()
+
+
+def test_an_entry_refused_for_its_key_is_replaced_never_used(host, sft, tmp_path, cache, tiny_llama_path):
+    write_jsonl(tmp_path / "train.jsonl")
+    options = sft_options(host, tmp_path)
+    entry = entry_of(prepare(sft, options, tiny_llama_path))
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["key"]["files"] = {"/elsewhere/other.jsonl": "0" * 64}  # as if stored for another file
+    (entry / "meta.json").write_text(json.dumps(meta))
+    again = prepare(sft, options, tiny_llama_path)
+    assert again.note.startswith("built")
+    assert json.loads((entry / "meta.json").read_text())["key"]["files"] != meta["key"]["files"]
+    assert prepare(sft, options, tiny_llama_path).note.startswith("hit")
+
+
+def test_a_changed_byte_in_an_entry_is_caught_and_rebuilt(host, sft, tmp_path, cache, tiny_llama_path):
+    write_jsonl(tmp_path / "train.jsonl")
+    options = sft_options(host, tmp_path)
+    built = prepare(sft, options, tiny_llama_path)
+    rows = rows_of(built.data)  # before the change: the built data is read from the entry's file
+    entry = entry_of(built)
+    arrow = entry / "train.arrow"
+    data = bytearray(arrow.read_bytes())
+    data[-200] ^= 0xFF  # same size, other content
+    arrow.write_bytes(bytes(data))
+    again = prepare(sft, options, tiny_llama_path)
+    assert again.note.startswith("built")
+    assert rows_of(again.data) == rows
+    assert prepare(sft, options, tiny_llama_path).note.startswith("hit")
+
+
+def test_a_truncated_meta_json_is_reported_and_rebuilt(host, sft, tmp_path, cache, tiny_llama_path, capsys):
+    write_jsonl(tmp_path / "train.jsonl")
+    options = sft_options(host, tmp_path)
+    entry = entry_of(prepare(sft, options, tiny_llama_path))
+    text = (entry / "meta.json").read_text()
+    (entry / "meta.json").write_text(text[: len(text) // 2])
+    capsys.readouterr()
+    again = prepare(sft, options, tiny_llama_path)
+    assert again.note.startswith("built") and len(again.data.train) == len(ROWS)
+    assert "meta.json is damaged" in " ".join(capsys.readouterr().err.split())
+    assert prepare(sft, options, tiny_llama_path).note.startswith("hit")
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_an_unusable_cache_dir_means_no_cache_with_a_warning(host, sft, tmp_path, tiny_llama_path, capsys, kind):
+    import os
+
+    write_jsonl(tmp_path / "train.jsonl")
+    place = tmp_path / "cache"
+    if kind == "file":
+        place.write_text("not a folder")
+    else:
+        place.mkdir()
+        place.chmod(0o500)
+        if os.access(place, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+    options = sft_options(host, tmp_path)
+    settings = DataSection.model_construct(cache=True, cache_dir=str(place), num_proc=1)  # as if it changed after validate
+    try:
+        prepared = datacache.prepare(sft, "load_data", options, tokenizer_of(tiny_llama_path),
+                                     lambda tok: sft.load_data(options, tok), settings=settings)
+    finally:
+        place.chmod(0o700)
+    assert prepared.note == "off" and len(prepared.data.train) == len(ROWS)
+    assert "cannot be used" in " ".join(capsys.readouterr().err.split())
+
+
+def test_validate_refuses_a_cache_dir_that_is_a_file_and_resolves_relative_ones(host, tmp_path):
+    from petune.errors import RecipeError
+
+    (tmp_path / "cachefile").write_text("x")
+    base = {"model": {"name": "random:tiny-llama"}, "task": {"name": "sft", "train": "train.jsonl"},
+            "strategy": {"name": "lora"}}
+    write_jsonl(tmp_path / "train.jsonl")
+    with pytest.raises(RecipeError, match="is a file, not a folder"):
+        validate({**base, "data": {"cache_dir": "cachefile"}}, host, path=tmp_path / "recipe.toml")
+    recipe = validate({**base, "data": {"cache_dir": "tokens"}}, host, path=tmp_path / "recipe.toml")
+    assert recipe.data.cache_dir == str(tmp_path / "tokens")  # beside the recipe, like data paths

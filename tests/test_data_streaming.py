@@ -100,24 +100,46 @@ def test_a_bad_record_deep_in_a_streamed_file_names_its_line(tmp_path):
 
 
 def test_scratch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
+    import json
+    import os
     import subprocess
     import sys
     import tempfile
 
     from petune_plugins.tasks import encoding
 
+    from petune import artifacts
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
-    orphan = tmp_path / f"petune-tokens-{gone.stdout.strip()}-abc"
-    alive = tmp_path / f"petune-tokens-{subprocess.os.getppid()}-def"  # a live process's: kept
-    for folder in (orphan, alive):
+    identity = "import json; from petune.artifacts import process_identity; print(json.dumps(process_identity()))"
+    gone = subprocess.run([sys.executable, "-c", identity], capture_output=True, text=True, check=True)
+    dead = json.loads(gone.stdout)
+    me = artifacts.process_identity()
+    owners = {"orphan": dead,  # certainly gone: removed
+              "alive": {**me, "pid": os.getppid(), "start": artifacts._process_start(os.getppid())},
+              # issue 33: the same pid in another PID namespace (a container) or on another host sharing the
+              # disk says nothing about that process: kept
+              "other-namespace": {**dead, "pid_namespace": "pid:[1]"}, "other-host": {**dead, "host": "elsewhere"},
+              "unmarked": None}
+    folders = {}
+    for name, owner in owners.items():
+        folders[name] = folder = tmp_path / f"petune-tokens-{dead['pid']}-{name}"
         folder.mkdir()
         (folder / "train.arrow").write_bytes(b"x" * 100)
+        if owner is not None:
+            (folder / artifacts.OWNER_FILE).write_text(json.dumps(owner))
+    old = tmp_path / f"petune-tokens-{dead['pid']}-old-unmarked"  # nobody touched it for weeks: removed
+    old.mkdir()
+    (old / "train.arrow").write_bytes(b"x")
+    weeks_ago = os.stat(old).st_mtime - 30 * 24 * 3600
+    for path in (old / "train.arrow", old):
+        os.utime(path, (weeks_ago, weeks_ago))
     monkeypatch.setattr(encoding, "_SCRATCH", {})
     scratch = encoding._scratch()
-    assert not orphan.exists() and alive.exists()
+    assert sorted(p.name.rpartition(f"{dead['pid']}-")[2] for p in tmp_path.glob(f"petune-tokens-{dead['pid']}-*")) \
+        == ["alive", "other-host", "other-namespace", "unmarked"]
     assert scratch.parent == tmp_path and scratch.name.startswith(f"petune-tokens-{subprocess.os.getpid()}-")
+    assert json.loads((scratch / artifacts.OWNER_FILE).read_text())["pid"] == os.getpid()
 
 
 # -- the other tasks that read records files: classification, preference, reward, seq2seq --------

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from petune.api import data_scratch, data_workers
+from petune.artifacts import left_by_dead_process, mark_owner
 from petune.console import err, is_main_process
 from petune.errors import UserError
 
@@ -53,22 +54,18 @@ def _scratch() -> Path:
         root.mkdir(parents=True, exist_ok=True)
         _remove_orphans(root)
         folder = Path(tempfile.mkdtemp(prefix=f"petune-tokens-{os.getpid()}-", dir=root))
+        mark_owner(folder)  # who works here: another process removes it only when we are certainly gone
         atexit.register(shutil.rmtree, folder, True)
         _SCRATCH[root] = folder
     return _SCRATCH[root]
 
 
 def _remove_orphans(root: Path) -> None:
+    """Remove the scratch folders of processes that are certainly gone (a pid alone says
+    nothing across containers or a shared disk: see petune.artifacts.left_by_dead_process)."""
     for folder in root.glob("petune-tokens-*-*"):
-        pid = folder.name.split("-")[2]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:  # gone; any other answer (alive, not ours) leaves it
+        if folder.is_dir() and not folder.is_symlink() and left_by_dead_process(folder):
             shutil.rmtree(folder, ignore_errors=True)
-        except OSError:
-            pass
 
 
 class Spool:
