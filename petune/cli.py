@@ -40,7 +40,10 @@ def cmd_run(args) -> int:
     processes = args.num_processes or recipe.distributed.num_processes or 1
     if processes > 1 and not launch.inside_launcher():
         return launch.relaunch(processes, args.argv)
-    result = runner.run(recipe, _host(), dry_run=args.dry_run, resume=args.resume, overwrite=args.overwrite)
+    if args.accept_changed_data and not args.resume:
+        raise UserError("--accept-changed-data goes with --resume", where="--accept-changed-data")
+    result = runner.run(recipe, _host(), dry_run=args.dry_run, resume=args.resume, overwrite=args.overwrite,
+                        accept_changed_data=args.accept_changed_data)
     if result.status == "completed":
         err.print(f"[green]done[/]: run saved in [bold]{escape(str(recipe.output_dir))}[/]")
     return 130 if result.status == "interrupted" else 0
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (with parameter counts) and exit")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="with --resume: continue although the data, task options or tokenizer changed since the "
+                        "run started (else refused)")
     p.add_argument("--num-processes", type=int, metavar="N",
                    help="train with N processes (DDP, or FSDP/DeepSpeed from [distributed]) via accelerate")
     p.set_defaults(func=cmd_run)

@@ -81,6 +81,11 @@ def _digest_files(files: list[Path], root: Path | None = None) -> str:
     return h.hexdigest()
 
 
+#: digests already taken in this process, by file identity: a run hashes its data for the cache
+#: key and for the resume check, a large file once
+_DIGESTS: dict[tuple, str] = {}
+
+
 def content_digest(path: Path) -> str:
     """sha256 of a file's bytes, or of every file in a folder (names and contents)."""
     path = Path(path)
@@ -88,8 +93,12 @@ def content_digest(path: Path) -> str:
         return _digest_files(sorted(p for p in path.rglob("*") if p.is_file()), path)
     if not path.is_file():
         return "missing"
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    stat = path.stat()
+    seen = (str(path.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if seen not in _DIGESTS:
+        with open(path, "rb") as f:
+            _DIGESTS[seen] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _DIGESTS[seen]
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -161,6 +170,49 @@ def cache_key(task: Task, method: str, options: Options, tokenizer, extra: dict 
             "code": code_digest(type(task)), "options": options.model_dump(mode="json"),
             "files": {str(p): content_digest(p) for p in task.data_files(options)},
             "tokenizer": tokenizer_digest(tokenizer), **(extra or {})}
+
+
+def data_fingerprint(options: Options, tokenizer_folder: Path) -> dict:
+    """What a run's data is prepared from, for ``--resume`` to compare (:func:`data_changes`):
+    every task option, a file as the digest of its content (a moved file with the same
+    bytes is no change), and the tokenizer's files."""
+    def plain(value):
+        if isinstance(value, Path):
+            return {"file": str(value), "sha256": content_digest(value)}
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    dumped = json.loads(json.dumps(plain(options.model_dump(mode="python")), default=str))
+    return {"options": dumped, "tokenizer": tokenizer_digest(tokenizer_folder)}
+
+
+def data_changes(before: dict, now: dict) -> list[str]:
+    """What differs between two :func:`data_fingerprint` results, for people (empty: nothing)."""
+    def content(value):  # a file counts by its bytes, not by where it is
+        if isinstance(value, dict):
+            return value["sha256"] if set(value) == {"file", "sha256"} else {k: content(v) for k, v in value.items()}
+        return [content(v) for v in value] if isinstance(value, list) else value
+
+    def files(value) -> list[str]:
+        if isinstance(value, dict):
+            return [value["file"]] if set(value) == {"file", "sha256"} else [f for v in value.values() for f in files(v)]
+        return [f for v in value for f in files(v)] if isinstance(value, list) else []
+
+    changes = []
+    old, new = before.get("options") or {}, now.get("options") or {}
+    for key in sorted(set(old) | set(new)):
+        if content(old.get(key)) == content(new.get(key)):
+            continue
+        if files(old.get(key)) or files(new.get(key)):
+            changes.append(f"task.{key}: the data changed ({', '.join(dict.fromkeys(files(new.get(key))))})")
+        else:
+            changes.append(f"task.{key}: {old.get(key)!r} then, {new.get(key)!r} now")
+    if before.get("tokenizer") != now.get("tokenizer"):
+        changes.append("the tokenizer's files (model.name) changed")
+    return changes
 
 
 def entry_name(task_name: str, key: dict) -> str:

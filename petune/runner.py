@@ -50,18 +50,21 @@ class RunResult:
 
 
 # -- the flow -------------------------------------------------------------------------------
-def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool = False, overwrite: bool = False) -> RunResult:
+def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool = False, overwrite: bool = False,
+        accept_changed_data: bool = False) -> RunResult:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
     log = RunLog()  # what the libraries say, for the run folder's run.log
     try:
-        return _run(recipe, host, log, dry_run=dry_run, resume=resume, overwrite=overwrite)
+        return _run(recipe, host, log, dry_run=dry_run, resume=resume, overwrite=overwrite,
+                    accept_changed_data=accept_changed_data)
     finally:
         log.close()
 
 
-def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume: bool, overwrite: bool) -> RunResult:
+def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume: bool, overwrite: bool,
+         accept_changed_data: bool = False) -> RunResult:
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     check_recipe(recipe, host, task, strategy)  # refuse what is impossible before anything loads
     run_dir = recipe.output_dir
@@ -79,6 +82,9 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
         task.check(info, recipe.task)
     with host.blame("strategy", strategy.name, "check"):
         strategy.check(task, info, recipe.strategy)
+    data_used = datacache.data_fingerprint(recipe.task, info.path)
+    if resume_from is not None and not accept_changed_data:
+        check_same_data(run_dir, data_used, recipe)
 
     from transformers import set_seed
 
@@ -111,7 +117,8 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
         artifacts.write_toml(run_dir / "recipe.toml", recipe.resolved())
         artifacts.write_json(run_dir / "task_state.json", data.state)
     manifest = artifacts.new_manifest(recipe, host.listing())
-    manifest.update(trainable_parameters=trainable, total_parameters=total, resumed_from=str(resume_from) if resume_from else None)
+    manifest.update(trainable_parameters=trainable, total_parameters=total, resumed_from=str(resume_from) if resume_from else None,
+                    data=data_used)
     if resume:
         keep_first_start(manifest, run_dir)
     if is_main_process():
@@ -192,6 +199,23 @@ def inputs_of(recipe: Recipe) -> list[Path]:
     paths += [*paths_in(recipe.task), *paths_in(recipe.strategy)]
     model = Path(recipe.model.name).expanduser()
     return paths + ([model] if model.exists() else [])
+
+
+def check_same_data(run_dir: Path, data_used: dict, recipe: Recipe) -> None:
+    """``--resume`` continues on the data the checkpoint was trained on: a changed file, task
+    option or tokenizer is a user error naming it (a run from before petune recorded its data
+    has nothing to compare)."""
+    try:
+        before = artifacts.read_json(run_dir / "manifest.json").get("data")
+    except (OSError, ValueError, AttributeError):
+        before = None
+    changes = datacache.data_changes(before, data_used) if isinstance(before, dict) else []
+    if changes:
+        again = f"petune run {recipe.path} --resume" + "".join(f" --set {o}" for o in recipe.overrides)
+        raise UserError("--resume refused: the run's data changed since it started: " + "; ".join(changes),
+                        where=str(run_dir / "manifest.json"),
+                        hint=f"restore the data the run started on, continue on the new data on purpose with "
+                             f"{again} --accept-changed-data, or start over with --overwrite")
 
 
 def already_completed(run_dir: Path, strategy: Strategy) -> bool:
