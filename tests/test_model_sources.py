@@ -400,3 +400,24 @@ def test_gguf_path_of_the_packaged_gemma_shares_its_cache(gemma_folder, tmp_path
     started = time.perf_counter()
     assert GgufFileSource().resolve(str(gguf)) == shared
     assert time.perf_counter() - started < 5.0  # hashing 250 MB, no conversion
+
+
+def test_a_run_folders_merge_is_keyed_on_its_weights_bytes(tmp_path):
+    """Issue 33: an adapter replaced by same-size content with its old time must not reuse the stale merge."""
+    import os
+
+    from petune_plugins.sources.run_folder import _fingerprint
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    for name in ("recipe.toml", "task_state.json"):
+        (run / name).write_text("{}")
+    weights = run / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(b"\x01" * 64)
+    before = _fingerprint(run)
+    stat = weights.stat()
+    weights.write_bytes(b"\x02" * 64)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert _fingerprint(run) != before
+    weights.write_bytes(b"\x01" * 64)
+    assert _fingerprint(run) == before

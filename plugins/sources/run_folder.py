@@ -6,7 +6,7 @@ dequantised, never re-quantised, which would round the update away), as ``petune
 is its own model. The result is saved once, with the run's tokenizer (its chat template and
 pad token, so the next run renders prompts exactly as this one trained on them) and its
 generation settings, to ``$PETUNE_CACHE/runs/<key>``, where the key changes whenever the run's
-weights, tokenizer or recipe do. Relative paths start from the current directory, as for
+weights (their bytes), tokenizer or recipe do. Relative paths start from the current directory, as for
 local model folders.
 
 Runs whose weights cannot be folded into the base (prompt tuning, bottleneck adapters) are
@@ -25,7 +25,7 @@ from petune.errors import Refusal, UserError
 from petune.models import cache_dir
 
 _RUN_FILES = ("recipe.toml", "task_state.json", "manifest.json")
-_FORMAT_VERSION = 1  # bump when what is saved changes, to rebuild caches
+_FORMAT_VERSION = 2  # bump when what is saved changes, to rebuild caches
 
 
 def _path(name: str) -> Path:
@@ -38,14 +38,15 @@ def is_run_folder(path: Path) -> bool:
 
 
 def _fingerprint(run_dir: Path) -> str:
-    """Changes when the run's weights, tokenizer or recipe change (names, sizes, mtimes)."""
+    """Changes when the run's weights, tokenizer or recipe change: their names and bytes (sizes
+    and times would miss a file replaced by same-size content with its old time)."""
     digest = hashlib.sha256(f"v{_FORMAT_VERSION}:{run_dir}".encode())
     for sub in ("adapter", "model", "tokenizer"):
         folder = run_dir / sub
         for file in sorted(folder.rglob("*")) if folder.is_dir() else []:
             if file.is_file():
-                stat = file.stat()
-                digest.update(f"{file.relative_to(run_dir)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                with open(file, "rb") as f:
+                    digest.update(f"{file.relative_to(run_dir)}:".encode() + hashlib.file_digest(f, "sha256").digest())
     for name in ("recipe.toml", "task_state.json"):
         digest.update((run_dir / name).read_bytes())
     return digest.hexdigest()[:24]
