@@ -251,9 +251,32 @@ def load_with_head(auto_class, model_info: ModelInfo, **kwargs):
     """``auto_class.from_pretrained`` that remembers which modules the checkpoint did not
     have (new head, or e.g. a BERT pooler missing from an MLM checkpoint): they start
     random, so they must train and be saved with an adapter (see find_head_modules)."""
+    if replaces_head(auto_class, model_info, kwargs.get("num_labels")):
+        kwargs["ignore_mismatched_sizes"] = True
     model, loading = auto_class.from_pretrained(model_info.path, output_loading_info=True, **kwargs)
-    model.petune_new_modules = sorted({key.rpartition(".")[0] for key in loading.get("missing_keys", ()) if "." in key})
+    new = {key for key in loading.get("missing_keys", ())} | {row[0] for row in loading.get("mismatched_keys", ())}
+    model.petune_new_modules = sorted({key.rpartition(".")[0] for key in new if "." in key})
     return model
+
+
+def replaces_head(auto_class, model_info: ModelInfo, num_labels: int | None) -> bool:
+    """True (with a note) when the checkpoint already has this kind of head with another number
+    of outputs, e.g. a reward model (one score) started from a classification run (two
+    labels): that head cannot be loaded, so a new one is drawn and trained, on purpose."""
+    config = model_info.config
+    architectures = getattr(config, "architectures", None) or []
+    mapping = getattr(getattr(auto_class, "_model_mapping", None), "_model_mapping", {})
+    has_head = any(arch in set(mapping.values()) for arch in architectures)
+    if num_labels is None or not has_head or getattr(config, "num_labels", num_labels) == num_labels:
+        return False
+    from petune.console import err, is_main_process
+
+    if is_main_process():
+        labels = ", ".join(str(v) for v in (getattr(config, "id2label", None) or {}).values())
+        err.print(f"[yellow]note[/]: {model_info.name} has a {architectures[0]} head with {config.num_labels} "
+                  f"output(s) ({labels}); this task needs {num_labels}: a new head is drawn and trained in its place",
+                  soft_wrap=True)
+    return True
 
 
 def find_head_modules(model, known: Sequence[str] = ("classifier", "score", "classification_head", "qa_outputs")) -> list[str]:
