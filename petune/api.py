@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, TypeAdapter, ValidationError, ValidationInfo
 
 from petune.errors import Refusal, UserError
 
@@ -283,7 +283,15 @@ class Task(_Plugin):
         replaces a ``test`` option; a task without one refuses."""
         if "test" not in type(options).model_fields:
             raise UserError(f"task {self.name!r} has no 'test' data option to replace", where="--data")
-        return options.model_copy(update={"test": path})
+        field = type(options).model_fields["test"]
+        # validated as the recipe's value is: a task whose files are tables gets a table, never a bare
+        # path where the options promise one (the data cache dumps them into its key)
+        try:
+            kind = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+            value = TypeAdapter(kind).validate_python(path)
+        except ValidationError as exc:
+            raise UserError(f"cannot be this task's test data: {exc.errors()[0]['msg']}", where=str(path)) from None
+        return options.model_copy(update={"test": value})
 
     def build_model(self, model_info: ModelInfo, options: Options, state: dict, **load_kwargs) -> PreTrainedModel:
         """Load the base model with this task's head (``load_kwargs`` come from the strategy)."""

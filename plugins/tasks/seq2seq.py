@@ -525,6 +525,11 @@ class Seq2SeqTask(Task):
         check_data_paths(options)
 
     # -- data -------------------------------------------------------------------------------
+    def with_test_file(self, options: Seq2SeqOptions, path: Path) -> Seq2SeqOptions:
+        """A plain text file (``petune eval --data test.en``) is paired with its target file here,
+        as a table: options hold tables, never bare paths (the data cache dumps them)."""
+        return options.model_copy(update={"test": as_data_file(path, options)})
+
     def load_data(self, options: Seq2SeqOptions, tokenizer) -> TaskData:
         kind = self.kind_for(tokenizer)
         train_file = as_data_file(options.train, options, "train")
