@@ -461,7 +461,7 @@ def cmd_methods(args) -> int:
     from rich.table import Table
 
     rows = PeftMethodStrategy.method_listing(args.method)
-    if args.method and not rows:
+    if args.method is not None and not rows:  # an empty name too: never an empty table and exit 0
         raise UserError(f"the installed peft has no method {args.method!r}", hint="`petune methods` lists them")
     if args.json:
         print(json.dumps(rows, indent=2, default=str))

@@ -148,8 +148,10 @@ def check_data_paths(options: Options, names: Sequence[str] = ("train", *HELD_OU
             if not path.exists():
                 raise DataError("file not found", where=str(path), hint=f"check task.{name}; relative paths are "
                                                                          "relative to the recipe's folder")
-            if path.is_dir() and not ((path / "state.json").exists() or any(path.glob("*.parquet"))):
-                raise DataError("is a folder, expected a data file", where=str(path), hint=f"check task.{name}")
+            if path.is_dir():
+                from petune_plugins.tasks.datafiles import check_folder
+
+                check_folder(path)  # the reader's own reason (a DatasetDict, a missing state.json)
 
 
 # -- what a task may learn of the model ------------------------------------------------------

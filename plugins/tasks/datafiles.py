@@ -413,6 +413,11 @@ def _announce(source: str, quoting: str, why: str) -> None:
 
 
 def _quote_error(source: str, line: int, exc: csv.Error) -> DataError:
+    if "new-line character seen in unquoted field" in str(exc):  # a lone CR (old Mac line ends, or a stray one)
+        return DataError("this line holds a carriage return (\\r) that is not part of a line ending, inside a "
+                         "field that is not quoted", where=where(source, line),
+                         hint="convert the file's line endings (e.g. dos2unix / mac2unix), or remove the stray \\r "
+                              "characters: sed -i 's/\\r$//; s/\\r/ /g' FILE")
     return DataError(f"cannot parse this row: {exc}", where=where(source, line),
                      hint='a field that starts with " is read as a quoted field, which must end with " '
                           'right before the delimiter; if the quotes are part of the text (e.g. PTB-tokenised '
@@ -645,15 +650,26 @@ def row_where(source: str | Path, index: int) -> str:
     return f"{source}:{index + 1}"
 
 
+def check_folder(folder: Path) -> None:
+    """A DataError saying why a folder cannot be read as one split (nothing when it can)."""
+    if not any(folder.glob("*.parquet")):
+        _arrow_files(folder)
+
+
 def _arrow_files(folder: Path) -> list[Path]:
     """The .arrow files of a ``save_to_disk`` folder, in the order of its rows."""
     if (folder / "dataset_dict.json").exists():
         splits = sorted(p.name for p in folder.iterdir() if (p / "state.json").exists())
-        raise DataError("this folder holds a DatasetDict (several splits), expected one split",
-                        where=str(folder), hint="point at one split's folder: "
+        raise DataError(f"this folder holds a DatasetDict with the splits {', '.join(splits) or '(none readable)'}, "
+                        "expected one split", where=str(folder), hint="point at one split's folder: "
                         + ", ".join(str(folder / name) for name in splits))
     state_file = folder / "state.json"
     if not state_file.exists():
+        if any(folder.glob("*.arrow")):  # what save_to_disk writes, with its list of files missing
+            raise DataError("this folder holds .arrow files but no state.json, which datasets' save_to_disk "
+                            "writes beside them (it lists the files in order): it is incomplete or was copied "
+                            "in part", where=str(folder), hint="save the dataset again with save_to_disk, or "
+                                                               "give one .arrow file as the data file")
         raise DataError("is a folder, expected a data file", where=str(folder),
                         hint=f"a folder is read when datasets' save_to_disk wrote it (state.json) or it holds "
                              f".parquet files; else use {FORMATS_HINT}")

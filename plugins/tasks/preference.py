@@ -356,6 +356,9 @@ def read_splits(options, *, held_out_only: bool = False, check_train=None) -> tu
     if not held_out_only and options.split_ratio:
         from petune_plugins.tasks.sft import split_off
 
+        if len(examples["train"]) < 2:  # say what was dropped, not only that nothing is left to split
+            raise no_pairs_left(options, "train", notes, to_split=True)
+
         examples["train"], examples["validation"] = split_off(examples["train"], options.split_ratio,
                                                               options.split_seed, where=str(options.train))
     return examples, fmt, notes
@@ -370,14 +373,25 @@ def note_encoded(notes: dict, split: str, counts: dict) -> None:
             notes[key] = notes.get(key, 0) + count
 
 
-def no_pairs_left(options, split: str, notes: dict) -> DataError:
-    """The error for a split with no pair left to train or score on, naming its file and why."""
+def no_pairs_left(options, split: str, notes: dict, *, to_split: bool = False) -> DataError:
+    """The error for a split with no pair left to train or score on (``to_split``: too few to
+    hold out validation pairs from), naming its file, what was dropped and why."""
     where = str(options.train if split == "train" or split == "validation" and options.validation is None
                 else getattr(options, split))
-    reasons = ", ".join(f"{k.removeprefix(split + '_')} {v}" for k, v in notes.items()
-                        if k.startswith(f"{split}_dropped_")) or "no records"
-    return DataError(f"no {split} pairs left to train or score on ({reasons})", where=where,
-                     hint="raise task.max_length (or lower task.max_prompt_length), or check the data")
+    dropped = {k.removeprefix(f"{split}_dropped_"): v for k, v in notes.items() if k.startswith(f"{split}_dropped_")}
+    reasons = ", ".join(f"{count} dropped as {reason.replace('_', ' ')}" for reason, count in dropped.items())
+    hints = []
+    if "identical" in dropped:
+        hints.append("a pair whose chosen and rejected answers are the same text (as read, or once cut to "
+                     "task.max_length) teaches nothing: check the data and task.format, which says which fields "
+                     "are the answers")
+    if "cut_to_nothing" in dropped:
+        hints.append("raise task.max_length (or lower task.max_prompt_length): answers were cut to nothing")
+    if not hints:
+        hints.append("check the data")
+    what = (f"too few {split} pairs to hold out validation_split = {options.split_ratio:g} of them"
+            if to_split else f"no {split} pairs left to train or score on")
+    return DataError(f"{what} ({reasons or 'no records'})", where=where, hint="; ".join(hints))
 
 
 def unpair(examples: Iterable[Pair | Single]) -> list[Single]:
