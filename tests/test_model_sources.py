@@ -250,12 +250,22 @@ def tiny_gguf(tiny_llama_path, tmp_path) -> Path:
     return write_tiny_gguf(tiny_llama_path, tmp_path / "tiny-llama-q8_0.gguf")
 
 
-def test_gguf_file_converts_once_and_is_reused(tiny_gguf, tiny_llama_path, isolated_cache):
+def test_gguf_file_converts_once_and_is_reused(tiny_gguf, tiny_llama_path, isolated_cache, monkeypatch):
+    import gguf
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    readers = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            readers.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
     folder = GgufFileSource().resolve(str(tiny_gguf))
+    assert len(readers) == 1  # the metadata is parsed once, not once for each of config, tokenizer, weights
     assert folder == isolated_cache / "models" / "gguf" / file_sha256(tiny_gguf)[:16]
     assert sorted(p.name for p in folder.parent.iterdir() if p.name != "sha256") == [folder.name]  # no work left over
     info = json.loads((folder / MARKER).read_text())
