@@ -115,11 +115,22 @@ def build(shape: str, path: Path) -> Path:
         config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec["config"])
         model = LlamaForCausalLM(config)
-    tmp = path.with_name(path.name + ".tmp")
+    import os
+    import shutil
+
+    # built apart and renamed into place: whole folder or nothing, and two processes building
+    # the same shape at once (parallel tests) never write into each other's folder
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "petune_random.json").write_text(json.dumps({"shape": shape, "version": _VERSION}))
-    tmp.rename(path)  # whole folder or nothing: a crash mid-build leaves only *.tmp
+    try:
+        tmp.rename(path)
+    except OSError:
+        if not path.exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first: same seed, same model
     return path
 
 
@@ -141,9 +152,6 @@ class RandomInitSource(ModelSource):
                             hint=f"choose one of: {', '.join(self.names())}")
         path = cache_dir("models", "random") / f"{shape}-v{_VERSION}"
         if not path.exists():
-            import shutil
-
-            shutil.rmtree(path.with_name(path.name + ".tmp"), ignore_errors=True)
             build(shape, path)
         return path
 
