@@ -312,7 +312,7 @@ def test_explain_command_on_saved_runs(host, tmp_path, terminal, case):
 
 def test_explain_command_on_a_4bit_base(host, tmp_path, terminal):
     """qlora saves a plain LoRA adapter; explained on the 4-bit base it was trained on."""
-    pytest.importorskip("bitsandbytes")
+    import bitsandbytes  # noqa: F401
     run_dir = make_run(host, tmp_path, "lora", task=classification_task(tmp_path), strategy='name = "lora"\nr = 4')
     qlora = tmp_path / "runs" / "qlora"
     shutil.copytree(run_dir, qlora)

@@ -71,7 +71,7 @@ def test_gguf_round_trip(sft_run, tmp_path, host, capsys):
     assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"  # vectors stay float32, as llama.cpp keeps them
     assert list(reversed(tensors["token_embd.weight"].shape.tolist())) == list(merged.model.embed_tokens.weight.shape)
     # the merged weights, not the base's: the adapter's update is in the file
-    down = merged.model.layers[1].mlp.down_proj.weight.detach().numpy()
+    down = merged.model.layers[1].mlp.down_proj.weight.detach().float().numpy()
     stored = gguf.quants.dequantize(tensors["blk.1.ffn_down.weight"].data, tensors["blk.1.ffn_down.weight"].tensor_type)
     assert abs(stored.reshape(down.shape) - down).max() < 1e-3 * abs(down).max()
 

@@ -13,7 +13,7 @@ import zstandard
 
 from petune.recipe import validate
 
-pytest.importorskip("datasets")
+import datasets  # noqa: F401
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "recipes" / "data"
 FORMATS = ("jsonl.gz", "jsonl.zst", "parquet", "arrow")

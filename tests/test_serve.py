@@ -22,9 +22,9 @@ from types import SimpleNamespace
 import pytest
 from helpers import REPO, petune, write_classification_data
 
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+import httpx
+import fastapi  # noqa: F401
+import uvicorn  # noqa: F401
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -276,7 +276,7 @@ def expected(stack) -> dict:
 
 @pytest.fixture(scope="module")
 def client(server):
-    openai = pytest.importorskip("openai")
+    import openai
     return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
 

@@ -17,7 +17,7 @@ import pytest
 from helpers import petune
 from test_serve import Server, chat_body, make_runs, post
 
-httpx = pytest.importorskip("httpx")
+import httpx
 
 TIMEOUT = 4.0  # --request-timeout
 STEP = 0.25  # seconds per token of a "__slow__" request: 64 tokens take 16 s unless stopped

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from test_serve import API_KEY, MAX_TOKENS, PREDICT_ROWS, PROMPT, Server, expected_outputs, make_runs
 
-pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+import httpx  # noqa: F401
+import fastapi  # noqa: F401
+import uvicorn  # noqa: F401
 
 CHROMIUM = os.environ.get("PETUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not found: apt-get install chromium "

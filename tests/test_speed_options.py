@@ -15,7 +15,7 @@ import pytest
 
 from petune.errors import Refusal, UserError
 
-torch = pytest.importorskip("torch")
+import torch
 
 from petune import speed  # noqa: E402
 from petune.recipe import TrainSection  # noqa: E402

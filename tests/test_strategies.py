@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from petune.api import ModelInfo, Task, count_parameters
 from petune.errors import Refusal, UserError
 
-transformers = pytest.importorskip("transformers")
+import transformers
 transformers.logging.set_verbosity_error()
 
 

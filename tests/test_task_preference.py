@@ -11,7 +11,7 @@ import pytest
 
 from petune.errors import DataError, Refusal
 
-torch = pytest.importorskip("torch")
+import torch
 
 from petune_plugins.tasks.preference import (  # noqa: E402
     PreferenceOptions,

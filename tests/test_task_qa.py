@@ -13,7 +13,7 @@ import pytest
 from helpers import TINY_STRATEGY_OPTIONS
 from petune.errors import DataError, Refusal
 
-torch = pytest.importorskip("torch")
+import torch
 
 from petune_plugins.tasks import text_metrics
 from petune_plugins.tasks.qa import (

@@ -12,7 +12,7 @@ from helpers import petune
 
 from petune.errors import DataError
 
-torch = pytest.importorskip("torch")
+import torch
 
 from petune_plugins.tasks.reward import RewardOptions, RewardTask, reward_metrics, score_pairs
 

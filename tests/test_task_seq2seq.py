@@ -13,7 +13,7 @@ import pytest
 
 from petune.errors import DataError, Refusal, UserError
 
-torch = pytest.importorskip("torch")
+import torch
 
 from helpers import TINY_STRATEGY_OPTIONS, petune
 from petune_plugins.tasks import text_metrics

@@ -11,7 +11,7 @@ import pytest
 
 from petune.errors import DataError, Refusal, UserError
 
-torch = pytest.importorskip("torch")
+import torch
 
 from petune_plugins.tasks.sft import SftOptions, SftTask
 
