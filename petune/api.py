@@ -20,18 +20,21 @@ calls them in this order::
 
 and, on a finished run, ``strategy.restore(task.build_model(...), run_dir / strategy.artifact, ...)``.
 
-The whole contract is in this module:
+The whole contract is in this module, each class in sections by phase (data, model,
+training, finished runs, estimates); :func:`required` marks what a plugin must implement,
+and registering one that does not is refused:
 
-* **required** of a task: ``load_data``, ``build_model``, ``make_trainer``, ``evaluate``
-  (and ``name``, ``Options``, ``peft_task_type``); of a strategy: ``apply``, ``restore``;
-  of a model source: ``claims``, ``resolve``;
-* **optional with a default** (override to improve on it): ``Task.check``, ``data_files``,
-  ``load_eval_data``, ``held_out_data``, ``with_test_file``, ``head_modules``, ``peft_task_type_for``, ``primary_metric_for``, ``model_shape``,
+* **Task** — required: ``load_data``, ``build_model``, ``make_trainer``, ``evaluate`` (and
+  ``name``, ``Options``, ``peft_task_type``); optional, with a default: ``data_files``,
+  ``load_eval_data``, ``held_out_data``, ``with_test_file``, ``check``, ``head_modules``,
+  ``peft_task_type_for``, ``model_state``, ``training_plan``, ``primary_metric_for``,
+  ``verification_texts``, ``stop_tokens``, ``word_spans``, ``model_shape``,
   ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
-  ``prepare_skeleton``, ``model_state``, ``verification_texts``, ``stop_tokens``, ``training_plan``; ``Strategy.check``,
-  ``check_recipe``, ``load_kwargs``, ``save``, ``merge``, ``make_optimizer``, ``skeleton_options``,
-  ``prepare``, ``training_plan``, ``resolved_options``, ``for_inference``;
-  ``ModelSource.gguf_file``;
+  ``prepare_skeleton``;
+* **Strategy** — required: ``apply``, ``restore``; optional: ``check``, ``check_recipe``,
+  ``load_kwargs``, ``resolved_options``, ``prepare``, ``make_optimizer``, ``training_plan``,
+  ``save``, ``for_inference``, ``dequantize``, ``merge``, ``skeleton_options``;
+* **ModelSource** — required: ``claims``, ``resolve``; optional: ``names``, ``gguf_file``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
   commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
   :class:`Generates` (``petune generate``, ``chat``, the server's chat and completions),
@@ -67,21 +70,6 @@ class Options(BaseModel):
     (``epochs = "3"`` is refused, not read as 3), defaults are validated too."""
 
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
-
-
-def _resolve_against_recipe(value: Path, info: ValidationInfo) -> Path:
-    context = info.context or {}
-    value = value.expanduser()
-    if context.get("base_dir") is not None and not value.is_absolute():
-        value = Path(context["base_dir"]) / value
-    if context.get("check_paths") and not value.exists():
-        raise ValueError(f"file not found: {value}")
-    return value
-
-
-#: A data path in an options schema: relative paths resolve against the recipe's folder,
-#: and must exist when a recipe is validated for a run.
-DataPath = Annotated[Path, Strict(False), AfterValidator(_resolve_against_recipe)]
 
 
 # Architectures whose name says "decoder-only language model".
@@ -141,10 +129,6 @@ class ModelInfo:
         return getattr(self.text_config, "max_position_embeddings", None)
 
 
-#: the note ``Task.held_out_data`` leaves when it could not score everything
-HELD_OUT_NOTE = "held_out"
-
-
 @dataclass(frozen=True)
 class ModelShape:
     """How a task's model looks to the memory estimate (:mod:`petune.memory`), beyond its
@@ -176,38 +160,17 @@ class TaskData:
     notes: dict = field(default_factory=dict)
 
 
-def paths_in(value) -> list[Path]:
-    """Every Path inside plugin options, however nested (files with their own options, lists)."""
-    if isinstance(value, Path):
-        return [value]
-    if isinstance(value, BaseModel):
-        value = vars(value)
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return [p for v in value for p in paths_in(v)]
-    return []
+def required(method):
+    """Marks a method every plugin of the class must implement: registering a plugin that
+    does not is refused, naming it and the method (petune.plugins), instead of failing mid-run."""
+    method.__petune_required__ = True
+    return method
 
 
-#: processes a task may tokenize with: the recipe's ``[data] num_proc``, set by the core around
-#: ``load_data`` and ``held_out_data`` (read it with :func:`data_workers`)
-DATA_WORKERS: ContextVar[int] = ContextVar("petune_data_workers", default=1)
-
-
-def data_workers() -> int:
-    """How many processes this task may tokenize with (the recipe's ``[data] num_proc``)."""
-    return DATA_WORKERS.get()
-
-
-#: where a task may write scratch files while it prepares data: set by the core to a folder
-#: inside the data cache (on the same disk, so a finished file moves into its entry by a rename,
-#: and never in a RAM-backed /tmp); None: the system's temporary folder
-DATA_SCRATCH: ContextVar[Path | None] = ContextVar("petune_data_scratch", default=None)
-
-
-def data_scratch() -> Path | None:
-    """The folder for scratch files of data preparation (:data:`DATA_SCRATCH`), or None."""
-    return DATA_SCRATCH.get()
+def missing_methods(cls: type) -> list[str]:
+    """The :func:`required` methods ``cls`` inherits without implementing them."""
+    return sorted(name for base in cls.__mro__[1:] for name, value in vars(base).items()
+                  if getattr(value, "__petune_required__", False) and getattr(cls, name) is value)
 
 
 class _Plugin:
@@ -238,9 +201,8 @@ class Task(_Plugin):
     #: losses (classification), where that normalisation would scale the loss by the process count.
     token_level_loss: ClassVar[bool] = False
 
-    def check(self, model_info: ModelInfo, options: Options) -> None:
-        """Raise :class:`petune.errors.Refusal` if this model cannot do this task."""
-
+    # -- data: read and tokenize (a run's first step; petune eval's held-out data) -------------
+    @required
     def load_data(self, options: Options, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         """Read and tokenize the data. May adapt the tokenizer (pad token, chat template);
         the runner saves the tokenizer after this call."""
@@ -293,6 +255,11 @@ class Task(_Plugin):
             raise UserError(f"cannot be this task's test data: {exc.errors()[0]['msg']}", where=str(path)) from None
         return options.model_copy(update={"test": value})
 
+    # -- model: refuse, build, say which modules train -----------------------------------------
+    def check(self, model_info: ModelInfo, options: Options) -> None:
+        """Raise :class:`petune.errors.Refusal` if this model cannot do this task."""
+
+    @required
     def build_model(self, model_info: ModelInfo, options: Options, state: dict, **load_kwargs) -> PreTrainedModel:
         """Load the base model with this task's head (``load_kwargs`` come from the strategy)."""
         raise NotImplementedError
@@ -302,6 +269,20 @@ class Task(_Plugin):
         (peft ``modules_to_save``), e.g. ``["classifier"]``. Empty for LM tasks."""
         return []
 
+    def peft_task_type_for(self, config: PretrainedConfig | None) -> str:
+        """peft's task type for a model with this ``config`` (None: not known yet). The
+        default is the class's ``peft_task_type``; a task whose model kind depends on the
+        base (seq2seq: encoder-decoder or causal LM) decides here, without storing it."""
+        return self.peft_task_type
+
+    def model_state(self, state: dict) -> dict:
+        """The part of ``task_state.json`` that shapes the model (e.g. the label set): runs
+        whose model states match share one loaded base in ``petune serve``. Default: all of
+        it (the safe side: no sharing)."""
+        return state
+
+    # -- training ------------------------------------------------------------------------------
+    @required
     def make_trainer(self, *, model, tokenizer, data: TaskData, options: Options, args: dict, callbacks: list) -> Trainer:
         """Return a ready ``transformers.Trainer`` (or TRL trainer). ``args`` are keyword
         arguments for ``TrainingArguments`` (or ``trl.SFTConfig``) built from the recipe's
@@ -314,65 +295,17 @@ class Task(_Plugin):
         padded batches were chosen instead. Default: none."""
         return {}
 
-    def evaluate(self, trainer: Trainer, data: TaskData, options: Options, run_dir: Path) -> dict[str, dict]:
-        """Final metrics per split (``{"validation": {...}, "test": {...}}``); write the
-        task's reports into ``run_dir`` with :mod:`petune.artifacts`."""
-        raise NotImplementedError
-
-    # -- optional, with defaults: what estimates, the server and strategies ask --------------
-    def peft_task_type_for(self, config: PretrainedConfig | None) -> str:
-        """peft's task type for a model with this ``config`` (None: not known yet). The
-        default is the class's ``peft_task_type``; a task whose model kind depends on the
-        base (seq2seq: encoder-decoder or causal LM) decides here, without storing it."""
-        return self.peft_task_type
-
     def primary_metric_for(self, options: Options) -> str:
         """The metric reported as "best" (and early stopping's, unless [eval] metric says)
         for these options. Default: the class's ``primary_metric``."""
         return self.primary_metric
 
-    def sequences_per_example(self, options: Options) -> int:
-        """How many sequences one training example feeds the model (preference pairs: the
-        chosen and the rejected answer), for memory estimates. Default: 1."""
-        return 1
-
-    def frozen_reference(self, options: Options, strategy: "Strategy") -> bool:
-        """Whether this task's trainer keeps a frozen copy of the model's weights beside it
-        (e.g. DPO's reference model when every weight trains), for memory estimates."""
-        return False
-
-    def model_shape(self, config: "PretrainedConfig") -> ModelShape | None:
-        """What the memory estimate needs to build this task's model without weights. None
-        (the default): the bare base model is estimated, without head or labels, and the plan
-        says so."""
-        return None
-
-    def sequence_length(self, options: Options) -> int | None:
-        """The longest training sequence, in tokens, that ``options`` allow (for memory
-        estimates). None: the estimate assumes 128 tokens and says so in the plan."""
-        return None
-
-    def loss_memory(self, options: Options, batch_size: int, config: PretrainedConfig, device: str | None = None) -> str:
-        """How this task's trainer computes the loss, for memory estimates: ``"chunked"``
-        when full-vocabulary logits are never held at once (e.g. a fused LM-head loss),
-        else ``"logits"``."""
-        return "logits"
-
-    def prepare_skeleton(self, model: torch.nn.Module, quantized: bool) -> None:
-        """Mirror on a meta-device model what this task's trainer changes before training
-        (e.g. casting the trainable weights of a 4-bit model to bf16), so memory estimates
-        count it. Default: the trainer changes nothing."""
-
-    def word_spans(self, text: str) -> list[tuple[int, int]]:
-        """(start, end) character spans of the words the task labels in plain ``text``, for
-        ``petune explain`` on "token_labels" tasks (see :class:`Explains`). Default: none."""
-        return []
-
-    def model_state(self, state: dict) -> dict:
-        """The part of ``task_state.json`` that shapes the model (e.g. the label set): runs
-        whose model states match share one loaded base in ``petune serve``. Default: all of
-        it (the safe side: no sharing)."""
-        return state
+    # -- finished runs: evaluate, merge, export ------------------------------------------------
+    @required
+    def evaluate(self, trainer: Trainer, data: TaskData, options: Options, run_dir: Path) -> dict[str, dict]:
+        """Final metrics per split (``{"validation": {...}, "test": {...}}``); write the
+        task's reports into ``run_dir`` with :mod:`petune.artifacts`."""
+        raise NotImplementedError
 
     def verification_texts(self, options: Options, state: dict) -> list[str]:
         """A few short inputs, as plain text, that ``petune merge`` runs through the model
@@ -388,6 +321,44 @@ class Task(_Plugin):
         ``stop_tokens`` list in the run's state, if the task saved one."""
         tokens = state.get("stop_tokens") or []
         return [t for t in tokens if isinstance(t, str)]
+
+    def word_spans(self, text: str) -> list[tuple[int, int]]:
+        """(start, end) character spans of the words the task labels in plain ``text``, for
+        ``petune explain`` on "token_labels" tasks (see :class:`Explains`). Default: none."""
+        return []
+
+    # -- estimates: memory before anything loads -----------------------------------------------
+    def model_shape(self, config: "PretrainedConfig") -> ModelShape | None:
+        """What the memory estimate needs to build this task's model without weights. None
+        (the default): the bare base model is estimated, without head or labels, and the plan
+        says so."""
+        return None
+
+    def sequence_length(self, options: Options) -> int | None:
+        """The longest training sequence, in tokens, that ``options`` allow (for memory
+        estimates). None: the estimate assumes 128 tokens and says so in the plan."""
+        return None
+
+    def sequences_per_example(self, options: Options) -> int:
+        """How many sequences one training example feeds the model (preference pairs: the
+        chosen and the rejected answer), for memory estimates. Default: 1."""
+        return 1
+
+    def frozen_reference(self, options: Options, strategy: "Strategy") -> bool:
+        """Whether this task's trainer keeps a frozen copy of the model's weights beside it
+        (e.g. DPO's reference model when every weight trains), for memory estimates."""
+        return False
+
+    def loss_memory(self, options: Options, batch_size: int, config: PretrainedConfig, device: str | None = None) -> str:
+        """How this task's trainer computes the loss, for memory estimates: ``"chunked"``
+        when full-vocabulary logits are never held at once (e.g. a fused LM-head loss),
+        else ``"logits"``."""
+        return "logits"
+
+    def prepare_skeleton(self, model: torch.nn.Module, quantized: bool) -> None:
+        """Mirror on a meta-device model what this task's trainer changes before training
+        (e.g. casting the trainable weights of a 4-bit model to bf16), so memory estimates
+        count it. Default: the trainer changes nothing."""
 
 
 @runtime_checkable
@@ -439,6 +410,7 @@ class Strategy(_Plugin):
     #: folder of the run that holds the trained weights: "adapter" or "model".
     artifact: ClassVar[str] = "adapter"
 
+    # -- model: refuse, load, make trainable ---------------------------------------------------
     def check(self, task: Task, model_info: ModelInfo | None, options: Options) -> None:
         """Raise :class:`petune.errors.Refusal` for mixes that cannot work. ``model_info``
         is None when only the recipe is being validated (nothing loaded)."""
@@ -451,53 +423,10 @@ class Strategy(_Plugin):
         """Extra ``from_pretrained`` keyword arguments (e.g. ``quantization_config``)."""
         return {}
 
+    @required
     def apply(self, model: PreTrainedModel, task: Task, options: Options) -> torch.nn.Module:
         """Return the model ready to train (frozen / wrapped as the strategy wants)."""
         raise NotImplementedError
-
-    def save(self, model: torch.nn.Module, path: Path) -> None:
-        """Write the trained weights to ``path`` in a format other tools load."""
-        model.save_pretrained(path)
-
-    def restore(self, base: PreTrainedModel, path: Path, task: Task, options: Options) -> torch.nn.Module:
-        """Put the weights saved by :meth:`save` onto a freshly built base model."""
-        raise NotImplementedError
-
-    def dequantize(self, base: PreTrainedModel, options: Options) -> PreTrainedModel:
-        """The base as loaded with :meth:`load_kwargs`, turned into plain 16/32-bit weights
-        that compute what it computed (for merging and export: the trained weights are
-        folded into the very base they were trained against). Default: ``base`` unchanged."""
-        return base
-
-    def for_inference(self, model: torch.nn.Module, options: Options) -> torch.nn.Module:
-        """The trained or restored model made fast to run forward only on its device while
-        computing what it computed in training (e.g. 4-bit weights dequantised once on a CPU
-        instead of at every generated token). May change ``model`` in place; nothing trains
-        it afterwards. Called once training is saved, and on every finished run a command
-        loads. Default: ``model`` unchanged."""
-        return model
-
-    def merge(self, model: torch.nn.Module) -> PreTrainedModel:
-        """Return a plain transformers model with the trained weights folded in."""
-        raise Refusal(f"strategy {self.name!r} has nothing to merge")
-
-    def make_optimizer(self, model: "torch.nn.Module", options: Options, optimizer_cls: type,
-                       optimizer_kwargs: dict) -> "torch.optim.Optimizer | None":
-        """An optimizer of the recipe's class and settings (``optimizer_kwargs``: ``lr``,
-        ``weight_decay``, betas ...) with this strategy's own parameter groups, e.g. LoRA+'s
-        higher learning rate for LoRA's B matrices. None (the default): the trainer's own."""
-        return None
-
-    def skeleton_options(self, options: Options) -> Options:
-        """The options to apply on a meta-device skeleton (no real weights) for memory
-        estimates: an initialisation that reads real weights must be swapped for one with
-        the same parameters. Default: ``options`` unchanged."""
-        return options
-
-    def training_plan(self, options: Options) -> dict[str, str]:
-        """Rows for the plan about what these settings cost beyond training itself (e.g. an
-        SVD of every target weight, a pass over training batches before step 1). Default: none."""
-        return {}
 
     def resolved_options(self, options: Options) -> dict[str, str]:
         """What options left to be chosen on this machine (``"auto"``) resolve to, and why,
@@ -505,6 +434,7 @@ class Strategy(_Plugin):
         without native bf16)"}``. Default: none."""
         return {}
 
+    # -- training ------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, task: Task, options: Options, batches: Iterator[dict],
                 total_steps: int | None) -> None:
         """Last changes to the model :meth:`apply` returned, in place, once the run's trainer
@@ -516,6 +446,53 @@ class Strategy(_Plugin):
         epochs × steps per epoch), None when the trainer cannot tell. Called on every run,
         resumed ones included (before the checkpoint's weights are loaded). Default: nothing."""
 
+    def make_optimizer(self, model: "torch.nn.Module", options: Options, optimizer_cls: type,
+                       optimizer_kwargs: dict) -> "torch.optim.Optimizer | None":
+        """An optimizer of the recipe's class and settings (``optimizer_kwargs``: ``lr``,
+        ``weight_decay``, betas ...) with this strategy's own parameter groups, e.g. LoRA+'s
+        higher learning rate for LoRA's B matrices. None (the default): the trainer's own."""
+        return None
+
+    def training_plan(self, options: Options) -> dict[str, str]:
+        """Rows for the plan about what these settings cost beyond training itself (e.g. an
+        SVD of every target weight, a pass over training batches before step 1). Default: none."""
+        return {}
+
+    # -- finished runs: save, restore, use, merge ----------------------------------------------
+    def save(self, model: torch.nn.Module, path: Path) -> None:
+        """Write the trained weights to ``path`` in a format other tools load."""
+        model.save_pretrained(path)
+
+    @required
+    def restore(self, base: PreTrainedModel, path: Path, task: Task, options: Options) -> torch.nn.Module:
+        """Put the weights saved by :meth:`save` onto a freshly built base model."""
+        raise NotImplementedError
+
+    def for_inference(self, model: torch.nn.Module, options: Options) -> torch.nn.Module:
+        """The trained or restored model made fast to run forward only on its device while
+        computing what it computed in training (e.g. 4-bit weights dequantised once on a CPU
+        instead of at every generated token). May change ``model`` in place; nothing trains
+        it afterwards. Called once training is saved, and on every finished run a command
+        loads. Default: ``model`` unchanged."""
+        return model
+
+    def dequantize(self, base: PreTrainedModel, options: Options) -> PreTrainedModel:
+        """The base as loaded with :meth:`load_kwargs`, turned into plain 16/32-bit weights
+        that compute what it computed (for merging and export: the trained weights are
+        folded into the very base they were trained against). Default: ``base`` unchanged."""
+        return base
+
+    def merge(self, model: torch.nn.Module) -> PreTrainedModel:
+        """Return a plain transformers model with the trained weights folded in."""
+        raise Refusal(f"strategy {self.name!r} has nothing to merge")
+
+    # -- estimates -----------------------------------------------------------------------------
+    def skeleton_options(self, options: Options) -> Options:
+        """The options to apply on a meta-device skeleton (no real weights) for memory
+        estimates: an initialisation that reads real weights must be swapped for one with
+        the same parameters. Default: ``options`` unchanged."""
+        return options
+
 
 class ModelSource(_Plugin):
     """Turns a recipe's ``[model] name`` into a local folder in transformers format."""
@@ -523,24 +500,81 @@ class ModelSource(_Plugin):
     #: sources are asked in ascending priority; the first that claims a name resolves it.
     priority: ClassVar[int] = 100
 
-    def names(self) -> list[str]:
-        """Fixed names this source offers (e.g. packaged models), for listings."""
-        return []
-
+    # -- resolving a name ----------------------------------------------------------------------
+    @required
     def claims(self, name: str) -> bool:
         """Cheap: is this name for this source? No loading, no network."""
         raise NotImplementedError
 
+    @required
     def resolve(self, name: str) -> Path:
         """Return a local folder with config, weights and tokenizer (may convert and cache).
         Raise :class:`petune.errors.UserError` with what to do when it cannot."""
         raise NotImplementedError
+
+    def names(self) -> list[str]:
+        """Fixed names this source offers (e.g. packaged models), for listings."""
+        return []
 
     def gguf_file(self, name: str, workdir: Path) -> Path | None:
         """The GGUF file the model ``name`` was converted from, for exports that reuse its
         tokenizer metadata (``petune export --format gguf``); a source that has to assemble
         it writes it into ``workdir`` (deleted afterwards). Default: None, not from a GGUF."""
         return None
+
+
+# == helpers for plugins (not part of the contract) ==========================================
+#: the note ``Task.held_out_data`` leaves when it could not score everything
+HELD_OUT_NOTE = "held_out"
+
+
+def _resolve_against_recipe(value: Path, info: ValidationInfo) -> Path:
+    context = info.context or {}
+    value = value.expanduser()
+    if context.get("base_dir") is not None and not value.is_absolute():
+        value = Path(context["base_dir"]) / value
+    if context.get("check_paths") and not value.exists():
+        raise ValueError(f"file not found: {value}")
+    return value
+
+
+#: A data path in an options schema: relative paths resolve against the recipe's folder,
+#: and must exist when a recipe is validated for a run.
+DataPath = Annotated[Path, Strict(False), AfterValidator(_resolve_against_recipe)]
+
+
+def paths_in(value) -> list[Path]:
+    """Every Path inside plugin options, however nested (files with their own options, lists)."""
+    if isinstance(value, Path):
+        return [value]
+    if isinstance(value, BaseModel):
+        value = vars(value)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in paths_in(v)]
+    return []
+
+
+#: processes a task may tokenize with: the recipe's ``[data] num_proc``, set by the core around
+#: ``load_data`` and ``held_out_data`` (read it with :func:`data_workers`)
+DATA_WORKERS: ContextVar[int] = ContextVar("petune_data_workers", default=1)
+
+
+def data_workers() -> int:
+    """How many processes this task may tokenize with (the recipe's ``[data] num_proc``)."""
+    return DATA_WORKERS.get()
+
+
+#: where a task may write scratch files while it prepares data: set by the core to a folder
+#: inside the data cache (on the same disk, so a finished file moves into its entry by a rename,
+#: and never in a RAM-backed /tmp); None: the system's temporary folder
+DATA_SCRATCH: ContextVar[Path | None] = ContextVar("petune_data_scratch", default=None)
+
+
+def data_scratch() -> Path | None:
+    """The folder for scratch files of data preparation (:data:`DATA_SCRATCH`), or None."""
+    return DATA_SCRATCH.get()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

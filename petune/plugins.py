@@ -25,7 +25,7 @@ import pluggy
 from pydantic import BaseModel
 
 from petune import hookspecs
-from petune.api import ModelSource, Strategy, Task
+from petune.api import ModelSource, Strategy, Task, missing_methods
 from petune.errors import PluginError, UserError
 
 GROUP = "petune"
@@ -148,6 +148,10 @@ class PluginHost:
             raise TypeError(f"{cls.__name__} has no 'name'")
         if not (isinstance(cls.Options, type) and issubclass(cls.Options, BaseModel)):
             raise TypeError(f"{cls.__name__}.Options must be a pydantic model")
+        missing = missing_methods(cls)
+        if missing:
+            raise TypeError(f"{cls.__name__} does not implement {', '.join(missing)}, which every "
+                            f"{base.__name__} must (see petune/api.py)")
         taken = self.registry[kind].get(name)
         if taken is not None:
             taken.clashes_with.append(origin)

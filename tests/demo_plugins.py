@@ -27,6 +27,13 @@ class DemoStrategy(Strategy):
         if task.name == "demo_refused_task":
             raise Refusal("demo_strategy cannot train demo_refused_task: no head to attach to")
 
+    # the demo plugins are validated and planned, never trained
+    def apply(self, model, task, options):
+        raise AssertionError("demo_strategy never trains")
+
+    def restore(self, base, path, task, options):
+        raise AssertionError("demo_strategy never trains")
+
 
 class DemoTaskOptions(Options):
     train: DataPath
@@ -39,6 +46,18 @@ class DemoTask(Task):
     description = "a task for tests"
     Options = DemoTaskOptions
     peft_task_type = "SEQ_CLS"
+
+    def load_data(self, options, tokenizer):
+        raise AssertionError("demo_task never trains")
+
+    def build_model(self, model_info, options, state, **load_kwargs):
+        raise AssertionError("demo_task never trains")
+
+    def make_trainer(self, *, model, tokenizer, data, options, args, callbacks):
+        raise AssertionError("demo_task never trains")
+
+    def evaluate(self, trainer, data, options, run_dir):
+        raise AssertionError("demo_task never trains")
 
 
 class DemoRefusedTask(DemoTask):

@@ -153,3 +153,41 @@ def test_a_minimal_third_party_task_runs_evaluates_estimates_and_is_refused_by_p
         refused = petune(*command)
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert "task 'text_regression' cannot predict (it does not implement Predicts)" in refused.stderr
+
+
+def test_the_contract_summary_lists_every_method_and_what_is_required():
+    """petune/api.py's docstring is the contract at a glance: it must name every method of
+    each plugin class, and exactly the ones marked required as required."""
+    import re
+
+    from petune import api
+
+    doc = " ".join(api.__doc__.split())
+    for cls in (api.Task, api.Strategy, api.ModelSource):
+        entry = re.search(rf"\*\*{cls.__name__}\*\* — required: (.*?); optional(?:, with a default)?: (.*?);", doc)
+        assert entry, f"no summary line for {cls.__name__}"
+        required, optional = (set(re.findall(r"``(\w+)``", part)) for part in entry.groups())
+        methods = {n for n, v in vars(cls).items() if callable(v) and not n.startswith("_")}
+        marked = {n for n in methods if getattr(vars(cls)[n], "__petune_required__", False)}
+        assert required - {"name", "Options", "peft_task_type"} == marked, cls.__name__
+        assert optional == methods - marked, cls.__name__
+
+
+def test_a_plugin_missing_a_required_method_is_refused_at_registration():
+    from demo_plugins import demo_host, plugin_module
+
+    from petune.api import Task
+    from petune.plugins import PluginOrigin
+
+    class HalfTask(Task):
+        name = "half"
+        peft_task_type = "SEQ_CLS"
+
+        def load_data(self, options, tokenizer):
+            raise AssertionError("never called")
+
+    half = plugin_module("half", register_tasks=lambda register: register(HalfTask))
+    host = demo_host((PluginOrigin("half-package", "0.1", "half"), half))
+    failure = next(str(f) for f in host.failures if "half-package" in str(f))
+    assert "HalfTask does not implement build_model, evaluate, make_trainer" in failure
+    assert "half" not in host.registry["task"] and host.task("sft").name == "sft"  # the rest works
