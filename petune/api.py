@@ -328,7 +328,7 @@ class Task(_Plugin):
         return []
 
     # -- estimates: memory before anything loads -----------------------------------------------
-    def model_shape(self, config: "PretrainedConfig") -> ModelShape | None:
+    def model_shape(self, config: PretrainedConfig) -> ModelShape | None:
         """What the memory estimate needs to build this task's model without weights. None
         (the default): the bare base model is estimated, without head or labels, and the plan
         says so."""
@@ -344,7 +344,7 @@ class Task(_Plugin):
         chosen and the rejected answer), for memory estimates. Default: 1."""
         return 1
 
-    def frozen_reference(self, options: Options, strategy: "Strategy") -> bool:
+    def frozen_reference(self, options: Options, strategy: Strategy) -> bool:
         """Whether this task's trainer keeps a frozen copy of the model's weights beside it
         (e.g. DPO's reference model when every weight trains), for memory estimates."""
         return False
@@ -446,8 +446,8 @@ class Strategy(_Plugin):
         epochs × steps per epoch), None when the trainer cannot tell. Called on every run,
         resumed ones included (before the checkpoint's weights are loaded). Default: nothing."""
 
-    def make_optimizer(self, model: "torch.nn.Module", options: Options, optimizer_cls: type,
-                       optimizer_kwargs: dict) -> "torch.optim.Optimizer | None":
+    def make_optimizer(self, model: torch.nn.Module, options: Options, optimizer_cls: type,
+                       optimizer_kwargs: dict) -> torch.optim.Optimizer | None:
         """An optimizer of the recipe's class and settings (``optimizer_kwargs``: ``lr``,
         ``weight_decay``, betas ...) with this strategy's own parameter groups, e.g. LoRA+'s
         higher learning rate for LoRA's B matrices. None (the default): the trainer's own."""
