@@ -10,7 +10,10 @@ Per strategy:
 * qlora — the same on a model loaded with ``BitsAndBytesConfig(load_in_4bit, nf4, double
   quant, bf16 compute)``; *without* ``peft.prepare_model_for_kbit_training`` (it upcasts
   every non-quantised weight to fp32: slower and bigger), unless the case asks for it
-  (``baseline_kbit_prep``).
+  (``baseline_kbit_prep``). The Quickstart case (``own_defaults``) writes the load as
+  bitsandbytes' documentation does instead: ``BitsAndBytesConfig(load_in_4bit, nf4, double
+  quant)`` and nothing else, so it computes in the config's default float32 while the other
+  weights keep the checkpoint's dtype (transformers' default ``dtype="auto"``).
 * adapters — peft has no bottleneck adapters, so the baseline is the *same hand-written
   module* (``petune_plugins.strategies.adapters.add_adapters``) trained in this plain loop:
   it measures petune's pipeline around the adapters, not the adapters themselves.
@@ -39,6 +42,7 @@ from .harness import (
     StepClock,
     TokenCounter,
     dir_size,
+    model_dtypes,
     result_record,
     set_threads,
     synthetic_rows,
@@ -80,7 +84,6 @@ def run(case: Case) -> dict:
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        BitsAndBytesConfig,
         get_linear_schedule_with_warmup,
     )
 
@@ -95,14 +98,7 @@ def run(case: Case) -> dict:
     torch.manual_seed(42)
 
     # -- model --------------------------------------------------------------------------------
-    load = {"dtype": dtype}
-    if case.strategy == "qlora":
-        load["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=options["quant_type"],
-            bnb_4bit_use_double_quant=options["double_quant"],
-            bnb_4bit_compute_dtype=getattr(torch, options["compute_dtype"]),
-            llm_int8_skip_modules=["lm_head"] if causal else ["classifier", "pooler.dense"])
-        load["device_map"] = {"": device}
+    load = load_kwargs(case, options, dtype, causal)
     if causal:
         model = AutoModelForCausalLM.from_pretrained(path, **load)
     else:
@@ -208,12 +204,31 @@ def run(case: Case) -> dict:
                   artifact / "adapter_model.safetensors")
     else:
         model.save_pretrained(artifact)
-    extra = {"trainer": "plain loop"}
+    extra = {"trainer": "plain loop", **model_dtypes(model)}
     if counter is not None:
         extra.update(counter.summary(clock, case.warmup, case.steps), examples=len(examples))
         extra["tokens_per_s"] = extra["useful_tokens_per_s"]
     return result_record(case, clock=clock, memory=memory, trainable=trainable, total=total,
                          artifact_bytes=dir_size(artifact), losses=losses, extra=extra)
+
+
+def load_kwargs(case: Case, options: dict, dtype, causal: bool) -> dict:
+    """``from_pretrained``'s arguments: the suite's shared dtype (and for QLoRA the shared
+    quantisation options), or for the Quickstart case what bitsandbytes' documentation writes."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if case.strategy != "qlora":
+        return {"dtype": dtype}
+    device_map = {"": torch.device(case.device)}
+    if case.own_defaults:
+        return {"quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=options["quant_type"],
+            bnb_4bit_use_double_quant=options["double_quant"]), "device_map": device_map}
+    return {"dtype": dtype, "device_map": device_map, "quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=options["quant_type"], bnb_4bit_use_double_quant=options["double_quant"],
+        bnb_4bit_compute_dtype=getattr(torch, options["compute_dtype"]),
+        llm_int8_skip_modules=["lm_head"] if causal else ["classifier", "pooler.dense"])}
 
 
 def _batches(passes, steps: int):

@@ -54,6 +54,10 @@ class Case:
     #: "" trains on synthetic fixed-length rows; a path to an Alpaca JSON file makes this a
     #: real-length case: those examples, tokenized, cut at ``seq`` (= max_length), loss on the answers
     data: str = ""
+    #: each side with its own defaults instead of the options spelled out below (the Quickstart
+    #: case): petune's recipe defaults (compute_dtype auto); the baseline as bitsandbytes'
+    #: documentation writes it (no compute dtype: float32; no load dtype: the checkpoint's)
+    own_defaults: bool = False
 
     @property
     def probe(self) -> bool:
@@ -350,6 +354,18 @@ def trainer_clock_callback(case: Case, clock: StepClock, meter: Meter, memory: d
 
 
 # -- results --------------------------------------------------------------------------------
+def model_dtypes(model) -> dict:
+    """What a model computes in: its 4-bit layers' compute dtype (None without any) and the
+    dtype of its other weights (the input embedding's)."""
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")  # imported wherever a model holds 4-bit layers
+    compute = bnb and next((str(m.compute_dtype).removeprefix("torch.") for m in model.modules()
+                            if isinstance(m, bnb.nn.Linear4bit)), None)
+    return {"compute_dtype": compute,
+            "weights_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")}
+
+
 def dir_size(path: Path) -> int:
     path = Path(path)
     if path.is_file():

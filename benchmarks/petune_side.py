@@ -12,7 +12,9 @@ Real-length cases (``case.data``): the task reads that Alpaca file itself (``loa
 the model keeps a row's examples apart (else padded), or packed rows for the variant
 ``packing`` — and the Alpaca chat template, the layout the baseline writes by hand, so both
 sides train on the same tokens. The variant ``no-kernels`` sets ``train.kernels = "off"``
-(petune's default uses Liger's fused kernels where they are installed on a GPU).
+(petune's default uses Liger's fused kernels where they are installed on a GPU). The variant
+``no-cpu-bf16`` runs with ``PETUNE_CPU_BF16=0``: what "auto" picks on a CPU without native
+bf16 (float32), measured on one that has it.
 
 Two deliberate differences from ``petune run``, both outside the measured steps:
 checkpoints are not written (``save_strategy = "no"``: the final checkpoint would come after
@@ -30,6 +32,7 @@ from .harness import (
     TokenCounter,
     count_training_steps,
     dir_size,
+    model_dtypes,
     result_record,
     set_threads,
     synthetic_rows,
@@ -81,6 +84,13 @@ def synthetic_task_data(case: Case, tokenizer, vocab_size: int):
 
 
 def run(case: Case) -> dict:
+    if case.variant == "no-cpu-bf16":  # this process only: a case runs in a process of its own
+        import os
+
+        from petune import precision
+
+        os.environ["PETUNE_CPU_BF16"] = "0"
+        precision.cpu_native_bf16.cache_clear()
     meter = Meter(case.device)
     meter.start()
     set_threads(case)
@@ -102,7 +112,9 @@ def run(case: Case) -> dict:
     data_file.write_text('{"prompt": "a", "completion": "b"}\n' if data_file.suffix == ".jsonl" else "text,label\na,0\nb,1\n")
 
     path = model_path(case.shape)
-    recipe = validate(recipe_data(case, str(path), data_file), host, check_paths=False)
+    # the Quickstart case names its model as the recipe does: resolved through petune's sources
+    model_name = SHAPES[case.shape].source if case.own_defaults else str(path)
+    recipe = validate(recipe_data(case, model_name, data_file), host, check_paths=False)
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     if hasattr(runner, "check_recipe"):
         runner.check_recipe(recipe, host, task, strategy)
@@ -134,7 +146,7 @@ def run(case: Case) -> dict:
     runner.prepare_trainer(trainer)
     if case.variant == "plain-loss":
         _plain_loss(trainer)
-    elif case.variant not in ("", "packing", "no-kernels") or (case.variant == "packing" and not case.data):
+    elif case.variant not in ("", "packing", "no-kernels", "no-cpu-bf16") or (case.variant == "packing" and not case.data):
         raise ValueError(f"unknown petune variant {case.variant!r}" + (" (packing needs real-length data)"
                                                                        if case.variant == "packing" else ""))
     counter = TokenCounter() if case.data else None
@@ -146,7 +158,9 @@ def run(case: Case) -> dict:
     artifact = work / strategy.artifact
     strategy.save(trainer.model, artifact)
     extra = {"trainer": type(trainer).__name__, "kernels": "liger" if trainer.args.use_liger_kernel else "off",
-             "tokens_seen": int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)}
+             "tokens_seen": int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
+             "precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32",
+             **model_dtypes(trainer.model)}
     if counter is not None:
         extra.update(counter.summary(clock, case.warmup, case.steps), examples=len(data.train))
         extra["tokens_per_s"] = extra["useful_tokens_per_s"]

@@ -5,8 +5,10 @@
 * ``small-llama`` / ``small-bert``: ~20M-parameter CPU shapes, big enough that memory and
   step time are the model's rather than the interpreter's.
 * ``llama-3.2-1b`` / ``llama-3-8b``: the published Llama shapes (config values only), for GPU.
+* ``gemma-3-270m``: the packaged Gemma 3 270M itself (real weights, resolved through petune's
+  model sources as the Quickstart does), for the Quickstart case (``--cases quickstart``).
 
-Every shape except the ``random:`` ones is written once to petune's cache
+Every shape without a ``source`` is written once to petune's cache
 (``~/.cache/petune/bench/<shape>-v<N>``) as a normal transformers folder: config, random
 weights (seed 0) and a small tokenizer borrowed from the tiny random model of the same
 family. Both sides of the benchmark load that same folder with ``from_pretrained``.
@@ -25,10 +27,10 @@ _VERSION = 1  # bump when a config below changes
 @dataclass(frozen=True)
 class Shape:
     name: str
-    family: str  # "llama" (causal LM, task sft) | "bert" (encoder, task classification)
+    family: str  # "llama" (a causal LM, Gemma too: task sft) | "bert" (encoder, task classification)
     device: str  # where the suite runs it: "cpu" | "cuda"
     config: dict = field(default_factory=dict)
-    source: str | None = None  # a petune model name that already exists (random:tiny-*)
+    source: str | None = None  # a petune model name that already exists (random:tiny-*, gemma-3-270m)
     #: default batch × sequence length for this shape
     batch: int = 2
     seq: int = 128
@@ -65,6 +67,8 @@ SHAPES: dict[str, Shape] = {s.name: s for s in [
     Shape("llama-3-8b", "llama", "cuda", batch=2, seq=2048, real_seq=2048, config={
         **_LLAMA_3, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "head_dim": 128,
         "tie_word_embeddings": False}),
+    # the Quickstart's (recipes/qlora_sft.toml): batch_size 4, max_length 128
+    Shape("gemma-3-270m", "llama", "cpu", source="gemma-3-270m", batch=4, seq=128),
 ]}
 
 SMOKE_SHAPES = ("tiny-llama", "tiny-bert")
@@ -93,8 +97,13 @@ def model_path(shape: Shape | str, device: str = "cpu") -> Path:
     from petune.models import cache_dir
 
     shape = SHAPES[shape] if isinstance(shape, str) else shape
-    if shape.source is not None:
+    if shape.source is not None and shape.source.startswith("random:"):
         return RandomInitSource().resolve(shape.source)
+    if shape.source is not None:  # through petune's model sources (a packaged GGUF converts once)
+        from petune.models import resolve_model
+        from petune.plugins import get_host
+
+        return resolve_model(shape.source, get_host().model_sources()).path
     path = cache_dir("bench") / f"{shape.name}-v{_VERSION}"
     if (path / "petune_bench.json").exists():
         return path

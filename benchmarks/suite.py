@@ -89,7 +89,7 @@ def plan(*, smoke: bool = False, device: str = "auto", shapes: list[str] | None 
 
 #: the real instruction set whose token lengths the real-length cases train on
 REAL_DATA = Path("alpaca") / "alpaca_data_random1k.json"
-CASE_KINDS = ("fixed", "real-length")
+CASE_KINDS = ("fixed", "real-length", "quickstart")
 #: the petune variants of a real-length group, each against the same baseline
 REAL_LENGTH_VARIANTS = ("", "packing")
 
@@ -145,6 +145,37 @@ def plan_real_length(*, smoke: bool = False, device: str = "cpu", shapes: list[s
     return groups
 
 
+#: the Quickstart job (recipes/qlora_sft.toml, which a test keeps this in step with): its model
+#: (whose shape holds the recipe's batch_size and max_length) and its [strategy] table
+QUICKSTART_SHAPE = "gemma-3-270m"
+QUICKSTART_STRATEGY = {"name": "qlora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear",
+                       "quant_type": "nf4", "double_quant": True}
+
+
+def plan_quickstart(*, steps: int | None = None, warmup: int | None = None, threads: int | None = None,
+                    batch: int | None = None, seq: int | None = None, work_dir: Path = DEFAULT_OUT / "work") -> list[tuple]:
+    """One group, the Quickstart's QLoRA shape on CPU, each side with its own defaults: petune
+    (compute_dtype auto); petune with the loss from full logits (variant ``plain-loss``: the
+    sft task's "auto" loss is TRL's chunked one for Gemma's 262k-token vocabulary); on a CPU
+    with native bf16 also petune as "auto" runs where bf16 is emulated (float32, variant
+    ``no-cpu-bf16``); and the plain loop as bitsandbytes' documentation writes it (compute
+    dtype float32). No gradient checkpointing: the recipe leaves petune's default (off)."""
+    harness, shape_mod = _benchmarks()
+    from petune import precision
+
+    shape = shape_mod.SHAPES[QUICKSTART_SHAPE]
+    options = {k: v for k, v in QUICKSTART_STRATEGY.items() if k != "name"}
+    common = {"shape": shape.name, "strategy": QUICKSTART_STRATEGY["name"], "batch": batch or shape.batch,
+              "seq": seq or shape.seq, "steps": steps or 4, "warmup": 1 if warmup is None else warmup,
+              "gradient_checkpointing": False, "device": "cpu", "threads": threads or 1,
+              "strategy_options": options, "own_defaults": True}
+    variants = ["", "plain-loss", *(["no-cpu-bf16"] if precision.cpu_native_bf16() else [])]  # else: float32 already
+    cases = [harness.Case(side="petune", variant=v, work_dir=str(Path(work_dir) / f"quickstart-petune{'-' + v if v else ''}"),
+                          **common) for v in variants]
+    cases.append(harness.Case(side="baseline", work_dir=str(Path(work_dir) / "quickstart-baseline"), **common))
+    return [tuple(cases)]
+
+
 def run_groups(groups, runner, *, progress: bool = True) -> list[dict]:
     """Run every case of every group (alternating whether the baseline goes first); rows in
     plan order."""
@@ -157,8 +188,9 @@ def run_groups(groups, runner, *, progress: bool = True) -> list[dict]:
                 err.print(f"[dim]bench[/] {escape(case.label)} ...", end=" ")
             result = runner.run(case)
             if progress:
-                err.print(f"{result['useful_tokens_per_s']:,.0f} useful tok/s" if result.get("ok")
-                          else f"[red]failed[/]: {escape(result.get('error', '?'))[:200]}")
+                err.print(f"[red]failed[/]: {escape(result.get('error', '?'))[:200]}" if not result.get("ok")
+                          else f"{result['useful_tokens_per_s']:,.0f} useful tok/s" if "useful_tokens_per_s" in result
+                          else f"{result['median_step_cpu_s']:.2f} CPU s/step, peak RSS {_fmt_mem(result['peak_bytes'])}")
             results[id(case)] = result
         rows += [results[id(case)] for case in group]
     return rows
@@ -728,10 +760,71 @@ def real_length_table(rows: list[dict], title: str) -> Table:
     return table
 
 
+def cpu_capability_line() -> str:
+    """What decides the CPU's dtypes, as torch reports it (beside every CPU figure)."""
+    import torch
+
+    from petune import precision
+
+    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: None)()
+    return (f"CPU capability {torch.backends.cpu.get_cpu_capability()}, AVX512-BF16 {bf16}; petune's auto dtype "
+            f"on this CPU: {precision.auto('cpu').dtype}")
+
+
+def quickstart_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Columns and cells of the Quickstart table (one line per side; the baseline last)."""
+    cols = ["shape / strategy", "side", "computes in", "b×seq", "step (wall)", "CPU s/step", "peak RSS", "tensors",
+            "×CPU time", "×peak RSS"]
+    base = rows[-1] if rows and rows[-1].get("ok") else None
+    lines = []
+    for i, row in enumerate(rows):
+        case = row["case"]
+        name = f"{case['shape']} / {case['strategy']}" if i == 0 else ""
+        side = ("petune (defaults)" if not case.get("variant") else f"petune ({case['variant']})") \
+            if case["side"] == "petune" else "baseline (bitsandbytes' docs)"
+        head = [name, side]
+        if not row.get("ok"):
+            lines.append(head + [f"failed: {str(row.get('error', '?'))[:80]}"] + [""] * (len(cols) - 3))
+            continue
+        computes = f"4-bit → {row.get('compute_dtype')}, weights {row.get('weights_dtype')}"
+        if row.get("precision"):
+            computes += f", {row['precision']} autocast" if row["precision"] != "fp32" else ", no autocast"
+        ratios = ["", ""] if row is base or base is None else [
+            f"{row['median_step_cpu_s'] / base['median_step_cpu_s']:.2f}", f"{row['peak_bytes'] / base['peak_bytes']:.2f}"]
+        lines.append(head + [computes, f"{case['batch']}×{case['seq']}", f"{row['median_step_s']:.2f} s",
+                             f"{row['median_step_cpu_s']:.2f}", _fmt_mem(row["peak_bytes"]),
+                             _fmt_mem(row.get("tensor_peak")), *ratios])
+    return cols, lines
+
+
+QUICKSTART_NOTE = ("step: median over the measured steps (one torch thread); CPU s/step: the process's CPU time per "
+                   "step; peak RSS: growth of the resident set over the process's RSS before the model loaded "
+                   "(load + training); tensors: peak of live tensors in one profiled step; ×: this row / the "
+                   "baseline.")
+
+
+def quickstart_markdown(rows: list[dict]) -> str:
+    cols, lines = quickstart_rows(rows)
+    out_lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i < 3 else "---:" for i in range(len(cols))) + "|"]
+    out_lines += ["| " + " | ".join(cells) + " |" for cells in lines]
+    return "\n".join([*out_lines, "", QUICKSTART_NOTE]) + "\n"
+
+
+def quickstart_table(rows: list[dict], title: str) -> Table:
+    cols, lines = quickstart_rows(rows)
+    table = Table(title=title, title_justify="left", caption=QUICKSTART_NOTE, caption_justify="left")
+    for i, col in enumerate(cols):
+        table.add_column(col, justify="left" if i < 3 else "right")
+    for cells in lines:
+        table.add_row(*(escape(c) for c in cells))
+    return table
+
+
 def environment() -> dict:
     from petune.artifacts import device_description, now, package_versions
 
     return {"date": now(), "device": device_description(), "versions": package_versions(),
+            "cpu_capability": cpu_capability_line(),
             "command": "petune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("petune") else " ".join(sys.argv)}
 
 
@@ -774,11 +867,13 @@ def run_suite(*, out_dir: Path = DEFAULT_OUT, smoke: bool = False, device: str =
                               warmup=warmup, threads=threads, batch=batch, seq=seq,
                               gradient_checkpointing=gradient_checkpointing, work_dir=out_dir / "work",
                               data=data) if "real-length" in cases else []
+    quickstart = plan_quickstart(steps=steps, warmup=warmup, threads=threads, batch=batch, seq=seq,
+                                 work_dir=out_dir / "work") if "quickstart" in cases else []
     from .shapes import ensure_built
 
-    # random-weight folders, built once, before timing
-    ensure_built(dict.fromkeys([a.shape for a, _ in pairs] + [g[0].shape for g in groups]))
-    first = pairs[0][0] if pairs else groups[0][0] if groups else None
+    # random-weight folders, built once, before timing (and the packaged Gemma, converted once)
+    ensure_built(dict.fromkeys([a.shape for a, _ in pairs] + [g[0].shape for g in groups + quickstart]))
+    first = pairs[0][0] if pairs else (groups + quickstart)[0][0] if groups or quickstart else None
     device_used = first.device if first else "cpu"
     with CaseRunner(out_dir / "logs", device_used) as runner:  # a CPU worker imports torch & co. while we predict
         from .harness import Case
@@ -789,6 +884,8 @@ def run_suite(*, out_dir: Path = DEFAULT_OUT, smoke: bool = False, device: str =
         results = {"environment": environment(), "smoke": smoke, "rows": rows}
         if groups:
             results["real_length"] = run_groups(groups, runner, progress=progress)
+        if quickstart:
+            results["quickstart"] = run_groups(quickstart, runner, progress=progress)
         if max_context is None:
             max_context = (device_used == "cuda" and not smoke and "fixed" in cases
                            and (shapes is None or "llama-3-8b" in shapes))
@@ -817,7 +914,9 @@ def results_markdown(results: dict) -> str:
     parts = [markdown_table(results)] if results.get("rows") else [environment_line(env) + "\n"]
     if results.get("real_length"):
         parts.append("Real lengths (Alpaca examples, loss on the answers):\n\n" + real_length_markdown(results["real_length"]))
-    elif not results.get("rows"):
+    if results.get("quickstart"):
+        parts.append(f"{env.get('cpu_capability', '')}\n\n" + quickstart_markdown(results["quickstart"]))
+    if not (results.get("rows") or results.get("real_length") or results.get("quickstart")):
         parts.append("No case ran.\n")
     return "\n".join(parts)
 
@@ -877,6 +976,9 @@ def cmd_bench(args) -> int:
         _print_wide(results_table(results["rows"], f"petune bench — {env['device']}, {env['date']}"))
     if results.get("real_length"):
         _print_wide(real_length_table(results["real_length"], f"petune bench, real lengths — {env['device']}"))
+    if results.get("quickstart"):
+        _print_wide(quickstart_table(results["quickstart"], f"petune bench, Quickstart QLoRA — {env['device']}, "
+                                                            f"{env['cpu_capability']}"))
     s = results["summary"]
     if s["median_step_time_ratio"]:
         out.print(f"median petune/baseline step time ×{s['median_step_time_ratio']:.3f}, "
@@ -888,7 +990,8 @@ def cmd_bench(args) -> int:
                   + (f" (fails at {mc['first_failing_seq']})" if mc["first_failing_seq"] else ""))
     err.print(f"wrote {escape(str(Path(args.out) / 'results.json'))}"
               + (f" and {escape(results['chart'])}" if results.get("chart") else ""))
-    failed = [r for r in results["rows"] + results.get("real_length", []) if not r.get("ok")]
+    failed = [r for r in results["rows"] + results.get("real_length", []) + results.get("quickstart", [])
+              if not r.get("ok")]
     return 1 if failed and args.smoke else 0
 
 
@@ -905,7 +1008,7 @@ def add_to(sub) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny models, 3 steps: a quick check (CI)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--shapes", type=lambda s: s.split(","), help="comma-separated: tiny-llama,tiny-bert,small-llama,"
-                                                                 "small-bert,llama-3.2-1b,llama-3-8b")
+                                                                 "small-bert,llama-3.2-1b,llama-3-8b,gemma-3-270m")
     p.add_argument("--strategies", type=lambda s: s.split(","), help="comma-separated (default: all five)")
     p.add_argument("--steps", type=int, help="measured steps per case (default 6; smoke 2)")
     p.add_argument("--warmup", type=int, help="steps dropped before measuring (default 2; smoke 1)")
@@ -924,7 +1027,9 @@ def add_to(sub) -> None:
     p.add_argument("--cases", type=lambda s: s.split(","), default=["fixed"],
                    help="comma-separated: fixed (synthetic fixed-length rows, every strategy; the default), "
                         "real-length (Alpaca's token lengths: useful tokens/s, petune's defaults and packing vs "
-                        "padded batches; LoRA unless --strategies)")
+                        "padded batches; LoRA unless --strategies), quickstart (the Quickstart's QLoRA on the "
+                        "packaged Gemma 3 270M, each side with its own defaults: petune's compute_dtype auto "
+                        "against bitsandbytes' documented float32)")
     p.add_argument("--data", type=Path, help="Alpaca JSON for the real-length cases (default: shared/data's "
                                              "alpaca_data_random1k.json, or $PETUNE_BENCH_DATA)")
     p.add_argument("--predict-only", action="store_true",

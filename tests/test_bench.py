@@ -240,3 +240,59 @@ def test_real_length_table_compares_useful_tokens_per_cpu_second():
     assert lines[3].startswith("|  | baseline") and lines[3].endswith("|  |")
     failed = dict(rows[1], ok=False, error="boom")
     assert "failed: boom" in bench.real_length_markdown([rows[0], failed, rows[2]])
+
+
+# -- the Quickstart case ---------------------------------------------------------------------------
+def test_quickstart_case_is_the_recipe_with_each_side_defaults(tmp_path, monkeypatch):
+    """`petune bench --cases quickstart` trains recipes/qlora_sft.toml's model, batch, length and
+    [strategy]: petune with its defaults (compute_dtype auto), the plain loop with bitsandbytes'
+    (compute dtype float32). Planned only: nothing loads the model."""
+    import tomllib
+    from pathlib import Path
+
+    import torch
+
+    from benchmarks import baseline, petune_side
+    from benchmarks.shapes import SHAPES
+    from petune import precision
+    from petune.plugins import get_host
+    from petune.recipe import validate
+
+    toml = tomllib.loads((Path(__file__).resolve().parents[1] / "recipes" / "qlora_sft.toml").read_text())
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: True)
+    (group,) = bench.plan_quickstart(work_dir=tmp_path)
+    assert [(c.side, c.variant) for c in group] == [("petune", ""), ("petune", "plain-loss"), ("petune", "no-cpu-bf16"),
+                                                     ("baseline", "")]
+    assert SHAPES[group[0].shape].source == toml["model"]["name"] == "gemma-3-270m"
+    quickstart = validate(toml, get_host(), check_paths=False)
+    for case in group:
+        assert case.own_defaults and case.device == "cpu" and case.strategy == toml["strategy"]["name"]
+        assert (case.batch, case.seq) == (toml["train"]["batch_size"], toml["task"]["max_length"])
+        assert case.strategy_options == {k: v for k, v in toml["strategy"].items() if k != "name"}
+        assert case.gradient_checkpointing == quickstart.train.gradient_checkpointing
+    assert len({c.work_dir for c in group}) == 4
+
+    petune_recipe = validate(petune_side.recipe_data(group[0], "gemma-3-270m", tmp_path / "x.jsonl"), get_host(),
+                             check_paths=False)
+    assert petune_recipe.strategy.compute_dtype == "auto" and petune_recipe.model.dtype == "auto"
+    load = baseline.load_kwargs(group[-1], group[-1].strategy_options, torch.float32, causal=True)
+    config = load["quantization_config"]
+    assert "dtype" not in load and config.bnb_4bit_compute_dtype == torch.float32  # bitsandbytes' default
+    assert (config.bnb_4bit_quant_type, config.bnb_4bit_use_double_quant) == ("nf4", True)
+
+    monkeypatch.setattr(precision, "cpu_native_bf16", lambda: False)  # float32 already: no second petune row
+    assert [c.variant or c.side for c in bench.plan_quickstart(work_dir=tmp_path)[0]] == ["petune", "plain-loss",
+                                                                                          "baseline"]
+
+
+def test_quickstart_table_compares_each_side_with_the_baseline():
+    def row(side, variant, cpu_s, peak, compute):
+        return {"case": {"shape": "gemma-3-270m", "strategy": "qlora", "side": side, "variant": variant, "batch": 4,
+                         "seq": 128}, "ok": True, "median_step_s": cpu_s * 1.1, "median_step_cpu_s": cpu_s,
+                "peak_bytes": peak, "tensor_peak": peak // 2, "compute_dtype": compute, "weights_dtype": "bfloat16"}
+
+    rows = [row("petune", "", 2.0, 2**30, "bfloat16"), row("baseline", "", 4.0, 2**31, "float32")]
+    lines = [line for line in bench.quickstart_markdown(rows).splitlines() if line.startswith("| ")]
+    assert "petune (defaults)" in lines[1] and "4-bit → bfloat16" in lines[1] and lines[1].endswith("| 0.50 | 0.50 |")
+    assert "bitsandbytes' docs" in lines[2] and lines[2].endswith("|  |  |")
+    assert "failed: boom" in bench.quickstart_markdown([dict(rows[0], ok=False, error="boom"), rows[1]])
