@@ -267,6 +267,7 @@ _EXPECTED = {
 class _Problems:
     def __init__(self, path: Path | None, text: str | None, overridden: set[str]):
         self.path, self.text, self.overridden, self.items = path, text, overridden, []
+        self.fields: list[tuple[str, str]] = []  # (dotted key, message): for tools that show each beside its field
 
     def add(self, dotted: str, message: str) -> None:
         where = str(self.path) if self.path else "recipe"
@@ -281,6 +282,7 @@ class _Problems:
         elif dotted in self.overridden:
             where += " (--set)"
         self.items.append(f"{where}: {dotted}: {message}")
+        self.fields.append((dotted, message))
 
     def unknown(self, prefix: str, key: str, valid: list[str]) -> None:
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
@@ -310,7 +312,9 @@ class _Problems:
         if self.items:
             head = "recipe is not valid" if len(self.items) > 1 else self.items[0]
             body = "\n".join(f"  {line}" for line in self.items) if len(self.items) > 1 else ""
-            raise RecipeError(head + ("\n" + body if body else ""))
+            error = RecipeError(head + ("\n" + body if body else ""))
+            error.problems = list(self.fields)
+            raise error
 
 
 def _schema_at(schema: type[Options], path: list[str]) -> type[Options] | None:
