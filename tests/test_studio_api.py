@@ -284,6 +284,8 @@ def test_a_run_launched_streamed_stopped_resumed_and_compared(client, tmp_path):
     assert [r["dir"] for r in compared["runs"]] == ["runs/tiny", "runs/tiny"]
     assert compared["runs"][0]["log_history"]
     assert client.get("/api/compare").status_code == 400
+    assert client.post("/api/run/serve", json={"path": "data"}).status_code == 404  # not a run folder
+    assert client.post("/api/run/command", json={"path": "runs/tiny", "command": "rm"}).status_code == 400
     jobs = client.get("/api/jobs").json()["jobs"]
     assert [j["status"] for j in jobs] == ["interrupted", "completed"][: len(jobs)] or len(jobs) == 3
     assert client.get(f"/api/jobs/{job['id']}").json()["log"]

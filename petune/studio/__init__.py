@@ -68,6 +68,8 @@ def cmd_studio(args) -> int:
         server.run()
     finally:
         jobs.close()
+        for proc, _ in app.state.servers.values():  # the chat servers it started end with it
+            proc.terminate()
     if not server.started:
         raise UserError(f"could not listen on {args.host}:{args.port}", where="--port",
                         hint="pick another port (--port 0 takes any free one)")

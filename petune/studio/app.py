@@ -581,6 +581,36 @@ def create_app(workspace: Path, *, jobs: JobQueue, host=None, api_key: str | Non
         job = jobs.submit(args, kind=command, output=out)
         return JSONResponse(job.to_json(), status_code=201)
 
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
+    app.state.servers = servers
+
+    @app.post("/api/run/serve")
+    async def serve_run(request: Request):
+        """``petune serve RUN`` on a free loopback port, as a process: its playground chats with
+        (or predicts with) the run. One server per run, kept until the studio stops."""
+        body = await body_of(request)
+        path = run_dir(body.get("path"))
+        rel = relative(workspace, path)
+        if rel in servers and servers[rel][0].poll() is None:
+            return {"url": servers[rel][1], "started": False}
+        return await run_in_threadpool(start_server, path, rel)
+
+    def start_server(path: Path, rel: str) -> dict:
+        import socket
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        log = workspace / STATE_DIR / f"serve-{path.name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "petune", "serve", rel, "--port", str(port)], cwd=workspace,
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        url = f"http://127.0.0.1:{port}/?run={path.name}"
+        servers[rel] = (proc, url)
+        return {"url": url, "started": True, "log": relative(workspace, log)}
+
     @app.get("/api/file")
     async def get_file(path: str | None = None):
         file = inside(workspace, path, "path", must_exist=True)

@@ -410,6 +410,7 @@ async function showRun(dir) {
   $("run-status").textContent = run.status;
   $("run-status").className = "badge " + run.status;
   $("serve-cmd").textContent = `petune serve ${run.dir}`;
+  $("chat-link").hidden = true;
   const metrics = $("run-metrics");
   metrics.replaceChildren();
   for (const [split, values] of Object.entries(run.metrics || {})) {
@@ -507,6 +508,16 @@ async function start() {
   $("clone").addEventListener("click", cloneRun);
   $("merge").addEventListener("click", () => runCommand("merge"));
   $("export").addEventListener("click", () => runCommand("export"));
+  $("chat").addEventListener("click", async () => {
+    try {
+      const answer = await api("POST", "/api/run/serve", { path: state.run.dir });
+      const link = $("chat-link");
+      link.href = answer.url;
+      link.textContent = "open the playground (it loads the model first)";
+      link.hidden = false;
+      window.open(answer.url, "_blank");
+    } catch (e) { notice(e.message); }
+  });
   try {
     const info = await api("GET", "/api/info");
     $("workspace").textContent = info.workspace;
