@@ -274,10 +274,8 @@ def prepare(task: Task, method: str, options: Options, tokenizer, load: Callable
     with _preparing(num_proc, root / SCRATCH):  # beside the entries: what is kept moves by a rename
         data = load(tokenizer)
     seconds = time.perf_counter() - started
-    stored = write_entry(entry, key, data, tokenizer, seconds)
-    if stored is None:
-        return Prepared(data, tokenizer, "not cached (the task's data is not datasets.Dataset splits)")
-    return Prepared(stored, tokenizer, f"built in {seconds:.1f} s, stored in {entry}")
+    data, note = write_entry(entry, key, data, tokenizer, seconds)
+    return Prepared(data, tokenizer, note)
 
 
 def usable_root(root: Path | None) -> Path | None:
@@ -359,25 +357,28 @@ def _load_splits(entry: Path, meta: dict) -> TaskData:
     return TaskData(**{"train": None, **splits}, state=meta["state"], notes=meta["notes"])
 
 
-def write_entry(entry: Path, key: dict, data: TaskData, tokenizer, seconds: float) -> TaskData | None:
+def write_entry(entry: Path, key: dict, data: TaskData, tokenizer, seconds: float) -> tuple[TaskData, str]:
     """Store ``data`` and ``tokenizer`` as ``entry`` (atomically: a temporary folder renamed
-    into place) and return the data read back memory-mapped; None when it cannot be cached."""
+    into place). Returns the data to train on — read back memory-mapped when it was stored,
+    else ``data`` itself — and what happened, for the plan."""
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()  # "Saving the dataset": petune says what it does in the plan
+    built = f"built in {seconds:.1f} s"
     splits = {name: getattr(data, name) for name in SPLITS if getattr(data, name) is not None}
     try:
         meta = {"key": json.loads(json.dumps(key, default=str)), "state": data.state, "notes": data.notes,
                 "splits": {name: len(split) for name, split in splits.items()}, "created": time.time(),
                 "seconds": round(seconds, 3)}
         text = json.dumps(meta, indent=1)
-        if json.loads(text)["state"] != data.state or json.loads(text)["notes"] != data.notes:
-            return None  # tuples and the like would not come back as they were
+        kept = json.loads(text)["state"] == data.state and json.loads(text)["notes"] == data.notes
     except (TypeError, ValueError):
-        return None
+        kept = False
+    if not kept:  # tuples and the like would not come back as they were
+        return data, f"{built}, not cached (the task's state or notes are not plain JSON)"
     if not all(isinstance(split, Dataset) for split in splits.values()):
-        return None
+        return data, f"{built}, not cached (the task's data is not datasets.Dataset splits)"
     tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True)
@@ -388,13 +389,14 @@ def write_entry(entry: Path, key: dict, data: TaskData, tokenizer, seconds: floa
         text = json.dumps(meta, indent=1)
         (tmp / "meta.json").write_text(text, encoding="utf-8")  # last: an entry without it is not whole
         stored = _put_in_place(tmp, entry, key)
-        return _load_splits(stored, json.loads((stored / "meta.json").read_text(encoding="utf-8")))
+        return _load_splits(stored, json.loads((stored / "meta.json").read_text(encoding="utf-8"))), \
+            f"{built}, stored in {stored}"
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_main_process():
             err.print(f"[yellow]warning[/]: could not store the prepared data in the cache ({exc}); "
                       "the run goes on without it")
-        return data
+        return data, f"{built}, not stored ({type(exc).__name__}: {exc.strerror or exc})"
 
 
 def _put_in_place(tmp: Path, entry: Path, key: dict) -> Path:
@@ -424,7 +426,9 @@ def _store_split(split, folder: Path, name: str) -> None:
     """``folder/name.arrow`` when the split is one Arrow file on disk as it is (tasks that
     tokenize through ``encoding.encode_split``, whose scratch file it is): the file is moved,
     never read through this process's memory, so a large split costs no RSS here. Any other
-    split (in memory, or a selection of a file): ``save_to_disk`` as ``folder/name``."""
+    split (in memory, or a selection of a file): ``save_to_disk`` as ``folder/name``.
+    datasets has no public way to ask "is this exactly one file?": the private attributes
+    read here are checked against datasets' behaviour by tests/test_data_cache.py."""
     from datasets.table import MemoryMappedTable
 
     table = split.data

@@ -15,7 +15,7 @@ from petune import datacache
 from petune.api import TaskData
 from petune.recipe import DataSection, validate
 
-pytest.importorskip("datasets")
+import datasets  # noqa: F401, E402
 
 ROWS = [{"instruction": f"what is {a} plus {b} ?", "output": f"{a + b}"} for a in range(4) for b in range(3)]
 
@@ -400,3 +400,43 @@ def test_validate_refuses_a_cache_dir_that_is_a_file_and_resolves_relative_ones(
         validate({**base, "data": {"cache_dir": "cachefile"}}, host, path=tmp_path / "recipe.toml")
     recipe = validate({**base, "data": {"cache_dir": "tokens"}}, host, path=tmp_path / "recipe.toml")
     assert recipe.data.cache_dir == str(tmp_path / "tokens")  # beside the recipe, like data paths
+
+
+def test_store_split_moves_only_a_split_that_is_exactly_one_file(tmp_path):
+    """_store_split reads datasets' private ``_indices`` and ``table.replays`` (no public API
+    says "this split is one file as it is"): a datasets release that changes them fails here."""
+    from datasets import Dataset
+
+    source = Dataset.from_dict({"input_ids": [[1, 2], [3], [4, 5, 6]], "n": [2, 1, 3]})
+    source.save_to_disk(str(tmp_path / "src"))
+    arrow = next((tmp_path / "src").glob("*.arrow"))
+
+    def stored(split, name):
+        folder = tmp_path / name
+        folder.mkdir()
+        datacache._store_split(split, folder, "train")
+        return sorted(p.name for p in folder.iterdir())
+
+    for name, split in {"selected": Dataset.from_file(str(arrow)).select([2, 0]),
+                        "renamed": Dataset.from_file(str(arrow)).rename_column("n", "length"),
+                        "formatted": Dataset.from_file(str(arrow)).with_format("torch"),
+                        "in memory": Dataset.from_dict({"n": [1]})}.items():
+        assert stored(split, name) == ["train"], name  # save_to_disk: the file is not the split
+        assert arrow.exists()
+    # map() writes a file of its own beside the source: that file is the split, and moves
+    mapped = Dataset.from_file(str(arrow)).map(lambda r: {"n": r["n"] + 1})
+    assert stored(mapped, "mapped") == ["train.arrow"] and arrow.exists()
+    whole = Dataset.from_file(str(arrow))
+    assert stored(whole, "whole") == ["train.arrow"] and not arrow.exists()  # moved, never read through memory
+
+
+def test_a_failed_store_says_so_in_the_plan(host, sft, tmp_path, cache, tiny_llama_path, monkeypatch):
+    write_jsonl(tmp_path / "train.jsonl")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(datacache, "_store_split", full_disk)
+    prepared = prepare(sft, sft_options(host, tmp_path), tiny_llama_path)
+    assert "not stored (OSError: No space left on device)" in prepared.note and "stored in" not in prepared.note
+    assert len(prepared.data.train) + len(prepared.data.validation or []) == len(ROWS)
