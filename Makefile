@@ -24,8 +24,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/petune run recipes/qlora_sft.toml --overwrite
 
+# a worker per core (tests use their own temp folders and ports); a file's tests stay on one
+# worker so its module fixtures (e.g. one short Gemma run several tests read) are built once
+JOBS ?= auto
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(JOBS) --dist loadfile --durations=15
 
 bench: setup
 	$(VENV)/bin/petune bench --smoke
