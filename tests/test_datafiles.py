@@ -285,3 +285,22 @@ def test_seq2seq_quoting_option(tmp_path):
     assert pairs[0].source == '" Hi , " she said .' and pairs[0].references == ['" Hallo , " sagte sie .']
     with pytest.raises(DataError, match="cannot parse"):
         read_pairs(DataFile(path=path), Seq2SeqOptions.model_validate({"train": str(path), "quoting": "csv"}))
+
+
+def test_one_json_parser_for_records_and_any_values():
+    """datafiles reads JSON for every task: objects for records, any value for the chat tasks
+    (prompts given as strings), each with the line it starts on and its index in an array."""
+    text = '[\n  "a prompt",\n  {"prompt": "x",\n   "completion": "y"}\n]\n'
+    values = list(datafiles.iter_json_text(text, "p.json", objects=False))
+    assert values == [datafiles.JsonValue("a prompt", "p.json:2", 0),
+                      datafiles.JsonValue({"prompt": "x", "completion": "y"}, "p.json:3", 1)]
+    assert [v.where for v in datafiles.iter_json_text('"a"\n\n{"b": 1}\n', "p.jsonl", objects=False)] == [
+        "p.jsonl:1", "p.jsonl:3"]
+    with pytest.raises(DataError, match="item 1 of the array is a string"):
+        datafiles.parse_json_records(text, "p.json")
+    assert [r.where for r in datafiles.parse_json_records(text.replace('"a prompt"', "{}"), "p.json")] == [
+        "p.json:2", "p.json:3"]
+    with pytest.raises(DataError, match="invalid JSON after item 1") as err:
+        list(datafiles.iter_json_array('[{"a": 1}\n {"a": 2}]', "q.json"))
+    assert err.value.where == "q.json:2"
+    assert datafiles.json_type(1.5) == "a number" and datafiles.json_type(True) == "true/false"

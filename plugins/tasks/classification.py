@@ -305,7 +305,7 @@ def _examples_from_records(records: Iterator[datafiles.Record], settings: FileSe
                             hint="fields of this record: " + (", ".join(record) or "none"))
         value = record[name]
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise DataError(f"field {name!r} is {datafiles._json_type(value)}, expected text", where=record.where)
+            raise DataError(f"field {name!r} is {datafiles.json_type(value)}, expected text", where=record.where)
         if isinstance(value, float) and value.is_integer():
             value = int(value)  # label 1.0 and label 1 are the same class
         return str(value).strip()
@@ -561,7 +561,7 @@ def _check_label_column(train: Sequence[Example] | Spool, labels: list[str], set
         raise DataError(f"the training data has a single label ({labels[0]!r}); a classifier needs at least two",
                         where=source, hint="check task.label_column, or that max_rows does not cut off the other classes")
     if len(train) >= 20 and len(labels) > 0.5 * len(train):
-        examples = ", ".join(repr(datafiles._shorten(x, 30)) for x in labels[:3])
+        examples = ", ".join(repr(datafiles.shorten(x, 30)) for x in labels[:3])
         raise DataError(f"the label column has {len(labels)} different values in {len(train)} rows ({examples}, ...): "
                         "it looks like text, not labels", where=source,
                         hint="set task.label_column (and task.text_column) to the right columns")

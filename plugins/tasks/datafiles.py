@@ -25,6 +25,9 @@ The API, for any task::
     text_lines(text) -> the same pairs for text already read (stdin)
     parse_table(lines, source, ...) / parse_jsonl(lines, source, ...)  # readers over such pairs
     parse_json_records(text, source, ...)
+    iter_json_text(text, source, objects=False) / iter_json_lines / iter_json_array
+        # any JSON values (not only objects) as JsonValue(value, where, index): the one JSON parser
+    json_type(value) -> "an object" | "a list" | ...   # for messages
 
 ``Record`` is a ``dict`` and ``Row`` a ``list`` of strings; both carry ``.where``
 (``"file:line"``, or ``"file:row"``) so a later check can point at the exact record.
@@ -38,7 +41,6 @@ ones ``"csv"`` only when the file's first lines really hold quoted fields (see
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import csv
 import itertools
@@ -48,7 +50,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from petune.errors import DataError
 
@@ -140,7 +142,7 @@ class Table:
         if self.columns is not None:
             return "columns are: " + ", ".join(f"{i}={name!r}" for i, name in enumerate(self.columns))
         first = self.rows[0] if self.rows else []
-        preview = ", ".join(f"{i}={_shorten(v)!r}" for i, v in enumerate(first))
+        preview = ", ".join(f"{i}={shorten(v)!r}" for i, v in enumerate(first))
         return f"no header; the first row is: {preview}"
 
 
@@ -149,7 +151,8 @@ def where(source: str | Path, line: int | None = None) -> str:
     return f"{source}:{line}" if line else str(source)
 
 
-def _shorten(text: str, limit: int = 40) -> str:
+def shorten(text: str, limit: int = 40) -> str:
+    """``text``, cut to ``limit`` characters with "..." when longer (for messages)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -499,7 +502,7 @@ def parse_table(lines: Iterable[tuple[int, str]], source: str, *, delimiter: str
             hint = f"a field that contains {name} must be quoted (\"...\")"
             hint += ' and read with quoting = "csv"' if quoting == "none" else ""
             raise DataError(f"this row has {len(fields)} field(s), {what}", where=where(source, start),
-                            hint=f"{hint}; row: {_shorten(delimiter.join(fields), 80)!r}")
+                            hint=f"{hint}; row: {shorten(delimiter.join(fields), 80)!r}")
         rows.append(Row.at(fields, where(source, start)))
         if max_rows is not None and len(rows) >= max_rows:
             break
@@ -516,20 +519,29 @@ def read_table(path: str | Path, delimiter: str | None = None, header: bool | st
 
 
 # -- JSON -----------------------------------------------------------------------------------
-def _json_type(value) -> str:
+# The one JSON reader of the tasks: JSON Lines and JSON arrays, a value at a time, each knowing
+# the line it starts on. ``objects=True`` (records) refuses any other value; the chat tasks
+# read strings and lists too and say themselves what they expected.
+class JsonValue(NamedTuple):
+    """One value of a JSON Lines text or of a JSON array: where it starts (``file:line``) and,
+    for an item of an array, its index (from 0; None for a line of JSON Lines)."""
+
+    value: object
+    where: str
+    index: int | None = None
+
+
+def json_type(value) -> str:
+    """What a JSON value is, for messages: "an object", "a list", "a string" ..."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return "a number"
     return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null",
             bytes: "binary data"}.get(type(value), f"a {type(value).__name__} value")
 
 
-def parse_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int | None = None) -> list[Record]:
-    """One JSON object per non-blank line."""
-    return list(iter_jsonl(lines, source, max_rows=max_rows))
-
-
-def iter_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int | None = None) -> Iterator[Record]:
-    """:func:`parse_jsonl` one record at a time."""
+def iter_json_lines(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int | None = None,
+                    objects: bool = True) -> Iterator[JsonValue]:
+    """The value of each non-blank line (``objects``: each must be a JSON object)."""
     count = 0
     seen_any = False
     for number, line in lines:
@@ -545,15 +557,95 @@ def iter_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int |
                 hint = "this looks like a JSON document spread over lines; name the file .json"
             raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", where=where(source, number),
                             hint=hint) from None
-        if not isinstance(value, dict):
-            raise DataError(f"expected a JSON object on each line, found {_json_type(value)}",
+        if objects and not isinstance(value, dict):
+            raise DataError(f"expected a JSON object on each line, found {json_type(value)}",
                             where=where(source, number))
-        yield Record.at(value, where(source, number))
+        yield JsonValue(value, where(source, number))
         count += 1
         if max_rows is not None and count >= max_rows:
             break
     if not seen_any:
         raise DataError("the file is empty", where=source)
+
+
+_SPACE = re.compile(r"\s*")
+
+
+def iter_json_array(text: str, source: str, *, max_rows: int | None = None,
+                    objects: bool = True) -> Iterator[JsonValue]:
+    """The items of a JSON array, parsed one at a time (an item is checked when it is reached,
+    so ``max_rows`` items are read without parsing the rest), each with the line it starts on."""
+    start = _SPACE.match(text, 0).end()
+    if start == len(text):
+        raise DataError("the file is empty", where=source)
+    if text[start] != "[":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            hint = None
+            if exc.msg == "Extra data" and text[start] == "{":
+                hint = "this looks like JSON Lines (one object per line); name the file .jsonl"
+            raise DataError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
+                            where=where(source, exc.lineno), hint=hint) from None
+        raise DataError(f"expected a JSON array of objects at the top level, found {json_type(value)}",
+                        where=source, hint="write the records as [{...}, {...}], or one object per line in a .jsonl file")
+    decoder = json.JSONDecoder()
+    line, counted = 1, 0
+
+    def line_at(pos: int) -> int:
+        nonlocal line, counted
+        line += text.count("\n", counted, pos)
+        counted = pos
+        return line
+
+    pos = _SPACE.match(text, start + 1).end()
+    if text.startswith("]", pos):
+        raise DataError("the JSON array is empty", where=source)
+    index = -1
+    while True:
+        index, item_line = index + 1, line_at(pos)
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"invalid JSON in item {index + 1} of the array: {exc.msg} (line {exc.lineno}, "
+                            f"column {exc.colno})", where=where(source, exc.lineno)) from None
+        if objects and not isinstance(value, dict):
+            raise DataError(f"item {index + 1} of the array is {json_type(value)}, expected an object",
+                            where=where(source, item_line))
+        yield JsonValue(value, where(source, item_line), index)
+        if max_rows is not None and index + 1 >= max_rows:
+            return
+        pos = _SPACE.match(text, pos).end()
+        if text.startswith(",", pos):
+            pos = _SPACE.match(text, pos + 1).end()
+            continue
+        if text.startswith("]", pos):
+            break
+        raise DataError(f"invalid JSON after item {index + 1} of the array: expected ',' or ']'",
+                        where=where(source, line_at(pos)))
+    if text[pos + 1:].strip():
+        raise DataError("invalid JSON: extra data after the closing ']'", where=where(source, line_at(pos + 1)))
+
+
+def iter_json_text(text: str, source: str, *, max_rows: int | None = None, objects: bool = True,
+                   jsonl: bool | None = None) -> Iterator[JsonValue]:
+    """The values of a JSON array or of JSON Lines text (``jsonl=None``: an array when the text
+    starts with ``[``)."""
+    if jsonl is None:
+        jsonl = not text.lstrip().startswith("[")
+    if jsonl:
+        return iter_json_lines(text_lines(text), source, max_rows=max_rows, objects=objects)
+    return iter_json_array(text, source, max_rows=max_rows, objects=objects)
+
+
+def parse_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int | None = None) -> list[Record]:
+    """One JSON object per non-blank line."""
+    return list(iter_jsonl(lines, source, max_rows=max_rows))
+
+
+def iter_jsonl(lines: Iterable[tuple[int, str]], source: str, *, max_rows: int | None = None) -> Iterator[Record]:
+    """:func:`parse_jsonl` one record at a time."""
+    return (Record.at(v.value, v.where) for v in iter_json_lines(lines, source, max_rows=max_rows))
 
 
 def read_jsonl(path: str | Path, max_rows: int | None = None) -> list[Record]:
@@ -563,46 +655,7 @@ def read_jsonl(path: str | Path, max_rows: int | None = None) -> list[Record]:
 
 def parse_json_records(text: str, source: str, *, max_rows: int | None = None) -> list[Record]:
     """A JSON array of objects; each record's ``.where`` is the line where it starts."""
-    if not text.strip():
-        raise DataError("the file is empty", where=source)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        hint = None
-        if exc.msg == "Extra data" and text.lstrip().startswith("{"):
-            hint = "this looks like JSON Lines (one object per line); name the file .jsonl"
-        raise DataError(f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})",
-                        where=where(source, exc.lineno), hint=hint) from None
-    if not isinstance(value, list):
-        raise DataError(f"expected a JSON array of objects at the top level, found {_json_type(value)}",
-                        where=source, hint="write the records as [{...}, {...}], or one object per line in a .jsonl file")
-    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
-    records = []
-    for number, (offset, item) in enumerate(_array_items(text), 1):
-        line = bisect.bisect_right(line_starts, offset)
-        if not isinstance(item, dict):
-            raise DataError(f"item {number} of the array is {_json_type(item)}, expected an object",
-                            where=where(source, line))
-        records.append(Record.at(item, where(source, line)))
-        if max_rows is not None and len(records) >= max_rows:
-            break
-    if not records:
-        raise DataError("the JSON array is empty", where=source)
-    return records
-
-
-def _array_items(text: str) -> Iterator[tuple[int, object]]:
-    """(offset, value) of each item of a top-level JSON array already known to be valid."""
-    decoder = json.JSONDecoder()
-    ws = re.compile(r"[\s,]*")
-    i = ws.match(text, 0).end() + 1  # past "["
-    while True:
-        i = ws.match(text, i).end()
-        if text[i] == "]":
-            return
-        value, end = decoder.raw_decode(text, i)
-        yield i, value
-        i = end
+    return [Record.at(v.value, v.where) for v in iter_json_array(text, source, max_rows=max_rows)]
 
 
 def read_json_records(path: str | Path, max_rows: int | None = None) -> list[Record]:
@@ -622,8 +675,8 @@ def read_records(path: str | Path, max_rows: int | None = None, quoting: str = "
 
 def iter_records(path: str | Path, max_rows: int | None = None, quoting: str = "auto") -> Iterator[Record]:
     """:func:`read_records` one record at a time. JSON Lines and columnar files are read as
-    streams (a line, or a batch of rows, in memory at a time); a .json array and a table are
-    parsed whole first (a JSON array cannot be checked before its end)."""
+    streams (a line, or a batch of rows, in memory at a time); a .json array is read whole and
+    parsed an item at a time; a table is parsed whole first."""
     path = Path(path)
     kind = data_format(path)
     if kind in ("parquet", "arrow"):
@@ -635,7 +688,7 @@ def iter_records(path: str | Path, max_rows: int | None = None, quoting: str = "
         stripped = text.lstrip()
         if stripped.startswith("{"):  # JSON Lines saved as .json: common, and unambiguous
             return iter_jsonl(text_lines(text), str(path), max_rows=max_rows)
-        return iter(parse_json_records(text, str(path), max_rows=max_rows))
+        return (Record.at(v.value, v.where) for v in iter_json_array(text, str(path), max_rows=max_rows))
     if kind == "table":
         table = read_table(path, header=True, max_rows=max_rows, quoting=quoting)
         return (Record.at(dict(zip(table.columns, row)), row.where) for row in table.rows)

@@ -143,7 +143,7 @@ def parse_conll(lines, source: str, *, need_tags: bool = True, max_sentences: in
             flush()
             continue
         if len(fields) < 2 and need_tags:
-            raise DataError(f"expected a token and its tag, found one column: {datafiles._shorten(text)!r}",
+            raise DataError(f"expected a token and its tag, found one column: {datafiles.shorten(text)!r}",
                             where=datafiles.where(source, number),
                             hint="CoNLL format: one token per line, its tag in the last column (e.g. \"Paris "
                                  "B-LOC\"), a blank line between sentences")
@@ -218,7 +218,7 @@ def _tag_names(values, key: str, record: datafiles.Record, options: NerOptions) 
                                 where=record.where)
             names.append(options.tag_names[value])
         else:
-            raise DataError(f"field {key!r} holds {datafiles._json_type(value)}, expected tag names", where=record.where)
+            raise DataError(f"field {key!r} holds {datafiles.json_type(value)}, expected tag names", where=record.where)
     return names
 
 

@@ -117,11 +117,6 @@ class ReadStats:
     repaired: int = 0
 
 
-def _json_type(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
-        type(value), "a number")
-
-
 def _answers_of(value, where: str) -> list[tuple[str, int | None]]:
     """(text, start or None) from SQuAD's list of {text, answer_start}, HF's {text: [], answer_start: []},
     or a list of strings."""
@@ -136,7 +131,7 @@ def _answers_of(value, where: str) -> list[tuple[str, int | None]]:
     if isinstance(value, str):
         return [(value, None)]
     if not isinstance(value, list):
-        raise DataError(f"answers must be a list, found {_json_type(value)}", where=where,
+        raise DataError(f"answers must be a list, found {datafiles.json_type(value)}", where=where,
                         hint='e.g. "answers": [{"text": "Paris", "answer_start": 17}]')
     out = []
     for item in value:
@@ -145,7 +140,7 @@ def _answers_of(value, where: str) -> list[tuple[str, int | None]]:
         elif isinstance(item, dict) and "text" in item:
             out.append((item["text"], item.get("answer_start")))
         else:
-            raise DataError(f"each answer must be {{text, answer_start}} or a string, found {_json_type(item)}",
+            raise DataError(f"each answer must be {{text, answer_start}} or a string, found {datafiles.json_type(item)}",
                             where=where)
     return out
 
