@@ -157,7 +157,7 @@ def check_lora_init(options: LoraOptions, *, quantised: bool) -> None:
                       "original base with rank-stabilised scaling", where="strategy.use_rslora", hint="set it to false")
 
 
-def _check_target_names(model: "torch.nn.Module", names: list[str]) -> None:
+def check_target_names(model: "torch.nn.Module", names: list[str]) -> None:
     """peft matches a name against the end of a module path; say which names match nothing."""
     paths = [n for n, _ in model.named_modules()]
     missing = [t for t in names if not any(p == t or p.endswith("." + t) for p in paths)]
@@ -174,7 +174,7 @@ def lora_config(options: LoraOptions, task: Task, model: "torch.nn.Module"):
 
     targets = options.target_modules
     if isinstance(targets, list):
-        _check_target_names(model, targets)
+        check_target_names(model, targets)
     return LoraConfig(
         task_type=task.peft_task_type_for(model.config),
         r=options.r,

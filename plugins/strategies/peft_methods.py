@@ -29,7 +29,7 @@ import typing
 from typing import Any, ClassVar, Literal
 
 from petune_plugins.strategies._common import (
-    _check_target_names,
+    check_target_names,
     head_modules,
     is_4bit,
     quantization_method,
@@ -306,6 +306,12 @@ def _saves_modules(config_class: type) -> bool:
 # -- the strategy ----------------------------------------------------------------------------------
 _HEAD_TASKS = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}
 
+# What peft raises when a method does not fit a model or its options (target modules it cannot
+# wrap, shapes, block sizes, layers it has no implementation for): a user's choice, said in peft's
+# words (exit 2). Anything else (AttributeError, KeyError ...) is a bug, petune's or peft's, and
+# surfaces as an internal error with its traceback rather than as the user's mistake.
+_PEFT_MISFITS = (ValueError, TypeError, RuntimeError, NotImplementedError)
+
 
 class PeftMethodStrategy(Strategy):
     name = "peft"
@@ -380,7 +386,7 @@ class PeftMethodStrategy(Strategy):
         from peft import get_peft_model
 
         if isinstance(getattr(options, "target_modules", None), list):
-            _check_target_names(model, options.target_modules)
+            check_target_names(model, options.target_modules)
         heads = head_modules(task, model)
         config = self.peft_config(options, task, heads, model_config=model.config)
         # frozen embeddings give inputs that need no grad; with (reentrant) gradient
@@ -388,7 +394,7 @@ class PeftMethodStrategy(Strategy):
         model.enable_input_require_grads()
         try:
             peft_model = get_peft_model(model, config)
-        except (ValueError, TypeError, AttributeError, KeyError, RuntimeError, NotImplementedError) as exc:
+        except _PEFT_MISFITS as exc:
             # peft's own words for a method that does not fit this model (shapes, block sizes, layer names)
             hint = None
             if "target_modules" in str(exc):
@@ -406,11 +412,14 @@ class PeftMethodStrategy(Strategy):
         return restore_peft(base, path)
 
     def merge(self, model):
+        peft_type = model.peft_config["default"].peft_type
+        hint = "load the adapter with peft (PeftModel.from_pretrained), or train with 'lora'"
+        if not callable(getattr(model.base_model, "merge_and_unload", None)):  # the method's tuner cannot merge
+            raise Refusal(f"peft cannot merge a {peft_type} adapter into the base: the method has no merge", hint=hint)
         try:
             return model.merge_and_unload()
-        except (AttributeError, NotImplementedError, ValueError, TypeError) as exc:
-            raise Refusal(f"peft cannot merge a {model.peft_config['default'].peft_type} adapter into the base: {exc}",
-                          hint="load the adapter with peft (PeftModel.from_pretrained), or train with 'lora'") from None
+        except _PEFT_MISFITS as exc:
+            raise Refusal(f"peft cannot merge a {peft_type} adapter into the base: {exc}", hint=hint) from None
 
 
 def _unset_schedule_fields(options: PeftOptions) -> list[str]:
@@ -425,25 +434,25 @@ class _NoTask:
         return None
 
 
-class _AdaLoraAllocation:
-    """AdaLoRA moves rank between layers from gradient-based importance scores: peft needs
-    ``update_and_allocate(step)`` after each optimizer step, before the gradients are zeroed."""
+def adalora_allocation():
+    """A trainer callback for AdaLoRA, which moves rank between layers from gradient-based
+    importance scores: peft needs ``update_and_allocate(step)`` after each optimizer step,
+    before the gradients are zeroed. (A function, so that transformers loads only when a run
+    needs the callback.)"""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class AdaLoraAllocation(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                getattr(model, "module", model).base_model.update_and_allocate(state.global_step)
 
-        class AdaLoraAllocation(TrainerCallback):
-            def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-                if model is not None:
-                    getattr(model, "module", model).base_model.update_and_allocate(state.global_step)
-
-        return AdaLoraAllocation()
+    return AdaLoraAllocation()
 
 
 @hookimpl
 def trainer_callbacks(run):
     if run.strategy.name == PeftMethodStrategy.name and getattr(run.recipe.strategy, "method", None) == "adalora":
-        return [_AdaLoraAllocation()]
+        return [adalora_allocation()]
     return None
 
 
