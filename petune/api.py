@@ -33,7 +33,7 @@ and registering one that does not is refused:
   ``prepare_skeleton``;
 * **Strategy** — required: ``apply``, ``restore``; optional: ``check``, ``check_recipe``,
   ``load_kwargs``, ``resolved_options``, ``prepare``, ``make_optimizer``, ``training_plan``,
-  ``save``, ``for_inference``, ``dequantize``, ``merge``, ``skeleton_options``;
+  ``save``, ``for_inference``, ``dequantize``, ``merge``, ``base_is_gguf_file``, ``skeleton_options``;
 * **ModelSource** — required: ``claims``, ``resolve``; optional: ``names``, ``gguf_file``;
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
   commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
@@ -485,6 +485,13 @@ class Strategy(_Plugin):
     def merge(self, model: torch.nn.Module) -> PreTrainedModel:
         """Return a plain transformers model with the trained weights folded in."""
         raise Refusal(f"strategy {self.name!r} has nothing to merge")
+
+    def base_is_gguf_file(self, options: Options) -> bool:
+        """True when the frozen base computed exactly what the model's GGUF file computes (its
+        own quantisation kept): exports then ship the adapter beside that file (``petune export
+        --format ollama``: ``FROM`` the file, ``ADAPTER`` the run's) instead of a merged copy.
+        Default: False."""
+        return False
 
     # -- estimates -----------------------------------------------------------------------------
     def skeleton_options(self, options: Options) -> Options:

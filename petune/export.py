@@ -14,6 +14,16 @@ name, shape and type, and its dequantised values against the merged weights.
 
 ``--format ollama`` also writes a ``Modelfile`` beside the file: the chat template translated
 to Ollama's Go template (for the layouts petune knows), stop tokens, default parameters.
+
+``--format gguf-lora`` writes the run's LoRA adapter alone in llama.cpp's adapter format
+(``general.type = adapter``, ``adapter.type = lora``, ``adapter.lora.alpha``; for every
+adapted weight ``<its name in the base file>.lora_a`` holding A ``[r, in]`` and ``.lora_b``
+holding B ``[out, r]``, B's rows in llama.cpp's layout), to load beside the base GGUF
+(``llama-cli -m base.gguf --lora adapter.gguf``). No merge, no model load: the adapter's
+own tensors are converted. For a run whose strategy trained against the GGUF file's own
+quantisation (:meth:`petune.api.Strategy.base_is_gguf_file`), ``--format ollama`` writes
+this adapter and a Modelfile with ``FROM <the base file>`` and ``ADAPTER <the adapter>``:
+the model Ollama runs is the one that was trained.
 """
 
 from __future__ import annotations
@@ -416,6 +426,7 @@ def export_run(run_dir: Path, out_file: Path, *, fmt: str, quant: str, overwrite
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant!r} is not written by petune", hint=f"choose one of: {', '.join(QUANTS)}")
+    adapter_only = fmt == "gguf-lora" or (fmt == "ollama" and _trained_on_gguf_file(Path(run_dir)))
     out_file = Path(os.path.abspath(Path(out_file).expanduser()))
     if out_file.suffix.lower() != ".gguf":
         raise UserError("the output file must end in .gguf", where=str(out_file))
@@ -434,6 +445,8 @@ def export_run(run_dir: Path, out_file: Path, *, fmt: str, quant: str, overwrite
                                         hint="--overwrite replaces only a GGUF file and a Modelfile petune export "
                                              "wrote; pick another --out")
         artifacts.check_writable(target)
+    if adapter_only:
+        return _export_adapter(Path(run_dir), out_file, fmt=fmt, modelfile_path=modelfile_path)
     host = get_host()
     with err.status(f"loading {run_dir} ..."):
         run = load_run(run_dir, host, dequantized=True)  # merged into the trained base, dequantised
@@ -487,6 +500,186 @@ def export_run(run_dir: Path, out_file: Path, *, fmt: str, quant: str, overwrite
     return written
 
 
+# -- the adapter alone, as llama.cpp's LoRA GGUF ------------------------------------------------
+@dataclass
+class LoraWritten:
+    path: Path
+    base_gguf: Path
+    alpha: float
+    rank: int
+    tensors: dict  # gguf name -> numpy shape
+
+
+def _trained_on_gguf_file(run_dir: Path) -> bool:
+    from petune.plugins import get_host
+    from petune.runner import read_finished_run
+
+    recipe, _, strategy, _ = read_finished_run(run_dir, get_host())
+    return bool(strategy.base_is_gguf_file(recipe.strategy))
+
+
+def lora_tensors_for_gguf(adapter_dir: Path, config, base_names: set[str]) -> tuple[float, int, dict]:
+    """(alpha for llama.cpp, rank, {gguf name: float32 array}) from a peft LoRA adapter folder:
+    ``<base weight>.lora_a`` = A [r, in], ``.lora_b`` = B [out, r] with B's rows in the base
+    file's layout (llama's interleaved q/k rows). llama.cpp scales by alpha / r, so a
+    rank-stabilised adapter (alpha / sqrt(r)) is written with alpha · sqrt(r)."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    try:
+        settings = json.loads((adapter_dir / "adapter_config.json").read_text())
+        weights = load_file(adapter_dir / "adapter_model.safetensors")
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the run's adapter: {exc}", where=str(adapter_dir)) from None
+    if settings.get("peft_type") != "LORA" or settings.get("use_dora"):
+        kind = "DoRA" if settings.get("use_dora") else settings.get("peft_type")
+        raise UserError(f"llama.cpp's adapter format holds plain LoRA; this run's adapter is {kind}",
+                        where=str(adapter_dir), hint="use --format gguf (the merged model) for this run")
+    if settings.get("rank_pattern") or settings.get("alpha_pattern"):
+        raise UserError("the adapter has per-layer ranks or alphas, which llama.cpp's adapter format cannot state",
+                        where=str(adapter_dir), hint="use --format gguf (the merged model) for this run")
+    arch = architecture_of(config)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.gguf_arch), config.num_hidden_layers)
+    rank = int(settings["r"])
+    alpha = float(settings["lora_alpha"]) * (math.sqrt(rank) if settings.get("use_rslora") else 1.0)
+    tensors = {}
+    for key, array in sorted(weights.items()):
+        if ".lora_A." not in key and ".lora_B." not in key:
+            raise UserError(f"the adapter holds {key!r}, which is not a LoRA matrix (a trained head or embedding); "
+                            "llama.cpp's adapter format cannot hold it", where=str(adapter_dir),
+                            hint="use --format gguf (the merged model) for this run")
+        module = key.removeprefix("base_model.model.").split(".lora_")[0]
+        name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if name is None or name not in base_names:
+            raise UserError(f"the adapted layer {module!r} has no weight {name or '(no GGUF name)'} in the base file",
+                            where=str(adapter_dir))
+        array = array.astype("float32")
+        if ".lora_B." in key and arch.permute_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_attention_heads if "attn_q" in name else config.num_key_value_heads
+            array = _interleave_rope_rows(array, heads)
+        tensors[name + (".lora_a" if ".lora_A." in key else ".lora_b")] = array
+    if not tensors:
+        raise UserError("the run's adapter holds no LoRA matrices", where=str(adapter_dir))
+    return alpha, rank, tensors
+
+
+def write_lora_gguf(adapter_dir: Path, config, base_gguf: Path, path: Path, *, name: str) -> LoraWritten:
+    import gguf
+
+    reader = gguf.GGUFReader(base_gguf)
+    field = reader.fields["general.architecture"]
+    base_arch = bytes(field.parts[field.data[0]]).decode()
+    alpha, rank, tensors = lora_tensors_for_gguf(adapter_dir, config, {t.name for t in reader.tensors})
+    writer = gguf.GGUFWriter(path, base_arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(name)
+    for tensor_name, array in tensors.items():
+        writer.add_tensor(tensor_name, array)  # float32, as llama.cpp's converter writes them with --outtype f32
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return LoraWritten(path, base_gguf, alpha, rank, {k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def read_lora_gguf(path: Path) -> tuple[float, dict]:
+    """(alpha, {gguf base weight name: (A [r, in], B [out, r])}) from a llama.cpp LoRA GGUF."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+
+    def text(key):
+        f = reader.fields.get(key)
+        return bytes(f.parts[f.data[0]]).decode() if f is not None else None
+
+    if text("general.type") != "adapter" or text("adapter.type") != "lora":
+        raise UserError("not a llama.cpp LoRA adapter (general.type / adapter.type)", where=str(path))
+    alpha = float(reader.fields["adapter.lora.alpha"].parts[-1][0])
+    pairs: dict = {}
+    for tensor in reader.tensors:
+        base, _, part = tensor.name.rpartition(".")
+        pairs.setdefault(base, {})[part] = np.array(tensor.data, dtype=np.float32).reshape(
+            [int(n) for n in reversed(tensor.shape)])
+    return alpha, {base: (p["lora_a"], p["lora_b"]) for base, p in pairs.items()}
+
+
+def _export_adapter(run_dir: Path, out_file: Path, *, fmt: str, modelfile_path: Path) -> LoraWritten:
+    from petune import artifacts
+    from petune.api import ModelInfo
+    from petune.models import find_source
+    from petune.plugins import get_host
+    from petune.runner import read_finished_run
+
+    host = get_host()
+    recipe, _, strategy, _ = read_finished_run(run_dir, host)
+    source = find_source(recipe.model.name, host.model_sources())
+    folder = source.resolve(recipe.model.name)
+    config = ModelInfo.from_path(recipe.model.name, folder).text_config
+    adapter_dir = run_dir / strategy.artifact
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"--format {fmt} writes a LoRA adapter, and this run has none (strategy "
+                        f"{recipe.strategy_name!r} saves a {strategy.artifact})", where=str(run_dir),
+                        hint="use --format gguf (the merged model)")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    # the base file: persistent when the source has one on disk (the user's file, the packaged model's cached copy)
+    work = Path(tempfile.mkdtemp(prefix="petune-export-", dir=out_file.parent))
+    fd, tmp_name = tempfile.mkstemp(dir=out_file.parent, prefix=f".{out_file.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        base_gguf = source.gguf_file(recipe.model.name, work)
+        if base_gguf is None:
+            raise UserError(f"--format {fmt}: the run's base {recipe.model.name!r} is not a GGUF file, so there is "
+                            "no base file for llama.cpp to apply the adapter to", where=str(run_dir),
+                            hint="use --format gguf (the merged model)")
+        if fmt == "ollama" and work in base_gguf.parents:
+            raise UserError(f"the base file of {recipe.model.name!r} is not kept on disk for Ollama's FROM",
+                            where=str(run_dir), hint="use --format gguf (the merged model)")
+        with err.status(f"writing {out_file.name} (LoRA adapter) ..."):
+            written = write_lora_gguf(adapter_dir, config, base_gguf, tmp, name=run_dir.name)
+        alpha, pairs = read_lora_gguf(tmp)  # read back: every tensor, its shape, alpha
+        shapes = {f"{base}.lora_a": tuple(a.shape) for base, (a, _) in pairs.items()}
+        shapes |= {f"{base}.lora_b": tuple(b.shape) for base, (_, b) in pairs.items()}
+        if alpha != written.alpha or shapes != written.tensors:
+            raise UserError("the written adapter does not read back as written", where=str(out_file))
+        if fmt == "ollama":
+            artifacts.write_text(modelfile_path, "\n".join([
+                f"{MODELFILE_MARK}; create the model with: ollama create NAME -f {modelfile_path}",
+                "# the base exactly as trained against (its own quantisation) and the run's LoRA adapter",
+                f"FROM {base_gguf}", f"ADAPTER ./{out_file.name}",
+                "# greedy, as `petune generate` answers by default",
+                "PARAMETER temperature 0", ""]))
+        tmp.replace(out_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    written.path, written.base_gguf = out_file, base_gguf
+    table = Table(title=f"{out_file.name}: LoRA adapter for {base_gguf.name} (rank {written.rank}, alpha "
+                        f"{written.alpha:g})")
+    table.add_column("tensor")
+    table.add_column("shape", justify="right")
+    for tensor_name, shape in list(written.tensors.items())[:6]:
+        table.add_row(tensor_name, " × ".join(map(str, shape)))
+    if len(written.tensors) > 6:
+        table.add_row(f"... {len(written.tensors) - 6} more", "")
+    out.print(table)
+    out.print(f"[green]wrote[/] {escape(str(out_file))}; use it with: llama-cli -m {escape(str(base_gguf))} "
+              f"--lora {escape(str(out_file))}")
+    if fmt == "ollama":
+        out.print(f"[green]wrote[/] {escape(str(modelfile_path))}; load it with: "
+                  f"ollama create {escape(_ollama_name(run_dir.name))} -f {escape(str(modelfile_path))}")
+    return written
+
+
 def not_a_gguf_file(path: Path) -> str | None:
     """Why ``path`` is not a GGUF file (what ``--overwrite`` may replace with one); None when it is."""
     try:
@@ -522,8 +715,10 @@ def cmd_export(args) -> int:
 def register_commands(subparsers) -> None:
     p = subparsers.add_parser("export", help="write a causal-LM run as a GGUF file (llama.cpp, Ollama)")
     p.add_argument("run_dir", type=Path, help="a finished run folder")
-    p.add_argument("--format", choices=["gguf", "ollama"], default="gguf",
-                   help="gguf: the file; ollama: the file and a Modelfile beside it")
+    p.add_argument("--format", choices=["gguf", "gguf-lora", "ollama"], default="gguf",
+                   help="gguf: the merged model as one file; gguf-lora: the LoRA adapter alone, in llama.cpp's "
+                        "adapter format, for the run's base GGUF; ollama: the file and a Modelfile beside it (for a "
+                        "run trained on a GGUF file's own quantisation: the adapter, FROM the base file)")
     p.add_argument("--quant", default="f16", help=f"weight type of the matrices: {', '.join(QUANTS)} (default f16)")
     p.add_argument("--out", required=True, type=Path, help="the .gguf file to write")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")

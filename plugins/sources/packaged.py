@@ -77,8 +77,8 @@ class PackagedSource(ModelSource):
         if name != "gemma-3-270m":
             return None  # minilm-l6 ships as a transformers folder
         package = _import(name)
-        try:  # assemble() checks the sha256 of what it writes
-            return Path(package.assemble(workdir / package.MODEL_NAME))
+        try:  # assembled once into the cache (assemble() checks the sha256 of what it writes): exports may name it
+            return kept_copy(package.EXPECTED_SHA256, package.MODEL_NAME, lambda target: Path(package.assemble(target)))
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot assemble gemma-3-270m from its package: {exc}", where="model.name",
                             hint=f"check the free disk space in {workdir}") from exc

@@ -206,3 +206,31 @@ def require_layers(model: torch.nn.Module, gguf_path: Path) -> None:
     if not gguf_layers(model):
         raise Refusal(f"no linear layer of {type(model).__name__} matches a quantised tensor of {gguf_path.name}",
                       where="strategy.quant_type", hint="use quant_type = \"nf4\" for this model")
+
+
+def add_gguf_lora(model: torch.nn.Module, adapter_path: Path, gguf_architecture: str) -> int:
+    """Apply a llama.cpp LoRA adapter GGUF to ``model`` (in place, as forward hooks adding
+    ``alpha / r · B·A·x`` to each adapted layer's output), mapping its names and B's rows back
+    as :func:`swap_in_blocks` maps the base file's. Returns how many layers were adapted."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    from petune.export import read_lora_gguf
+
+    alpha, pairs = read_lora_gguf(adapter_path)
+    config = model.config.get_text_config().to_dict() if hasattr(model.config, "get_text_config") else {}
+    processor = TENSOR_PROCESSORS.get(gguf_architecture, TensorProcessor)(config={**config, **model.config.to_dict()})
+    names = get_gguf_hf_weights_map(model, processor)
+    for base_name, (a, b) in pairs.items():
+        module = model.get_submodule(names[base_name].rpartition(".")[0])
+        b = processor.process(weights=b, name=base_name, tensor_key_mapping=names,
+                              parsed_parameters={"tensors": {}}).weights
+        down, up = torch.from_numpy(a.copy()), torch.from_numpy(b.copy())
+        scale = alpha / down.shape[0]
+
+        def hook(mod, args, output, down=down, up=up, scale=scale):
+            x = args[0]
+            delta = (x.to(torch.float32) @ down.T @ up.T) * scale
+            return output + delta.to(output.dtype)
+
+        module.register_forward_hook(hook)
+    return len(pairs)

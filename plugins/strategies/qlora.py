@@ -185,6 +185,9 @@ class QloraStrategy(Strategy):
     def merge(self, model):
         return merge_lora(model)
 
+    def base_is_gguf_file(self, options):
+        return options.quant_type == "gguf"
+
 
 def _compute_dtype(options, device=None) -> precision.Choice:
     return precision.resolve(options.compute_dtype, device)
