@@ -162,6 +162,11 @@ def parameter_inventory(model, quant=None) -> dict:
             if isinstance(module, torch.nn.Linear) and not _skipped(name, skip):
                 linear_weights.add(id(module.weight))
     q_bytes = _quantised_bytes_per_param(quant)
+    # frozen linear layers whose weight is stored packed in integers (a GGUF file's blocks): counted
+    # at their real number of weights, their bytes as stored (bits per weight of each block type)
+    packed_linears = {id(m.weight): m.in_features * m.out_features for m in model.modules()
+                      if isinstance(m, torch.nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
+                      and not m.weight.is_floating_point() and getattr(m.weight, "quant_state", None) is None}
     seen = set()
     inv = {"total": 0, "trainable": 0, "weights": 0.0, "quantised": 0, "trainable_params": []}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -169,6 +174,12 @@ def parameter_inventory(model, quant=None) -> dict:
             continue
         seen.add(id(p))
         n = p.numel()
+        packed = packed_linears.get(id(p))
+        if packed is not None:  # e.g. GGUF blocks: in × out weights stored in the tensor's own bytes
+            inv["total"] += packed
+            inv["quantised"] += packed
+            inv["weights"] += n * p.element_size()
+            continue
         inv["total"] += n
         if p.requires_grad:
             inv["trainable"] += n

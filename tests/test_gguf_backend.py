@@ -175,3 +175,23 @@ dir = "{tmp_path / 'run'}"
     result = petune("run", recipe, "--dry-run")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "IQ4_NL" in result.stderr
+
+
+def test_memory_estimate_counts_the_blocks_at_their_bits_per_weight(tiny_gguf):
+    from petune_plugins.strategies import gguf_backend, gguf_quants
+
+    from petune import memory
+    from petune.api import ModelInfo, ModelShape
+
+    _, folder = tiny_gguf
+    s, opts = qlora(r=4, compute_dtype="float32")
+    skeleton = memory.build_skeleton(ModelInfo.from_path("tiny", folder).config, ModelShape("AutoModelForCausalLM"),
+                                     torch.float32)
+    model = memory.apply_strategy(s, skeleton, CausalLM(), opts)
+    layers = gguf_backend.gguf_layers(model)
+    assert len(layers) == 14 and all(layer.weight.is_meta for layer in layers)  # nothing read for a skeleton
+    inventory = memory.parameter_inventory(model)
+    block_weights = sum(layer.in_features * layer.out_features for layer in layers)
+    assert inventory["quantised"] == block_weights
+    dense = sum(p.numel() * 4 for n, p in model.named_parameters() if p.dtype == torch.float32)
+    assert inventory["weights"] == dense + block_weights * gguf_quants.bits_per_weight("Q8_0") / 8

@@ -20,6 +20,7 @@ and Gemma's norms stored as 1 + w).
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +31,27 @@ from petune.errors import Refusal
 from petune_plugins.strategies import gguf_quants
 
 
+def _dequantize(blocks: torch.Tensor, type_name: str, dtype: torch.dtype) -> torch.Tensor:
+    """The blocks as ``dtype`` weights. On a CPU in one thread: dequantising is many small
+    elementwise ops, and splitting each over threads costs more than it saves — on a busy
+    machine far more (the 270M Gemma's layers: 1.3 s in one thread, 16-25 s in two, measured
+    on 2 shared cores). The matmuls keep torch's threads."""
+    if blocks.device.type != "cpu" or torch.get_num_threads() == 1:
+        return gguf_quants.dequantize(blocks, type_name).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return gguf_quants.dequantize(blocks, type_name).to(dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 class _Matmul(torch.autograd.Function):
     """x·Wᵀ (+ b) with W dequantised from blocks in forward and again in backward."""
 
     @staticmethod
     def forward(ctx, x, blocks, type_name, dtype, bias):
-        weight = gguf_quants.dequantize(blocks, type_name).to(dtype)
+        weight = _dequantize(blocks, type_name, dtype)
         ctx.save_for_backward(blocks)
         ctx.type_name, ctx.dtype = type_name, dtype
         return torch.nn.functional.linear(x, weight, bias)
@@ -43,7 +59,7 @@ class _Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (blocks,) = ctx.saved_tensors
-        weight = gguf_quants.dequantize(blocks, ctx.type_name).to(ctx.dtype)
+        weight = _dequantize(blocks, ctx.type_name, ctx.dtype)
         return grad.to(ctx.dtype) @ weight, None, None, None, None
 
 
@@ -62,7 +78,7 @@ class GGUFLinear(torch.nn.Linear):
         self._dense: torch.Tensor | None = None  # for_inference: dequantised once
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return gguf_quants.dequantize(self.weight, self.gguf_type).to(dtype or self.compute_dtype)
+        return _dequantize(self.weight, self.gguf_type, dtype or self.compute_dtype)
 
     def keep_dequantized(self) -> None:
         """Dequantise once and compute from the dense weight from now on (inference only)."""
@@ -101,15 +117,23 @@ class Swapped:
                 "gguf dense": f"tensors read from the file as floats (embeddings, norms): {dense or 'none'}"}
 
 
-def _gguf_types(reader) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in reader.tensors}
+@functools.lru_cache(maxsize=4)
+def _cached_reader(path: str, size: int, mtime_ns: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
+def reader_of(path: Path):
+    """A parsed ``GGUFReader`` of ``path``, shared by the check, the estimate and the load of
+    one run: parsing a large vocabulary's metadata takes seconds each time."""
+    stat = Path(path).stat()
+    return _cached_reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def check_types(gguf_path: Path) -> None:
     """Refuse a file holding a tensor type the backend cannot dequantise (naming it)."""
-    import gguf
-
-    reader = gguf.GGUFReader(gguf_path)
+    reader = reader_of(gguf_path)
     for tensor in reader.tensors:
         gguf_quants.check_supported(tensor.tensor_type.name, where=f"{tensor.name} in {gguf_path.name}")
 
@@ -119,10 +143,9 @@ def swap_in_blocks(model: torch.nn.Module, gguf_path: Path, compute_dtype: torch
     """Put the file's tensors into ``model`` (in place): quantised weights of linear layers
     as :class:`GGUFLinear` blocks (``keep_quantised``; else dequantised into the plain
     layer), every other mapped tensor as floats in its parameter's dtype."""
-    import gguf
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    reader = gguf.GGUFReader(gguf_path)
+    reader = reader_of(gguf_path)
     arch_field = reader.fields["general.architecture"]
     architecture = bytes(arch_field.parts[arch_field.data[0]]).decode()
     config = model.config.to_dict()
@@ -145,23 +168,22 @@ def swap_in_blocks(model: torch.nn.Module, gguf_path: Path, compute_dtype: torch
         owner = modules.get(owner_name)
         if owner is None:
             continue
+        quantised = type_name not in gguf_quants.FLOAT_TYPES
+        if getattr(owner, attr).is_meta:  # a weightless skeleton (memory estimates): shapes only, nothing read
+            if quantised and attr == "weight" and type(owner) is torch.nn.Linear and owner is not output:
+                blocks = torch.empty(owner.out_features, gguf_quants.row_bytes(type_name, owner.in_features),
+                                     dtype=torch.uint8, device="meta")
+                _replace(model, modules, owner_name, owner, blocks, type_name, compute_dtype, done)
+            continue
         raw = torch.from_numpy(tensor.data.copy()).view(torch.uint8)
         raw = raw.reshape(*tensor.data.shape[:-1], -1) if raw.dim() > 1 else raw
-        quantised = type_name not in gguf_quants.FLOAT_TYPES
         if (keep_quantised and quantised and attr == "weight" and type(owner) is torch.nn.Linear and owner is not output
                 and raw.dim() == 2 and raw.shape[0] == owner.out_features):
             permuted = processor.process(weights=raw.numpy(), name=tensor.name, tensor_key_mapping=names,
                                          parsed_parameters={"tensors": {}})
             blocks = torch.from_numpy(permuted.weights.copy())
             if blocks.dtype == torch.uint8 and blocks.shape == raw.shape:
-                parent_name, _, child = owner_name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                layer = GGUFLinear(blocks, type_name, owner.in_features, owner.out_features, owner.bias, compute_dtype)
-                setattr(parent, child, layer)
-                modules[owner_name] = layer
-                done.quantised[type_name] += 1
-                done.weights[type_name] += owner.in_features * owner.out_features
-                done.nbytes[type_name] += blocks.numel()
+                _replace(model, modules, owner_name, owner, blocks, type_name, compute_dtype, done)
                 continue
         _put_dense(owner, attr, raw, type_name, tensor.name, processor, names)
         done.dense[type_name] += 1
@@ -170,9 +192,21 @@ def swap_in_blocks(model: torch.nn.Module, gguf_path: Path, compute_dtype: torch
     return done
 
 
+def _replace(model, modules, owner_name, owner, blocks, type_name, compute_dtype, done: Swapped) -> None:
+    parent_name, _, child = owner_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    layer = GGUFLinear(blocks, type_name, owner.in_features, owner.out_features, owner.bias, compute_dtype)
+    setattr(parent, child, layer)
+    modules[owner_name] = layer
+    done.quantised[type_name] += 1
+    done.weights[type_name] += owner.in_features * owner.out_features
+    done.nbytes[type_name] += blocks.numel()
+
+
 def _put_dense(owner, attr, raw, type_name, gguf_name, processor, names) -> None:
     target = getattr(owner, attr)
-    values = gguf_quants.dequantize(raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1), type_name)
+    values = _dequantize(raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1), type_name,
+                         torch.float32)
     result = processor.process(weights=values.numpy(), name=gguf_name, tensor_key_mapping=names,
                                parsed_parameters={"tensors": {}})
     values = torch.from_numpy(result.weights.copy()).reshape(target.shape)
