@@ -296,3 +296,21 @@ def test_quickstart_table_compares_each_side_with_the_baseline():
     assert "petune (defaults)" in lines[1] and "4-bit → bfloat16" in lines[1] and lines[1].endswith("| 0.50 | 0.50 |")
     assert "bitsandbytes' docs" in lines[2] and lines[2].endswith("|  |  |")
     assert "failed: boom" in bench.quickstart_markdown([dict(rows[0], ok=False, error="boom"), rows[1]])
+
+
+def test_llamacpp_script_times_tokens_and_compares_greedy_answers():
+    """benchmarks/llamacpp_generate.py's arithmetic (the script itself needs a trained run and llama.cpp)."""
+    from benchmarks import llamacpp_generate as script
+
+    stats = script.token_stats([1.5, 1.7, 1.9], started=1.0, ended=2.0, cpu_s=0.3)
+    assert stats["tokens"] == 3 and stats["first_token_s"] == pytest.approx(0.5)
+    assert stats["decode_ms_per_token"] == pytest.approx(200) and stats["call_ms_per_token"] == pytest.approx(1000 / 3)
+    assert script._cut([5, 6, 1, 7], stop_ids=[1, 106]) == [5, 6]
+
+    def side(answers):
+        return {"answers": [{"ids": ids, "first_token_s": 0.1, "decode_ms_per_token": ms, "call_ms_per_token": ms,
+                             "cpu_ms_per_token": ms} for ids, ms in answers]}
+
+    c = script.compare(side([([1, 2, 3], 30.0), ([4, 5], 50.0)]), side([([1, 2, 3], 10.0), ([4, 9], 10.0)]))
+    assert [a["identical"] for a in c["answers"]] == [True, False] and c["answers"][1]["common_prefix_tokens"] == 1
+    assert c["decode_ms_per_token"]["ratio"] == pytest.approx(4.0)
