@@ -25,6 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from petune.errors import Refusal
@@ -175,7 +176,7 @@ def swap_in_blocks(model: torch.nn.Module, gguf_path: Path, compute_dtype: torch
                                      dtype=torch.uint8, device="meta")
                 _replace(model, modules, owner_name, owner, blocks, type_name, compute_dtype, done)
             continue
-        raw = torch.from_numpy(tensor.data.copy()).view(torch.uint8)
+        raw = torch.from_numpy(np.ascontiguousarray(tensor.data).view(np.uint8).copy())
         raw = raw.reshape(*tensor.data.shape[:-1], -1) if raw.dim() > 1 else raw
         if (keep_quantised and quantised and attr == "weight" and type(owner) is torch.nn.Linear and owner is not output
                 and raw.dim() == 2 and raw.shape[0] == owner.out_features):
@@ -205,6 +206,20 @@ def _replace(model, modules, owner_name, owner, blocks, type_name, compute_dtype
 
 def _put_dense(owner, attr, raw, type_name, gguf_name, processor, names) -> None:
     target = getattr(owner, attr)
+    if raw.dim() == 2 and raw.shape[0] == target.shape[0] and target.dim() == 2:
+        # a matrix (an embedding): the processor only reorders rows, which it may do on the
+        # raw rows; then dequantised a slice of rows at a time, straight into the parameter
+        # (the 262k-row Gemma embedding would otherwise take two float32 copies at once)
+        n = raw.shape[0]
+        probe = processor.process(weights=np.arange(n, dtype=np.float64)[:, None], name=gguf_name,
+                                  tensor_key_mapping=names, parsed_parameters={"tensors": {}}).weights.reshape(-1)
+        if probe.shape == (n,) and np.array_equal(np.sort(probe), np.arange(n)):  # only reorders rows
+            rows = raw[torch.from_numpy(probe.astype(np.int64))]
+            with torch.no_grad():
+                for start in range(0, rows.shape[0], 8192):
+                    chunk = _dequantize(rows[start:start + 8192].contiguous(), type_name, torch.float32)
+                    target[start:start + 8192].copy_(chunk.to(target.dtype))
+            return
     values = _dequantize(raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1), type_name,
                          torch.float32)
     result = processor.process(weights=values.numpy(), name=gguf_name, tensor_key_mapping=names,
