@@ -104,3 +104,68 @@ def test_task_objects_keep_nothing_between_calls(task, tmp_path, host, model_pat
         assert getattr(after_check, split).to_dict() == getattr(fresh, split).to_dict()
     checked.build_model(info, options, after_check.state)
     assert vars(checked) == {}
+
+
+# -- shared helpers (issue 34): one of each -----------------------------------------------------
+class _Tokenizer:
+    """Just what ensure_pad_token reads and sets."""
+
+    def __init__(self, vocab, pad=None, eos="</s>", bos="<s>", unk=None):
+        self.vocab = dict.fromkeys(vocab, 0)
+        self.pad_token, self.eos_token, self.bos_token, self.unk_token = pad, eos, bos, unk
+
+    def get_vocab(self):
+        return self.vocab
+
+    def add_special_tokens(self, tokens):
+        self.vocab[tokens["pad_token"]] = 0
+        self.pad_token = tokens["pad_token"]
+
+
+def test_one_pad_token_rule_for_encoders_and_causal_lms():
+    from petune_plugins.tasks._common import ensure_pad_token
+
+    from petune.errors import Refusal
+
+    own = _Tokenizer(["<s>", "</s>", "[PAD]"], pad="[PAD]")
+    assert not ensure_pad_token(own) and own.pad_token == "[PAD]"
+    encoder = _Tokenizer(["<s>", "</s>", "<pad>"])
+    assert ensure_pad_token(encoder) and encoder.pad_token == "</s>"  # an encoder pads with EOS
+    causal = _Tokenizer(["<s>", "</s>", "<pad>"], pad="</s>")
+    assert ensure_pad_token(causal, ["</s>", "<s>"], may_add=True) and causal.pad_token == "<pad>"  # apart from stops
+    bare = _Tokenizer(["<s>", "</s>"])
+    assert ensure_pad_token(bare, ["</s>", "<s>"], may_add=True) and bare.pad_token == "<pad>" and "<pad>" in bare.vocab
+    with pytest.raises(Refusal, match="no pad, EOS or UNK"):
+        ensure_pad_token(_Tokenizer(["a"], eos=None), ())
+
+
+def test_evaluating_restores_the_mode_it_found():
+    import torch
+
+    from petune_plugins.tasks._common import evaluating, model_device
+
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(2, 2))
+    for start in (True, False):
+        model.train(start)
+        with pytest.raises(RuntimeError), evaluating(model):
+            assert not model.training and not model[0].training
+            raise RuntimeError("inside")
+        assert model.training is start and model[0].training is start
+    assert model_device(model) == torch.device("cpu")
+    assert model_device(torch.nn.ReLU()) == torch.device("cpu")  # no parameters
+
+
+def test_what_a_task_measured_before_training_has_one_shape():
+    from types import SimpleNamespace
+
+    from petune_plugins.tasks._common import StartingPoint, before_training, measure_before_training
+
+    callbacks = []
+    trainer = SimpleNamespace(add_callback=callbacks.append)
+    assert before_training(trainer) == StartingPoint()  # nothing measured
+    measure_before_training(trainer, lambda main: StartingPoint({"validation": {"accuracy": 0.5}}, ["s"] if main else []))
+    (callback,) = callbacks
+    callback.on_train_begin(None, SimpleNamespace(global_step=3, is_world_process_zero=True), None)  # resumed
+    assert before_training(trainer) == StartingPoint()
+    callback.on_train_begin(None, SimpleNamespace(global_step=0, is_world_process_zero=True), None)
+    assert before_training(trainer) == StartingPoint({"validation": {"accuracy": 0.5}}, ["s"])

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import inspect
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, ClassVar
 
@@ -206,15 +207,32 @@ def refuse_unless_head(model_info: ModelInfo, mapping_name: str, what: str) -> N
 
 
 # -- tokens -----------------------------------------------------------------------------------
-def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Give a tokenizer without a pad token its EOS (or UNK) token; True if changed."""
-    if tokenizer.pad_token is not None:
+#: tokens a tokenizer may hold for padding, tried in this order before UNK
+PAD_CANDIDATES = ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<|vision_pad|>",
+                  "<|fim_pad|>")
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, avoid: Iterable[str] = (), *, may_add: bool = False) -> bool:
+    """Give the tokenizer a pad token that is none of ``avoid``, reusing one it has when it
+    can: its own pad token, its EOS token, a pad-like token of its vocabulary
+    (:data:`PAD_CANDIDATES`), its UNK token; else a new ``<pad>`` token when ``may_add`` (the
+    caller then gives it an embedding row), else a Refusal. True when the pad token changed.
+
+    Encoder tasks avoid nothing (EOS pads; attention masks and -100 labels keep padding out of
+    the loss); causal LMs avoid their stop tokens, which must train and must not be masked as
+    padding."""
+    avoid = {t for t in avoid if t}
+    if tokenizer.pad_token is not None and tokenizer.pad_token not in avoid:
         return False
-    substitute = tokenizer.eos_token or tokenizer.unk_token
-    if substitute is None:
+    vocab = tokenizer.get_vocab()
+    for candidate in (tokenizer.eos_token, *PAD_CANDIDATES, tokenizer.unk_token):
+        if candidate and candidate not in avoid and (candidate in vocab or candidate == tokenizer.eos_token):
+            tokenizer.pad_token = candidate
+            return True
+    if not may_add:
         raise Refusal("the tokenizer has no pad, EOS or UNK token to pad batches with",
                       hint="use a model whose tokenizer defines a pad token")
-    tokenizer.pad_token = substitute
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
     return True
 
 
@@ -298,12 +316,60 @@ def find_head_modules(model, known: Sequence[str] = ("classifier", "score", "cla
 
 
 def model_device(model):
+    """The device a model's inputs go to: its ``device`` (transformers and peft models have
+    one), else its first parameter's, else the CPU."""
     import torch
 
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
     try:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+@contextmanager
+def evaluating(model):
+    """The model in eval mode (dropout off) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+# -- the model as training starts ---------------------------------------------------------------
+@dataclass
+class StartingPoint:
+    """What a task measured on the model as it started, before the first optimizer step:
+    metrics per held-out split, and sample answers (``evaluate`` shows them beside the results
+    as ``<split>_before`` and ``before``)."""
+
+    metrics: dict[str, dict] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+
+
+def measure_before_training(trainer, measure: Callable[[bool], StartingPoint]) -> None:
+    """Have ``measure(is_world_process_zero)`` called once, before the first step, and keep what
+    it returns for :func:`before_training`. Not on a resumed run: its starting model is gone."""
+    from transformers import TrainerCallback
+
+    trainer._petune_before = StartingPoint()
+
+    class MeasureBeforeTraining(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.global_step > 0:
+                return
+            trainer._petune_before = measure(state.is_world_process_zero)
+
+    trainer.add_callback(MeasureBeforeTraining())
+
+
+def before_training(trainer) -> StartingPoint:
+    """What :func:`measure_before_training` measured (empty when nothing was)."""
+    return getattr(trainer, "_petune_before", None) or StartingPoint()
 
 
 class PadCollator:

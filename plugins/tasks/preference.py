@@ -54,30 +54,34 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from petune_plugins.tasks import datafiles
-from petune_plugins.tasks._common import SplitOptions
-from petune_plugins.tasks.encoding import Spool, encode_split
-from petune_plugins.tasks.sft import (
-    _TEMPLATE_ERRORS,
-    CausalLmTask,
-    SftTask,
-    TemplateMismatch,
-    _BadRow,
-    _checkpointing_args,
-    _device_of,
-    _is_prompt_learning,
-    _json_type,
-    _keys,
-    _message_list,
-    _text,
-    build_causal_lm,
-    prepare_chat_tokenizer,
-    render,
+from petune_plugins.tasks._common import (
+    SplitOptions,
+    StartingPoint,
+    before_training,
+    evaluating,
+    held_out_splits,
+    measure_before_training,
+    model_device,
+    seeded_split,
 )
+from petune_plugins.tasks.causal_lm import CausalLmTask, checkpointing_args, is_prompt_learning
+from petune_plugins.tasks.chat_records import BadRow, as_text, message_list, record_keys
+from petune_plugins.tasks.chat_templates import TEMPLATE_ERRORS, TemplateMismatch, prepare_chat_tokenizer, render
+from petune_plugins.tasks.datafiles import json_type
+from petune_plugins.tasks.encoding import Spool, encode_split
 from pydantic import Field, model_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, TaskData
+from petune.api import DataPath, TaskData
 from petune.errors import DataError, Refusal
+
+__all__ = [
+    "DEFAULT_BETA", "DPO_LOSS_TYPES", "KTO_LOSS_TYPES", "METHODS", "REFERENCE_METHODS", "Pair", "PairEncoder",
+    "PreferenceOptions", "PreferenceTask", "Single", "answer_logps", "answer_messages", "detect_format",
+    "drop_reference_adapter", "frozen_copy", "hh_messages", "is_paired", "no_pairs_left", "note_encoded",
+    "pair_metrics", "pairwise_accuracy", "prompt_messages", "read_preferences", "read_splits", "score_pairs",
+    "score_singles", "split_dialogues", "to_examples", "unpair",
+]
 
 METHODS = ("dpo", "simpo", "orpo", "kto")
 #: loss types of trl.DPOConfig / trl.KTOConfig in TRL 1.16
@@ -186,33 +190,33 @@ def detect_format(record) -> str | None:
     return None
 
 
-def _prompt(value, field: str) -> list[dict]:
+def prompt_messages(value, field: str) -> list[dict]:
     if isinstance(value, list) and value and all(isinstance(m, dict) and "type" not in m for m in value):
-        return _message_list(value, field, need_answer=False)
-    text = _text(value, repr(field))
+        return message_list(value, field, need_answer=False)
+    text = as_text(value, repr(field))
     if not text.strip():
-        raise _BadRow(f"{field!r} is empty: there is no prompt")
+        raise BadRow(f"{field!r} is empty: there is no prompt")
     return [{"role": "user", "content": text}]
 
 
-def _answer(value, field: str) -> list[dict]:
+def answer_messages(value, field: str) -> list[dict]:
     """An answer: a string, or messages starting with the assistant's."""
     if isinstance(value, list) and value and all(isinstance(m, dict) and "type" not in m for m in value):
-        messages = _message_list(value, field, need_answer=True)
+        messages = message_list(value, field, need_answer=True)
         if messages[0]["role"] != "assistant":
-            raise _BadRow(f"{field!r} must start with an assistant message, it starts with a {messages[0]['role']} "
-                          f"one", hint="put the conversation before the answer in 'prompt'")
+            raise BadRow(f"{field!r} must start with an assistant message, it starts with a {messages[0]['role']} "
+                         f"one", hint="put the conversation before the answer in 'prompt'")
         return messages
-    text = _text(value, repr(field))
+    text = as_text(value, repr(field))
     if not text.strip():
-        raise _BadRow(f"{field!r} is empty: nothing to compare", hint="remove the record or fill in the answer")
+        raise BadRow(f"{field!r} is empty: nothing to compare", hint="remove the record or fill in the answer")
     return [{"role": "assistant", "content": text}]
 
 
 def _need(record: dict, *keys: str) -> None:
     for key in keys:
         if key not in record:
-            raise _BadRow(f"missing {key!r}; the record has {_keys(record)}")
+            raise BadRow(f"missing {key!r}; the record has {record_keys(record)}")
 
 
 #: HH-RLHF turn markers: "\n\nHuman: ..." and "\n\nAssistant: ..."
@@ -223,8 +227,8 @@ def hh_messages(text: str, field: str) -> list[dict]:
     """A whole HH-RLHF dialogue as role/content messages."""
     parts = _HH_TURN.split(text)
     if parts[0].strip() or len(parts) < 3:
-        raise _BadRow(f"{field!r} is not a dialogue of '\\n\\nHuman: ...' and '\\n\\nAssistant: ...' turns",
-                      hint="or give the prompt apart: {prompt, chosen, rejected} (format 'pairs')")
+        raise BadRow(f"{field!r} is not a dialogue of '\\n\\nHuman: ...' and '\\n\\nAssistant: ...' turns",
+                     hint="or give the prompt apart: {prompt, chosen, rejected} (format 'pairs')")
     return [{"role": "user" if who == "Human" else "assistant", "content": content.strip()}
             for who, content in zip(parts[1::2], parts[2::2])]
 
@@ -248,27 +252,27 @@ def split_dialogues(chosen: list[dict], rejected: list[dict]) -> tuple[list, lis
 def to_examples(record, fmt: str) -> list[Pair | Single] | str:
     """One record's pair (or unpaired example), or the reason it is dropped."""
     if not isinstance(record, dict):
-        raise _BadRow(f"expected a JSON object, got {_json_type(record)}")
+        raise BadRow(f"expected a JSON object, got {json_type(record)}")
     where = getattr(record, "where", "")
     if fmt == "pairs":
         _need(record, "prompt", "chosen", "rejected")
-        prompt = _prompt(record["prompt"], "prompt")
-        chosen, rejected = _answer(record["chosen"], "chosen"), _answer(record["rejected"], "rejected")
+        prompt = prompt_messages(record["prompt"], "prompt")
+        chosen, rejected = answer_messages(record["chosen"], "chosen"), answer_messages(record["rejected"], "rejected")
     elif fmt == "openai":
         _need(record, "input", "preferred_output", "non_preferred_output")
         given = record["input"]
         if not isinstance(given, dict) or "messages" not in given:
-            raise _BadRow(f"'input' must be an object with 'messages', got {_json_type(given)}")
-        prompt = _message_list(given["messages"], "input.messages", need_answer=False)
-        chosen = _answer(record["preferred_output"], "preferred_output")
-        rejected = _answer(record["non_preferred_output"], "non_preferred_output")
+            raise BadRow(f"'input' must be an object with 'messages', got {json_type(given)}")
+        prompt = message_list(given["messages"], "input.messages", need_answer=False)
+        chosen = answer_messages(record["preferred_output"], "preferred_output")
+        rejected = answer_messages(record["non_preferred_output"], "non_preferred_output")
     elif fmt == "hh-rlhf":
         _need(record, "chosen", "rejected")
         sides = []
         for key in ("chosen", "rejected"):
             value = record[key]
             sides.append(hh_messages(value, key) if isinstance(value, str)
-                         else _message_list(value, key, need_answer=False))
+                         else message_list(value, key, need_answer=False))
         split = split_dialogues(*sides)
         if isinstance(split, str):
             return split
@@ -279,8 +283,8 @@ def to_examples(record, fmt: str) -> list[Pair | Single] | str:
         _need(record, "prompt", "completion", "label")
         label = record["label"]
         if not isinstance(label, bool):
-            raise _BadRow(f"'label' must be true (a good answer) or false (a bad one), got {label!r}")
-        return [Single(_prompt(record["prompt"], "prompt"), _answer(record["completion"], "completion"), label,
+            raise BadRow(f"'label' must be true (a good answer) or false (a bad one), got {label!r}")
+        return [Single(prompt_messages(record["prompt"], "prompt"), answer_messages(record["completion"], "completion"), label,
                        where)]
     else:  # pragma: no cover - Options restrict the names
         raise ValueError(fmt)
@@ -295,7 +299,7 @@ def _format_of(first, fmt: str) -> str:
         return fmt
     found = detect_format(first)
     if found is None:
-        raise DataError(f"cannot tell the preference data format: its first record has keys {_keys(first)}",
+        raise DataError(f"cannot tell the preference data format: its first record has keys {record_keys(first)}",
                         where=first.where, hint=f"{_FORMAT_HINT}; or set task.format")
     return found
 
@@ -320,7 +324,7 @@ def _examples(records: Iterable, fmt: str, path: Path, dropped: dict[str, int]) 
     for record in records:
         try:
             made = to_examples(record, fmt)
-        except _BadRow as exc:
+        except BadRow as exc:
             hint = exc.hint
             looks_like = detect_format(record)
             if hint is None and looks_like not in (None, fmt):
@@ -354,13 +358,11 @@ def read_splits(options, *, held_out_only: bool = False, check_train=None) -> tu
         if getattr(options, split) is not None:
             read(split, getattr(options, split))
     if not held_out_only and options.split_ratio:
-        from petune_plugins.tasks.sft import split_off
-
         if len(examples["train"]) < 2:  # say what was dropped, not only that nothing is left to split
             raise no_pairs_left(options, "train", notes, to_split=True)
 
-        examples["train"], examples["validation"] = split_off(examples["train"], options.split_ratio,
-                                                              options.split_seed, where=str(options.train))
+        examples["train"], examples["validation"] = seeded_split(examples["train"], options.split_ratio,
+                                                                 options.split_seed, str(options.train))
     return examples, fmt, notes
 
 
@@ -426,13 +428,14 @@ class PairEncoder:
         self.tokenizer, self.template, self.end_of_turn = tokenizer, template, end_of_turn
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
 
-    def _ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str) -> list[int]:
+        """The token ids of a rendered text (no special tokens added: the template writes them)."""
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def prompt_text(self, prompt: list[dict], where: str) -> str:
         try:
             return render(self.tokenizer, self.template, prompt, add_generation_prompt=True)
-        except _TEMPLATE_ERRORS as exc:
+        except TEMPLATE_ERRORS as exc:
             raise DataError(f"the chat template cannot render this prompt: {exc}", where=where,
                             hint="fix the record, or use a built-in template: task.chat_template = 'chatml'") from None
 
@@ -440,7 +443,7 @@ class PairEncoder:
         """What the template writes after the prompt for this answer, through its end-of-turn token."""
         try:
             full = render(self.tokenizer, self.template, prompt + answer)
-        except _TEMPLATE_ERRORS as exc:
+        except TEMPLATE_ERRORS as exc:
             raise DataError(f"the chat template cannot render this conversation: {exc}", where=where,
                             hint="fix the record, or use a built-in template: task.chat_template = 'chatml'") from None
         if not full.startswith(before):
@@ -455,7 +458,7 @@ class PairEncoder:
         return tail[: end + len(self.end_of_turn)]
 
     def prompt_ids(self, text: str, counts: dict) -> list[int]:
-        ids = self._ids(text)
+        ids = self.token_ids(text)
         limit = self.max_prompt_length
         if limit is not None and len(ids) > limit:
             counts["prompts_cut"] += 1
@@ -478,7 +481,7 @@ class PairEncoder:
         for pair in pairs:
             before = self.prompt_text(pair.prompt, pair.where)
             prompt_ids = self.prompt_ids(before, counts)
-            answers = [self.cut_answer(prompt_ids, self._ids(self.answer_text(pair.prompt, before, a, pair.where)),
+            answers = [self.cut_answer(prompt_ids, self.token_ids(self.answer_text(pair.prompt, before, a, pair.where)),
                                        counts) for a in (pair.chosen, pair.rejected)]
             if not answers[0] or not answers[1]:
                 counts["cut_to_nothing"] += 1
@@ -499,7 +502,7 @@ class PairEncoder:
         for single in singles:
             before = self.prompt_text(single.prompt, single.where)
             prompt_ids = self.prompt_ids(before, counts)
-            answer = self.cut_answer(prompt_ids, self._ids(self.answer_text(single.prompt, before, single.completion,
+            answer = self.cut_answer(prompt_ids, self.token_ids(self.answer_text(single.prompt, before, single.completion,
                                                                              single.where)), counts)
             if not answer:
                 counts["cut_to_nothing"] += 1
@@ -522,7 +525,7 @@ def answer_logps(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
     only the answer positions' logits are computed)."""
     import torch
 
-    device = _device_of(model)
+    device = model_device(model)
     ids = torch.tensor([prompt_ids + answer_ids], device=device)
     n = len(answer_ids)
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=n + 1).logits[0, :n].float()
@@ -547,24 +550,16 @@ def score_pairs(trainer, dataset, method: str, beta: float) -> dict:
     import torch
 
     model = trainer.model
-    was_training = model.training
-    model.eval()
     policy, reference = [], []
-    try:
-        with torch.no_grad():
-            for row in dataset:
-                policy.append([answer_logps(model, row["prompt_ids"], row[k]) for k in ("chosen_ids", "rejected_ids")])
-            if method in REFERENCE_METHODS:
-                ref_model, context = _reference(trainer, model)
-                was_ref_training = ref_model.training
-                ref_model.eval()
-                with context:
-                    for row in dataset:
-                        reference.append([answer_logps(ref_model, row["prompt_ids"], row[k])
-                                          for k in ("chosen_ids", "rejected_ids")])
-                ref_model.train(was_ref_training)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        for row in dataset:
+            policy.append([answer_logps(model, row["prompt_ids"], row[k]) for k in ("chosen_ids", "rejected_ids")])
+        if method in REFERENCE_METHODS:
+            ref_model, context = _reference(trainer, model)
+            with evaluating(ref_model), context:
+                for row in dataset:
+                    reference.append([answer_logps(ref_model, row["prompt_ids"], row[k])
+                                      for k in ("chosen_ids", "rejected_ids")])
     lengths = [(len(row["chosen_ids"]), len(row["rejected_ids"])) for row in dataset]
     return pair_metrics(policy, reference or None, lengths, method, beta)
 
@@ -579,14 +574,17 @@ def pair_metrics(policy: list[list[float]], reference: list[list[float]] | None,
         else:
             rewards.append((beta * c / lengths[i][0], beta * r / lengths[i][1]))
     n = len(policy)
-
-    def share(pairs) -> float:
-        return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / n
-
-    return {"accuracy": share(rewards), "margin": sum(a - b for a, b in rewards) / n,
+    return {"accuracy": pairwise_accuracy(rewards), "margin": sum(a - b for a, b in rewards) / n,
             "chosen_reward": sum(a for a, _ in rewards) / n, "rejected_reward": sum(b for _, b in rewards) / n,
             "chosen_logp": sum(c for c, _ in policy) / n, "rejected_logp": sum(r for _, r in policy) / n,
-            "logp_accuracy": share(policy), "pairs": n}
+            "logp_accuracy": pairwise_accuracy(policy), "pairs": n}
+
+
+def pairwise_accuracy(pairs) -> float:
+    """The share of (chosen, rejected) scores where the chosen one is higher, ties counted half.
+    Shared with the reward task."""
+    pairs = list(pairs)
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
 
 
 def score_singles(trainer, dataset, method: str, beta: float) -> dict:
@@ -594,17 +592,11 @@ def score_singles(trainer, dataset, method: str, beta: float) -> dict:
     import torch
 
     model = trainer.model
-    was_training = model.training
-    model.eval()
-    logps, refs = [], []
-    try:
-        with torch.no_grad():
-            logps = [answer_logps(model, row["prompt_ids"], row["completion_ids"]) for row in dataset]
-            ref_model, context = _reference(trainer, model)
-            with context:
-                refs = [answer_logps(ref_model, row["prompt_ids"], row["completion_ids"]) for row in dataset]
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        logps = [answer_logps(model, row["prompt_ids"], row["completion_ids"]) for row in dataset]
+        ref_model, context = _reference(trainer, model)
+        with context:
+            refs = [answer_logps(ref_model, row["prompt_ids"], row["completion_ids"]) for row in dataset]
     metrics = {"examples": len(logps)}
     for name, wanted in (("desirable", True), ("undesirable", False)):
         picked = [i for i, row in enumerate(dataset) if row["label"] == wanted]
@@ -782,16 +774,12 @@ class PreferenceTask(CausalLmTask):
         return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
                         state=state, notes=notes)
 
-    # -- model ------------------------------------------------------------------------------
-    def build_model(self, model_info: ModelInfo, options: PreferenceOptions, state: dict, **load_kwargs):
-        return build_causal_lm(model_info, state, **load_kwargs)
-
     # -- training ---------------------------------------------------------------------------
     def make_trainer(self, *, model, tokenizer, data: TaskData, options: PreferenceOptions, args: dict,
                      callbacks: list):
         self._refuse_unsupported(model, options)
         trainer_class, config_class = _trainer_classes(options.method)
-        config = {"bf16": False, **_checkpointing_args(args, config_class), "max_length": options.max_length,
+        config = {"bf16": False, **checkpointing_args(args, config_class), "max_length": options.max_length,
                   "beta": options.beta_value}
         train, validation = data.train, data.validation
         ref_model = None
@@ -821,13 +809,12 @@ class PreferenceTask(CausalLmTask):
                                 eval_dataset=validation, processing_class=tokenizer, callbacks=callbacks, **kwargs)
         if options.method in REFERENCE_METHODS:
             drop_reference_adapter(trainer.model)
-        trainer.add_callback(before_training_callback(self, trainer, data, options))
-        trainer._petune_before = {}
+        measure_before_training(trainer, partial(self._starting_point, trainer, data, options))
         return trainer
 
     @staticmethod
     def _refuse_unsupported(model, options: PreferenceOptions) -> None:
-        if _is_prompt_learning(model):
+        if is_prompt_learning(model):
             raise Refusal("prompt and prefix tuning do not mix with preference tuning here: the reference model would "
                           "be the base without the virtual tokens, whose answers the virtual tokens were never part "
                           "of, and TRL reads the answer log-probabilities from positions the virtual tokens shift",
@@ -841,20 +828,17 @@ class PreferenceTask(CausalLmTask):
 
     def evaluate(self, trainer, data: TaskData, options: PreferenceOptions, run_dir: Path) -> dict[str, dict]:
         metrics = {}
-        before = getattr(trainer, "_petune_before", {}) or {}
-        for split in ("validation", "test"):
-            dataset = getattr(data, split)
-            if dataset is None or not len(dataset):
-                continue
-            if split in before.get("metrics", {}):
-                metrics[f"{split}_before"] = before["metrics"][split]
+        before = before_training(trainer)
+        for split, dataset in held_out_splits(data):
+            if split in before.metrics:
+                metrics[f"{split}_before"] = before.metrics[split]
             metrics[split] = self.score(trainer, dataset, options)
         if options.num_sample_generations and trainer.is_world_process_zero():
             after = self.sample_generations(trainer.model, trainer.processing_class, options, data)
             if after:
                 from petune import artifacts
 
-                earlier = before.get("samples") or [None] * len(after)
+                earlier = before.samples or [None] * len(after)
                 for sample, old in zip(after, earlier):
                     sample["after"] = sample.pop("generated")
                     if old is not None:
@@ -862,6 +846,13 @@ class PreferenceTask(CausalLmTask):
                 artifacts.write_text(Path(run_dir) / "samples.jsonl",
                                      "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in after))
         return metrics
+
+    def _starting_point(self, trainer, data: TaskData, options: PreferenceOptions, main_process: bool) -> StartingPoint:
+        """The held-out scores and sample answers of the model as it starts (``evaluate`` compares)."""
+        start = StartingPoint({split: self.score(trainer, dataset, options) for split, dataset in held_out_splits(data)})
+        if options.num_sample_generations and main_process:
+            start.samples = self.sample_generations(trainer.model, trainer.processing_class, options, data)
+        return start
 
     def sample_generations(self, model, tokenizer, options: PreferenceOptions, data: TaskData) -> list[dict]:
         """Greedy answers to the first held-out prompts (validation, else test, else train)."""
@@ -885,10 +876,6 @@ class PreferenceTask(CausalLmTask):
                                                 max_new_tokens=options.sample_max_new_tokens)
             samples.append(sample)
         return samples
-
-    # -- generation (petune generate / chat / serve): exactly as the sft task -------------------
-    def generate(self, model, tokenizer, options, state: dict, messages: list[dict], **kwargs) -> str:
-        return SftTask.generate(self, model, tokenizer, options, state, messages, **kwargs)
 
 
 def _content(messages: list[dict]) -> str:
@@ -914,27 +901,6 @@ def drop_reference_adapter(model) -> None:
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict) and "ref" in configs:
         model.delete_adapter("ref")
-
-
-def before_training_callback(task: PreferenceTask, trainer, data: TaskData, options: PreferenceOptions):
-    """A callback that scores the held-out data and generates the sample answers once, before
-    the first step (on the model as it starts, which ``evaluate`` compares with the result)."""
-    from transformers import TrainerCallback
-
-    class BeforeTraining(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.global_step > 0:  # resumed: the starting model is gone
-                return
-            before = {"metrics": {}}
-            for split in ("validation", "test"):
-                dataset = getattr(data, split)
-                if dataset is not None and len(dataset):
-                    before["metrics"][split] = task.score(trainer, dataset, options)
-            if options.num_sample_generations and state.is_world_process_zero:
-                before["samples"] = task.sample_generations(trainer.model, trainer.processing_class, options, data)
-            trainer._petune_before = before
-
-    return BeforeTraining()
 
 
 @hookimpl

@@ -36,29 +36,37 @@ JSON Lines record ``{"prompt", "completion"}`` (strings or messages).
 
 from __future__ import annotations
 
-import json
 from functools import partial
 from pathlib import Path
 from typing import Literal
 
 from petune_plugins.tasks import _common as common
 from petune_plugins.tasks import datafiles
+from petune_plugins.tasks.causal_lm import checkpointing_args
+from petune_plugins.tasks.chat_records import BadRow, parse_records, record_keys
+from petune_plugins.tasks.chat_templates import prepare_chat_tokenizer
+from petune_plugins.tasks.datafiles import json_type
 from petune_plugins.tasks.encoding import encode_split
 from petune_plugins.tasks.preference import (
     Pair,
     PairEncoder,
-    _answer,
-    _prompt,
+    answer_messages,
     no_pairs_left,
     note_encoded,
+    pairwise_accuracy,
+    prompt_messages,
     read_splits,
 )
-from petune_plugins.tasks.sft import _BadRow, _checkpointing_args, _is_decoder_only, _keys, prepare_chat_tokenizer
 from pydantic import Field, model_validator
 
 from petune import hookimpl
 from petune.api import DataPath, ModelInfo, TaskData
 from petune.errors import DataError
+
+__all__ = [
+    "DEFAULT_MAX_LENGTH", "RewardEncoder", "RewardOptions", "RewardTask", "encode_pairs", "plain_turns",
+    "reward_metrics", "score_pairs", "sequence_scores", "special_frame",
+]
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -118,8 +126,8 @@ class RewardEncoder:
             prompt_ids = self.pairs.prompt_ids(before, counts)
             out = []
             for answer in answers:
-                ids = self.pairs.cut_answer(prompt_ids, self.pairs._ids(self.pairs.answer_text(prompt, before, answer,
-                                                                                               where)), counts)
+                text = self.pairs.answer_text(prompt, before, answer, where)
+                ids = self.pairs.cut_answer(prompt_ids, self.pairs.token_ids(text), counts)
                 out.append(prompt_ids + ids if ids else [])
             return out
         prefix, middle, suffix = special_frame(self.tokenizer, pair=bool(prompt))
@@ -191,29 +199,23 @@ def sequence_scores(model, sequences: list[list[int]], batch_size: int = 16) -> 
     pad = model.config.get_text_config().pad_token_id
     pad = 0 if pad is None else pad
     device = common.model_device(model)
-    was_training = model.training
-    model.eval()
     scores = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(sequences), batch_size):
-                batch = sequences[start:start + batch_size]
-                longest = max(len(s) for s in batch)
-                ids = torch.tensor([s + [pad] * (longest - len(s)) for s in batch], device=device)
-                mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in batch], device=device)
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                scores += logits[:, 0].float().cpu().tolist()
-    finally:
-        model.train(was_training)
+    with common.evaluating(model), torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            batch = sequences[start:start + batch_size]
+            longest = max(len(s) for s in batch)
+            ids = torch.tensor([s + [pad] * (longest - len(s)) for s in batch], device=device)
+            mask = torch.tensor([[1] * len(s) + [0] * (longest - len(s)) for s in batch], device=device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            scores += logits[:, 0].float().cpu().tolist()
     return scores
 
 
 def reward_metrics(chosen: list[float], rejected: list[float]) -> dict:
     """Pairwise accuracy (ties half), mean margin and mean scores of scored pairs."""
     n = len(chosen)
-    share = sum(1.0 if c > r else 0.5 if c == r else 0.0 for c, r in zip(chosen, rejected)) / n
-    return {"accuracy": share, "margin": sum(c - r for c, r in zip(chosen, rejected)) / n,
-            "chosen_reward": sum(chosen) / n, "rejected_reward": sum(rejected) / n, "pairs": n}
+    return {"accuracy": pairwise_accuracy(zip(chosen, rejected)),
+            "margin": sum(c - r for c, r in zip(chosen, rejected)) / n, "chosen_reward": sum(chosen) / n, "rejected_reward": sum(rejected) / n, "pairs": n}
 
 
 def score_pairs(model, dataset) -> dict:
@@ -253,14 +255,14 @@ class RewardTask(common.EncoderTask):
         """The run's state: how answers are encoded (chat template for decoders, text pairs for
         encoders), the lengths, the pad token."""
         info = common.model_info_of(tokenizer)
-        decoder = _is_decoder_only(info) if info is not None else tokenizer.cls_token is None
+        decoder = info.is_decoder_only if info is not None else tokenizer.cls_token is None
         state = {"format": fmt, "max_length": options.max_length, "max_prompt_length": options.max_prompt_length}
         if decoder:
             chat = prepare_chat_tokenizer(tokenizer, options.chat_template)
             state.update(encoding="chat", end_of_turn=chat.end_of_turn, **chat.state)
             state["chat_template_note"] = chat.note
         else:
-            padded = common.ensure_pad_token(tokenizer)
+            padded = common.ensure_pad_token(tokenizer)  # EOS pads an encoder's pairs
             state.update(encoding="pair", pad_token=tokenizer.pad_token, pad_token_id=tokenizer.pad_token_id)
             if padded:
                 state["pad_token_set"] = True
@@ -298,7 +300,7 @@ class RewardTask(common.EncoderTask):
     def make_trainer(self, *, model, tokenizer, data: TaskData, options: RewardOptions, args: dict, callbacks: list):
         from trl import RewardConfig, RewardTrainer
 
-        config = {"bf16": False, **_checkpointing_args(args, RewardConfig),
+        config = {"bf16": False, **checkpointing_args(args, RewardConfig),
                   "max_length": None,  # cut (and counted) in load_data; TRL would drop longer pairs silently
                   "center_rewards_coefficient": options.center_rewards_coefficient,
                   "disable_dropout": True}
@@ -312,17 +314,20 @@ class RewardTask(common.EncoderTask):
         for name, param in trainer.model.named_parameters():
             if name in heads and param.dtype != heads[name]:
                 param.data = param.data.to(heads[name])
-        trainer.add_callback(before_training_callback(trainer, data))
-        trainer._petune_before = {}
+        def starting_point(main_process: bool) -> common.StartingPoint:  # the new head is random then
+            return common.StartingPoint({split: score_pairs(trainer.model, dataset)
+                                         for split, dataset in common.held_out_splits(data)})
+
+        common.measure_before_training(trainer, starting_point)
         return trainer
 
     # -- evaluation -------------------------------------------------------------------------
     def evaluate(self, trainer, data: TaskData, options: RewardOptions, run_dir: Path) -> dict[str, dict]:
         metrics = {}
-        before = getattr(trainer, "_petune_before", {}) or {}
+        before = common.before_training(trainer)
         for split, dataset in common.held_out_splits(data):
-            if split in before:
-                metrics[f"{split}_before"] = before[split]
+            if split in before.metrics:
+                metrics[f"{split}_before"] = before.metrics[split]
             metrics[split] = score_pairs(trainer.model, dataset)
         return metrics
 
@@ -334,17 +339,18 @@ class RewardTask(common.EncoderTask):
         rows = []
         kind = datafiles.data_format(source)
         if kind in ("jsonl", "json"):
-            for where, record in self._records(text, source, kind):
+            for row in parse_records(text, source, jsonl=True if kind == "jsonl" else None):
+                record, where = row.data, row.where
                 try:
                     if not isinstance(record, dict) or "completion" not in record:
-                        raise _BadRow("expected a {prompt, completion} record, got "
-                                      + (f"keys {_keys(record)}" if isinstance(record, dict) else type(record).__name__))
-                    prompt = _prompt(record["prompt"], "prompt") if record.get("prompt") else []
-                    rows.append({"prompt": prompt, "answer": _answer(record["completion"], "completion"),
+                        raise BadRow("expected a {prompt, completion} record, got "
+                                     + (f"keys {record_keys(record)}" if isinstance(record, dict) else json_type(record)))
+                    prompt = prompt_messages(record["prompt"], "prompt") if record.get("prompt") else []
+                    rows.append({"prompt": prompt, "answer": answer_messages(record["completion"], "completion"),
                                  "where": where})
-                except _BadRow as exc:
-                    raise DataError(str(exc), where=where, hint=exc.hint or 'one {"prompt", "completion"} per record') \
-                        from None
+                except BadRow as exc:
+                    raise DataError(f"{row.prefix}{exc}", where=where,
+                                    hint=exc.hint or 'one {"prompt", "completion"} per record') from None
         else:
             for number, line in datafiles.text_lines(text):
                 line = line.rstrip("\r\n")
@@ -361,28 +367,6 @@ class RewardTask(common.EncoderTask):
         if not rows:
             raise DataError("no answer to score", where=source, hint="give one prompt<TAB>answer per line")
         return rows
-
-    @staticmethod
-    def _records(text: str, source: str, kind: str):
-        """(where, record) of a JSON Lines text or a JSON list."""
-        if kind == "json":
-            try:
-                records = json.loads(text)
-            except ValueError as exc:
-                raise DataError(f"not JSON: {exc}", where=source, hint="a JSON list of {prompt, completion}") from None
-            if not isinstance(records, list):
-                records = [records]
-            return [(f"{source}[{i}]", r) for i, r in enumerate(records)]
-        out = []
-        for number, line in datafiles.text_lines(text):
-            if line.strip():
-                where = datafiles.where(source, number)
-                try:
-                    out.append((where, json.loads(line)))
-                except ValueError as exc:
-                    raise DataError(f"not a JSON record: {exc}", where=where,
-                                    hint='one {"prompt": ..., "completion": ...} per line') from None
-        return out
 
     def predict(self, model, tokenizer, options: RewardOptions, state: dict, rows: list[dict]) -> list[dict]:
         encoder = RewardEncoder(tokenizer, state)
@@ -401,20 +385,6 @@ class RewardTask(common.EncoderTask):
                      "" if score is None else f"{score:.4f}"]
             lines.append("\t".join(" ".join(c.split()) for c in cells))
         return "\n".join(lines) + "\n"
-
-
-def before_training_callback(trainer, data: TaskData):
-    """Scores the held-out pairs once, before the first step (the new head is random then)."""
-    from transformers import TrainerCallback
-
-    class BeforeTraining(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            if state.global_step > 0:  # resumed: the starting model is gone
-                return
-            trainer._petune_before = {split: score_pairs(trainer.model, dataset)
-                                      for split, dataset in common.held_out_splits(data)}
-
-    return BeforeTraining()
 
 
 @hookimpl

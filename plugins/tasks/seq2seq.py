@@ -62,6 +62,7 @@ from petune_plugins.tasks._common import (
     build_trainer,
     check_data_paths,
     cut_to_tokens,
+    evaluating,
     held_out_splits,
     hold_out,
     model_device,
@@ -70,6 +71,9 @@ from petune_plugins.tasks._common import (
     read_held_out,
     split_file,
 )
+from petune_plugins.tasks.causal_lm import CAUSAL_LM_SHAPE, build_causal_lm, held_out_loss, seeded
+from petune_plugins.tasks.chat_records import Example
+from petune_plugins.tasks.chat_templates import prepare_chat_tokenizer, render, stop_token_ids, template_for
 from petune_plugins.tasks.encoding import Spool, encode_split
 from pydantic import Field, field_validator, model_validator
 
@@ -365,7 +369,7 @@ def model_kind(model_info: ModelInfo) -> str | None:
         from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 
         return ENCODER_DECODER if model_info.model_type in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES else None
-    return DECODER_ONLY if sft._is_decoder_only(model_info) else None
+    return DECODER_ONLY if model_info.is_decoder_only else None
 
 
 class Seq2SeqCollator:
@@ -405,11 +409,11 @@ def generate_texts(model, tokenizer, state: dict, sources: list[str], *, num_bea
     sampling = temperature > 0
     pad_id = tokenizer.pad_token_id
     if kind == DECODER_ONLY:
-        chat = sft._template_for(tokenizer, state)
-        texts = [sft.render(tokenizer, chat, [{"role": "user", "content": p}], add_generation_prompt=True)
+        chat = template_for(tokenizer, state)
+        texts = [render(tokenizer, chat, [{"role": "user", "content": p}], add_generation_prompt=True)
                  for p in prompts]
         encoded = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        stop_ids = sft._stop_token_ids(tokenizer, state, model)
+        stop_ids = stop_token_ids(tokenizer, state, model)
         context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     else:
         encoded = tokenizer(prompts, verbose=False)["input_ids"]
@@ -425,9 +429,7 @@ def generate_texts(model, tokenizer, state: dict, sources: list[str], *, num_bea
                   min_new_tokens=None, min_length=None, max_length=None)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     results: list[tuple[str, int] | None] = [None] * len(encoded)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             ids = [encoded[i] for i in chunk]
@@ -447,7 +449,7 @@ def generate_texts(model, tokenizer, state: dict, sources: list[str], *, num_bea
             inputs = {"input_ids": torch.tensor(input_ids, device=device),
                       "attention_mask": torch.tensor(mask, device=device)}
             config.max_new_tokens = new_tokens
-            with torch.no_grad(), sft._seeded(seed if sampling else None, device):
+            with torch.no_grad(), seeded(seed if sampling else None, device):
                 output = model.generate(**inputs, generation_config=config)
             new = output[:, longest:] if kind == DECODER_ONLY else output
             for row, i in zip(new.tolist(), chunk):
@@ -458,8 +460,6 @@ def generate_texts(model, tokenizer, state: dict, sources: list[str], *, num_bea
                 results[i] = (tokenizer.decode(row, skip_special_tokens=True).strip(), len(row))
             if progress is not None:
                 progress(min(start + batch_size, len(order)), len(order))
-    finally:
-        model.train(was_training)
     return results  # type: ignore[return-value]
 
 
@@ -475,7 +475,7 @@ class Seq2SeqTask(Task):
 
     def model_shape(self, config) -> ModelShape:
         if self.peft_task_type_for(config) == "CAUSAL_LM":
-            return sft.CAUSAL_LM_SHAPE
+            return CAUSAL_LM_SHAPE
         return ModelShape("AutoModelForSeq2SeqLM", labels="tokens")  # its logits are measured, not modelled
 
     @staticmethod
@@ -545,7 +545,7 @@ class Seq2SeqTask(Task):
                  "target_lang": options.target_lang, "max_source_length": options.max_source_length,
                  "max_target_length": options.max_target_length, "prompt_limit": model_positions(tokenizer)}
         if kind == DECODER_ONLY:  # the sft task's chat template, stop and pad tokens
-            chat = sft.prepare_chat_tokenizer(tokenizer, options.chat_template)
+            chat = prepare_chat_tokenizer(tokenizer, options.chat_template)
             notes["chat_template"] = chat.note
             state.update(chat.state, end_of_turn=chat.end_of_turn)
         elif tokenizer.pad_token is None:
@@ -593,9 +593,9 @@ class Seq2SeqTask(Task):
         prompts = [render_prompt(state["prompt"], s, options.source_lang, options.target_lang) for s in sources]
         counts = {"rows": len(pairs), "source_truncated": source_cut, "target_truncated": target_cut}
         if state["model_kind"] == DECODER_ONLY:
-            examples = [sft.Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": target}],
+            examples = [Example([{"role": "user", "content": prompt}, {"role": "assistant", "content": target}],
                                     p.where) for prompt, target, p in zip(prompts, targets, pairs)]
-            template = sft._template_for(tokenizer, state)
+            template = template_for(tokenizer, state)
             max_length = options.max_source_length + options.max_target_length + _TEMPLATE_ROOM
             encoder = sft.Encoder(tokenizer, template, state["end_of_turn"], loss_on="completion", max_length=max_length)
             columns, sft_counts = encoder.encode(examples)
@@ -622,7 +622,7 @@ class Seq2SeqTask(Task):
     # -- model ------------------------------------------------------------------------------
     def build_model(self, model_info: ModelInfo, options: Seq2SeqOptions, state: dict, **load_kwargs):
         if self.kind_of(model_info) == DECODER_ONLY:
-            return sft.build_causal_lm(model_info, state, **load_kwargs)
+            return build_causal_lm(model_info, state, **load_kwargs)
         from transformers import AutoModelForSeq2SeqLM
 
         return AutoModelForSeq2SeqLM.from_pretrained(model_info.path, **load_kwargs)
@@ -645,7 +645,7 @@ class Seq2SeqTask(Task):
 
     def held_out_loss(self, trainer, dataset, split: str) -> float:
         if self._kind_of(trainer) == DECODER_ONLY:
-            return sft.held_out_loss(trainer, dataset)["loss"]
+            return held_out_loss(trainer, dataset)["loss"]
         return float(trainer.evaluate(dataset, metric_key_prefix=split)[f"{split}_loss"])
 
     @staticmethod

@@ -10,7 +10,7 @@ tells them apart by their keys (from the first record of each file)::
     sharegpt           {"conversations": [{"from": "system" | "human" | "gpt", "value"}]}
 
 Every row becomes a conversation (role/content messages); an optional top-level
-``"system"`` string becomes its system message.
+``"system"`` string becomes its system message (:mod:`~petune_plugins.tasks.chat_records`).
 
 Chat template: the model's own when it has one (``chat_template = "auto"`` or ``"model"``);
 otherwise a built-in from ``templates/``: ``gemma`` for tokenizers that have Gemma's turn
@@ -18,7 +18,8 @@ tokens, ``chatml`` for the rest; ``alpaca`` and ``plain`` (text as is, for promp
 already formatted) on request. Built-ins end every turn with one stop token: the format's own
 (``<end_of_turn>``, ``<|im_end|>``) when the tokenizer has it as a single token, else EOS. No
 token is added, so no embedding is resized. The template is set on the tokenizer, which the
-runner saves with the run.
+runner saves with the run (:mod:`~petune_plugins.tasks.chat_templates`). The model, generation
+and the held-out loss are the causal-LM base's (:mod:`~petune_plugins.tasks.causal_lm`).
 
 Tokenization and the loss mask are done here, not by TRL: each conversation is rendered
 with the template and tokenized once; an assistant turn's characters are located by
@@ -49,30 +50,39 @@ epoch has fewer steps. Refused where examples would not be kept apart.
 
 from __future__ import annotations
 
-import itertools
 import json
-import math
-import re
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
-from jinja2 import TemplateError
-from petune_plugins.tasks import datafiles
-from petune_plugins.tasks._common import SplitOptions, check_data_paths, hold_out, read_held_out, seeded_split
+from petune_plugins.tasks._common import SplitOptions, evaluating, hold_out, model_device, read_held_out
+from petune_plugins.tasks.causal_lm import CausalLmTask, checkpointing_args, held_out_loss, is_prompt_learning
+from petune_plugins.tasks.chat_records import (
+    FORMAT_HINT,
+    BadRow,
+    Example,
+    detect_format,
+    parse_records,
+    read_examples,
+    record_keys,
+    to_conversation,
+)
+from petune_plugins.tasks.chat_templates import TEMPLATE_ERRORS, TemplateMismatch, prepare_chat_tokenizer, render
+from petune_plugins.tasks.datafiles import json_type
 from petune_plugins.tasks.encoding import Spool, encode_split
 from pydantic import Field, model_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, ModelShape, Task, TaskData
+from petune.api import DataPath, TaskData
 from petune.errors import DataError, Refusal, UserError
+
+__all__ = [
+    "SAMPLE_MAX_NEW_TOKENS", "Batching", "Encoder", "SftOptions", "SftTask", "cast_trainable_to_bf16",
+    "check_packing_keeps_examples_apart", "choose_batching", "examples_kept_apart", "loss_memory", "make_sft_trainer",
+]
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-BUILTIN_TEMPLATES = ("chatml", "gemma", "alpaca", "plain")
-TEMPLATE_DIR = Path(__file__).with_name("templates")
 #: new tokens generated for each sample written to samples.jsonl after training
 SAMPLE_MAX_NEW_TOKENS = 128
 
@@ -107,438 +117,7 @@ class SftOptions(SplitOptions):
         return self
 
 
-# -- reading records ------------------------------------------------------------------------
-class Row(NamedTuple):
-    """One JSON record and where it is: ``where`` = "file:line"; ``record`` names a record of
-    a JSON list ("record [3]", as a one-line list has one line for all) and is empty for
-    JSON Lines, whose line says it all."""
-
-    data: Any
-    where: str
-    record: str = ""
-
-    @property
-    def prefix(self) -> str:
-        """What starts an error message about this row."""
-        return f"{self.record}: " if self.record else ""
-
-
-def _json_type(value) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", type(None): "null"}.get(
-        type(value), "a number")
-
-
-def iter_rows(path: Path, max_rows: int | None = None) -> Iterator[Row]:
-    """Records of a data file, through the shared reader, one at a time: JSON Lines and JSON
-    lists (also compressed) are parsed here, so a record of a JSON list is named by its index
-    too; every other records format (CSV/TSV, Parquet, Arrow) comes from
-    :func:`datafiles.iter_records`. JSON Lines and columnar files are streamed; a JSON list's
-    text is read whole (a record at a time is parsed from it)."""
-    kind = datafiles.data_format(path)
-    if kind == "jsonl":  # line by line: the whole text is never held, nor a list of its lines
-        empty = True
-        for row in _parse_jsonl(datafiles.iter_lines(path), str(path), max_rows):
-            empty = False
-            yield row
-        if empty:
-            raise DataError("the data file is empty", where=str(path))
-    elif kind in ("json", None):
-        yield from _iter_records(datafiles.read_text(path), str(path), max_rows=max_rows)
-    else:
-        for record in datafiles.iter_records(path, max_rows):
-            yield Row(dict(record), record.where)
-
-
-def parse_records(text: str, source: str, *, jsonl: bool | None = None, max_rows: int | None = None) -> list[Row]:
-    """Records of a JSON list or of JSON Lines (``jsonl=None``: by the first character)."""
-    return list(_iter_records(text, source, jsonl=jsonl, max_rows=max_rows))
-
-
-def _iter_records(text: str, source: str, *, jsonl: bool | None = None, max_rows: int | None = None) -> Iterator[Row]:
-    start = len(text) - len(text.lstrip())
-    if start == len(text):
-        raise DataError("the data file is empty", where=source)
-    if jsonl is None:
-        jsonl = text[start] != "["
-    if not jsonl and text[start] != "[":
-        raise DataError(f"expected a JSON list of records ([{{...}}, ...]), found {text[start]!r}", where=source,
-                        hint="or write one record per line and name the file .jsonl")
-    rows = (_parse_jsonl(enumerate(text.split("\n"), 1), source, max_rows) if jsonl
-            else _parse_json_list(text, source, start, max_rows))
-    empty = True
-    for row in rows:
-        empty = False
-        yield row
-    if empty:
-        raise DataError("the data file holds no records", where=source)
-
-
-def _parse_jsonl(lines: Iterable[tuple[int, str]], source: str, max_rows: int | None) -> Iterator[Row]:
-    count = 0
-    for number, line in lines:
-        if not line.strip():
-            continue  # blank lines are allowed
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc.msg} (column {exc.colno})", where=f"{source}:{number}",
-                            hint="JSON Lines: one complete JSON object per line") from None
-        yield Row(data, f"{source}:{number}")
-        count += 1
-        if max_rows is not None and count >= max_rows:
-            break
-
-
-_SPACE = re.compile(r"\s*")
-
-
-def _parse_json_list(text: str, source: str, start: int, max_rows: int | None) -> Iterator[Row]:
-    """A JSON list parsed record by record, so each record knows its line."""
-    decoder = json.JSONDecoder()
-    line, counted = 1, 0
-
-    def line_at(pos: int) -> int:
-        nonlocal line, counted
-        line += text.count("\n", counted, pos)
-        counted = pos
-        return line
-
-    index = -1
-    pos = _SPACE.match(text, start + 1).end()
-    if text.startswith("]", pos):
-        return
-    while True:
-        index, record_line = index + 1, line_at(pos)
-        try:
-            data, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON in record [{index}]: {exc.msg} (column {exc.colno})",
-                            where=f"{source}:{exc.lineno}") from None
-        yield Row(data, f"{source}:{record_line}", f"record [{index}]")
-        if max_rows is not None and index + 1 >= max_rows:
-            return
-        pos = _SPACE.match(text, pos).end()
-        if text.startswith(",", pos):
-            pos = _SPACE.match(text, pos + 1).end()
-            continue
-        if text.startswith("]", pos):
-            break
-        raise DataError(f"invalid JSON after record [{index}]: expected ',' or ']'", where=f"{source}:{line_at(pos)}")
-    rest = text[pos + 1:].strip()
-    if rest:
-        raise DataError("invalid JSON: extra data after the closing ']'", where=f"{source}:{line_at(pos + 1)}")
-
-
-# -- records → conversations ----------------------------------------------------------------
-class Example(NamedTuple):
-    messages: list[dict]
-    where: str  # "file:line"
-    record: str = ""  # "record [i]" for a record of a JSON list
-
-    prefix = Row.prefix
-
-    @property
-    def place(self) -> str:
-        """Where, for people: "file:line", with the record index for a JSON list."""
-        return f"{self.where} {self.record}".rstrip()
-
-
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "model": "assistant"}
-_FORMAT_BY_KEY = (("messages", "messages"), ("conversations", "sharegpt"), ("instruction", "alpaca"),
-                  ("prompt", "prompt-completion"))
-_FORMAT_HINT = ("expected one of: alpaca {instruction, input, output}; prompt-completion {prompt, completion}; "
-                "messages {messages: [{role, content}]}; sharegpt {conversations: [{from, value}]}")
-
-
-class _BadRow(Exception):
-    """A row problem; becomes a DataError at the row's place."""
-
-    def __init__(self, message: str, hint: str | None = None):
-        super().__init__(message)
-        self.hint = hint
-
-
-def detect_format(record) -> str | None:
-    if isinstance(record, dict):
-        for key, name in _FORMAT_BY_KEY:
-            if key in record:
-                return name
-    return None
-
-
-def _keys(record: dict) -> str:
-    return ", ".join(map(repr, record)) or "none"
-
-
-def _text(value, field: str) -> str:
-    if isinstance(value, str):
-        return value
-    # OpenAI-style content parts: [{"type": "text", "text": "..."}]
-    if isinstance(value, list) and value and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
-    raise _BadRow(f"{field} must be a string, got {_json_type(value)}")
-
-
-def _field(record: dict, key: str, *, answer: bool = False) -> str:
-    if key not in record:
-        what = " (the answer to train on)" if answer else ""
-        raise _BadRow(f"missing {key!r}{what}; the record has {_keys(record)}")
-    text = _text(record[key], repr(key))
-    if answer and not text.strip():
-        raise _BadRow(f"{key!r} is empty: nothing to train on", hint="remove the row or fill in the answer")
-    return text
-
-
-def _message_list(value, field: str, *, need_answer: bool) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise _BadRow(f"{field!r} must be a non-empty list of messages, got {_json_type(value)}")
-    messages = []
-    for i, item in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(item, dict):
-            raise _BadRow(f"{where} must be an object with 'role' and 'content', got {_json_type(item)}")
-        role_key = "role" if "role" in item else "from" if "from" in item else None
-        content_key = "content" if "content" in item else "value" if "value" in item else None
-        if role_key is None or content_key is None:
-            raise _BadRow(f"{where} needs 'role' and 'content' (or ShareGPT's 'from' and 'value'); "
-                          f"it has {_keys(item)}")
-        role = ROLES.get(str(item[role_key]).strip().lower())
-        if role is None:
-            raise _BadRow(f"{where}: unknown role {item[role_key]!r}",
-                          hint=f"known: {', '.join(ROLES)} (tool turns are not supported)")
-        content = _text(item[content_key], f"{where}.{content_key}")
-        if role == "assistant" and not content.strip() and need_answer:
-            raise _BadRow(f"{where} is an empty assistant turn: nothing to train on",
-                          hint="remove the turn (and its question) or the row")
-        messages.append({"role": role, "content": content})
-    return messages
-
-
-def to_conversation(record, fmt: str, *, need_answer: bool = True) -> list[dict]:
-    """The conversation of one record in format ``fmt``; with ``need_answer=False`` (prompts
-    for generation) the answer may be missing."""
-    if not isinstance(record, dict):
-        raise _BadRow(f"expected a JSON object, got {_json_type(record)}")
-    if fmt == "alpaca":
-        instruction = _field(record, "instruction")
-        extra = _text(record.get("input") or "", "'input'")
-        user = "\n\n".join(part for part in (instruction, extra) if part.strip())
-        if not user.strip():
-            raise _BadRow("'instruction' and 'input' are both empty: there is no prompt")
-        messages = [{"role": "user", "content": user}]
-        if need_answer or "output" in record:
-            messages.append({"role": "assistant", "content": _field(record, "output", answer=need_answer)})
-    elif fmt == "prompt-completion":
-        if "prompt" not in record:
-            raise _BadRow(f"missing 'prompt'; the record has {_keys(record)}")
-        prompt = record["prompt"]
-        messages = (_message_list(prompt, "prompt", need_answer=need_answer) if isinstance(prompt, list)
-                    else [{"role": "user", "content": _text(prompt, "'prompt'")}])
-        if need_answer or "completion" in record:
-            completion = record.get("completion")
-            if isinstance(completion, list):
-                messages += _message_list(completion, "completion", need_answer=need_answer)
-            else:
-                messages.append({"role": "assistant", "content": _field(record, "completion", answer=need_answer)})
-    elif fmt in ("messages", "sharegpt"):
-        key = "messages" if fmt == "messages" else "conversations"
-        if key not in record:
-            raise _BadRow(f"missing {key!r}; the record has {_keys(record)}")
-        messages = _message_list(record[key], key, need_answer=need_answer)
-    else:  # pragma: no cover - Options restrict the names
-        raise ValueError(fmt)
-    system = record.get("system")
-    if isinstance(system, str) and system.strip() and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system})
-    if need_answer and not any(m["role"] == "assistant" for m in messages):
-        raise _BadRow("the conversation has no assistant turn: nothing to train on")
-    return messages
-
-
-def _format_of(row: Row, fmt: str) -> str:
-    """``fmt``, or for "auto" the format the file's first record is in."""
-    if fmt != "auto":
-        return fmt
-    found = detect_format(row.data)
-    if found is None:
-        first = row.data
-        has = f"its first record has keys {_keys(first)}" if isinstance(first, dict) else \
-            f"its first record is {_json_type(first)}"
-        raise DataError(f"cannot tell the data format: {has}", where=row.where,
-                        hint=f"{_FORMAT_HINT}; or set task.format")
-    return found
-
-
-def read_examples(path: Path, fmt: str, max_rows: int | None) -> tuple[Spool, str]:
-    """Conversations of a data file and the format it was read as. They are spooled to disk
-    as they are read (:class:`~petune_plugins.tasks.encoding.Spool`): one pass over the file,
-    never all of its records in memory."""
-    rows = iter_rows(Path(path), max_rows)
-    first = next(rows, None)
-    if first is None:
-        raise DataError("the data file holds no records", where=str(path))
-    fmt = _format_of(first, fmt)
-    return Spool.write(_examples(itertools.chain([first], rows), fmt), desc=Path(path).name), fmt
-
-
-def _examples(rows: Iterable[Row], fmt: str) -> Iterator[Example]:
-    for row in rows:
-        try:
-            yield Example(to_conversation(row.data, fmt), row.where, row.record)
-        except _BadRow as exc:
-            hint = exc.hint
-            looks_like = detect_format(row.data)
-            if hint is None and looks_like not in (None, fmt):
-                hint = f"this record looks like {looks_like} data; all records of a file must be in one format"
-            raise DataError(f"{row.prefix}{exc} ({fmt} format)", where=row.where, hint=hint) from None
-
-
-# -- chat templates -------------------------------------------------------------------------
-_END_OF_TURN = re.compile(r"\{%- set end_of_turn = '([^']*)' -%\}")
-
-
-def _single_token(tokenizer, text: str) -> bool:
-    """Whether ``text`` is one token of this tokenizer (as written inside a template)."""
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"]) == 1
-
-
-def builtin_template(name: str, tokenizer) -> str:
-    """The built-in template ``name`` for this tokenizer: its end-of-turn marker is the
-    format's own token when the tokenizer has it, else the EOS token."""
-    text = (TEMPLATE_DIR / f"{name}.jinja").read_text(encoding="utf-8")
-    marker = _END_OF_TURN.search(text)
-    if marker and not _single_token(tokenizer, marker.group(1)):
-        text = text[: marker.start()] + "{%- set end_of_turn = eos_token -%}" + text[marker.end():]
-    return text
-
-
-def _own_template(tokenizer) -> str | None:
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, dict):  # several named templates
-        template = template.get("default")
-    return template or None
-
-
-def choose_template(option: str, tokenizer) -> tuple[str, str]:
-    """(name, template text): a built-in's name, or "model" for the model's own."""
-    own = _own_template(tokenizer)
-    if option in BUILTIN_TEMPLATES:
-        return option, builtin_template(option, tokenizer)
-    if own:
-        for name in BUILTIN_TEMPLATES:  # a tokenizer petune saved with a run carries a built-in
-            if own == builtin_template(name, tokenizer):
-                return name, own
-        return "model", own
-    if option == "model":
-        raise UserError("the model has no chat template of its own", where="task.chat_template",
-                        hint="use a built-in: chat_template = 'chatml', 'gemma', 'alpaca' or 'plain' (or 'auto')")
-    gemma_tokens = _single_token(tokenizer, "<start_of_turn>") and _single_token(tokenizer, "<end_of_turn>")
-    name = "gemma" if gemma_tokens else "chatml"
-    return name, builtin_template(name, tokenizer)
-
-
-#: what rendering a chat template raises: its own raise_exception(), undefined names, bad values
-_TEMPLATE_ERRORS = (TemplateError, TypeError, ValueError, LookupError)
-
-
-def render(tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    if not messages:  # apply_chat_template refuses an empty conversation (an answer with no prompt)
-        from transformers.utils.chat_template_utils import render_jinja_template
-
-        rendered, _ = render_jinja_template(conversations=[[]], chat_template=template,
-                                            add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
-        return rendered[0]
-    return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
-
-
-def _special_strings(tokenizer) -> set[str]:
-    specials = set(tokenizer.all_special_tokens)
-    specials.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
-    return {s for s in specials if s}
-
-
-def end_of_turn_token(tokenizer, template: str, name: str) -> str:
-    """The token that closes an assistant turn in this template: the one to train and to stop on."""
-    if name in BUILTIN_TEMPLATES:
-        marker = _END_OF_TURN.search(template)
-        token = marker.group(1) if marker else tokenizer.eos_token
-        if token is None:
-            raise UserError("the tokenizer has no EOS token to end the answers with", where="task.chat_template",
-                            hint="use a model whose tokenizer defines eos_token")
-        return token
-    # the model's own template: render a probe turn and take the first special token after the answer
-    answer = "Petune probe answer."
-    try:
-        question = [{"role": "user", "content": "Hi"}]
-        before = render(tokenizer, template, question, add_generation_prompt=True)
-        after = render(tokenizer, template, [*question, {"role": "assistant", "content": answer}])
-    except _TEMPLATE_ERRORS as exc:
-        raise UserError(f"the model's chat template cannot render a user/assistant exchange: {exc}",
-                        where="task.chat_template", hint="use a built-in: chat_template = 'chatml'") from None
-    at = after.find(answer, len(before) if after.startswith(before) else 0)
-    tail = after[at + len(answer):] if at >= 0 else ""
-    found = [(tail.find(s), s) for s in _special_strings(tokenizer) if s in tail]
-    if not found:
-        raise UserError(f"the model's chat template ends an assistant turn with {tail!r}, which holds no special "
-                        f"token, so the model could not learn where to stop", where="task.chat_template",
-                        hint="use a built-in: chat_template = 'chatml' (ends answers with the EOS token)")
-    return min(found)[1]
-
-
-def ensure_pad_token(tokenizer, stop_tokens: list[str]) -> list[str]:
-    """Give the tokenizer a pad token distinct from EOS and the stop tokens, reusing one it
-    has when it can; returns the tokens added (they need embedding rows)."""
-    avoid = set(stop_tokens) | {tokenizer.eos_token, tokenizer.bos_token}
-    if tokenizer.pad_token is not None and tokenizer.pad_token not in avoid:
-        return []
-    vocab = tokenizer.get_vocab()
-    for candidate in ("<pad>", "<|pad|>", "[PAD]", "<|finetune_right_pad_id|>", "<|endoftext|>", "<|vision_pad|>",
-                      "<|fim_pad|>", tokenizer.unk_token):
-        if candidate and candidate in vocab and candidate not in avoid:
-            tokenizer.pad_token = candidate
-            return []
-    tokenizer.add_special_tokens({"pad_token": "<pad>"})
-    return ["<pad>"]
-
-
-class ChatSetup(NamedTuple):
-    name: str  # a built-in's name, or "model"
-    template: str
-    end_of_turn: str  # the token an answer ends with: trained, and generation stops on it
-    state: dict  # what a run saves to generate later: template name, stop tokens, pad token (and added tokens)
-
-    @property
-    def note(self) -> str:
-        return "the model's own" if self.name == "model" else f"{self.name} (built-in)"
-
-
-def prepare_chat_tokenizer(tokenizer, chat_template: str) -> ChatSetup:
-    """Choose the chat template (set on the tokenizer, which the runner saves with the run),
-    find its end-of-turn token and give the tokenizer a pad token apart from the stop tokens.
-    Shared with the seq2seq task's decoder-only models."""
-    name, template = choose_template(chat_template, tokenizer)
-    if name != "model":
-        tokenizer.chat_template = template  # saved with the run's tokenizer
-    end_of_turn = end_of_turn_token(tokenizer, template, name)
-    stop_tokens = list(dict.fromkeys(t for t in (end_of_turn, tokenizer.eos_token) if t))
-    added = ensure_pad_token(tokenizer, stop_tokens)
-    vocab = tokenizer.get_vocab()
-    state = {"chat_template": name, "stop_tokens": stop_tokens,
-             "stop_token_ids": [vocab[t] for t in stop_tokens if t in vocab],
-             "pad_token": tokenizer.pad_token, "pad_token_id": tokenizer.pad_token_id}
-    if added:
-        state.update(added_tokens=added, vocab_size=len(tokenizer))
-    return ChatSetup(name, template, end_of_turn, state)
-
-
 # -- tokenization and the loss mask ---------------------------------------------------------
-class TemplateMismatch(UserError):
-    """The chat template does not let the answers be located in its output."""
-
-
 class Encoder:
     """Conversations → input_ids and labels (-100 outside assistant answers)."""
 
@@ -575,7 +154,7 @@ class Encoder:
                 spans.append((len(before), len(before) + end + len(self.end_of_turn)))
         except UserError:
             raise
-        except _TEMPLATE_ERRORS as exc:  # the template itself raised (e.g. "roles must alternate")
+        except TEMPLATE_ERRORS as exc:  # the template itself raised (e.g. "roles must alternate")
             raise DataError(f"{example.prefix}the chat template cannot render this conversation: {exc}",
                             where=example.where,
                             hint="fix the row, or use a built-in template: task.chat_template = 'chatml'") from None
@@ -630,20 +209,6 @@ def _labels_in_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list
 
 
 # -- packing safety ---------------------------------------------------------------------------
-def _is_prompt_learning(model) -> bool:
-    configs = getattr(model, "peft_config", None)
-    return isinstance(configs, dict) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
-
-
-def _device_of(model):
-    import torch
-
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
-
-
 def check_packing_keeps_examples_apart(model, tokenizer, where: str = "task.packing") -> None:
     """Refuse packing unless an example packed after another gives the same logits as alone."""
     why_not = examples_kept_apart(model, tokenizer)
@@ -657,7 +222,7 @@ def examples_kept_apart(model, tokenizer) -> str | None:
     be kept apart, as words that follow "packing"."""
     import torch
 
-    if _is_prompt_learning(model):
+    if is_prompt_learning(model):
         return ("cannot be combined with prompt or prefix tuning: the virtual tokens are added once per packed row, "
                 "so only its first example would see them")
     if any(p.is_meta for p in model.parameters()):
@@ -665,18 +230,13 @@ def examples_kept_apart(model, tokenizer) -> str | None:
                 "CPU-RAM-efficient loading)")
     ids = tokenizer("the quick brown fox jumps over the lazy dog. " * 3, add_special_tokens=False)["input_ids"]
     first, second = ids[:6], ids[6:12]
-    device = _device_of(model)
+    device = model_device(model)
     joined = torch.tensor([first + second], device=device)
     positions = torch.tensor([list(range(len(first))) + list(range(len(second)))], device=device)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():  # use_cache=False as in training: a cache disables the packed-sequence mask
-            alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits[0].float()
-            packed = model(input_ids=joined, position_ids=positions, use_cache=False).logits[0, len(first):].float()
-            shared = model(input_ids=joined, use_cache=False).logits[0, len(first):].float()
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():  # use_cache=False as in training: a cache disables the packed-sequence mask
+        alone = model(input_ids=torch.tensor([second], device=device), use_cache=False).logits[0].float()
+        packed = model(input_ids=joined, position_ids=positions, use_cache=False).logits[0, len(first):].float()
+        shared = model(input_ids=joined, use_cache=False).logits[0, len(first):].float()
     isolated = (packed - alone).abs().max().item()
     leaked = (shared - alone).abs().max().item()  # what attending across examples looks like
     if not isolated <= max(1e-3, 0.05 * leaked):
@@ -718,37 +278,7 @@ def choose_batching(model, tokenizer, packing: bool, padding_free: bool | str) -
     return Batching(False, f"padded batches: padding-free rows {why_not}")
 
 
-
-#: a causal LM trained on next-token labels over the whole vocabulary (memory estimate)
-CAUSAL_LM_SHAPE = ModelShape("AutoModelForCausalLM", labels="tokens", causal_lm_loss=True)
-
 # -- the task ---------------------------------------------------------------------------------
-class CausalLmTask(Task):
-    """What the tasks that train a causal LM on text share: the model they accept, the
-    estimate's model shape and sequence length, what explain reads."""
-
-    peft_task_type = "CAUSAL_LM"
-    explained_output = "next_token"  # petune explain: attributions for the next token
-
-    def model_shape(self, config) -> ModelShape:
-        return CAUSAL_LM_SHAPE
-
-    def sequence_length(self, options) -> int:
-        return options.max_length
-
-    def check(self, model_info: ModelInfo, options) -> None:
-        if not _is_decoder_only(model_info):
-            raise Refusal(f"the {self.name} task trains a causal (decoder-only) language model, and {model_info.name} "
-                          f"is a {model_info.model_type} model that does not generate text", where="task.name",
-                          hint="use a causal LM (e.g. gemma-3-270m), or a task for encoders: classification, ner")
-        limit = model_info.max_positions
-        if limit and options.max_length > limit:
-            raise Refusal(f"task.max_length = {options.max_length} is longer than the model's context "
-                          f"({limit} positions)", where="task.max_length",
-                          hint=f"set task.max_length to {limit} or less")
-        check_data_paths(options)  # before any model loads, as in every task
-
-
 class SftTask(CausalLmTask):
     name = "sft"
     description = "supervised fine-tuning of a causal LM on instructions or chats (TRL SFTTrainer)"
@@ -799,9 +329,6 @@ class SftTask(CausalLmTask):
                         state=state, notes=notes)
 
     # -- model ------------------------------------------------------------------------------
-    def build_model(self, model_info: ModelInfo, options: SftOptions, state: dict, **load_kwargs):
-        return build_causal_lm(model_info, state, **load_kwargs)
-
     def head_modules(self, model) -> list[str]:
         return []
 
@@ -858,52 +385,6 @@ class SftTask(CausalLmTask):
                             "expected": messages[last]["content"], "generated": generated})
         return samples
 
-    # -- generation -------------------------------------------------------------------------
-    def generate(self, model, tokenizer, options, state: dict, messages: list[dict], max_new_tokens: int = 256,
-                 temperature: float = 0.0, top_p: float = 1.0, stop: list[str] | str | None = None,
-                 seed: int | None = None) -> str:
-        """The model's answer to ``messages`` (role/content dicts), rendered with the run's chat
-        template and its generation prompt. Greedy when ``temperature == 0``; stops at the
-        end-of-turn/EOS token or at any ``stop`` string (not included); returns only new text."""
-        import copy
-
-        import torch
-
-        messages = [_chat_message(m, i) for i, m in enumerate(messages)]
-        prompt = render(tokenizer, _template_for(tokenizer, state), messages, add_generation_prompt=True)
-        device = _device_of(model)
-        inputs = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
-        prompt_length = inputs["input_ids"].shape[1]
-        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-        if context:
-            if prompt_length >= context:
-                raise UserError(f"the prompt takes {prompt_length} tokens, and the model's context is {context}",
-                                hint="shorten the prompt or the conversation (chat: /reset)")
-            max_new_tokens = min(max_new_tokens, context - prompt_length)
-        stop_ids = _stop_token_ids(tokenizer, state, model)
-        config = copy.deepcopy(model.generation_config)
-        sampling = temperature > 0
-        config.update(max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=stop_ids,
-                      pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0],
-                      temperature=temperature if sampling else None, top_p=top_p if sampling else None,
-                      top_k=None, min_new_tokens=None)
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
-        extra = {"stop_strings": stop, "tokenizer": tokenizer} if stop else {}
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), _seeded(seed if sampling else None, device):
-                output = model.generate(**inputs, generation_config=config, **extra)
-        finally:
-            model.train(was_training)
-        new = output[0, prompt_length:].tolist()
-        cut = next((i for i, t in enumerate(new) if t in stop_ids), len(new))
-        text = tokenizer.decode(new[:cut], skip_special_tokens=True)
-        for s in stop:
-            if s and s in text:
-                text = text[: text.index(s)]
-        return text
-
     # -- batch prediction (petune predict) --------------------------------------------------
     def parse_inputs(self, options: SftOptions, text: str, source: str) -> list[dict]:
         """Prompts from JSON Lines or a JSON list: strings, or records in any training format
@@ -917,11 +398,11 @@ class SftTask(CausalLmTask):
                 else:
                     fmt = options.format if options.format != "auto" else detect_format(record)
                     if fmt is None:
-                        raise _BadRow(f"cannot tell the format of this record (keys {_keys(record)})"
-                                      if isinstance(record, dict) else f"expected a string or an object, got "
-                                                                         f"{_json_type(record)}", hint=_FORMAT_HINT)
+                        raise BadRow(f"cannot tell the format of this record (keys {record_keys(record)})"
+                                     if isinstance(record, dict) else f"expected a string or an object, got "
+                                                                         f"{json_type(record)}", hint=FORMAT_HINT)
                     messages = to_conversation(record, fmt, need_answer=False)
-            except _BadRow as exc:
+            except BadRow as exc:
                 raise DataError(f"{row.prefix}{exc}", where=row.where, hint=exc.hint) from None
             expected = None
             if messages[-1]["role"] == "assistant":
@@ -945,27 +426,6 @@ class SftTask(CausalLmTask):
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def build_causal_lm(model_info: ModelInfo, state: dict, **load_kwargs):
-    """The causal LM for a run whose tokenizer was prepared here: embeddings resized for an
-    added pad token, pad id set, generation stopping on the trained end-of-turn token.
-    Shared with the seq2seq task's decoder-only models."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_info.path, **load_kwargs)
-    vocab_size = state.get("vocab_size")
-    if vocab_size and vocab_size > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(vocab_size)  # a pad token was added (the tokenizer had none to reuse)
-    if state.get("pad_token_id") is not None:
-        model.config.get_text_config().pad_token_id = state["pad_token_id"]
-        model.generation_config.pad_token_id = state["pad_token_id"]
-    # generation stops on the trained end-of-turn token, here and in a merged export
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    eos += [i for i in state.get("stop_token_ids", []) if i not in eos]
-    if eos:
-        model.generation_config.eos_token_id = eos[0] if len(eos) == 1 else eos
-    return model
-
 
 def loss_memory(loss: str, batch_size: int, max_length: int, config, device: str | None = None) -> str:
     """"chunked" (TRL's fused LM head: no full-vocabulary logits) or "logits" (plain cross-entropy).
@@ -992,7 +452,7 @@ def make_sft_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks:
     padding_free = padding_free or packing
     config = {
         "bf16": False,  # TrainingArguments' default; SFTConfig's is True
-        **_checkpointing_args(args, SFTConfig),
+        **checkpointing_args(args, SFTConfig),
         # examples are already cut to max_length; TRL refuses it for padding-free rows without packing
         "max_length": max_length if packing or not padding_free else None,
         "packing": packing,
@@ -1015,106 +475,6 @@ def make_sft_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks:
         trainer.compute_loss = types.MethodType(Trainer.compute_loss, trainer)
     return trainer
 
-
-def _checkpointing_args(args: dict, config_class) -> dict:
-    """``args`` with activation (gradient) checkpointing off unless asked for: SFTConfig turns it
-    on by default. transformers 5.2x renamed gradient_checkpointing* to activation_checkpointing*
-    (the old names still work, with a warning); pass whichever name this version has."""
-    args = dict(args)
-    fields = getattr(config_class, "__dataclass_fields__", {})
-    for old, new, default in (("gradient_checkpointing", "activation_checkpointing", False),
-                              ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs", None)):
-        value = args.pop(new, None)
-        old_value = args.pop(old, None)
-        value = old_value if value is None else value
-        args[new if new in fields else old] = default if value is None else value
-    return args
-
-
-def _is_decoder_only(model_info: ModelInfo) -> bool:
-    try:
-        return model_info.is_decoder_only
-    except ImportError:  # petune.api imports MODEL_FOR_CAUSAL_LM_MAPPING_NAMES from where transformers 5 lacks it
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        return (not model_info.is_encoder_decoder and not model_info.config.architectures
-                and model_info.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-
-
-def split_off(examples: list, fraction: float, seed: int, *, where: str) -> tuple[list, list]:
-    """(train, validation): the tasks' one seeded split (kept under this name for the preference task)."""
-    return seeded_split(examples, fraction, seed, where)
-
-
-def held_out_loss(trainer, dataset) -> dict:
-    """Mean loss per answer token over a dataset (summed over tokens, not averaged per batch)
-    and its perplexity, exp(loss)."""
-    import torch
-
-    model = trainer.model
-    was_training = model.training
-    model.eval()
-    nll, tokens = 0.0, 0
-    try:
-        with torch.no_grad():
-            for batch in trainer.get_eval_dataloader(dataset):
-                batch = trainer._prepare_inputs(batch)
-                with trainer.compute_loss_context_manager():
-                    # TRL's fused LM head: per-token log-probabilities without the full logits
-                    out = model(**batch, use_cache=False, fused_lm_head=True)
-                nll -= out.log_probs.double().sum().item()
-                tokens += int(out.label_mask.sum().item())
-    finally:
-        model.train(was_training)
-    loss = nll / max(tokens, 1)
-    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else float("inf"), "tokens": tokens,
-            "examples": len(dataset)}
-
-
-def _chat_message(message, index: int) -> dict:
-    if not isinstance(message, dict) or "content" not in message or "role" not in message:
-        raise UserError(f"message [{index}] must be a dict with 'role' and 'content', got {message!r}")
-    role = ROLES.get(str(message["role"]).lower())
-    if role is None:
-        raise UserError(f"message [{index}] has unknown role {message['role']!r}", hint=f"known: {', '.join(ROLES)}")
-    if not isinstance(message["content"], str):
-        raise UserError(f"message [{index}] content must be text")
-    return {"role": role, "content": message["content"]}
-
-
-def _template_for(tokenizer, state: dict) -> str:
-    template = _own_template(tokenizer)
-    if template:
-        return template  # the template saved with the run's tokenizer: exactly the one trained with
-    name = state.get("chat_template")
-    if name in BUILTIN_TEMPLATES:
-        return builtin_template(name, tokenizer)
-    raise UserError("the run's tokenizer has no chat template", hint="re-run training, or check RUN_DIR/tokenizer")
-
-
-def _stop_token_ids(tokenizer, state: dict, model) -> list[int]:
-    vocab_ids = [tokenizer.convert_tokens_to_ids(t) for t in state.get("stop_tokens", [])]
-    ids = [i for i in vocab_ids if i is not None and i != tokenizer.unk_token_id]
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids += [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return list(dict.fromkeys(ids))
-
-
-@contextmanager
-def _seeded(seed: int | None, device):
-    """Seed sampling without touching the caller's random state."""
-    if seed is None:
-        with nullcontext():
-            yield
-        return
-    import torch
-
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 @hookimpl
