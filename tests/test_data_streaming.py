@@ -10,7 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from petune_plugins.tasks import sft
+from petune_plugins.tasks import chat_records
 from petune_plugins.tasks._common import seeded_split
 from petune_plugins.tasks.encoding import Spool, encode_split
 
@@ -67,11 +67,11 @@ def test_sft_reads_every_format_to_the_same_examples(tmp_path, suffix):
     else:
         text = "".join(json.dumps(r) + "\n" for r in rows)
         path.write_bytes(gzip.compress(text.encode()) if suffix.endswith(".gz") else text.encode())
-    spool, fmt = sft.read_examples(path, "auto", None)
+    spool, fmt = chat_records.read_examples(path, "auto", None)
     examples = list(spool)
     assert fmt == "alpaca" and len(examples) == 1500
-    assert [e.messages for e in examples] == [sft.to_conversation(r, "alpaca") for r in rows]
-    capped, _ = sft.read_examples(path, "auto", 10)
+    assert [e.messages for e in examples] == [chat_records.to_conversation(r, "alpaca") for r in rows]
+    capped, _ = chat_records.read_examples(path, "auto", 10)
     assert len(capped) == 10
 
 
@@ -82,7 +82,7 @@ def test_reading_a_large_file_holds_a_batch_not_the_file(tmp_path):
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in alpaca_rows(30_000))
     size = path.stat().st_size
-    (spool, _), peak = peak_while(lambda: sft.read_examples(path, "alpaca", None))
+    (spool, _), peak = peak_while(lambda: chat_records.read_examples(path, "alpaca", None))
     assert len(spool) == 30_000
     assert peak < size / 4, f"peak {peak:,} bytes of Python objects for a {size:,}-byte file"
 
@@ -95,7 +95,7 @@ def test_a_bad_record_deep_in_a_streamed_file_names_its_line(tmp_path):
     path = tmp_path / "train.jsonl.gz"
     path.write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
     with pytest.raises(DataError) as caught:
-        sft.read_examples(path, "auto", None)
+        chat_records.read_examples(path, "auto", None)
     assert caught.value.where == f"{path}:2201" and "'output'" in caught.value.message
 
 
