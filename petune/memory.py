@@ -168,7 +168,7 @@ def parameter_inventory(model, quant=None) -> dict:
                       if isinstance(m, torch.nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor)
                       and not m.weight.is_floating_point() and getattr(m.weight, "quant_state", None) is None}
     seen = set()
-    inv = {"total": 0, "trainable": 0, "weights": 0.0, "quantised": 0, "trainable_params": []}
+    inv = {"total": 0, "trainable": 0, "weights": 0.0, "quantised": 0, "quantised_bytes": 0.0, "trainable_params": []}
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen:
             continue
@@ -178,6 +178,7 @@ def parameter_inventory(model, quant=None) -> dict:
         if packed is not None:  # e.g. GGUF blocks: in × out weights stored in the tensor's own bytes
             inv["total"] += packed
             inv["quantised"] += packed
+            inv["quantised_bytes"] += n * p.element_size()
             inv["weights"] += n * p.element_size()
             continue
         inv["total"] += n
@@ -187,6 +188,7 @@ def parameter_inventory(model, quant=None) -> dict:
             inv["weights"] += n * p.element_size()
         elif id(p) in linear_weights:
             inv["quantised"] += n
+            inv["quantised_bytes"] += n * q_bytes
             inv["weights"] += n * q_bytes
         else:
             inv["weights"] += n * p.element_size()
@@ -515,7 +517,8 @@ def estimate(model, *, batch: int, seq: int, gradient_checkpointing: bool, shape
              "activations": base + recompute + workspace, "logits": logits, "runtime": runtime}
     if capacity == -1:
         capacity = device_capacity(device)
-    details = {"tensor_peak": int(tensor_peak), "quantised_params": inv["quantised"], "paged_optimizer_bytes": opt_paged,
+    details = {"tensor_peak": int(tensor_peak), "quantised_params": inv["quantised"],
+               "quantised_bytes": inv["quantised_bytes"], "paged_optimizer_bytes": opt_paged,
                "activations_per_layer": per_layer[0] if per_layer else 0, "layers": len(per_layer),
                "activations_outside_layers": acts["outside"], "backward_workspace": workspace,
                "offloaded_to_cpu": int(offloaded),
@@ -613,6 +616,10 @@ def apply_strategy(strategy, model, task, options):
 
 
 # -- showing it --------------------------------------------------------------------------------------
+def _bits_per_weight(details: dict) -> float:
+    return 8 * details.get("quantised_bytes", 0) / details["quantised_params"]
+
+
 def estimate_table(est: MemoryEstimate, title: str = "Memory estimate"):
     from rich.table import Table
 
@@ -621,7 +628,8 @@ def estimate_table(est: MemoryEstimate, title: str = "Memory estimate"):
     table.add_column("bytes", justify="right")
     table.add_column("note")
     notes = {
-        "weights": f"{est.total:,} parameters" + (f", {est.details['quantised_params']:,} in 4-bit"
+        "weights": f"{est.total:,} parameters" + (f", {est.details['quantised_params']:,} quantised at "
+                                                   f"{_bits_per_weight(est.details):.2f} bits per weight"
                                                    if est.details.get("quantised_params") else ""),
         "gradients": f"{est.trainable:,} trainable",
         "optimizer": est.details.get("optimizer", "") + (f" (+{human(est.details['paged_optimizer_bytes'])} paged)"
