@@ -8,11 +8,13 @@ against llama.cpp on the same run (issue 32, item 6)::
    output.dir=WORK/run`` — the Quickstart, 4 steps, petune's defaults (compute_dtype auto).
 2. **export** (skipped when the file exists): ``petune export RUN --format gguf --quant f16
    --out WORK/run-f16.gguf``.
-3. **petune**: a child process loads the run with ``run_folders.load_run`` (what every command
+3. **petune**: a child process loads the run with ``load_run`` (what every command
    does, the strategy's ``for_inference`` included) and answers the run's first held-out
    prompts with the sft task's ``generate`` (what ``petune generate`` calls), greedy; a
    streamer timestamps every new token. On a CPU with native bf16 a second child runs with
-   ``PETUNE_CPU_BF16=0``: what "auto" computes in where bf16 is emulated (float32).
+   ``PETUNE_CPU_BF16=0``: what "auto" computes in where bf16 is emulated (float32). With
+   ``--patched`` a third child tries two inference changes on the loaded model (see
+   :data:`PATCHES`) before petune makes them, answers checked against the unpatched ones.
 4. **llama.cpp**: a child process of ``--llama-python`` (llama-cpp-python lives in a venv of
    its own, never in petune's requirements) loads the GGUF and generates greedily from the
    *same prompt token ids*, stopping at the same stop tokens.
@@ -58,10 +60,16 @@ def petune_side(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from petune import precision
     from petune.plugins import get_host
-    from petune.run_folders import load_run
+
+    try:
+        from petune.run_folders import load_run  # where it is moving
+    except ImportError:
+        from petune.runner import load_run
 
     started = time.perf_counter()
     run = load_run(job["run"], get_host())
+    for name in job.get("patches", ()):
+        PATCHES[name](run.model)
     load_s = time.perf_counter() - started
     prompts = job.get("prompts") or held_out_prompts(run, job["prompts_count"])
 
@@ -101,8 +109,47 @@ def petune_side(job: dict) -> dict:
                             "stop_ids": call["stop_ids"], "ids": _cut(call["new_ids"], call["stop_ids"]),
                             **token_stats(call["clock"].marks, begin, end, cpu)})
     return {"side": "petune", "load_s": load_s, "threads": torch.get_num_threads(), "answers": answers,
+            "patches": job.get("patches", []),
             "setting": {"PETUNE_CPU_BF16": os.environ.get("PETUNE_CPU_BF16", "")},
             "computes_in": _computes_in(run.model), "auto_dtype": str(precision.auto("cpu"))}
+
+
+def _lm_head_2d(model) -> None:
+    """The output layer gets its input as rows: torch's bfloat16 linear on transformers'
+    last-position view (``hidden[:, -1:, :]``, the prompt's stride) copies the whole weight."""
+    head = model.get_output_embeddings()
+    inner = head.forward
+    head.forward = lambda x: inner(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def _merge_lora(model) -> None:
+    """Each 4-bit layer with its LoRA computes with one weight: dequantised + scale × B A,
+    summed in float32, kept in the compute dtype."""
+    import bitsandbytes as bnb
+    import torch
+
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, bnb.nn.Linear4bit) and hasattr(module, "lora_A"):
+            weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).float()
+            for name in module.active_adapters:
+                weight += module.scaling[name] * (module.lora_B[name].weight.float() @ module.lora_A[name].weight.float())
+            weight = weight.to(base.compute_dtype or torch.float32)
+            bias = None if base.bias is None else base.bias.detach().to(weight.dtype)
+            module.forward = _plain_linear(weight, bias)
+
+
+def _plain_linear(weight, bias):
+    import torch
+
+    def forward(x, *args, **kwargs):
+        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+    return forward
+
+
+#: inference changes tried with --patched, on the model load_run returned
+PATCHES = {"lm-head-2d": _lm_head_2d, "merge-lora": _merge_lora}
 
 
 def held_out_prompts(run, count: int) -> list[list[dict]]:
@@ -254,6 +301,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts answered (default 4)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="threads of both sides (default 1)")
+    parser.add_argument("--patched", action="store_true",
+                        help=f"also petune with inference changes not yet in it: {', '.join(PATCHES)}")
     parser.add_argument("--side", choices=["petune", "llama"], help=argparse.SUPPRESS)
     parser.add_argument("--job", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -275,6 +324,9 @@ def main(argv=None) -> int:
     if precision.cpu_native_bf16():  # also what a CPU without native bf16 computes in
         sides["petune PETUNE_CPU_BF16=0"] = _child(sys.executable, "petune", {**job, "prompts": [
             a["messages"] for a in sides["petune"]["answers"]]}, work, "petune-fp32", {"PETUNE_CPU_BF16": "0"})
+    if args.patched:
+        sides["petune patched"] = _child(sys.executable, "petune", {**job, "patches": list(PATCHES), "prompts": [
+            a["messages"] for a in sides["petune"]["answers"]]}, work, "petune-patched")
     first = sides["petune"]
     n_ctx = max(len(a["prompt_ids"]) for a in first["answers"]) + args.max_new_tokens + 16
     sides["llama.cpp"] = _child(args.llama_python, "llama", {"gguf": str(gguf), "n_ctx": n_ctx, "threads": args.threads,
@@ -297,6 +349,10 @@ def report(sides: dict, run: Path, gguf: Path, work: Path, args) -> None:
     for a in llama["answers"]:
         a["text"] = tokenizer.decode(a["ids"], skip_special_tokens=True)
     comparisons = {name: compare(side, llama) for name, side in sides.items() if name != "llama.cpp"}
+    for name, side in sides.items():  # petune's own answers: the same with a change or a setting?
+        if name not in ("petune", "llama.cpp"):
+            comparisons[name]["same_as_petune"] = [a["ids"] == b["ids"] for a, b in
+                                                   zip(side["answers"], sides["petune"]["answers"], strict=True)]
     results = {"date": now(), "cpu": cpu_line(), "command": " ".join([Path(sys.executable).name, *sys.argv]),
                "run": str(run), "gguf": str(gguf), "gguf_bytes": gguf.stat().st_size, "threads": args.threads,
                "max_new_tokens": args.max_new_tokens, "sides": sides, "comparisons": comparisons}
