@@ -1,11 +1,13 @@
-"""The petune side: the pipeline of ``petune.runner.run``, step by step, on synthetic data.
+"""The petune side: ``petune run``'s own stages on synthetic data.
 
-Everything a real run does per step is here — the recipe is validated by petune's schemas,
-the model is built by ``runner.build_trainable_model`` (the task plugin's ``build_model``
-with the strategy plugin's ``load_kwargs``, then the strategy's ``apply``), the trainer is
-the task plugin's ``make_trainer`` with ``runner.training_arguments`` and the runner's
-callbacks (progress bar, checkpoint marking, signal handling) — except reading data files:
-the task gets a fixed-length synthetic dataset instead, the same rows as the baseline.
+The recipe is validated by petune's schemas and checked by ``runner.check_recipe`` and
+``runner.check_model``; the model is built by ``runner.build_trainable_model`` (the task's
+``build_model`` with the strategy's ``load_kwargs``, then ``apply``); the trainer by
+``trainer_setup.build_trainer``, the very function ``petune run`` calls (arguments, callbacks,
+the task's ``make_trainer``, petune's trainer changes, activation offloading, the strategy's
+``prepare`` and optimizer). Only the data source differs: the task gets a fixed-length
+synthetic dataset, the same rows as the baseline (tests/test_bench.py checks both paths build
+the same trainer).
 
 Real-length cases (``case.data``): the task reads that Alpaca file itself (``load_data``, as
 ``petune run`` does) with petune's defaults — loss on the answers, padding-free batches where
@@ -16,9 +18,9 @@ sides train on the same tokens. The variant ``no-kernels`` sets ``train.kernels 
 ``no-cpu-bf16`` runs with ``PETUNE_CPU_BF16=0``: what "auto" picks on a CPU without native
 bf16 (float32), measured on one that has it.
 
-Two deliberate differences from ``petune run``, both outside the measured steps:
-checkpoints are not written (``save_strategy = "no"``: the final checkpoint would come after
-the last measured step) and nothing is evaluated after training.
+Two deliberate differences from ``petune run``, both outside the measured steps: checkpoints
+are not written (``save_strategy`` is turned off on the built trainer: the final checkpoint
+would come after the last measured step) and nothing is evaluated after training.
 """
 
 from __future__ import annotations
@@ -83,24 +85,14 @@ def synthetic_task_data(case: Case, tokenizer, vocab_size: int):
     return TaskData(train=Dataset.from_dict(rows), state=state, notes={"synthetic_rows": len(rows["input_ids"])})
 
 
-def run(case: Case) -> dict:
-    if case.variant == "no-cpu-bf16":  # this process only: a case runs in a process of its own
-        import os
-
-        from petune import precision
-
-        os.environ["PETUNE_CPU_BF16"] = "0"
-        precision.cpu_native_bf16.cache_clear()
-    meter = Meter(case.device)
-    meter.start()
-    set_threads(case)
+def build(case: Case, extra_callbacks: list = ()):
+    """The case's recipe, plugins and trainer, built by ``petune run``'s own stages; only the
+    data source differs. Returns (trainer, strategy, data, trainable, total)."""
     from transformers import AutoConfig, AutoTokenizer, set_seed
     from transformers.utils import logging as hf_logging
 
-    from petune import checkpoints, runner
+    from petune import runner, trainer_setup
     from petune.api import count_parameters
-    from petune.console import training_progress_callback
-    from petune.models import resolve_model
     from petune.plugins import PluginHost
     from petune.recipe import validate
 
@@ -116,46 +108,54 @@ def run(case: Case) -> dict:
     model_name = SHAPES[case.shape].source if case.own_defaults else str(path)
     recipe = validate(recipe_data(case, model_name, data_file), host, check_paths=False)
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
-    if hasattr(runner, "check_recipe"):
-        runner.check_recipe(recipe, host, task, strategy)
-    else:
-        strategy.check(task, None, recipe.strategy)
-    info = resolve_model(recipe.model.name, host.model_sources())
-    task.check(info, recipe.task)
-    strategy.check(task, info, recipe.strategy)
+    runner.check_recipe(recipe, host, task, strategy)
+    info = runner.check_model(recipe, host, task, strategy)
 
     set_seed(recipe.train.seed)
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     vocab = AutoConfig.from_pretrained(info.path).vocab_size
     data = task.load_data(recipe.task, tokenizer) if case.data else synthetic_task_data(case, tokenizer, vocab)
-    if hasattr(runner, "check_batch_size"):
-        runner.check_batch_size(recipe, data)
+    runner.check_batch_size(recipe, data)
     model = runner.build_trainable_model(recipe, host, task, strategy, info, data.state)
     trainable, total = count_parameters(model)
-
-    args = runner.training_arguments(recipe, recipe.output_dir, task, data)
-    args["save_strategy"] = "no"  # see the module docstring
-    clock = StepClock(case.device)
-    memory: dict = {}
-    callbacks = [training_progress_callback(), *checkpoints.callbacks(), *runner.early_stopping(recipe)]
     the_run = runner.Run(recipe, recipe.output_dir, task, strategy, info, data)
-    callbacks += [cb for cbs in host.call("trainer_callbacks", run=the_run) for cb in cbs]  # installed plugins'
-    callbacks.append(trainer_clock_callback(case, clock, meter, memory))
-    trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task, args=args,
-                                callbacks=callbacks)
-    runner.prepare_trainer(trainer)
-    if case.variant == "plain-loss":
-        _plain_loss(trainer)
-    elif case.variant not in ("", "packing", "no-kernels", "no-cpu-bf16") or (case.variant == "packing" and not case.data):
+    hooks = [cb for cbs in host.call("trainer_callbacks", run=the_run) for cb in cbs]  # installed plugins'
+    trainer, _ = trainer_setup.build_trainer(recipe, host, task, strategy, model=model, tokenizer=tokenizer, data=data,
+                                             run_dir=recipe.output_dir, model_type=info.model_type,
+                                             extra_callbacks=[*hooks, *extra_callbacks])
+    return trainer, strategy, data, trainable, total
+
+
+def run(case: Case) -> dict:
+    if case.variant == "no-cpu-bf16":  # this process only: a case runs in a process of its own
+        import os
+
+        from petune import precision
+
+        os.environ["PETUNE_CPU_BF16"] = "0"
+        precision.cpu_native_bf16.cache_clear()
+    if case.variant not in ("", "packing", "no-kernels", "no-cpu-bf16", "plain-loss") or (
+            case.variant == "packing" and not case.data):
         raise ValueError(f"unknown petune variant {case.variant!r}" + (" (packing needs real-length data)"
                                                                        if case.variant == "packing" else ""))
+    meter = Meter(case.device)
+    meter.start()
+    set_threads(case)
+    clock = StepClock(case.device)
+    memory: dict = {}
+    trainer, strategy, data, trainable, total = build(case, [trainer_clock_callback(case, clock, meter, memory)])
+    from transformers.trainer_utils import SaveStrategy
+
+    trainer.args.save_strategy = SaveStrategy.NO  # see the module docstring
+    if case.variant == "plain-loss":
+        _plain_loss(trainer)
     counter = TokenCounter() if case.data else None
     if counter is not None:
         count_training_steps(trainer, counter)
     trainer.train()
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    artifact = work / strategy.artifact
+    artifact = Path(case.work_dir) / strategy.artifact
     strategy.save(trainer.model, artifact)
     extra = {"trainer": type(trainer).__name__, "kernels": "liger" if trainer.args.use_liger_kernel else "off",
              "tokens_seen": int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
@@ -166,7 +166,6 @@ def run(case: Case) -> dict:
         extra["tokens_per_s"] = extra["useful_tokens_per_s"]
     return result_record(case, clock=clock, memory=memory or meter.read(), trainable=trainable, total=total,
                          artifact_bytes=dir_size(artifact), losses=losses, extra=extra)
-
 
 
 def _plain_loss(trainer) -> None:

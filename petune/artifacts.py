@@ -414,3 +414,8 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
         ax.text(0.5, 0.5, "no loss logged", ha="center", va="center", transform=ax.transAxes)
     save_figure(fig, path)
     plt.close(fig)
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it is not a folder)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0

@@ -19,7 +19,7 @@ from petune.errors import UserError
 
 def _load(run_dir, **kwargs):
     from petune.plugins import get_host
-    from petune.runner import load_run
+    from petune.run_folders import load_run
 
     with err.status(f"loading {run_dir} ..."):
         return load_run(run_dir, get_host(), **kwargs)
@@ -27,7 +27,7 @@ def _load(run_dir, **kwargs):
 
 def cmd_eval(args) -> int:
     from petune import artifacts, datacache
-    from petune.runner import prepare_trainer, training_arguments
+    from petune.trainer_setup import prepare_trainer, training_arguments
 
     run = _load(args.run_dir)
     options = run.recipe.task if args.data is None else run.task.with_test_file(run.recipe.task, args.data.resolve())

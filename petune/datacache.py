@@ -46,7 +46,7 @@ from rich.table import Table
 
 from petune import __version__, hookimpl
 from petune.api import DATA_SCRATCH, DATA_WORKERS, Options, Task, TaskData
-from petune.artifacts import left_by_dead_process
+from petune.artifacts import folder_size, left_by_dead_process
 from petune.console import err, human_bytes, human_count, is_main_process, out
 from petune.errors import UserError
 
@@ -442,10 +442,6 @@ def _store_split(split, folder: Path, name: str) -> None:
 
 
 # -- petune cache -------------------------------------------------------------------------------
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 #: an entry's folder name (:func:`entry_name`), and a temporary one (being written, killed, or set aside)
 _ENTRY_NAME = re.compile(r"^[\w.-]+-[0-9a-f]{20}$")
 _TMP_NAME = re.compile(r"^\.tmp-([\w.-]+-[0-9a-f]{20})-\d+-[0-9a-f]{8}$")
@@ -477,7 +473,7 @@ def survey(root: Path) -> list[dict]:
     found = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if folder.name == SCRATCH and folder.is_dir() and not folder.is_symlink():
-            found += [{"name": f"{SCRATCH}/{part.name}", "path": str(part), "bytes": folder_bytes(part),
+            found += [{"name": f"{SCRATCH}/{part.name}", "path": str(part), "bytes": folder_size(part),
                        "complete": False, "scratch": True, "running": not left_by_dead_process(part)}
                       for part in sorted(folder.iterdir()) if part.is_dir() and not part.is_symlink()]
             continue
@@ -488,7 +484,7 @@ def survey(root: Path) -> list[dict]:
         if reason:
             found.append({**row, "bytes": 0, "foreign": reason})
             continue
-        row["bytes"] = folder_bytes(folder)
+        row["bytes"] = folder_size(folder)
         try:
             meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):

@@ -429,7 +429,7 @@ def check_explainable(task, where: str | None = None) -> str:
 
 
 def explain_run(run, text: str, **kwargs) -> Explanation:
-    """:func:`explain` on a :class:`petune.runner.LoadedRun`."""
+    """:func:`explain` on a :class:`petune.run_folders.LoadedRun`."""
     kind = check_explainable(run.task, str(run.dir))
     state = run.state or {}
     if kwargs.get("pair") is not None and kind != "label":

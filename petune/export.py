@@ -422,7 +422,8 @@ def export_run(run_dir: Path, out_file: Path, *, fmt: str, quant: str, overwrite
     from petune.merge import auto_class_for
     from petune.models import find_source
     from petune.plugins import get_host
-    from petune.runner import inputs_of, load_run, read_finished_run
+    from petune.run_folders import load_run, read_finished_run
+    from petune.runner import inputs_of
 
     if quant not in QUANTS:
         raise UserError(f"--quant {quant!r} is not written by petune", hint=f"choose one of: {', '.join(QUANTS)}")
@@ -512,7 +513,7 @@ class LoraWritten:
 
 def _trained_on_gguf_file(run_dir: Path) -> bool:
     from petune.plugins import get_host
-    from petune.runner import read_finished_run
+    from petune.run_folders import read_finished_run
 
     recipe, _, strategy, _ = read_finished_run(run_dir, get_host())
     return bool(strategy.base_is_gguf_file(recipe.strategy))
@@ -615,7 +616,7 @@ def _export_adapter(run_dir: Path, out_file: Path, *, fmt: str, modelfile_path: 
     from petune.api import ModelInfo
     from petune.models import find_source
     from petune.plugins import get_host
-    from petune.runner import read_finished_run
+    from petune.run_folders import read_finished_run
 
     host = get_host()
     recipe, _, strategy, _ = read_finished_run(run_dir, host)

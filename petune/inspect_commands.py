@@ -45,7 +45,7 @@ def cmd_explain(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from petune import explain
-    from petune.runner import load_run
+    from petune.run_folders import load_run
 
     if not args.text.strip():
         raise UserError("give a non-empty text to explain", where="--text")

@@ -266,7 +266,8 @@ def merge_run(run_dir: Path, out_dir: Path, *, overwrite: bool = False, force: b
     """Merge the run into ``out_dir`` (or, with ``verify_only``, check a folder already there)."""
     from petune import artifacts
     from petune.plugins import get_host
-    from petune.runner import inputs_of, load_run, read_finished_run
+    from petune.run_folders import load_run, read_finished_run
+    from petune.runner import inputs_of
 
     out_dir = Path(os.path.abspath(Path(out_dir).expanduser()))  # `--out .` has a name to write beside
     if out_dir.exists() and not out_dir.is_dir():

@@ -11,21 +11,15 @@ from pathlib import Path
 
 from petune import artifacts, checkpoints, datacache, memory, precision, speed
 from petune.api import ModelInfo, Strategy, Task, TaskData, count_parameters, paths_in
-from petune.console import (
-    err,
-    human_count,
-    is_main_process,
-    key_value_table,
-    metrics_table,
-    out,
-    training_progress_callback,
-)
+from petune.console import err, human_count, is_main_process, key_value_table, metrics_table, out
 from petune.errors import UserError
-from petune.models import load_tokenizer, loading_weights, resolve_model
+from petune.models import loading_weights, resolve_model
 from petune.plugins import PluginHost
-from petune.recipe import Recipe, load_recipe
+from petune.recipe import Recipe
+from petune.run_folders import already_completed, keep_first_start
 from petune.run_log import RunLog
 from petune.runs import plot_learning_rate
+from petune.trainer_setup import build_trainer, model_dtype, precision_plan, report_inside_run, world_size
 
 
 @dataclass
@@ -49,6 +43,16 @@ class RunResult:
     total_parameters: int = 0
 
 
+@dataclass(frozen=True)
+class Start:
+    """Where training starts: the checkpoint to resume from (None: step 0), whether it had
+    already finished training, and whether the whole run had completed (nothing to do)."""
+
+    checkpoint: Path | None = None
+    finished: bool = False
+    completed: bool = False
+
+
 # -- the flow -------------------------------------------------------------------------------
 def run(recipe: Recipe, host: PluginHost, *, dry_run: bool = False, resume: bool = False, overwrite: bool = False,
         accept_changed_data: bool = False) -> RunResult:
@@ -67,105 +71,55 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
          accept_changed_data: bool = False) -> RunResult:
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     check_recipe(recipe, host, task, strategy)  # refuse what is impossible before anything loads
-    run_dir = recipe.output_dir
-    if not dry_run and is_main_process():
-        artifacts.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, protected=inputs_of(recipe))
-    resume_from = checkpoints.newest_valid(run_dir) if resume and not dry_run else None
-    finished = resume_from is not None and checkpoints.training_finished(resume_from, recipe.train.max_steps,
-                                                                         recipe.train.epochs)
-    if resume and not dry_run and already_completed(run_dir, strategy) and (finished or resume_from is None):
-        err.print(f"[green]nothing to do[/]: {run_dir} is a completed run (resume continues only unfinished runs)")
-        return RunResult("completed", metrics=artifacts.read_json(run_dir / "metrics.json"))
-
-    info = resolve_model(recipe.model.name, host.model_sources())
-    with host.blame("task", task.name, "check"):
-        task.check(info, recipe.task)
-    with host.blame("strategy", strategy.name, "check"):
-        strategy.check(task, info, recipe.strategy)
+    start = Start() if dry_run else where_to_start(recipe, strategy, resume=resume, overwrite=overwrite)
+    if start.completed:
+        err.print(f"[green]nothing to do[/]: {recipe.output_dir} is a completed run (resume continues only unfinished runs)")
+        return RunResult("completed", metrics=artifacts.read_json(recipe.output_dir / "metrics.json"))
+    info = check_model(recipe, host, task, strategy)
     data_used = datacache.data_fingerprint(recipe.task, info.path)
-    if resume_from is not None and not accept_changed_data:
-        check_same_data(run_dir, data_used, recipe)
-
-    from transformers import set_seed
-
-    set_seed(recipe.train.seed)  # one seed for data order, head and adapter initialisation
-    with host.blame("task", task.name, "load_data"):  # from the data cache when nothing changed
-        prepared = datacache.prepare(task, "load_data", recipe.task, info.path,
-                                     lambda tok: task.load_data(recipe.task, tok), settings=recipe.data,
-                                     extra={"seed": recipe.train.seed})
-    data, tokenizer = prepared.data, prepared.tokenizer
-    check_batch_size(recipe, data)
-    model = build_trainable_model(recipe, host, task, strategy, info, data.state)
-    trainable, total = count_parameters(model)
-    the_run = Run(recipe, run_dir, task, strategy, info, data)
-    with host.blame("task", task.name, "training_plan"):
-        training_rows = list(task.training_plan(model, tokenizer, recipe.task).items())
-    with host.blame("strategy", strategy.name, "training_plan"):  # e.g. what an initialisation costs
-        training_rows += list(strategy.training_plan(recipe.strategy).items())
-    training_rows += [("speed", speed.plan(recipe.train, _has_cuda(), info.model_type)), *precision_plan(recipe)]
-    show_plan(the_run, trainable, total, extra=[*training_rows, memory.plan_row(recipe, host, info), ("data cache", prepared.note)])
+    if start.checkpoint is not None and not accept_changed_data:
+        check_same_data(recipe.output_dir, data_used, recipe)
+    prepared = prepare_data(recipe, host, task, info)
+    model = build_trainable_model(recipe, host, task, strategy, info, prepared.data.state)
+    the_run = Run(recipe, recipe.output_dir, task, strategy, info, prepared.data)
+    show_plan(the_run, host, model, prepared)
     if dry_run:
+        trainable, total = count_parameters(model)
         return RunResult("planned", trainable_parameters=trainable, total_parameters=total)
+    return train_and_report(the_run, host, log, model, prepared.tokenizer, start, data_used,
+                            resume=resume, overwrite=overwrite)
 
-    check_disk_space(run_dir, recipe, strategy, trainable, total)
-    if resume:
-        err.print(f"resuming from {resume_from}" if resume_from else "[yellow]no valid checkpoint: starting from step 0[/]")
-    lock = None
-    if is_main_process():
-        lock = artifacts.start_run_dir(run_dir, overwrite=overwrite, resume=resume, protected=inputs_of(recipe))
-        log.write_to(run_dir / "run.log")
-        artifacts.write_toml(run_dir / "recipe.toml", recipe.resolved())
-        artifacts.write_json(run_dir / "task_state.json", data.state)
-    manifest = artifacts.new_manifest(recipe, host.listing())
-    manifest.update(trainable_parameters=trainable, total_parameters=total, resumed_from=str(resume_from) if resume_from else None,
-                    data=data_used)
-    if resume:
-        keep_first_start(manifest, run_dir)
-    if is_main_process():
-        artifacts.write_json(run_dir / "manifest.json", manifest)
-    host.call("on_run_start", run=the_run)
 
+def train_and_report(run: Run, host: PluginHost, log: RunLog, model, tokenizer, start: Start, data_used: dict, *,
+                     resume: bool, overwrite: bool) -> RunResult:
+    """Train in the run folder, save what was trained, evaluate it and write the results; the
+    manifest says how it ended, whatever happens."""
+    recipe = run.recipe
+    trainable, total = count_parameters(model)
+    check_disk_space(run.dir, recipe, run.strategy, trainable, total)
+    if resume:
+        err.print(f"resuming from {start.checkpoint}" if start.checkpoint else
+                  "[yellow]no valid checkpoint: starting from step 0[/]")
+    lock, manifest = open_run_folder(run, host, log, start, data_used, trainable, total, resume=resume,
+                                     overwrite=overwrite)
+    host.call("on_run_start", run=run)
     result = RunResult("failed", trainable_parameters=trainable, total_parameters=total)
     try:
-        args = training_arguments(recipe, run_dir, task, data, model_type=info.model_type)
-        callbacks = [training_progress_callback(), *checkpoints.callbacks(recipe.train.save_total_limit),
-                     *early_stopping(recipe)]
-        callbacks += [cb for cbs in host.call("trainer_callbacks", run=the_run) for cb in cbs]
-        with host.blame("task", task.name, "make_trainer"):
-            trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,
-                                        args=args, callbacks=callbacks)
-        prepare_trainer(trainer)
-        speed.offload_activations(trainer, recipe.train, _has_cuda())
-        with host.blame("strategy", strategy.name, "prepare"):  # e.g. an initialisation from training batches
-            strategy.prepare(trainer.model, task, recipe.strategy, training_batches(trainer), planned_steps(trainer))
-        use_strategy_optimizer(trainer, strategy, recipe, host)
-        resumed_at = checkpoints.state_of(resume_from)["global_step"] if resume_from else 0
-        if finished:
-            err.print(f"training had reached step {resumed_at}: writing the final artifacts only")
-            checkpoints.restore(trainer, resume_from)
-        else:
-            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-            whole_run_train_loss(trainer.state.log_history, resumed_at)
+        report_inside_run(recipe.train.report_to, run.dir)
+        trainer, callbacks = build_trainer(
+            recipe, host, run.task, run.strategy, model=model, tokenizer=tokenizer, data=run.data, run_dir=run.dir,
+            model_type=run.model_info.model_type,
+            extra_callbacks=[cb for cbs in host.call("trainer_callbacks", run=run) for cb in cbs])
+        train(trainer, start)
         if checkpoints.stop_requested(callbacks):
             result.status, result.error = "interrupted", "stopped by a signal after writing a checkpoint"
             err.print(f"[yellow]stopped[/] at step {trainer.state.global_step}; continue with: "
                       f"petune run {recipe.path} --resume" + "".join(f" --set {o}" for o in recipe.overrides))
             return result
-
-        if is_main_process():
-            artifacts.write_dir(run_dir / strategy.artifact, lambda p: strategy.save(trainer.model, p))
-            artifacts.write_dir(run_dir / "tokenizer", tokenizer.save_pretrained)
-        with host.blame("strategy", strategy.name, "for_inference"):  # nothing trains from here on
-            trainer.model = strategy.for_inference(trainer.model, recipe.strategy)
-        with host.blame("task", task.name, "evaluate"):
-            result.metrics = task.evaluate(trainer, data, recipe.task, run_dir)
+        save_trained(run, trainer, tokenizer)
+        result.metrics = evaluate_trained(run, host, trainer)
         result.status = "completed"
-        if is_main_process():
-            artifacts.write_json(run_dir / "metrics.json", result.metrics)
-            artifacts.write_json(run_dir / "log_history.json", trainer.state.log_history)
-            artifacts.plot_loss(trainer.state.log_history, run_dir / "plots" / "loss.png")
-            plot_learning_rate(trainer.state.log_history, run_dir / "plots" / "lr.png")
-            out.print(metrics_table(f"Results — {run_dir}", result.metrics))
+        write_results(run, trainer, result.metrics)
         return result
     except KeyboardInterrupt:
         result.status, result.error = "interrupted", "stopped by the user"
@@ -179,15 +133,128 @@ def _run(recipe: Recipe, host: PluginHost, log: RunLog, *, dry_run: bool, resume
         result.error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        manifest.update(status=result.status, ended=artifacts.now(), error=result.error)
-        if is_main_process():
-            try:
-                artifacts.write_json(run_dir / "manifest.json", manifest)
-            except OSError as exc:  # a full disk must not hide the error that matters
-                err.print(f"[yellow]warning[/]: could not update {run_dir / 'manifest.json'}: {exc}")
-        if lock is not None:
-            lock.release()
-        host.call("on_run_end", run=the_run, result=result)
+        close_run_folder(run, host, manifest, lock, result)
+
+
+# -- the steps --------------------------------------------------------------------------------
+def check_recipe(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy) -> None:
+    """The checks that need no model: the strategy × task mix and the recipe as a whole."""
+    with host.blame("strategy", strategy.name, "check"):
+        strategy.check(task, None, recipe.strategy)
+        strategy.check_recipe(recipe)
+    speed.check(recipe.train, precision.cuda_device())  # e.g. fused kernels asked for on a CPU
+
+
+def where_to_start(recipe: Recipe, strategy: Strategy, *, resume: bool, overwrite: bool) -> Start:
+    """Make the run folder ready (refusing to replace what petune did not write) and find the
+    checkpoint ``--resume`` continues from."""
+    run_dir = recipe.output_dir
+    if is_main_process():
+        artifacts.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite, protected=inputs_of(recipe))
+    if not resume:
+        return Start()
+    checkpoint = checkpoints.newest_valid(run_dir)
+    finished = checkpoint is not None and checkpoints.training_finished(checkpoint, recipe.train.max_steps,
+                                                                        recipe.train.epochs)
+    return Start(checkpoint, finished, already_completed(run_dir, strategy) and (finished or checkpoint is None))
+
+
+def check_model(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy) -> ModelInfo:
+    """The model's config, refused by the task or the strategy where they cannot use it."""
+    info = resolve_model(recipe.model.name, host.model_sources())
+    with host.blame("task", task.name, "check"):
+        task.check(info, recipe.task)
+    with host.blame("strategy", strategy.name, "check"):
+        strategy.check(task, info, recipe.strategy)
+    return info
+
+
+def prepare_data(recipe: Recipe, host: PluginHost, task: Task, info: ModelInfo) -> datacache.Prepared:
+    """The task's tokenized data and tokenizer, from the data cache when nothing changed."""
+    from transformers import set_seed
+
+    set_seed(recipe.train.seed)  # one seed for data order, head and adapter initialisation
+    with host.blame("task", task.name, "load_data"):
+        prepared = datacache.prepare(task, "load_data", recipe.task, info.path,
+                                     lambda tok: task.load_data(recipe.task, tok), settings=recipe.data,
+                                     extra={"seed": recipe.train.seed})
+    check_batch_size(recipe, prepared.data)
+    return prepared
+
+
+def build_trainable_model(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy, info: ModelInfo, state: dict):
+    load_kwargs = {"dtype": model_dtype(recipe.model.dtype), "trust_remote_code": False,
+                   **strategy.load_kwargs(recipe.strategy)}
+    with loading_weights(info.path), host.blame("task", task.name, "build_model"):
+        model = task.build_model(info, recipe.task, state, **load_kwargs)
+    with host.blame("strategy", strategy.name, "apply"):
+        return strategy.apply(model, task, recipe.strategy)
+
+
+def open_run_folder(run: Run, host: PluginHost, log: RunLog, start: Start, data_used: dict, trainable: int, total: int,
+                    *, resume: bool, overwrite: bool) -> tuple[object, dict]:
+    """Lock the run folder and write what a run folder holds from the start (run.log,
+    recipe.toml, task_state.json, manifest.json). Returns the lock and the manifest."""
+    lock = None
+    if is_main_process():
+        lock = artifacts.start_run_dir(run.dir, overwrite=overwrite, resume=resume, protected=inputs_of(run.recipe))
+        log.write_to(run.dir / "run.log")
+        artifacts.write_toml(run.dir / "recipe.toml", run.recipe.resolved())
+        artifacts.write_json(run.dir / "task_state.json", run.data.state)
+    manifest = artifacts.new_manifest(run.recipe, host.listing())
+    manifest.update(trainable_parameters=trainable, total_parameters=total, data=data_used,
+                    resumed_from=str(start.checkpoint) if start.checkpoint else None)
+    if resume:
+        keep_first_start(manifest, run.dir)
+    if is_main_process():
+        artifacts.write_json(run.dir / "manifest.json", manifest)
+    return lock, manifest
+
+
+def train(trainer, start: Start) -> None:
+    """Train from the start point; a checkpoint that had finished training is only restored."""
+    resumed_at = checkpoints.state_of(start.checkpoint)["global_step"] if start.checkpoint else 0
+    if start.finished:
+        err.print(f"training had reached step {resumed_at}: writing the final artifacts only")
+        checkpoints.restore(trainer, start.checkpoint)
+        return
+    trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+    whole_run_train_loss(trainer.state.log_history, resumed_at)
+
+
+def save_trained(run: Run, trainer, tokenizer) -> None:
+    if is_main_process():
+        artifacts.write_dir(run.dir / run.strategy.artifact, lambda p: run.strategy.save(trainer.model, p))
+        artifacts.write_dir(run.dir / "tokenizer", tokenizer.save_pretrained)
+
+
+def evaluate_trained(run: Run, host: PluginHost, trainer) -> dict:
+    with host.blame("strategy", run.strategy.name, "for_inference"):  # nothing trains from here on
+        trainer.model = run.strategy.for_inference(trainer.model, run.recipe.strategy)
+    with host.blame("task", run.task.name, "evaluate"):
+        return run.task.evaluate(trainer, run.data, run.recipe.task, run.dir)
+
+
+def write_results(run: Run, trainer, metrics: dict) -> None:
+    if is_main_process():
+        artifacts.write_json(run.dir / "metrics.json", metrics)
+        artifacts.write_json(run.dir / "log_history.json", trainer.state.log_history)
+        artifacts.plot_loss(trainer.state.log_history, run.dir / "plots" / "loss.png")
+        plot_learning_rate(trainer.state.log_history, run.dir / "plots" / "lr.png")
+        out.print(metrics_table(f"Results — {run.dir}", metrics))
+
+
+def close_run_folder(run: Run, host: PluginHost, manifest: dict, lock, result: RunResult) -> None:
+    """Record how the run ended (a full disk must not hide the error that matters), release the lock."""
+    manifest.update(status=result.status, ended=artifacts.now(), error=result.error)
+    if is_main_process():
+        try:
+            artifacts.write_json(run.dir / "manifest.json", manifest)
+        except OSError as exc:
+            err.print(f"[yellow]warning[/]: could not update {run.dir / 'manifest.json'}: {exc}")
+    if lock is not None:
+        lock.release()
+    host.call("on_run_end", run=run, result=result)
 
 
 def inputs_of(recipe: Recipe) -> list[Path]:
@@ -218,25 +285,6 @@ def check_same_data(run_dir: Path, data_used: dict, recipe: Recipe) -> None:
                              f"{again} --accept-changed-data, or start over with --overwrite")
 
 
-def already_completed(run_dir: Path, strategy: Strategy) -> bool:
-    try:
-        manifest = artifacts.read_json(run_dir / "manifest.json")
-    except (OSError, ValueError):
-        return False
-    return (manifest.get("status") == "completed" and (run_dir / strategy.artifact).exists()
-            and (run_dir / "metrics.json").exists())
-
-
-def keep_first_start(manifest: dict, run_dir: Path) -> None:
-    """A resumed run keeps the time it first started; each resume is listed."""
-    try:
-        before = artifacts.read_json(run_dir / "manifest.json")
-    except (OSError, ValueError):
-        return
-    manifest["resumes"] = [*before.get("resumes", []), manifest["started"]]
-    manifest["started"] = before.get("started", manifest["started"])
-
-
 def whole_run_train_loss(log_history: list[dict], resumed_at: int) -> None:
     """The trainer's final ``train_loss`` averages only the steps since the resume; make it
     cover the whole run. Steps before the resume are taken from the logged losses (each
@@ -265,285 +313,8 @@ def disk_full(exc: OSError, recipe: Recipe) -> UserError:
                           "free some space (or lower train.save_total_limit) and run again")
 
 
-def check_recipe(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy) -> None:
-    """The checks that need no model: the strategy × task mix and the recipe as a whole."""
-    with host.blame("strategy", strategy.name, "check"):
-        strategy.check(task, None, recipe.strategy)
-        strategy.check_recipe(recipe)
-    speed.check(recipe.train, _has_cuda())  # e.g. fused kernels asked for on a CPU
 
 
-def build_trainable_model(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy, info: ModelInfo, state: dict):
-    load_kwargs = {"dtype": model_dtype(recipe.model.dtype), "trust_remote_code": False,
-                   **strategy.load_kwargs(recipe.strategy)}
-    with loading_weights(info.path), host.blame("task", task.name, "build_model"):
-        model = task.build_model(info, recipe.task, state, **load_kwargs)
-    with host.blame("strategy", strategy.name, "apply"):
-        return strategy.apply(model, task, recipe.strategy)
-
-
-# -- loading a finished run -----------------------------------------------------------------
-@dataclass
-class LoadedRun:
-    dir: Path
-    recipe: Recipe
-    task: Task
-    strategy: Strategy
-    state: dict
-    model: object
-    tokenizer: object
-
-
-def read_finished_run(run_dir: Path, host: PluginHost) -> tuple[Recipe, Task, Strategy, dict]:
-    """A finished run's recipe, plugins and task state (nothing heavy loads), or a UserError
-    saying what is missing."""
-    for needed in ("recipe.toml", "task_state.json", "tokenizer"):
-        if not (run_dir / needed).exists():
-            raise UserError(f"not a finished petune run (no {needed})", where=str(run_dir),
-                            hint="give the output folder of a completed `petune run`")
-    recipe = load_recipe(run_dir / "recipe.toml", host, check_paths=False)
-    task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
-    if not (run_dir / strategy.artifact).exists():
-        raise UserError(f"the run has no {strategy.artifact}/ folder (did it finish?)", where=str(run_dir))
-    return recipe, task, strategy, artifacts.read_json(run_dir / "task_state.json")
-
-
-def load_run(run_dir: str | Path, host: PluginHost, *, quantized: bool = True, dequantized: bool = False) -> LoadedRun:
-    """Rebuild a finished run's model (base + trained weights) from its folder alone.
-    ``dequantized=True``: the base as trained, turned into plain 16/32-bit weights by the
-    strategy (for merging and export: the weights the run computed with, merged without
-    re-quantising). ``quantized=False``: the original checkpoint in 16/32-bit even for
-    4-bit strategies."""
-    run_dir = Path(run_dir)
-    recipe, task, strategy, state = read_finished_run(run_dir, host)
-    info = resolve_model(recipe.model.name, host.model_sources())
-    load_kwargs = {"dtype": model_dtype(recipe.model.dtype), "trust_remote_code": False}
-    if quantized or dequantized:
-        load_kwargs.update(strategy.load_kwargs(recipe.strategy))
-    with loading_weights(info.path), host.blame("task", task.name, "build_model"):
-        base = task.build_model(info, recipe.task, state, **load_kwargs)
-    if dequantized:
-        with host.blame("strategy", strategy.name, "dequantize"):
-            base = strategy.dequantize(base, recipe.strategy)
-    with host.blame("strategy", strategy.name, "restore"):
-        model = strategy.restore(base, run_dir / strategy.artifact, task, recipe.strategy)
-    if not dequantized:  # merge and export read the weights themselves
-        with host.blame("strategy", strategy.name, "for_inference"):
-            model = strategy.for_inference(model, recipe.strategy)
-    model.eval()
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
-    return LoadedRun(run_dir, recipe, task, strategy, state, model, tokenizer)
-
-
-# -- pieces ---------------------------------------------------------------------------------
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def model_dtype(name: str):
-    """The dtype weights load in: [model] dtype, "auto" chosen for this device (petune/precision.py)."""
-    return precision.resolve(name, weights=True).torch_dtype
-
-
-def precision_flags(setting: str) -> dict:
-    """TrainingArguments' bf16/fp16 flags for [train] precision; "auto" trains in the
-    dtype the device computes natively."""
-    setting = precision.training_precision(setting)
-    return {"bf16": setting == "bf16", "fp16": setting == "fp16"}
-
-
-def precision_plan(recipe: Recipe) -> list[tuple[str, str]]:
-    """Plan rows: the dtype weights load in, the training precision, and a warning for an
-    explicit choice this device would emulate (petune/precision.py)."""
-    weights = precision.resolve(recipe.model.dtype, weights=True)
-    flags = precision_flags(recipe.train.precision)
-    training = "bf16" if flags["bf16"] else "fp16" if flags["fp16"] else "fp32"
-    how = "auto" if recipe.train.precision == "auto" else "set in the recipe"
-    rows = [("precision", f"weights {weights}, training {training} ({how})")]
-    for setting, dtype in (("model.dtype", weights.dtype),
-                           ("train.precision", {"bf16": "bfloat16", "fp16": "float16"}.get(training))):
-        warning = dtype and precision.emulation_warning(dtype, setting)
-        if warning:
-            rows.append(("warning", warning))
-    return rows
-
-
-def training_arguments(recipe: Recipe, run_dir: Path, task: Task, data: TaskData, model_type: str | None = None) -> dict:
-    """transformers.TrainingArguments keyword arguments from [train] and [eval] (``model_type``:
-    the base model's, for the fused kernels; None leaves that to transformers)."""
-    t, e = recipe.train, recipe.eval
-    eval_strategy = e.strategy if data.validation is not None else "no"
-    metric = e.metric or task.primary_metric_for(recipe.task)
-    keep_best = e.early_stopping_patience is not None and eval_strategy != "no"
-    args = dict(
-        output_dir=str(run_dir / "checkpoints"),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=e.batch_size or t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio,
-        lr_scheduler_type=t.lr_scheduler,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optimizer,
-        seed=t.seed,
-        data_seed=t.seed,
-        train_sampling_strategy="random" if t.shuffle else "sequential",
-        activation_checkpointing=t.gradient_checkpointing,  # transformers 5 name for gradient checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        logging_steps=t.logging_steps,
-        logging_first_step=True,
-        eval_strategy=eval_strategy,
-        eval_steps=e.steps,
-        save_strategy=eval_strategy if keep_best else "steps",
-        save_steps=e.steps if keep_best and eval_strategy == "steps" else t.save_steps,
-        save_total_limit=None,  # petune deletes old checkpoints only after marking the new one (checkpoints.rotate)
-        load_best_model_at_end=keep_best,
-        metric_for_best_model=metric,
-        greater_is_better=not metric.endswith("loss") and metric != "perplexity",
-        report_to=list(t.report_to) or "none",
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        dataloader_pin_memory=_has_cuda(),
-        use_cpu=not _has_cuda(),
-        average_tokens_across_devices=task.token_level_loss,
-        **precision_flags(t.precision),
-        **speed.training_arguments(t, _has_cuda(), model_type),
-        **distributed_arguments(recipe),
-    )
-    report_inside_run(t.report_to, run_dir)
-    return args
-
-
-def report_inside_run(report_to: list[str], run_dir: Path) -> None:
-    """Experiment trackers log into the run folder, and wandb stays offline without an API key."""
-    import os
-
-    if "tensorboard" in report_to:
-        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    if "wandb" in report_to:
-        os.environ["WANDB_DIR"] = str(run_dir)
-        if not os.environ.get("WANDB_API_KEY"):
-            os.environ.setdefault("WANDB_MODE", "offline")
-    if "mlflow" in report_to:
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (run_dir / "mlruns").resolve().as_uri())
-
-
-def distributed_arguments(recipe: Recipe) -> dict:
-    """FSDP / DeepSpeed settings for the HF Trainer; DDP needs none (the launcher sets it up)."""
-    d = recipe.distributed
-    if d.backend == "fsdp":
-        f = d.fsdp
-        return {"fsdp": f"{f.sharding_strategy} auto_wrap" + (" offload" if f.cpu_offload else ""),
-                "fsdp_config": {"activation_checkpointing": f.activation_checkpointing,
-                                "use_orig_params": f.use_orig_params, "cpu_ram_efficient_loading": True}}
-    if d.backend == "deepspeed":
-        try:
-            import deepspeed  # noqa: F401
-        except ImportError:
-            raise UserError("distributed.backend = 'deepspeed' needs the deepspeed package", where="distributed.backend",
-                            hint="pip install deepspeed (on the GPU machines), or use backend 'fsdp'") from None
-        ds = d.deepspeed
-        if ds.config_file is not None:
-            return {"deepspeed": str(ds.config_file)}
-        zero: dict = {"stage": ds.zero_stage}
-        if ds.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if ds.offload_param:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-        if ds.zero_stage == 3:
-            zero["stage3_gather_16bit_weights_on_model_save"] = True
-        return {"deepspeed": {"zero_optimization": zero, "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
-                              "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                              "gradient_clipping": "auto", "train_batch_size": "auto"}}
-    return {}
-
-
-def world_size() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def prepare_trainer(trainer) -> None:
-    """What petune changes on every Trainer it drives (runs, eval, benchmarks)."""
-    remove_trainer_printing(trainer)
-    count_parameters_once(trainer)
-
-
-def training_batches(trainer):
-    """The trainer's own training batches (its sampler, collator and batch size), on the
-    model's device; lazy: no data loader is built until the first batch is asked for."""
-    import torch
-
-    for batch in trainer.get_train_dataloader():
-        yield {k: v.to(trainer.args.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def planned_steps(trainer) -> int | None:
-    """The optimizer steps the run will take, as the trainer will count them (max_steps, or
-    epochs × steps per epoch); None when it cannot tell (a data loader without a length)."""
-    if trainer.args.max_steps > 0:
-        return trainer.args.max_steps
-    try:
-        steps = trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
-    except (TypeError, AttributeError, ValueError):
-        return None
-    return steps if isinstance(steps, int) and steps > 0 else None
-
-
-def use_strategy_optimizer(trainer, strategy: Strategy, recipe: Recipe, host: PluginHost) -> None:
-    """The strategy's own optimizer (``Strategy.make_optimizer``), built with the recipe's
-    optimizer class and settings; the trainer keeps it and checkpoints its state."""
-    from transformers import Trainer
-
-    optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
-    optimizer_kwargs = {"weight_decay": trainer.args.weight_decay, **optimizer_kwargs}
-    with host.blame("strategy", strategy.name, "make_optimizer"):
-        optimizer = strategy.make_optimizer(trainer.model, recipe.strategy, optimizer_cls, optimizer_kwargs)
-    if optimizer is not None:
-        trainer.optimizer = optimizer
-
-
-def remove_trainer_printing(trainer) -> None:
-    """Our rich progress bar replaces the trainer's own printing of raw log dicts."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    for cls in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cls)
-
-
-def count_parameters_once(trainer) -> None:
-    """The Trainer's FLOP counter (for ``total_flos``) walks every parameter on every step:
-    2.6 ms per step on a 20M-parameter model, measured in the CPU benchmark. The count does
-    not change while training, so take it once."""
-    model = trainer.model
-    name = getattr(model, "main_input_name", "input_ids")
-    if not hasattr(model, "num_parameters"):
-        return
-    count = []
-
-    def floating_point_ops(inputs) -> int:
-        if name not in inputs:
-            return 0
-        if not count:
-            count.append(model.num_parameters(exclude_embeddings=True))
-        return 6 * inputs[name].numel() * count[0]
-
-    trainer.floating_point_ops = floating_point_ops
-
-
-def early_stopping(recipe: Recipe) -> list:
-    if recipe.eval.early_stopping_patience is None:
-        return []
-    from transformers import EarlyStoppingCallback
-
-    return [EarlyStoppingCallback(early_stopping_patience=recipe.eval.early_stopping_patience)]
 
 
 def check_batch_size(recipe: Recipe, data: TaskData) -> None:
@@ -564,7 +335,7 @@ def check_disk_space(run_dir: Path, recipe: Recipe, strategy: Strategy, trainabl
     final = trainable * 4 + (total * 4 if strategy.artifact == "model" else 0)
     needed = checkpoint * (recipe.train.save_total_limit + 1) + final + 50 * 2**20
     # on --resume the run's own checkpoints are rotated out as new ones arrive: their space counts as free
-    needed -= folder_size(run_dir / "checkpoints")
+    needed -= artifacts.folder_size(run_dir / "checkpoints")
     parent = run_dir
     while not parent.exists():
         parent = parent.parent
@@ -578,30 +349,33 @@ def check_disk_space(run_dir: Path, recipe: Recipe, strategy: Strategy, trainabl
                         hint="free some space, lower train.save_total_limit, or set output.dir on a larger disk")
 
 
-def folder_size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
-
-
-def show_plan(run: Run, trainable: int, total: int, extra: list[tuple[str, str]] = ()) -> None:
+def show_plan(run: Run, host: PluginHost, model, prepared: datacache.Prepared) -> None:
+    """The plan: what trains on what, how, and what the plugins say it will cost."""
     if not is_main_process():
         return
-    r = run.recipe
-    data = run.data
+    r, data = run.recipe, run.data
+    trainable, total = count_parameters(model)
     sizes = ", ".join(f"{name} {len(split)}" for name, split in
                       (("train", data.train), ("validation", data.validation), ("test", data.test)) if split is not None)
+    per_step = r.train.batch_size * world_size() * r.train.grad_accum
     rows = [
         ("model", f"{r.model.name}  ({run.model_info.model_type}, {run.model_info.path})"),
         ("task", f"{r.task_name}  {_options_text(r.task)}"),
         ("strategy", f"{r.strategy_name}  {_options_text(r.strategy, run.strategy.resolved_options(r.strategy))}"),
         ("data", sizes),
         ("parameters", f"{human_count(trainable)} trainable of {human_count(total)} ({100 * trainable / max(total, 1):.3f}%)"),
-        ("batch", f"{r.train.batch_size} per device × {world_size()} process(es) × grad_accum {r.train.grad_accum}"
-                  f" = {r.train.batch_size * world_size() * r.train.grad_accum} per step"),
+        ("batch", f"{r.train.batch_size} per device × {world_size()} process(es) × grad_accum {r.train.grad_accum} = "
+                  + f"{per_step} per step"),
         ("distributed", r.distributed.backend if world_size() > 1 else "single process"),
         ("schedule", f"max_steps {r.train.max_steps}" if r.train.max_steps else f"{r.train.epochs:g} epochs"),
         ("output", str(run.dir)),
     ]
-    rows += list(extra)
+    with host.blame("task", run.task.name, "training_plan"):
+        rows += run.task.training_plan(model, prepared.tokenizer, r.task).items()
+    with host.blame("strategy", run.strategy.name, "training_plan"):  # e.g. what an initialisation costs
+        rows += run.strategy.training_plan(r.strategy).items()
+    rows += [("speed", speed.plan(r.train, precision.cuda_device(), run.model_info.model_type)), *precision_plan(r),
+             memory.plan_row(r, host, run.model_info), ("data cache", prepared.note)]
     rows += [(f"note: {k}", v) for k, v in data.notes.items()]
     err.print(key_value_table("Plan", rows))
 

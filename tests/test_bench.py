@@ -119,7 +119,7 @@ def test_trainer_counts_parameters_once_for_its_flop_counter(tiny_bert_path, tmp
     import torch
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
-    from petune.runner import count_parameters_once
+    from petune.trainer_setup import count_parameters_once
 
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_path, num_labels=2)
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))

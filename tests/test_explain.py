@@ -241,7 +241,7 @@ def keyword_sentences(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 def test_keyword_classifier_attributes_its_prediction_to_the_keyword(host, tmp_path):
-    from petune.runner import load_run
+    from petune.run_folders import load_run
 
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in keyword_sentences(200, 1)))
     (tmp_path / "validation.csv").write_text("text,label\n"

@@ -35,7 +35,7 @@ def sft_run(tmp_path_factory, host) -> Path:
 
 
 def merged_model(run_dir: Path, host):
-    from petune.runner import load_run
+    from petune.run_folders import load_run
 
     loaded = load_run(run_dir, host, quantized=False)
     return loaded.model.merge_and_unload(), loaded.tokenizer

@@ -51,7 +51,7 @@ def test_adapter_gguf_reads_back_and_reproduces_the_runs_logits(gguf_run, tmp_pa
     from petune_plugins.strategies import gguf_backend
 
     from petune.export import read_lora_gguf
-    from petune.runner import load_run
+    from petune.run_folders import load_run
 
     run_dir, base = gguf_run
     monkeypatch.setenv("PETUNE_CACHE", str(base.parent / "cache"))

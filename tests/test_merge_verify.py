@@ -85,7 +85,7 @@ def test_qlora_merge_computes_what_the_4bit_run_computes(runs, tmp_path, host):
     from transformers import AutoModelForCausalLM
 
     from petune.merge import encode, logits_of
-    from petune.runner import load_run
+    from petune.run_folders import load_run
 
     run_dir = runs("qlora-sft")
     assert main(["merge", str(run_dir), "--out", str(tmp_path / "merged")]) == 0

@@ -75,7 +75,7 @@ def test_slowdown_is_measured():
 
 
 def test_training_flags_follow_the_device(machine):
-    from petune.runner import model_dtype, precision_flags
+    from petune.trainer_setup import model_dtype, precision_flags
 
     machine(cpu_bf16=False)
     assert precision_flags("auto") == {"bf16": False, "fp16": False}

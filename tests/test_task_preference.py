@@ -166,7 +166,7 @@ def test_option_mixes_are_refused():
 
 # -- training ---------------------------------------------------------------------------------
 def _args(tmp_path, **extra) -> dict:
-    """What the runner passes (petune.runner.training_arguments), for two CPU steps."""
+    """What the runner passes (petune.trainer_setup.training_arguments), for two CPU steps."""
     args = {"output_dir": str(tmp_path / "checkpoints"), "per_device_train_batch_size": 2,
             "per_device_eval_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
             "num_train_epochs": 1, "max_steps": 2, "seed": 0, "data_seed": 0, "gradient_checkpointing": False,
@@ -260,7 +260,7 @@ def _recipe(host, tmp_path, task_opts, strategy, model="random:tiny-llama", out=
 @pytest.mark.parametrize("strategy, method", [("full", "dpo"), ("lora", "dpo"), ("qlora", "dpo"), ("lora", "simpo"),
                                               ("lora", "orpo"), ("full", "kto")])
 def test_method_by_strategy(host, tmp_path, strategy, method):
-    from petune import runner
+    from petune import run_folders, runner
 
     write_jsonl(tmp_path / "train.jsonl", _pairs(6))
     write_jsonl(tmp_path / "validation.jsonl", _pairs(2))
@@ -286,7 +286,7 @@ def test_start_from_a_finished_sft_run(host, tmp_path, monkeypatch):
     """SFT (LoRA) → DPO: the SFT run's adapter merged into its base, with its tokenizer and template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from petune import runner
+    from petune import run_folders, runner
     from petune.models import resolve_model
     from petune.recipe import validate
 
@@ -306,7 +306,7 @@ def test_start_from_a_finished_sft_run(host, tmp_path, monkeypatch):
     merged = AutoModelForCausalLM.from_pretrained(info.path).eval()
     tokenizer = AutoTokenizer.from_pretrained(info.path)
     assert tokenizer.chat_template == AutoTokenizer.from_pretrained(tmp_path / "runs/my_sft/tokenizer").chat_template
-    loaded = runner.load_run(tmp_path / "runs/my_sft", host)
+    loaded = run_folders.load_run(tmp_path / "runs/my_sft", host)
     ids = tokenizer("what is 1 plus 1 ?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(merged(ids).logits, loaded.model(ids).logits, rtol=1e-4, atol=1e-4)
@@ -342,7 +342,7 @@ def test_start_from_a_full_fine_tuning_run(host, tmp_path, monkeypatch):
     """A full run is its own model: the cached folder holds its trained weights and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from petune import runner
+    from petune import run_folders, runner
     from petune.models import resolve_model
     from petune.recipe import validate
 

@@ -219,7 +219,8 @@ def qa_recipe(tmp_path: Path, strategy: str, model: str = "random:tiny-bert", st
 @pytest.mark.parametrize("strategy", ["lora", "prefix_tuning"])  # every strategy: tests/test_matrix.py
 def test_every_strategy_trains_and_scores(strategy, tmp_path, host):
     from petune.recipe import load_recipe
-    from petune.runner import load_run, run
+    from petune.run_folders import load_run
+    from petune.runner import run
 
     recipe = load_recipe(qa_recipe(tmp_path, strategy), host)
     if strategy in REFUSED:
@@ -241,12 +242,12 @@ def test_every_strategy_trains_and_scores(strategy, tmp_path, host):
 
 
 def test_training_learns_and_predict_returns_offsets(tmp_path, host):
-    from petune import runner
+    from petune import run_folders, runner
     from petune.recipe import load_recipe
 
     result = runner.run(load_recipe(qa_recipe(tmp_path, "full", steps=60), host), host)
     assert result.metrics["test"]["exact_match"] > 60  # the tiny model learns where the city is
-    loaded = runner.load_run(tmp_path / "run", host)
+    loaded = run_folders.load_run(tmp_path / "run", host)
     task = loaded.task
     text = "\n".join(json.dumps({"question": r["question"], "context": r["context"]}) for r in profile_rows(3))
     rows = task.parse_inputs(loaded.recipe.task, text, "in.jsonl")

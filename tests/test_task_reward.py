@@ -99,7 +99,7 @@ def _recipe(host, tmp_path, strategy: str, model: str, out: str = "run"):
 @pytest.mark.parametrize("strategy, model", [("full", "random:tiny-llama"), ("lora", "random:tiny-llama"),
                                              ("qlora", "random:tiny-llama"), ("lora", "random:tiny-bert")])
 def test_reward_by_strategy_trains_saves_and_reloads(host, tmp_path, strategy, model):
-    from petune import runner
+    from petune import run_folders, runner
 
     write_jsonl(tmp_path / "train.jsonl", _pairs(6))
     write_jsonl(tmp_path / "validation.jsonl", _pairs(2))
@@ -114,7 +114,7 @@ def test_reward_by_strategy_trains_saves_and_reloads(host, tmp_path, strategy, m
 
         names = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
         assert any(("score" in n or "classifier" in n) and "lora" not in n for n in names), sorted(names)
-    loaded = runner.load_run(tmp_path / "run", host)
+    loaded = run_folders.load_run(tmp_path / "run", host)
     data = loaded.task.load_eval_data(loaded.recipe.task, loaded.tokenizer, loaded.state)
     # a reloaded 4-bit model computes in bf16 (see plugins/strategies/qlora.py): scores agree to bf16 rounding
     tolerance = {"rel": 2e-2} if strategy == "qlora" else {"abs": 1e-4}
@@ -122,13 +122,13 @@ def test_reward_by_strategy_trains_saves_and_reloads(host, tmp_path, strategy, m
 
 
 def test_predict_and_serve_return_a_scalar_score(host, tmp_path):
-    from petune import runner
+    from petune import run_folders, runner
 
     write_jsonl(tmp_path / "train.jsonl", _pairs(6))
     write_jsonl(tmp_path / "validation.jsonl", _pairs(2))
     assert runner.run(_recipe(host, tmp_path, "lora", "random:tiny-llama"), host).status == "completed"
     run_dir = tmp_path / "run"
-    loaded = runner.load_run(run_dir, host)
+    loaded = run_folders.load_run(run_dir, host)
     task = loaded.task
     rows = task.parse_inputs(loaded.recipe.task, f"{PROMPT}\t{GOOD}\n{BAD}\n", "stdin")
     assert rows[1]["prompt"] == []

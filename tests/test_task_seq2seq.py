@@ -282,7 +282,8 @@ def recipe(tmp_path: Path, model: str, strategy: str, extra: str = "") -> Path:
 @pytest.mark.parametrize("model", ["llama"])  # t5 with every strategy: tests/test_matrix.py
 def test_every_strategy_trains_and_scores(model, strategy, tmp_path, host):
     from petune.recipe import load_recipe
-    from petune.runner import load_run, run
+    from petune.run_folders import load_run
+    from petune.runner import run
 
     result = run(load_recipe(recipe(tmp_path, model, strategy), host), host)
     assert result.status == "completed"
@@ -306,7 +307,7 @@ def test_every_strategy_trains_and_scores(model, strategy, tmp_path, host):
 def test_a_trained_model_learns_and_generate_predict_work_on_the_run(tmp_path, host):
     """The tiny Llama learns a 1-pair 'translation'; then the run folder alone serves generate
     (the CLI path too), predict and parse_inputs."""
-    from petune import runner
+    from petune import run_folders, runner
     from petune.recipe import load_recipe
 
     source, target = "a good movie today", "ein guter film heute"
@@ -321,7 +322,7 @@ def test_a_trained_model_learns_and_generate_predict_work_on_the_run(tmp_path, h
     assert result.metrics["test"]["bleu"] == pytest.approx(100)
     assert result.metrics["test"]["chrf"] == pytest.approx(100)
     assert result.metrics["test"]["gen_words"] == len(target.split())
-    loaded = runner.load_run(tmp_path / "run", host)
+    loaded = run_folders.load_run(tmp_path / "run", host)
     task = loaded.task
     text = task.generate(loaded.model, loaded.tokenizer, loaded.recipe.task, loaded.state,
                          [{"role": "user", "content": source}], max_new_tokens=24)
@@ -338,7 +339,7 @@ def test_a_trained_model_learns_and_generate_predict_work_on_the_run(tmp_path, h
 
 
 def test_eval_command_with_a_line_aligned_test_file(tmp_path, host):
-    from petune import runner
+    from petune import run_folders, runner
     from petune.recipe import load_recipe
 
     runner.run(load_recipe(recipe(tmp_path, "t5", "lora", 'generate_on = ["test"]\n'), host), host)

@@ -340,7 +340,7 @@ def _tiny_model(tiny_llama_path):
 
 
 def _args(tmp_path, **extra) -> dict:
-    """What the runner passes (petune.runner.training_arguments), for three CPU steps."""
+    """What the runner passes (petune.trainer_setup.training_arguments), for three CPU steps."""
     args = {"output_dir": str(tmp_path / "checkpoints"), "per_device_train_batch_size": 2,
             "per_device_eval_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
             "num_train_epochs": 1, "max_steps": 3, "seed": 0, "data_seed": 0, "gradient_checkpointing": False,
@@ -499,7 +499,7 @@ def test_registered_through_the_entry_point(host):
 
 def test_a_recipe_runs_end_to_end(host, tmp_path):
     """Through the runner: plan, LoRA training, metrics, samples; then generate from the run folder."""
-    from petune import runner
+    from petune import run_folders, runner
     from petune.recipe import validate
 
     rows = [{"instruction": f"what is {a} plus {b} ?", "output": f"{a + b}"} for a in range(4) for b in range(3)]
@@ -516,7 +516,7 @@ def test_a_recipe_runs_end_to_end(host, tmp_path):
     run_dir = tmp_path / "run"
     assert json.loads((run_dir / "task_state.json").read_text())["chat_template"] == "chatml"
     assert len((run_dir / "samples.jsonl").read_text().splitlines()) == 1
-    loaded = runner.load_run(run_dir, host)
+    loaded = run_folders.load_run(run_dir, host)
     assert loaded.tokenizer.chat_template  # saved with the run
     reply = loaded.task.generate(loaded.model, loaded.tokenizer, loaded.recipe.task, loaded.state,
                                  [{"role": "user", "content": "what is 1 plus 1 ?"}], max_new_tokens=4)

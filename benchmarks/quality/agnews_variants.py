@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
         print(f"error: {TEST} is missing (the shared data folder ../shared/data, see its SOURCES.md)", file=sys.stderr)
         return 2
     from petune.plugins import PluginHost
-    from petune.runner import load_run
+    from petune.run_folders import load_run
 
     with open(TEST, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))

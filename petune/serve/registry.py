@@ -4,7 +4,7 @@ adapter loaded into that base under its own name.
 Runs share a base when they name the same ``[model]`` (and dtype), the same task with the
 same model-shaping task state (labels, added tokens ...), the same strategy load kwargs
 (e.g. the same 4-bit config) and saved peft adapters of one peft type. The first run of a
-group loads as ``petune generate`` loads it (:func:`petune.runner.load_run`); the others
+group loads as ``petune generate`` loads it (:func:`petune.run_folders.load_run`); the others
 only add their adapter (peft ``load_adapter``). Runs that are not peft adapters (full
 fine-tuning, bottleneck adapters) load on their own.
 
@@ -195,7 +195,7 @@ class Registry:
     def __init__(self, specs: list[tuple[str, Path]], host, *, quantized: bool = True):
         """``quantized=False`` loads the bases of 4-bit (QLoRA) runs in 16/32-bit, as
         ``petune merge`` does: faster on CPUs, more memory, slightly different answers."""
-        from petune.runner import read_finished_run
+        from petune.run_folders import read_finished_run
 
         self.host, self.quantized = host, quantized
         self.runs: dict[str, ServedRun] = {}
@@ -214,7 +214,7 @@ class Registry:
     def load(self, log: Callable[[str], None] = lambda _: None) -> None:
         from transformers import AutoTokenizer
 
-        from petune.runner import load_run
+        from petune.run_folders import load_run
 
         for base in self.bases:  # a run split off below is appended, and loaded in its turn
             first, *others = base.runs

@@ -81,7 +81,7 @@ class RunFolderSource(ModelSource):
         from petune import artifacts
         from petune.console import err
         from petune.plugins import PluginHost
-        from petune.runner import load_run
+        from petune.run_folders import load_run
 
         err.print(f"merging the run {run_dir} into a standalone model (once; cached in {target})")
         run = load_run(run_dir, PluginHost(), dequantized=True)  # merged into the trained base, dequantised
