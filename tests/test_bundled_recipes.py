@@ -85,15 +85,21 @@ def test_qlora_adapter_loads_with_plain_transformers_and_peft(qlora_run, host):
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from petune.models import resolve_model
-    from petune.runner import load_run
+    from petune.run_folders import load_run
+
+    from petune import precision
 
     loaded = load_run(qlora_run, host)
     base_path = resolve_model("gemma-3-270m", host.model_sources()).path
+    compute = precision.resolve(loaded.recipe.strategy.compute_dtype).torch_dtype  # what "auto" chose here
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16,
+                             bnb_4bit_compute_dtype=compute,
                              llm_int8_skip_modules=["lm_head", "embed_out", "score", "classifier", "qa_outputs", "pooler.dense"])
     base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb, dtype=torch.float32, device_map={"": "cpu"})
     plain = PeftModel.from_pretrained(base, qlora_run / "adapter").eval()
+    for module in plain.modules():  # on AVX512-BF16 CPUs bitsandbytes would repack for bf16 inference,
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # not the compute dtype the run trained in
+            module.support_avx512bf16_for_cpu = False
     tokenizer = AutoTokenizer.from_pretrained(qlora_run / "tokenizer")
     torch.testing.assert_close(_logits(plain, tokenizer), _logits(loaded.model, loaded.tokenizer), rtol=1e-4, atol=1e-4)
 
@@ -115,7 +121,7 @@ def test_exported_gguf_computes_what_the_run_computes(qlora_run, tmp_path, host)
     from transformers import AutoModelForCausalLM
 
     from petune.merge import logits_of
-    from petune.runner import load_run
+    from petune.run_folders import load_run
 
     out = tmp_path / "run.gguf"
     result = petune("export", qlora_run, "--format", "gguf", "--quant", "f16", "--out", out)

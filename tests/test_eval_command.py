@@ -66,7 +66,8 @@ def test_eval_scores_the_validation_split_while_the_training_file_is_there(tmp_p
     assert main(["eval", str(run_dir), "--out", str(tmp_path / "eval2")]) == 0
     assert set(json.loads((tmp_path / "eval2" / "metrics.json").read_text())) == {"test"}
     said = " ".join(capsys.readouterr().err.split())
-    assert "split off the training data" in said and "train.csv" in said and "scoring the test data only" in said
+    assert "split off the training data" in said and "scoring the test data only" in said
+    assert "train.csv" in said.replace(" ", "")  # a long temporary path may wrap inside the name
 
 
 def test_eval_without_training_file_or_test_file_says_which_file_is_missing(tmp_path, host, capsys):
