@@ -107,8 +107,8 @@ class SftOptions(SplitOptions):
     num_sample_generations: int = Field(5, ge=0, description="held-out prompts answered after training (samples.jsonl)")
     loss: Literal["auto", "chunked", "full"] = Field(
         "auto", description="chunked: TRL's fused LM head, never the full-vocabulary logits (less memory); "
-                            "full: plain cross-entropy on the logits (faster on a CPU); auto: chunked on a GPU "
-                            "or when the logits would pass 1 GiB, else full")
+                            "full: plain cross-entropy on the logits (faster on a CPU); auto: chunked on a GPU, "
+                            "full on a CPU unless the logits would pass a quarter of the free memory")
 
     @model_validator(mode="after")
     def _packing_is_padding_free(self):
@@ -429,14 +429,19 @@ class SftTask(CausalLmTask):
 
 def loss_memory(loss: str, batch_size: int, max_length: int, config, device: str | None = None) -> str:
     """"chunked" (TRL's fused LM head: no full-vocabulary logits) or "logits" (plain cross-entropy).
-    auto: chunked on a GPU, or when fp32 logits + softmax + gradient would pass 1 GiB."""
+    auto: chunked on a GPU; on a CPU only when fp32 logits + softmax + gradient would pass a
+    quarter of the free memory (at least 1 GiB). The chunked loss computes the LM head again
+    in the backward pass: on a CPU that doubled the Quickstart's step time (13.5 s against
+    6.4 s, benchmarks/RESULTS.md) to save memory a CPU machine usually has."""
     if loss != "auto":
         return "chunked" if loss == "chunked" else "logits"
+    import psutil
     import torch
 
     on_gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
-    return "chunked" if on_gpu or 12 * batch_size * max_length * vocab > 2**30 else "logits"
+    logits = 12 * batch_size * max_length * vocab
+    return "chunked" if on_gpu or logits > max(2**30, psutil.virtual_memory().available // 4) else "logits"
 
 
 def make_sft_trainer(*, model, tokenizer, data: TaskData, args: dict, callbacks: list, max_length: int,
