@@ -347,11 +347,11 @@ def test_explain_command_options_and_refusals(host, tmp_path, terminal, capsys):
 
 def test_explain_command_refuses_other_tasks_before_loading(host, tmp_path, monkeypatch):
     """A run of a task type explain cannot read is refused with a reason, without loading a model."""
-    from petune import runner
+    from petune import run_folders
 
     task_class = type(host.task("classification"))
     monkeypatch.setattr(task_class, "explained_output", "answer_span")
-    monkeypatch.setattr(runner, "load_run", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(run_folders, "load_run", lambda *a, **k: pytest.fail("the model was loaded"))
     folder = tmp_path / "qa_run"
     folder.mkdir()
     (folder / "recipe.toml").write_text('[task]\nname = "classification"\n')

@@ -411,6 +411,12 @@ def test_qlora_for_inference_keeps_outputs_and_dequantises_once(build, monkeypat
         monkeypatch.setattr(torch.ops.bitsandbytes, "gemm_4bit", None, raising=False)
         fast = logits(peft_model, batch)
     assert not calls
+    head = peft_model.get_output_embeddings()  # generation hands it a strided slice: it gets plain rows
+    seen = []
+    head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        head(torch.randn(2, 5, head.in_features)[:, -1:, :])
+    assert seen == [True]
     tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[compute_dtype]
     torch.testing.assert_close(fast, expected, atol=tolerance, rtol=tolerance)
 

@@ -6,6 +6,7 @@ from petune_plugins.strategies._common import (
     LoraOptions,
     apply_lora,
     check_lora_init,
+    contiguous_head_input,
     init_plan,
     loraplus_optimizer,
     merge_lora,
@@ -45,6 +46,10 @@ class LoraStrategy(Strategy):
 
     def restore(self, base, path, task, options):
         return restore_peft(base, path)
+
+    def for_inference(self, model, options):
+        contiguous_head_input(model)
+        return model
 
     def merge(self, model):
         return merge_lora(model)

@@ -31,7 +31,8 @@ from pydantic import Field
 from petune import hookimpl, precision
 from petune.api import Strategy
 from petune.errors import Refusal
-from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, head_modules, init_plan,
+from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, contiguous_head_input,
+                                               head_modules, init_plan,
                                                loraplus_optimizer, merge_lora, prepare_lora, quantization_method,
                                                restore_peft, save_lora)
 
@@ -170,6 +171,7 @@ class QloraStrategy(Strategy):
         # bitsandbytes dequantises every 4-bit weight again for every forward; on a CPU that
         # is most of a generated token's time, so the dequantised weights are kept instead
         # (memory of a 16/32-bit base; a GPU keeps its fused 4-bit kernels and its memory)
+        contiguous_head_input(model)
         if options.quant_type == "gguf":
             from petune_plugins.strategies import gguf_backend
 
