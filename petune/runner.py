@@ -166,6 +166,7 @@ def check_model(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy
         task.check(info, recipe.task)
     with host.blame("strategy", strategy.name, "check"):
         strategy.check(task, info, recipe.strategy)
+    speed.check(recipe.train, precision.cuda_device(), info.model_type)  # e.g. no fused kernels for this model
     return info
 
 

@@ -33,9 +33,10 @@ def liger_model_types() -> set[str] | None:
     return set(MODEL_TYPE_TO_APPLY_LIGER_FN)
 
 
-def check(train, cuda: bool) -> None:
+def check(train, cuda: bool, model_type: str | None = None) -> None:
     """Refuse what cannot run, before anything heavy loads: ``kernels = "liger"`` without a CUDA
-    GPU or without the liger-kernel package."""
+    GPU or without the liger-kernel package, and (once the model's config is read, before its
+    data and weights load) on a model type Liger has no kernels for."""
     if train.kernels != "liger":
         return
     if not cuda:
@@ -44,6 +45,7 @@ def check(train, cuda: bool) -> None:
     if not liger_installed():
         raise UserError("train.kernels = 'liger' needs the liger-kernel package, which is not installed",
                         where="train.kernels", hint="pip install liger-kernel, or use kernels = 'auto'")
+    kernels(train, cuda, model_type)  # refuses a model type without kernels
 
 
 def kernels(train, cuda: bool, model_type: str | None = None) -> tuple[bool, str]:

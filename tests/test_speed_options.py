@@ -199,6 +199,25 @@ def test_liger_kernels_where_installed_on_a_gpu(monkeypatch):
                                                               model_type="llama")
 
 
+def test_liger_on_a_model_type_without_kernels_is_refused_before_data_and_weights_load(monkeypatch, host, tmp_path):
+    """The model type is known once its config is read: the refusal comes there, not after
+    data preparation and model loading (the plan used to be where it was found)."""
+    from petune import precision, runner
+    from petune.recipe import validate
+
+    monkeypatch.setattr(speed, "liger_installed", lambda: True)
+    monkeypatch.setattr(speed, "liger_model_types", lambda: {"gemma3"})
+    monkeypatch.setattr(precision, "cuda_device", lambda device=None: True)
+    monkeypatch.setattr(runner, "prepare_data", lambda *a: pytest.fail("data prepared before the refusal"))
+    (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    recipe = validate({"model": {"name": "random:tiny-llama"},
+                       "task": {"name": "sft", "train": "train.jsonl", "max_length": 64},
+                       "strategy": {"name": "lora"}, "train": {"kernels": "liger"},
+                       "output": {"dir": str(tmp_path / "run")}}, host, path=tmp_path / "recipe.toml")
+    with pytest.raises(UserError, match="no kernels for model type 'llama'"):
+        runner.run(recipe, host, dry_run=True)
+
+
 def test_petune_refuses_liger_kernels_on_a_cpu_before_loading_anything():
     done = subprocess.run([sys.executable, "-m", "petune", "validate", str(REPO / "recipes" / "lora_sft.toml"),
                            "--set", "train.kernels=liger"], capture_output=True, text=True, cwd=REPO,
