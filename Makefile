@@ -8,7 +8,7 @@ STAMP   = $(VENV)/.petune-installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test lint bench clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ run: setup
 JOBS ?= auto
 test: setup
 	$(PY) -m pytest -n $(JOBS) --dist loadfile --durations=15
+
+# the rules are pinned in pyproject.toml ([tool.ruff.lint]); CI fails on any finding
+lint: setup
+	$(VENV)/bin/ruff check .
 
 bench: setup
 	$(VENV)/bin/petune bench --smoke

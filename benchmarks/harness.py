@@ -282,7 +282,7 @@ class TensorProbe:
                 if isinstance(obj, torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
                     storage = obj.untyped_storage()
                     storages[storage.data_ptr()] = storage.nbytes()
-            except Exception:  # noqa: BLE001, S112 — odd subclasses, freed storages: not tensors to count
+            except Exception:  # noqa: BLE001 — odd subclasses, freed storages: not tensors to count
                 continue
         return sum(storages.values())
 

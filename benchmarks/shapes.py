@@ -92,9 +92,8 @@ def build_config(shape: Shape, tokenizer=None):
 
 def model_path(shape: Shape | str, device: str = "cpu") -> Path:
     """A local folder with the shape's config, random weights and a tokenizer (built once)."""
-    from petune_plugins.sources.random_init import RandomInitSource
-
     from petune.models import cache_dir
+    from petune_plugins.sources.random_init import RandomInitSource
 
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     if shape.source is not None and shape.source.startswith("random:"):
@@ -117,8 +116,9 @@ def model_path(shape: Shape | str, device: str = "cpu") -> Path:
 
 def _materialise(shape: Shape, folder: Path, device: str) -> None:
     import torch
-    from petune_plugins.sources.random_init import RandomInitSource
     from transformers import AutoTokenizer, BertForMaskedLM, LlamaForCausalLM
+
+    from petune_plugins.sources.random_init import RandomInitSource
 
     tokenizer = AutoTokenizer.from_pretrained(RandomInitSource().resolve(f"random:tiny-{shape.family}"))
     config = build_config(shape, tokenizer)

@@ -52,7 +52,7 @@ def _quiet_stdout():
     """Keep fd 1 for the protocol; everything printed goes to stderr."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 — lives as long as the process
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
     return proto
 
 
@@ -73,8 +73,8 @@ def _redirect(log_path: str) -> None:
     with open(log_path, "ab", buffering=0) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 — lives as long as the process
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
 
 
 def _write_result(path: str, result: dict) -> None:

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"[bold red]error[/]: the disk is full ({escape(str(exc.filename or exc))}): free some space "
                   "and run the command again", soft_wrap=True)
         return 2
-    except Exception:
+    except Exception:  # noqa: BLE001 - anything else is a bug: reported as one, exit 1
         return _internal_error()
 
 

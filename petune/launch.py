@@ -58,4 +58,4 @@ def launch_command(processes: int, argv: list[str]) -> tuple[list[str], dict]:
 def relaunch(processes: int, argv: list[str]) -> int:
     cmd, env = launch_command(processes, argv)
     err.print(f"[dim]starting {processes} processes with accelerate: {' '.join(cmd[2:])}[/]", soft_wrap=True)
-    return subprocess.run(cmd, env=env).returncode
+    return subprocess.run(cmd, env=env, check=False).returncode

@@ -11,9 +11,9 @@ Modelfile then leaves the template to Ollama, which reads the GGUF's metadata.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 # Probe conversations: a system message, one and two user turns, and an answered turn.
 PROBES = (
@@ -112,7 +112,7 @@ def recognise(tokenizer, end_tokens: list[str]) -> tuple[Layout, str] | None:
     bos = tokenizer.bos_token or ""
     try:
         rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in PROBES]
-    except Exception:  # a template may refuse a probe (e.g. no system role): then it is not one of these
+    except Exception:  # noqa: BLE001 - a template may refuse a probe (e.g. no system role): then it is not one of these
         return None
     rendered = [r[len(bos):] if bos and r.startswith(bos) else r for r in rendered]
     for layout in LAYOUTS:

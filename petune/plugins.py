@@ -100,7 +100,7 @@ class PluginHost:
         for origin, ep in _entry_points(self.autoload):
             try:
                 loaded.append((origin, ep.load()))
-            except Exception as exc:  # a broken plugin must not break the others
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
                 self._fail(origin, f"{type(exc).__name__}: {exc}")
         loaded += list(extra)  # plugins given in-process (tests, embedding)
         # pluggy calls the last-registered plugin first: registering in reverse makes lifecycle
@@ -108,7 +108,7 @@ class PluginHost:
         for origin, plugin in reversed(loaded):
             try:
                 self.pm.register(plugin, name=f"{origin.package}:{origin.entry_point}")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - recorded against the plugin, as above
                 self._fail(origin, f"{type(exc).__name__}: {exc}")
         self._plugins = [(o, p) for o, p in loaded if self.pm.is_registered(p)]  # in load order
         for kind in KINDS:
@@ -137,7 +137,7 @@ class PluginHost:
 
             try:
                 impl.function(*[{"register": register}[a] for a in impl.argnames])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - recorded against the plugin, as above
                 self._fail(origin, f"{_HOOK_OF_KIND[kind]} raised {type(exc).__name__}: {exc}")
 
     def _register(self, kind: str, base: type, cls: Any, origin: PluginOrigin) -> None:

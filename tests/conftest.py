@@ -18,7 +18,7 @@ os.environ.setdefault("PETUNE_DATA_CACHE", "off")
 # the CPU it runs on has native bf16; tests/test_precision.py pretends to be each kind of machine
 os.environ.setdefault("PETUNE_CPU_BF16", "0")
 
-import pytest  # noqa: E402
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PETUNE_SHARED_DATA", REPO.parent / "shared" / "data"))

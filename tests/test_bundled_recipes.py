@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import REPO, petune
 
 RECIPES = sorted((REPO / "recipes").glob("*.toml"))
@@ -84,10 +83,9 @@ def test_qlora_adapter_loads_with_plain_transformers_and_peft(qlora_run, host):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    from petune import precision
     from petune.models import resolve_model
     from petune.run_folders import load_run
-
-    from petune import precision
 
     loaded = load_run(qlora_run, host)
     base_path = resolve_model("gemma-3-270m", host.model_sources()).path

@@ -13,9 +13,8 @@ from petune.errors import DataError
 
 
 def test_all_identical_pairs_say_so_and_do_not_blame_max_length(tmp_path, tiny_llama_path):
-    from petune_plugins.tasks.preference import PreferenceOptions, PreferenceTask
-
     from petune.models import load_tokenizer
+    from petune_plugins.tasks.preference import PreferenceOptions, PreferenceTask
 
     same = [{"prompt": f"q {i}", "chosen": f"a {i}", "rejected": f"a {i}"} for i in range(20)]
     (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in same))
@@ -30,6 +29,7 @@ def test_all_identical_pairs_say_so_and_do_not_blame_max_length(tmp_path, tiny_l
 
 def test_a_save_to_disk_folder_gets_the_readers_reason(tmp_path):
     from datasets import Dataset, DatasetDict
+
     from petune_plugins.tasks._common import check_data_paths
     from petune_plugins.tasks.sft import SftOptions
 

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def petune(*args, cwd=REPO, input=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "petune", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300, input=input)
+                          cwd=cwd, env=env, timeout=300, input=input, check=False)
 
 
 RECIPE = """\

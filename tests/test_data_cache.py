@@ -9,13 +9,12 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets  # noqa: F401
 import pytest
 
 from petune import datacache
 from petune.api import TaskData
 from petune.recipe import DataSection, validate
-
-import datasets  # noqa: F401, E402
 
 ROWS = [{"instruction": f"what is {a} plus {b} ?", "output": f"{a + b}"} for a in range(4) for b in range(3)]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from petune_plugins.tasks import datafiles
 
 from petune.errors import DataError
+from petune_plugins.tasks import datafiles
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -167,6 +167,7 @@ def test_parquet_missing_column_and_bad_value_name_the_row(tmp_path):
     """Through a task that takes records of any format: seq2seq."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from petune_plugins.tasks.seq2seq import DataFile, Seq2SeqOptions, read_pairs
 
     path = tmp_path / "pairs.parquet"
@@ -202,6 +203,7 @@ def test_ner_reads_a_parquet_file_as_records(tmp_path):
     """Tasks read a record's ``where`` as file:number; a parquet row's must parse too."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from petune_plugins.tasks import ner
 
     path = tmp_path / "n.parquet"

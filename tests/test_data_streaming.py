@@ -10,6 +10,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+
 from petune_plugins.tasks import chat_records
 from petune_plugins.tasks._common import seeded_split
 from petune_plugins.tasks.encoding import Spool, encode_split
@@ -106,9 +107,8 @@ def test_scratch_folders_of_killed_processes_are_removed(tmp_path, monkeypatch):
     import sys
     import tempfile
 
-    from petune_plugins.tasks import encoding
-
     from petune import artifacts
+    from petune_plugins.tasks import encoding
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     identity = "import json; from petune.artifacts import process_identity; print(json.dumps(process_identity()))"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from petune_plugins.tasks import datafiles
 
 from petune.errors import DataError
+from petune_plugins.tasks import datafiles
 
 
 def write(tmp_path, name, content, mode="w"):
@@ -255,8 +255,9 @@ def test_wrong_field_count_without_quoting_points_to_csv(tmp_path):
 
 # -- tasks take quoting from the recipe ------------------------------------------------------
 def test_classification_quoting_option_task_wide_and_per_file(tmp_path):
-    from petune_plugins.tasks.classification import ClassificationOptions, FileSettings, read_examples
     from pydantic import ValidationError
+
+    from petune_plugins.tasks.classification import ClassificationOptions, FileSettings, read_examples
 
     (tmp_path / "ptb.tsv").write_text('" Hello " he said .\t1\n" Great . "\tgood\n', encoding="utf-8")
     (tmp_path / "q.tsv").write_text('sentence\tlabel\n"quoted"\t1\n', encoding="utf-8")

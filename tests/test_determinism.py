@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-
 from helpers import adapter_tensors, petune, tiny_classification_recipe
 
 

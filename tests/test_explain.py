@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import argparse
 import io
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace

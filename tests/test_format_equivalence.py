@@ -8,12 +8,12 @@ import gzip
 import json
 from pathlib import Path
 
+import datasets  # noqa: F401
 import pytest
 import zstandard
 
 from petune.recipe import validate
 
-import datasets  # noqa: F401
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "recipes" / "data"
 FORMATS = ("jsonl.gz", "jsonl.zst", "parquet", "arrow")

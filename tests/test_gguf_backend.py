@@ -178,10 +178,9 @@ dir = "{tmp_path / 'run'}"
 
 
 def test_memory_estimate_counts_the_blocks_at_their_bits_per_weight(tiny_gguf):
-    from petune_plugins.strategies import gguf_backend, gguf_quants
-
     from petune import memory
     from petune.api import ModelInfo, ModelShape
+    from petune_plugins.strategies import gguf_backend, gguf_quants
 
     _, folder = tiny_gguf
     s, opts = qlora(r=4, compute_dtype="float32")

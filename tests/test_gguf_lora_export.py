@@ -47,11 +47,11 @@ def gguf_run(tmp_path_factory, tiny_llama_path, host):
 
 def test_adapter_gguf_reads_back_and_reproduces_the_runs_logits(gguf_run, tmp_path, host, monkeypatch):
     import transformers
-    from petune_plugins.sources.gguf_file import GgufFileSource
-    from petune_plugins.strategies import gguf_backend
 
     from petune.export import read_lora_gguf
     from petune.run_folders import load_run
+    from petune_plugins.sources.gguf_file import GgufFileSource
+    from petune_plugins.strategies import gguf_backend
 
     run_dir, base = gguf_run
     monkeypatch.setenv("PETUNE_CACHE", str(base.parent / "cache"))

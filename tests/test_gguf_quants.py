@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-from petune_plugins.strategies import gguf_quants
-
 from petune.errors import Refusal
+from petune_plugins.strategies import gguf_quants
 
 # where each block type keeps its float16 scales (random bytes there could be NaN or inf)
 _F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],

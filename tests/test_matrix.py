@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from helpers import TINY_STRATEGY_OPTIONS
+
 from petune.errors import Refusal
 from petune.recipe import load_recipe
 from petune.runner import run

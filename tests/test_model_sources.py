@@ -13,13 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+
+from petune.errors import UserError
+from petune.models import find_source
 from petune_plugins.sources.gguf_file import MARKER, GgufFileSource, cache_folder, file_sha256, storage_dtype
 from petune_plugins.sources.hub import HubSource
 from petune_plugins.sources.local import LocalFolderSource
 from petune_plugins.sources.packaged import PackagedSource
-
-from petune.errors import UserError
-from petune.models import find_source
 
 UNCACHED_HUB_ID = "petune-tests/no-such-model"
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from petune.errors import RecipeError, Refusal, UserError
 from test_strategies import build, check_training, logits, n_trainable, trainable_names  # noqa: F401 (fixture)
 
-import transformers
+from petune.errors import RecipeError, Refusal, UserError
 
 
 def peft_strategy(method, **options):
@@ -158,8 +156,9 @@ def test_peft_rules_run_before_anything_loads():
 
 
 def test_refusals_for_impossible_mixes(tiny_llama_path):
-    from petune.api import ModelInfo
     from test_strategies import StubTask
+
+    from petune.api import ModelInfo
 
     info = ModelInfo.from_path("q", tiny_llama_path)
     info.config.quantization_config = {"quant_method": "gptq"}
@@ -240,6 +239,7 @@ def test_data_driven_init_reads_training_batches(build, tmp_path, init, kind):
     import json
 
     from peft import PeftModel, get_peft_model
+
     from petune_plugins.strategies._common import lora_config
 
     model, task, batch = build(kind)

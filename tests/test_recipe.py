@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from demo_plugins import demo_host
 
 from petune.errors import RecipeError
 from petune.recipe import apply_overrides, load_recipe, parse_override
-
-from demo_plugins import demo_host
 
 GOOD = """\
 [model]

@@ -19,8 +19,8 @@ from helpers import adapter_tensors, petune, tiny_classification_recipe
 from safetensors.torch import load_file
 
 from petune import artifacts, checkpoints
-from petune.errors import UserError
 from petune.cli import main
+from petune.errors import UserError
 
 
 def files_of(folder: Path) -> dict[str, bytes]:

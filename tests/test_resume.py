@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
+from helpers import adapter_tensors, petune, start_petune, tiny_classification_recipe
 
 from petune import checkpoints
-from helpers import adapter_tensors, petune, start_petune, tiny_classification_recipe
 
 
 def wait_for_checkpoint(proc, run_dir, timeout=240):

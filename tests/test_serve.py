@@ -19,12 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-from helpers import REPO, petune, write_classification_data
-
-import httpx
 import fastapi  # noqa: F401
+import httpx
+import pytest
 import uvicorn  # noqa: F401
+from helpers import REPO, petune, write_classification_data
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -192,7 +191,7 @@ class Server:
     def __init__(self, runs: list, log: Path, *args, env: dict | None = None, headers: dict | None = None,
                  timeout: float = 300):
         self.log_path = log
-        self.log = open(log, "w")  # noqa: SIM115 — open while the server runs
+        self.log = open(log, "w")
         self.proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *map(str, runs), "--port", "0", *args],
                                      cwd=REPO, env={**ENV, **(env or {})}, stdout=self.log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -13,11 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from helpers import petune
 from test_serve import Server, chat_body, make_runs, post
-
-import httpx
 
 TIMEOUT = 4.0  # --request-timeout
 STEP = 0.25  # seconds per token of a "__slow__" request: 64 tokens take 16 s unless stopped

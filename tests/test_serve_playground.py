@@ -18,12 +18,11 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-from test_serve import API_KEY, MAX_TOKENS, PREDICT_ROWS, PROMPT, Server, expected_outputs, make_runs
-
-import httpx  # noqa: F401
 import fastapi  # noqa: F401
+import httpx  # noqa: F401
+import pytest
 import uvicorn  # noqa: F401
+from test_serve import API_KEY, MAX_TOKENS, PREDICT_ROWS, PROMPT, Server, expected_outputs, make_runs
 
 CHROMIUM = os.environ.get("PETUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not found: apt-get install chromium "

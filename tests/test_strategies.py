@@ -13,13 +13,13 @@ import sys
 
 import pytest
 import torch
+import transformers
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from petune.api import ModelInfo, Task, count_parameters
 from petune.errors import Refusal, UserError
 
-import transformers
 transformers.logging.set_verbosity_error()
 
 
@@ -629,10 +629,10 @@ def test_prompt_tuning_inputs_must_fit_the_position_table(build, tiny_bert_path,
 def test_loraplus_gives_lora_b_a_higher_learning_rate(host, tiny_bert_path, tmp_path, capsys):
     """LoRA+ through Strategy.make_optimizer: B matrices at ratio × lr, A at lr, and a run uses it."""
     import torch
+    from helpers import tiny_classification_recipe
 
     from petune.api import ModelInfo
     from petune.cli import main
-    from helpers import tiny_classification_recipe
 
     strategy, task = host.strategy("lora"), host.task("classification")
     options = strategy.Options(r=4, loraplus_lr_ratio=16.0)

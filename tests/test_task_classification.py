@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
+from petune.api import ModelInfo
+from petune.errors import DataError
 from petune_plugins.tasks import reports
+from petune_plugins.tasks._common import find_head_modules, seeded_split
 from petune_plugins.tasks.classification import (
     ClassificationOptions,
     ClassificationTask,
@@ -14,11 +19,6 @@ from petune_plugins.tasks.classification import (
     read_examples,
     sort_labels,
 )
-from petune_plugins.tasks._common import find_head_modules, seeded_split
-from pydantic import ValidationError
-
-from petune.api import ModelInfo
-from petune.errors import DataError
 
 AG_NEWS_CLASSES = {"1": "World", "2": "Sports", "3": "Business", "4": "Sci/Tech"}  # ag_news/classes.txt, 1-based
 

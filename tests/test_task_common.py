@@ -123,9 +123,8 @@ class _Tokenizer:
 
 
 def test_one_pad_token_rule_for_encoders_and_causal_lms():
-    from petune_plugins.tasks._common import ensure_pad_token
-
     from petune.errors import Refusal
+    from petune_plugins.tasks._common import ensure_pad_token
 
     own = _Tokenizer(["<s>", "</s>", "[PAD]"], pad="[PAD]")
     assert not ensure_pad_token(own) and own.pad_token == "[PAD]"

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-from petune_plugins.tasks import classification, encoding, ner, preference, qa, reward, seq2seq
 
 from petune.api import DATA_WORKERS, data_workers
+from petune_plugins.tasks import classification, encoding, ner, preference, qa, reward, seq2seq
 
 BATCH = 3  # rows per batch: several batches, and two workers, on a few rows
 

@@ -7,6 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
+from petune.api import ModelInfo
+from petune.errors import DataError
 from petune_plugins.tasks.ner import (
     NerOptions,
     NerTask,
@@ -24,10 +28,6 @@ from petune_plugins.tasks.ner import (
     to_iob2,
     words_from_windows,
 )
-from pydantic import ValidationError
-
-from petune.api import ModelInfo
-from petune.errors import DataError
 
 CONLL = """-DOCSTART- -X- -X- O
 

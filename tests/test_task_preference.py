@@ -8,12 +8,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from petune.errors import DataError, Refusal
-
 import torch
 
-from petune_plugins.tasks.preference import (  # noqa: E402
+from petune.errors import DataError, Refusal
+from petune_plugins.tasks.preference import (
     PreferenceOptions,
     PreferenceTask,
     pair_metrics,
@@ -260,7 +258,7 @@ def _recipe(host, tmp_path, task_opts, strategy, model="random:tiny-llama", out=
 @pytest.mark.parametrize("strategy, method", [("full", "dpo"), ("lora", "dpo"), ("qlora", "dpo"), ("lora", "simpo"),
                                               ("lora", "orpo"), ("full", "kto")])
 def test_method_by_strategy(host, tmp_path, strategy, method):
-    from petune import run_folders, runner
+    from petune import runner
 
     write_jsonl(tmp_path / "train.jsonl", _pairs(6))
     write_jsonl(tmp_path / "validation.jsonl", _pairs(2))
@@ -342,7 +340,7 @@ def test_start_from_a_full_fine_tuning_run(host, tmp_path, monkeypatch):
     """A full run is its own model: the cached folder holds its trained weights and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from petune import run_folders, runner
+    from petune import runner
     from petune.models import resolve_model
     from petune.recipe import validate
 

@@ -9,12 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
-
-from helpers import TINY_STRATEGY_OPTIONS
-from petune.errors import DataError, Refusal
-
 import torch
+from helpers import TINY_STRATEGY_OPTIONS
 
+from petune.errors import DataError, Refusal
 from petune_plugins.tasks import text_metrics
 from petune_plugins.tasks.qa import (
     QaExample,

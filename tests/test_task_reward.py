@@ -11,9 +11,6 @@ import pytest
 from helpers import petune
 
 from petune.errors import DataError
-
-import torch
-
 from petune_plugins.tasks.reward import RewardOptions, RewardTask, reward_metrics, score_pairs
 
 PROMPT, GOOD, BAD = "what is the capital of france ?", "the capital of france is paris .", "i hated it ."

@@ -10,12 +10,9 @@ import math
 from pathlib import Path
 
 import pytest
+from helpers import TINY_STRATEGY_OPTIONS, petune
 
 from petune.errors import DataError, Refusal, UserError
-
-import torch
-
-from helpers import TINY_STRATEGY_OPTIONS, petune
 from petune_plugins.tasks import text_metrics
 from petune_plugins.tasks.seq2seq import (
     DataFile,
@@ -339,7 +336,7 @@ def test_a_trained_model_learns_and_generate_predict_work_on_the_run(tmp_path, h
 
 
 def test_eval_command_with_a_line_aligned_test_file(tmp_path, host):
-    from petune import run_folders, runner
+    from petune import runner
     from petune.recipe import load_recipe
 
     runner.run(load_recipe(recipe(tmp_path, "t5", "lora", 'generate_on = ["test"]\n'), host), host)

@@ -8,11 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
-
-from petune.errors import DataError, Refusal, UserError
-
 import torch
 
+from petune.errors import DataError, Refusal, UserError
 from petune_plugins.tasks.sft import SftOptions, SftTask
 
 

@@ -99,7 +99,7 @@ def schema(host) -> dict:
     for source in host.model_sources().values():
         try:
             models += source.names()
-        except Exception:  # noqa: BLE001, S112 — a listing is a convenience: a broken source lists nothing
+        except Exception:  # noqa: BLE001 — a listing is a convenience: a broken source lists nothing
             continue
     return {"sections": list(FORM_SECTIONS),
             "core": {name: _CORE[name].model_json_schema() for name in FORM_SECTIONS if name in _CORE},

@@ -14,11 +14,10 @@ import os
 import re
 from pathlib import Path
 
-from petune_plugins.sources.local import check_model_folder, looks_like_path
-
 from petune import hookimpl
 from petune.api import ModelSource
 from petune.errors import UserError
+from petune_plugins.sources.local import check_model_folder, looks_like_path
 
 #: ``org/name`` or ``org/name@revision``, with the characters Hub repo names allow.
 HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")

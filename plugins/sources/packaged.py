@@ -19,11 +19,10 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from petune_plugins.sources.gguf_file import converted, kept_copy, register_file
-
 from petune import hookimpl
 from petune.api import ModelSource
 from petune.errors import UserError
+from petune_plugins.sources.gguf_file import converted, kept_copy, register_file
 
 #: name -> (module, pip package)
 PACKAGES = {

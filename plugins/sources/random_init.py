@@ -98,7 +98,14 @@ def _tokenizer(arch: str):
 def build(shape: str, path: Path) -> Path:
     """Write config, random weights (seed 0) and tokenizer for ``shape`` into ``path``."""
     import torch
-    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
 
     spec = SHAPES[shape]
     tokenizer = _tokenizer(spec["arch"])

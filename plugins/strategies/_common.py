@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 
 # -- model anatomy -------------------------------------------------------------------------
-def find_layers(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
+def find_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """The stack of transformer blocks (``bert.encoder.layer``, ``model.layers`` ...): the
     ModuleList of same-class modules holding the most parameters. Generic on purpose: no
     table of architectures to keep up to date."""
@@ -38,7 +38,7 @@ def find_layers(model: "torch.nn.Module") -> tuple[str, "torch.nn.ModuleList"]:
     return best[0], best[1]
 
 
-def head_modules(task: Task, model: "torch.nn.Module") -> list[str]:
+def head_modules(task: Task, model: torch.nn.Module) -> list[str]:
     """The task's head module names, checked to exist (a typo would silently train nothing)."""
     names = list(task.head_modules(model))
     for name in names:
@@ -49,7 +49,7 @@ def head_modules(task: Task, model: "torch.nn.Module") -> list[str]:
     return names
 
 
-def is_4bit(model: "torch.nn.Module") -> bool:
+def is_4bit(model: torch.nn.Module) -> bool:
     """True when some weights are bitsandbytes 4-bit (packed, with a quant_state)."""
     return any(getattr(p, "quant_state", None) is not None for p in model.parameters())
 
@@ -157,7 +157,7 @@ def check_lora_init(options: LoraOptions, *, quantised: bool) -> None:
                       "original base with rank-stabilised scaling", where="strategy.use_rslora", hint="set it to false")
 
 
-def check_target_names(model: "torch.nn.Module", names: list[str]) -> None:
+def check_target_names(model: torch.nn.Module, names: list[str]) -> None:
     """peft matches a name against the end of a module path; say which names match nothing."""
     paths = [n for n, _ in model.named_modules()]
     missing = [t for t in names if not any(p == t or p.endswith("." + t) for p in paths)]
@@ -169,7 +169,7 @@ def check_target_names(model: "torch.nn.Module", names: list[str]) -> None:
                         where="strategy.target_modules", hint=f"linear layers here: {', '.join(linear)}")
 
 
-def lora_config(options: LoraOptions, task: Task, model: "torch.nn.Module"):
+def lora_config(options: LoraOptions, task: Task, model: torch.nn.Module):
     from peft import EvaConfig, LoraConfig
 
     targets = options.target_modules
@@ -203,7 +203,7 @@ def init_plan(options: LoraOptions) -> dict[str, str]:
     return {f"init {options.init}": cost.format(n=options.init_batches)} if cost else {}
 
 
-def apply_lora(model: "PreTrainedModel", task: Task, options: LoraOptions):
+def apply_lora(model: PreTrainedModel, task: Task, options: LoraOptions):
     from peft import get_peft_model
 
     if any(p.is_meta for p in model.parameters()):
@@ -388,14 +388,14 @@ def loraplus_optimizer(model, options: LoraOptions, optimizer_cls: type, optimiz
                                      loraplus_lr_ratio=options.loraplus_lr_ratio, **kwargs)
 
 
-def restore_peft(base: "PreTrainedModel", path: Path):
+def restore_peft(base: PreTrainedModel, path: Path):
     """Load an adapter saved by ``save_pretrained`` onto a fresh base (plain peft)."""
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base, str(path))
 
 
-def merge_lora(model) -> "PreTrainedModel":
+def merge_lora(model) -> PreTrainedModel:
     """Fold LoRA into the base weights and return the plain transformers model."""
     if is_4bit(model):
         warnings.warn(

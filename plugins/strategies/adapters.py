@@ -84,7 +84,7 @@ def _run_adapter(module, args, output):
     return module.petune_adapter(output)
 
 
-def adapter_sites(model: "torch.nn.Module", config: str) -> list[tuple[str, "torch.nn.Module"]]:
+def adapter_sites(model: torch.nn.Module, config: str) -> list[tuple[str, torch.nn.Module]]:
     """(name, module) pairs whose output gets an adapter, layer by layer."""
     prefix, layers = find_layers(model)
     sites = []
@@ -102,19 +102,19 @@ def adapter_sites(model: "torch.nn.Module", config: str) -> list[tuple[str, "tor
     return sites
 
 
-def norm_modules(model: "torch.nn.Module") -> list[str]:
+def norm_modules(model: torch.nn.Module) -> list[str]:
     """Names of the normalisation layers (LayerNorm, RMSNorm ...) holding their own weights.
     Found by class name, as no common base class covers every model's RMSNorm."""
     return [name for name, module in model.named_modules()
             if "norm" in type(module).__name__.lower() and any(True for _ in module.parameters(recurse=False))]
 
 
-def trained_base_modules(model: "torch.nn.Module", setup: dict) -> list[str]:
+def trained_base_modules(model: torch.nn.Module, setup: dict) -> list[str]:
     """Base-model modules that train next to the adapters, and are saved with them."""
     return list(setup["head_modules"]) + (norm_modules(model) if setup.get("train_layer_norms") else [])
 
 
-def add_adapters(model: "torch.nn.Module", setup: dict) -> None:
+def add_adapters(model: torch.nn.Module, setup: dict) -> None:
     import torch
 
     Bottleneck = bottleneck_class()
@@ -152,7 +152,7 @@ class AdaptersStrategy(Strategy):
         try:  # build the skeleton on the meta device (no memory, no weights) to find the sites
             with torch.device("meta"):
                 skeleton = AutoModel.from_config(model_info.config)
-        except Exception:  # unusual configs: apply() still refuses with the same reason
+        except Exception:  # noqa: BLE001 - unusual configs: apply() still refuses with the same reason
             return
         adapter_sites(skeleton, options.config)
 

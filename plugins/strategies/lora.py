@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from petune import hookimpl
+from petune.api import Strategy
 from petune_plugins.strategies._common import (
     LoraOptions,
     apply_lora,
@@ -15,9 +17,6 @@ from petune_plugins.strategies._common import (
     restore_peft,
     save_lora,
 )
-
-from petune import hookimpl
-from petune.api import Strategy
 
 
 class LoraStrategy(Strategy):

@@ -28,13 +28,6 @@ import types
 import typing
 from typing import Any, ClassVar, Literal
 
-from petune_plugins.strategies._common import (
-    check_target_names,
-    head_modules,
-    is_4bit,
-    quantization_method,
-    restore_peft,
-)
 from pydantic import ConfigDict, Field, ValidationError, create_model
 from pydantic_core import PydanticCustomError
 
@@ -42,6 +35,13 @@ from petune import hookimpl
 from petune.api import Options, Strategy
 from petune.console import out
 from petune.errors import Refusal, UserError
+from petune_plugins.strategies._common import (
+    check_target_names,
+    head_modules,
+    is_4bit,
+    quantization_method,
+    restore_peft,
+)
 
 # Methods the installed peft has that this strategy does not offer, with the reason and what
 # to use instead. Every prompt-learning (virtual-token) method is refused as well, generically.

@@ -31,10 +31,20 @@ from pydantic import Field
 from petune import hookimpl, precision
 from petune.api import Strategy
 from petune.errors import Refusal
-from petune_plugins.strategies._common import (LoraOptions, apply_lora, check_lora_init, contiguous_head_input,
-                                               head_modules, init_plan,
-                                               loraplus_optimizer, merge_lora, prepare_lora, quantization_method,
-                                               restore_peft, save_lora)
+from petune_plugins.strategies._common import (
+    LoraOptions,
+    apply_lora,
+    check_lora_init,
+    contiguous_head_input,
+    head_modules,
+    init_plan,
+    loraplus_optimizer,
+    merge_lora,
+    prepare_lora,
+    quantization_method,
+    restore_peft,
+    save_lora,
+)
 
 # Kept in full precision when quantising: output layers and the usual task-head names.
 # (Giving bitsandbytes any skip list replaces transformers' own default, which only covers

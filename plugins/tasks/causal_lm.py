@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 
+from petune.api import ModelInfo, ModelShape, Task
+from petune.errors import Refusal, UserError
 from petune_plugins.tasks._common import check_data_paths, evaluating, model_device
 from petune_plugins.tasks.chat_records import chat_message
 from petune_plugins.tasks.chat_templates import render, stop_token_ids, template_for
-
-from petune.api import ModelInfo, ModelShape, Task
-from petune.errors import Refusal, UserError
 
 __all__ = [
     "CAUSAL_LM_SHAPE", "CausalLmTask", "build_causal_lm", "checkpointing_args", "held_out_loss",

@@ -24,11 +24,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from petune.errors import DataError, UserError
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks.datafiles import json_type
 from petune_plugins.tasks.encoding import Spool
-
-from petune.errors import DataError, UserError
 
 __all__ = [
     "FORMAT_HINT", "ROLES", "BadRow", "Example", "Row", "as_text", "chat_message", "detect_format", "iter_rows",

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from jinja2 import TemplateError
-from petune_plugins.tasks._common import ensure_pad_token
 
 from petune.errors import UserError
+from petune_plugins.tasks._common import ensure_pad_token
 
 __all__ = [
     "BUILTIN_TEMPLATES", "TEMPLATE_DIR", "TEMPLATE_ERRORS", "ChatSetup", "TemplateMismatch", "builtin_template",

@@ -44,14 +44,14 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from petune_plugins.tasks import _common as common
-from petune_plugins.tasks import datafiles, reports
-from petune_plugins.tasks.encoding import Spool, encode_split
 from pydantic import Field, field_validator
 
 from petune import hookimpl
 from petune.api import DataPath, ModelInfo, TaskData
 from petune.errors import DataError
+from petune_plugins.tasks import _common as common
+from petune_plugins.tasks import datafiles, reports
+from petune_plugins.tasks.encoding import Spool, encode_split
 
 if TYPE_CHECKING:
     from transformers import Trainer

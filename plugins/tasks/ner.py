@@ -43,6 +43,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from pydantic import Field
+
+from petune import hookimpl
+from petune.api import ModelInfo, TaskData
+from petune.errors import DataError, Refusal
 from petune_plugins.tasks import datafiles, reports
 from petune_plugins.tasks._common import (
     TOKEN_CLASSIFICATION,
@@ -59,11 +64,6 @@ from petune_plugins.tasks._common import (
     read_held_out,
 )
 from petune_plugins.tasks.encoding import encode_split
-from pydantic import Field
-
-from petune import hookimpl
-from petune.api import ModelInfo, TaskData
-from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
     from transformers import Trainer

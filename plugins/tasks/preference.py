@@ -53,6 +53,11 @@ from functools import partial
 from pathlib import Path
 from typing import Literal, NamedTuple
 
+from pydantic import Field, model_validator
+
+from petune import hookimpl
+from petune.api import DataPath, TaskData
+from petune.errors import DataError, Refusal
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks._common import (
     SplitOptions,
@@ -69,11 +74,6 @@ from petune_plugins.tasks.chat_records import BadRow, as_text, message_list, rec
 from petune_plugins.tasks.chat_templates import TEMPLATE_ERRORS, TemplateMismatch, prepare_chat_tokenizer, render
 from petune_plugins.tasks.datafiles import json_type
 from petune_plugins.tasks.encoding import Spool, encode_split
-from pydantic import Field, model_validator
-
-from petune import hookimpl
-from petune.api import DataPath, TaskData
-from petune.errors import DataError, Refusal
 
 __all__ = [
     "DEFAULT_BETA", "DPO_LOSS_TYPES", "KTO_LOSS_TYPES", "METHODS", "REFERENCE_METHODS", "Pair", "PairEncoder",

@@ -49,6 +49,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+from pydantic import Field
+
+from petune import hookimpl
+from petune.api import ModelInfo, TaskData
+from petune.errors import DataError, Refusal
 from petune_plugins.tasks import datafiles, reports, text_metrics
 from petune_plugins.tasks._common import (
     QUESTION_ANSWERING,
@@ -66,11 +71,6 @@ from petune_plugins.tasks._common import (
     seeded_split,
 )
 from petune_plugins.tasks.encoding import encode_split
-from pydantic import Field
-
-from petune import hookimpl
-from petune.api import ModelInfo, TaskData
-from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
     from transformers import Trainer

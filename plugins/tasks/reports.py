@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-
 # -- atomic files: petune's run-folder writers, re-exported for the task plugins ----------
-from petune.artifacts import save_figure, write_json, write_text  # noqa: E402,F401
+from petune.artifacts import save_figure, write_json, write_text  # noqa: F401
 
 
 # -- classification metrics -----------------------------------------------------------------

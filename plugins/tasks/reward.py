@@ -40,6 +40,11 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+from pydantic import Field, model_validator
+
+from petune import hookimpl
+from petune.api import DataPath, ModelInfo, TaskData
+from petune.errors import DataError
 from petune_plugins.tasks import _common as common
 from petune_plugins.tasks import datafiles
 from petune_plugins.tasks.causal_lm import checkpointing_args
@@ -57,11 +62,6 @@ from petune_plugins.tasks.preference import (
     prompt_messages,
     read_splits,
 )
-from pydantic import Field, model_validator
-
-from petune import hookimpl
-from petune.api import DataPath, ModelInfo, TaskData
-from petune.errors import DataError
 
 __all__ = [
     "DEFAULT_MAX_LENGTH", "RewardEncoder", "RewardOptions", "RewardTask", "encode_pairs", "plain_turns",

@@ -55,6 +55,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from pydantic import Field, field_validator, model_validator
+
+from petune import hookimpl
+from petune.api import DataPath, ModelInfo, ModelShape, Task, TaskData
+from petune.errors import DataError, Refusal, UserError
 from petune_plugins.tasks import datafiles, reports, sft, text_metrics
 from petune_plugins.tasks._common import (
     DataFileTable,
@@ -75,11 +80,6 @@ from petune_plugins.tasks.causal_lm import CAUSAL_LM_SHAPE, build_causal_lm, hel
 from petune_plugins.tasks.chat_records import Example
 from petune_plugins.tasks.chat_templates import prepare_chat_tokenizer, render, stop_token_ids, template_for
 from petune_plugins.tasks.encoding import Spool, encode_split
-from pydantic import Field, field_validator, model_validator
-
-from petune import hookimpl
-from petune.api import DataPath, ModelInfo, ModelShape, Task, TaskData
-from petune.errors import DataError, Refusal, UserError
 
 if TYPE_CHECKING:
     from transformers import Trainer

@@ -54,6 +54,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from pydantic import Field, model_validator
+
+from petune import hookimpl
+from petune.api import DataPath, TaskData
+from petune.errors import DataError, Refusal, UserError
 from petune_plugins.tasks._common import SplitOptions, evaluating, hold_out, model_device, read_held_out
 from petune_plugins.tasks.causal_lm import CausalLmTask, checkpointing_args, held_out_loss, is_prompt_learning
 from petune_plugins.tasks.chat_records import (
@@ -69,11 +74,6 @@ from petune_plugins.tasks.chat_records import (
 from petune_plugins.tasks.chat_templates import TEMPLATE_ERRORS, TemplateMismatch, prepare_chat_tokenizer, render
 from petune_plugins.tasks.datafiles import json_type
 from petune_plugins.tasks.encoding import Spool, encode_split
-from pydantic import Field, model_validator
-
-from petune import hookimpl
-from petune.api import DataPath, TaskData
-from petune.errors import DataError, Refusal, UserError
 
 __all__ = [
     "SAMPLE_MAX_NEW_TOKENS", "Batching", "Encoder", "SftOptions", "SftTask", "cast_trainable_to_bf16",
