@@ -1,4 +1,7 @@
-"""Every strategy with every task it accepts, a few steps each on tiny models; refusals have reasons."""
+"""The five supervised tasks (classification, ner, sft, qa, seq2seq) with each of the five core
+strategies (full, lora, qlora, adapters, prompt_tuning), a few steps each on tiny models; refusals
+have reasons. Elsewhere: preference and reward by strategy in tests/test_task_preference.py and
+tests/test_task_reward.py, the peft strategy's methods in tests/test_peft_methods.py."""
 
 from __future__ import annotations
 
