@@ -355,12 +355,7 @@ def write_gguf(model, tokenizer, path: Path, *, quant: str, name: str, base_gguf
         kind = raw.name if raw is not None else {"float32": "F32", "float16": "F16"}[str(data.dtype)]
         tensors[gguf_name] = (hf_name, tuple(array.shape), kind)
         expected[gguf_name] = array
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    _write_out(writer)
     return Written(path, tensors, expected, vocab.source)
 
 
@@ -580,13 +575,18 @@ def write_lora_gguf(adapter_dir: Path, config, base_gguf: Path, path: Path, *, n
     writer.add_name(name)
     for tensor_name, array in tensors.items():
         writer.add_tensor(tensor_name, array)  # float32, as llama.cpp's converter writes them with --outtype f32
+    _write_out(writer)
+    return LoraWritten(path, base_gguf, alpha, rank, {k: tuple(v.shape) for k, v in tensors.items()})
+
+
+def _write_out(writer) -> None:
+    """A GGUFWriter's header, metadata and tensors into its file, closed whatever happens."""
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    return LoraWritten(path, base_gguf, alpha, rank, {k: tuple(v.shape) for k, v in tensors.items()})
 
 
 def read_lora_gguf(path: Path) -> tuple[float, dict]:
