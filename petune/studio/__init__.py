@@ -101,14 +101,15 @@ def register_commands(subparsers) -> None:
 
 @hookimpl
 def trainer_callbacks(run):
-    """Progress events for the studio page, in runs the studio started (nothing otherwise)."""
+    """Progress events for the studio page, in runs the studio started (None otherwise: pluggy
+    leaves a None out of the hook's results, as the other first-party hooks do)."""
     path = os.environ.get(EVENTS_ENV)
     if not path:
-        return []
+        return None
     from petune.console import is_main_process
 
     if not is_main_process():
-        return []
+        return None
     from petune.studio.progress import progress_events
 
     return [progress_events(Path(path))]
