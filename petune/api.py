@@ -1,4 +1,4 @@
-"""What a plugin implements: a Strategy, a Task or a ModelSource.
+"""What a plugin implements: a Strategy, a Task, a ModelSource or a Reward.
 
 Each is a small class with a ``name``, an ``Options`` schema (a pydantic model whose
 unknown keys are errors) and a handful of methods. The runner (``petune/runner.py``)
@@ -30,11 +30,15 @@ and registering one that does not is refused:
   ``peft_task_type_for``, ``model_state``, ``training_plan``, ``primary_metric_for``,
   ``verification_texts``, ``stop_tokens``, ``word_spans``, ``model_shape``,
   ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
-  ``prepare_skeleton``;
+  ``prepare_skeleton``, ``progress_metrics``, ``generation_cache``;
 * **Strategy** — required: ``apply``, ``restore``; optional: ``check``, ``check_recipe``,
   ``load_kwargs``, ``resolved_options``, ``prepare``, ``make_optimizer``, ``training_plan``,
   ``save``, ``for_inference``, ``dequantize``, ``merge``, ``base_is_gguf_file``, ``skeleton_options``;
 * **ModelSource** — required: ``claims``, ``resolve``; optional: ``names``, ``gguf_file``;
+* **Reward** — required: ``score``; optional: ``fields``, ``prepare``; scores completions for a
+  task that learns from rewards (``grpo``), which names its rewards and their weights in the
+  recipe (``[[task.rewards]] name = ..., weight = ...``, the rest of the table being the reward's
+  ``Options``);
 * **optional capabilities** a task declares by implementing a protocol, each unlocking
   commands: :class:`Predicts` (``petune predict``, the server's ``/v1/predict``) and
   :class:`Generates` (``petune generate``, ``chat``, the server's chat and completions),
@@ -295,6 +299,11 @@ class Task(_Plugin):
         padded batches were chosen instead. Default: none."""
         return {}
 
+    def progress_metrics(self, options: Options) -> dict[str, str]:
+        """Logged values the progress bar shows beside the loss, ``{log key: label}``, e.g.
+        ``{"reward": "reward", "reward_std": "±"}``. Default: none (loss, throughput, memory)."""
+        return {}
+
     def primary_metric_for(self, options: Options) -> str:
         """The metric reported as "best" (and early stopping's, unless [eval] metric says)
         for these options. Default: the class's ``primary_metric``."""
@@ -354,6 +363,12 @@ class Task(_Plugin):
         when full-vocabulary logits are never held at once (e.g. a fused LM-head loss),
         else ``"logits"``."""
         return "logits"
+
+    def generation_cache(self, options: Options, batch_size: int) -> tuple[int, int] | None:
+        """(sequences, tokens per sequence) this task's trainer generates at once while training,
+        for the memory estimate's key/value cache (e.g. GRPO: a batch of prompts times
+        ``num_generations``, each prompt plus completion long). None (the default): no generation."""
+        return None
 
     def prepare_skeleton(self, model: torch.nn.Module, quantized: bool) -> None:
         """Mirror on a meta-device model what this task's trainer changes before training
@@ -528,6 +543,33 @@ class ModelSource(_Plugin):
         tokenizer metadata (``petune export --format gguf``); a source that has to assemble
         it writes it into ``workdir`` (deleted afterwards). Default: None, not from a GGUF."""
         return None
+
+
+class Reward(_Plugin):
+    """Scores completions for a task that learns from rewards (``grpo``). One instance serves one
+    run (or one ``petune eval``): :meth:`prepare` may load what :meth:`score` needs onto it.
+    Its ``Options`` are the rest of the recipe's ``[[task.rewards]]`` table (after ``name`` and
+    ``weight``). An exception in a third-party reward is reported naming its package (exit 2)."""
+
+    # -- data ----------------------------------------------------------------------------------
+    def fields(self, options: Options) -> list[str]:
+        """The data fields besides the prompt that :meth:`score` reads (e.g. ``["answer"]``):
+        training data whose rows lack one is refused before the model loads, naming the reward,
+        the field and the file. Default: none."""
+        return []
+
+    # -- a run ---------------------------------------------------------------------------------
+    def prepare(self, options: Options, device: torch.device) -> None:
+        """Load what scoring needs (e.g. a reward model) once, onto ``device``. Default: nothing."""
+
+    @required
+    def score(self, prompts: list[list[dict]], completions: list[str], fields: dict[str, list],
+              options: Options) -> list[float | None]:
+        """One reward per completion: ``prompts[i]`` (the conversation as role/content messages)
+        was answered with ``completions[i]`` (plain text); ``fields[name][i]`` is that row's value
+        of each other data field. None where the reward does not apply to a completion (it then
+        counts for neither mean nor spread)."""
+        raise NotImplementedError
 
 
 # == helpers for plugins (not part of the contract) ==========================================

@@ -70,8 +70,9 @@ def metrics_table(title: str, metrics: dict[str, dict]) -> Table:
     return table
 
 
-def training_progress_callback():
-    """A TrainerCallback drawing one rich progress bar: step, ETA, loss, tokens/s, memory."""
+def training_progress_callback(extra: dict[str, str] | None = None):
+    """A TrainerCallback drawing one rich progress bar: step, ETA, loss, tokens/s, memory, and
+    the logged values ``extra`` names (``{log key: label}``, the task's ``progress_metrics``)."""
     from transformers import TrainerCallback
 
     class RichProgress(TrainerCallback):
@@ -81,6 +82,8 @@ def training_progress_callback():
             self.loss = None
             self.t0 = None
             self.tokens0 = 0
+            self.extra = dict(extra or {})
+            self.logged = {}
 
         def _fields(self, state) -> dict:
             elapsed = max(time.perf_counter() - self.t0, 1e-9)
@@ -89,6 +92,8 @@ def training_progress_callback():
                 "loss": "—" if self.loss is None else f"{self.loss:.4f}",
                 "tps": f"{tokens / elapsed:,.0f} tok/s" if tokens else "— tok/s",
                 "mem": memory_in_use(),
+                "extra": "".join(f"  {label} {self.logged[key]:.3g}" for key, label in self.extra.items()
+                                 if key in self.logged),
             }
 
         def on_train_begin(self, args, state, control, **kwargs):
@@ -99,12 +104,12 @@ def training_progress_callback():
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("steps"),
                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                TextColumn("loss {task.fields[loss]}  {task.fields[tps]}  {task.fields[mem]}"),
+                TextColumn("loss {task.fields[loss]}{task.fields[extra]}  {task.fields[tps]}  {task.fields[mem]}"),
                 console=err, transient=False, refresh_per_second=2,
             )
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step,
-                                               loss="—", tps="— tok/s", mem="")
+                                               loss="—", tps="— tok/s", mem="", extra="")
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.progress is not None:
@@ -115,6 +120,7 @@ def training_progress_callback():
                 return
             if "loss" in logs:
                 self.loss = logs["loss"]
+            self.logged.update({k: v for k, v in logs.items() if k in self.extra and isinstance(v, (int, float))})
             if "eval_loss" in logs:
                 shown = {k.removeprefix("eval_"): v for k, v in logs.items()
                          if k.startswith("eval_") and isinstance(v, float) and "runtime" not in k and "per_second" not in k}

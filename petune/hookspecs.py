@@ -21,7 +21,7 @@ Order: first-party plugins load first, then third-party packages sorted by
 distribution name and then entry-point name.
 
 * Registration hooks (``register_strategies``, ``register_tasks``,
-  ``register_model_sources``) are called once per plugin in that order, when the host
+  ``register_model_sources``, ``register_rewards``) are called once per plugin in that order, when the host
   starts; registering a name that is already taken is an error naming both packages.
 * Lifecycle hooks are called through pluggy, in that order, for each run:
   ``on_run_start`` (plan fixed, before training) → ``trainer_callbacks`` (while the
@@ -62,6 +62,15 @@ def register_model_sources(register):
 
     A model source subclasses :class:`petune.api.ModelSource` and turns a recipe's
     ``[model] name`` into a local folder in transformers format.
+    """
+
+
+@hookspec
+def register_rewards(register):
+    """Register reward classes: ``register(MyReward)``.
+
+    A reward subclasses :class:`petune.api.Reward` and scores completions for tasks that
+    learn from rewards (``grpo``); a recipe names it in ``[[task.rewards]]``.
     """
 
 

@@ -595,7 +595,29 @@ def estimate_recipe(recipe, host, *, device: str | None = None, model_info=None,
                    frozen_copies=int(task.frozen_reference(recipe.task, strategy)),
                    activation_offloading=recipe.train.activation_offloading)
     est.details["model_described"] = described is not None
+    generated = task.generation_cache(recipe.task, batch)
+    if generated:
+        add_generation(est, info.config, *generated, _itemsize(dtype) if autocast is None else _itemsize(autocast))
     return est
+
+
+def add_generation(est: MemoryEstimate, config, sequences: int, tokens: int, itemsize: int) -> None:
+    """Count a trainer's generation (e.g. GRPO's completions) in ``est``: the key/value cache of
+    ``sequences`` × ``tokens`` and one position's fp32 logits per sequence, beside the weights and
+    optimizer states (gradients are freed by then). The peak is the larger of training and this."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    heads = int(getattr(text, "num_attention_heads", 0) or 0)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or (int(getattr(text, "hidden_size", 0) or 0) // max(heads, 1)))
+    vocab = int(getattr(text, "vocab_size", 0) or 0)
+    cache = 2 * layers * kv_heads * head_dim * sequences * tokens * itemsize
+    logits = 2 * sequences * vocab * 4  # the step's logits and their softmax
+    est.parts["generation"] = cache + logits
+    during = est.parts["weights"] + est.parts["optimizer"] + cache + logits + est.parts["runtime"]
+    est.details.update(generated_sequences=sequences, generated_tokens=tokens)
+    if during > est.peak:
+        est.peak, est.details["peak_phase"] = int(during), "generation"
 
 
 def model_shape_of(task, config):
@@ -642,8 +664,10 @@ def estimate_table(est: MemoryEstimate, title: str = "Memory estimate"):
         "logits": {"chunked": "loss in chunks (no full logits)", "logits": "full-vocabulary fp32 logits",
                    "head": "task head"}.get(est.details.get("loss_memory"), ""),
         "runtime": "CUDA workspaces, autocast copies" if est.device.startswith("cuda") else "process overhead (measured)",
+        "generation": (f"key/value cache of {est.details.get('generated_sequences')} sequences × "
+                       f"{est.details.get('generated_tokens')} tokens"),
     }
-    for part in PARTS:
+    for part in [*PARTS, *(["generation"] if "generation" in est.parts else [])]:
         table.add_row(part, human(est.parts[part]), notes.get(part, ""))
     table.add_row("[bold]peak[/]", f"[bold]{human(est.peak)}[/]",
                   f"at the {est.details.get('peak_phase', 'backward')}; parts do not all coexist")

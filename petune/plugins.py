@@ -25,13 +25,14 @@ import pluggy
 from pydantic import BaseModel
 
 from petune import hookspecs
-from petune.api import ModelSource, Strategy, Task, missing_methods
+from petune.api import ModelSource, Reward, Strategy, Task, missing_methods
 from petune.errors import PluginError, UserError
 
 GROUP = "petune"
 FIRST_PARTY = "petune"
-KINDS = {"strategy": Strategy, "task": Task, "model_source": ModelSource}
-_HOOK_OF_KIND = {"strategy": "register_strategies", "task": "register_tasks", "model_source": "register_model_sources"}
+KINDS = {"strategy": Strategy, "task": Task, "model_source": ModelSource, "reward": Reward}
+_HOOK_OF_KIND = {"strategy": "register_strategies", "task": "register_tasks", "model_source": "register_model_sources",
+                 "reward": "register_rewards"}
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,9 @@ class PluginHost:
     def task(self, name: str) -> Task:
         return self.get("task", name, "task.name").cls()
 
+    def reward(self, name: str, where: str | None = None) -> Reward:
+        return self.get("reward", name, where).cls()
+
     def model_sources(self) -> dict[str, ModelSource]:
         return {name: reg.cls() for name, reg in self.registry["model_source"].items()}
 
@@ -234,16 +238,22 @@ class PluginHost:
         with self._blame(self.registry[kind][name].origin, f"{kind} {name!r} in {what}"):
             yield
 
-    @contextmanager
     def _blame(self, origin: PluginOrigin, what: str):
-        try:
-            yield
-        except (UserError, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            if origin.first_party:
-                raise  # petune's own bug: keep the traceback
-            raise self._plugin_failed(origin, what, exc) from exc
+        return blamed(origin, what)
+
+
+@contextmanager
+def blamed(origin: PluginOrigin, what: str):
+    """Run plugin code from ``origin``; a crash in a third-party plugin is reported with its package
+    (for code that holds a plugin's :class:`Registration` rather than the host)."""
+    try:
+        yield
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if origin.first_party:
+            raise  # petune's own bug: keep the traceback
+        raise PluginHost._plugin_failed(origin, what, exc) from exc
 
 
 _HOST: PluginHost | None = None

@@ -346,7 +346,8 @@ def validate(data: dict, host, *, path: Path | None = None, text: str | None = N
     """Check every section against its schema (plugins own [task] and [strategy])."""
     overridden = {o.partition("=")[0].strip() for o in overrides}
     problems = _Problems(path, text, overridden)
-    context = {"base_dir": path.parent.resolve() if path else Path.cwd(), "check_paths": check_paths}
+    # the host: plugin options that name other plugins (a task's rewards) validate theirs too
+    context = {"base_dir": path.parent.resolve() if path else Path.cwd(), "check_paths": check_paths, "host": host}
 
     for key in data:
         if key not in SECTIONS:

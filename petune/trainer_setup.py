@@ -22,7 +22,7 @@ def build_trainer(recipe: Recipe, host: PluginHost, task: Task, strategy: Strate
     ``trainer_callbacks`` hook's), petune's changes to the trainer, activation offloading, the
     strategy's ``prepare`` and its optimizer. Returns the trainer and its callbacks."""
     args = training_arguments(recipe, run_dir, task, data, model_type=model_type)
-    callbacks = [training_progress_callback(), *checkpoints.callbacks(recipe.train.save_total_limit),
+    callbacks = [training_progress_callback(task.progress_metrics(recipe.task)), *checkpoints.callbacks(recipe.train.save_total_limit),
                  *early_stopping(recipe), *extra_callbacks]
     with host.blame("task", task.name, "make_trainer"):
         trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,

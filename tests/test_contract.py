@@ -163,7 +163,7 @@ def test_the_contract_summary_lists_every_method_and_what_is_required():
     from petune import api
 
     doc = " ".join(api.__doc__.split())
-    for cls in (api.Task, api.Strategy, api.ModelSource):
+    for cls in (api.Task, api.Strategy, api.ModelSource, api.Reward):
         entry = re.search(rf"\*\*{cls.__name__}\*\* — required: (.*?); optional(?:, with a default)?: (.*?);", doc)
         assert entry, f"no summary line for {cls.__name__}"
         required, optional = (set(re.findall(r"``(\w+)``", part)) for part in entry.groups())
