@@ -1,5 +1,6 @@
 """The built-in rewards (plugins/rewards/) by hand: math answers on the math-verify path and the
-plain-number path, regex, length, JSON with and without a schema."""
+plain-number path, regex, length, JSON with and without a schema, and a trained reward model
+(equal to ``petune predict`` on its run)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from petune.errors import Refusal, UserError
 from petune_plugins.rewards import math_answer
 from petune_plugins.rewards.json_output import JsonReward
 from petune_plugins.rewards.length import LengthReward
 from petune_plugins.rewards.math_answer import MathAnswer
 from petune_plugins.rewards.pattern import RegexReward
+from petune_plugins.rewards.reward_model import RewardModel
 
-BUILT_IN = {"math_answer", "regex", "length", "json"}
+BUILT_IN = {"math_answer", "regex", "length", "json", "reward_model"}
 
 
 def score(cls, completions, fields=None, context=None, /, **options):
@@ -254,3 +257,78 @@ def test_a_schema_that_is_not_a_json_schema_is_refused(tmp_path):
     assert "broken.json is not JSON" in refused(JsonReward, context, schema="broken.json")
     (tmp_path / "list.json").write_text("[1]")
     assert "holds a list, not a JSON Schema" in refused(JsonReward, context, schema="list.json")
+
+
+# -- reward_model ---------------------------------------------------------------------------------
+PROMPT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is the capital of france ?"}]
+ANSWERS = ["the capital of france is paris .", "i hated it .", "paris", "lyon , probably"]
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    """A finished `reward` run: a tiny random Llama with LoRA, 2 steps."""
+    from petune import runner
+    from petune.plugins import get_host
+    from petune.recipe import validate
+
+    folder = tmp_path_factory.mktemp("reward_run")
+    rows = [{"prompt": f"question {i} ?", "chosen": f"a good answer {i} .", "rejected": f"bad {i}"} for i in range(4)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = validate({"model": {"name": "random:tiny-llama"},
+                       "task": {"name": "reward", "train": "train.jsonl", "max_length": 128},
+                       "strategy": {"name": "lora", "r": 4},
+                       "train": {"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3},
+                       "eval": {"strategy": "no"}, "output": {"dir": str(folder / "run")}},
+                      get_host(), path=folder / "recipe.toml")
+    assert runner.run(recipe, get_host()).status == "completed"
+    return folder / "run"
+
+
+def test_a_reward_model_scores_as_petune_predict_does_on_its_run(reward_run, tmp_path):
+    from petune.cli import main
+
+    options = RewardModel.Options.model_validate({"run": str(reward_run), "batch_size": 3})
+    reward = RewardModel()
+    reward.prepare(options, "cpu")
+    prompts = [PROMPT] * len(ANSWERS)
+    scores = reward.score(prompts, ANSWERS, {}, options)
+    assert all(isinstance(s, float) for s in scores) and len(set(scores)) == len(scores)
+    assert reward.score(prompts, ANSWERS, {}, options) == scores  # deterministic
+    one_batch = RewardModel.Options.model_validate({"run": str(reward_run), "batch_size": 8})
+    assert reward.score(prompts, ANSWERS, {}, one_batch) == pytest.approx(scores, abs=1e-5)
+
+    records = tmp_path / "in.jsonl"
+    records.write_text("".join(json.dumps({"prompt": PROMPT, "completion": a}) + "\n" for a in ANSWERS))
+    assert main(["predict", str(reward_run), "--input", str(records), "--output", str(tmp_path / "out.tsv")]) == 0
+    predicted = [float(line.split("\t")[-1]) for line in (tmp_path / "out.tsv").read_text().splitlines()[1:]]
+    assert scores == pytest.approx(predicted, abs=1e-4)  # printed with 4 decimals
+
+    scaled = RewardModel.Options.model_validate({"run": str(reward_run), "scale": -2.0, "unscorable": -5.0})
+    got = reward.score([PROMPT, PROMPT, []], [ANSWERS[0], "   ", ANSWERS[1]], {}, scaled)
+    assert got[0] == pytest.approx(-2.0 * scores[0], abs=1e-5) and got[1] == -5.0 and isinstance(got[2], float)
+    assert reward.score([PROMPT], [""], {}, options) == [None]  # unscorable: not applicable by default
+
+
+def test_a_folder_that_is_not_a_finished_reward_run_is_refused(reward_run, tmp_path):
+    sft = tmp_path / "sft_run"
+    for folder in ("tokenizer", "adapter"):
+        (sft / folder).mkdir(parents=True)
+    (sft / "task_state.json").write_text("{}")
+    (sft / "recipe.toml").write_text('[model]\nname = "random:tiny-llama"\n\n[task]\nname = "sft"\n'
+                                     'train = "t.jsonl"\n\n[strategy]\nname = "lora"\n')
+    message = refused(RewardModel, run=str(sft))
+    assert "a run of the 'sft' task, not of the 'reward' task" in message
+    options = RewardModel.Options.model_construct(run=sft, scale=1.0, batch_size=8, unscorable=None)
+    with pytest.raises(Refusal) as caught:  # e.g. the folder changed after the recipe was checked
+        RewardModel().prepare(options, "cpu")
+    assert caught.value.where == "reward_model.run" and '[task] name = "reward"' in caught.value.hint
+
+    assert "is not a finished petune run (no recipe.toml)" in refused(RewardModel, run=str(tmp_path))
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "recipe.toml").write_text((reward_run / "recipe.toml").read_text())
+    options = RewardModel.Options.model_validate({"run": str(unfinished)})
+    with pytest.raises(UserError, match="not a finished petune run \\(no task_state.json\\)") as caught:
+        RewardModel().prepare(options, "cpu")
+    assert caught.value.where == "reward_model.run"
+    assert "file not found" in refused(RewardModel, {"check_paths": True}, run=str(tmp_path / "nowhere"))

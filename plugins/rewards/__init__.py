@@ -38,9 +38,13 @@ The rewards and their options (defaults in parentheses):
   ``invalid`` when there is no JSON. Options: ``extract`` ("auto" | "whole" | "fenced" |
   "first_value"), ``schema`` (none; an inline table or a .json file, checked to be a valid JSON
   Schema), ``valid`` (1.0), ``valid_but_schema_fails`` (0.5), ``invalid`` (0.0).
+* ``reward_model`` (:mod:`~petune_plugins.rewards.reward_model`) — ``scale`` × the score a
+  finished ``reward`` run gives the prompt and completion (as ``petune predict`` on that run).
+  Options: ``run`` (required: the run's folder, relative to the recipe), ``scale`` (1.0),
+  ``batch_size`` (8), ``unscorable`` (none: an empty completion is not scored).
 
 A completion a reward cannot read scores that reward's lowest value (``wrong``, ``otherwise``,
-``invalid``), never an error.
+``invalid``; ``reward_model``: ``unscorable``), never an error.
 """
 
 from __future__ import annotations
@@ -50,11 +54,12 @@ from petune_plugins.rewards.json_output import JsonReward
 from petune_plugins.rewards.length import LengthReward
 from petune_plugins.rewards.math_answer import MathAnswer
 from petune_plugins.rewards.pattern import RegexReward
+from petune_plugins.rewards.reward_model import RewardModel
 
-__all__ = ["JsonReward", "LengthReward", "MathAnswer", "RegexReward"]
+__all__ = ["JsonReward", "LengthReward", "MathAnswer", "RegexReward", "RewardModel"]
 
 
 @hookimpl
 def register_rewards(register):
-    for reward in (MathAnswer, RegexReward, LengthReward, JsonReward):
+    for reward in (MathAnswer, RegexReward, LengthReward, JsonReward, RewardModel):
         register(reward)
