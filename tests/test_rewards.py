@@ -1,13 +1,17 @@
 """The built-in rewards (plugins/rewards/) by hand: math answers on the math-verify path and the
-plain-number path, regex, length, JSON with and without a schema, and a trained reward model
-(equal to ``petune predict`` on its run)."""
+plain-number path, regex, length, JSON with and without a schema, a trained reward model (equal
+to ``petune predict`` on its run), and the third-party reward example installed as a package."""
 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -20,6 +24,7 @@ from petune_plugins.rewards.math_answer import MathAnswer
 from petune_plugins.rewards.pattern import RegexReward
 from petune_plugins.rewards.reward_model import RewardModel
 
+REPO = Path(__file__).resolve().parents[1]
 BUILT_IN = {"math_answer", "regex", "length", "json", "reward_model"}
 
 
@@ -332,3 +337,46 @@ def test_a_folder_that_is_not_a_finished_reward_run_is_refused(reward_run, tmp_p
         RewardModel().prepare(options, "cpu")
     assert caught.value.where == "reward_model.run"
     assert "file not found" in refused(RewardModel, {"check_paths": True}, run=str(tmp_path / "nowhere"))
+
+
+# -- a third-party reward -------------------------------------------------------------------------
+CHECK_EXAMPLE = """
+import json
+from pydantic import ValidationError
+from petune.plugins import PluginHost
+
+host = PluginHost()
+reward = host.reward("keywords")
+options = reward.Options.model_validate({"keywords": ["Paris", "capital"]})
+out = {"scores": reward.score([[]] * 3, ["The capital is Paris.", "paris", "Lyon"], {}, options)}
+for bad in ({"keywords": ["Paris"], "colour": "red"}, {"keywords": []}, {"keywords": ["x"], "case_sensitive": "no"}):
+    try:
+        reward.Options.model_validate(bad)
+    except ValidationError as exc:
+        out.setdefault("errors", []).append(str(exc))
+print(json.dumps(out))
+"""
+
+
+def test_the_example_reward_package_is_listed_and_its_options_checked(tmp_path):
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(REPO / "examples" / "petune-reward-example")],
+                   check=True, capture_output=True)
+    env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1")
+
+    def python(*args):
+        done = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout[done.stdout.index("["):] if args[0] == "-m" else done.stdout)
+
+    listed = python("-m", "petune", "plugins", "--json")
+    rewards = {row["name"]: row for row in listed if row["kind"] == "reward"}
+    assert rewards["keywords"]["package"] == "petune-reward-example" and BUILT_IN <= set(rewards)
+    checked = python("-c", CHECK_EXAMPLE)
+    assert checked["scores"] == [1.0, 0.5, 0.0]
+    unknown, empty, strict = checked["errors"]
+    assert "colour" in unknown and "Extra inputs are not permitted" in unknown
+    assert "keywords" in empty and "at least 1 item" in empty
+    assert "case_sensitive" in strict
