@@ -123,7 +123,7 @@ class RewardSpec(Options):
             known = ", ".join(cls.Options.model_fields) or "none"
             raise ValueError(f"reward {self.name!r}: {problems} (its options: {known})") from None
         # the saved recipe holds the options as validated (paths resolved against the recipe)
-        self.__pydantic_extra__ = self._options.model_dump()
+        self.__pydantic_extra__ = self._options.model_dump(exclude_none=True)  # TOML has no null
         return self
 
     @property
