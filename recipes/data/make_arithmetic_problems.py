@@ -56,7 +56,7 @@ def problem(rng: random.Random) -> tuple[tuple, dict]:
     return (index, a, b), {"messages": [*SHOTS, {"role": "user", "content": text}], "answer": answer}
 
 
-def main(train_size: int = 2000, validation_size: int = 200, seed: int = 7) -> None:
+def main(train_size: int = 800, validation_size: int = 200, seed: int = 7) -> None:
     rng = random.Random(seed)
     validation, held = [], set()
     while len(validation) < validation_size:
