@@ -27,6 +27,9 @@ def short_run_args(recipe: Path, out: Path) -> list:
         args += ["--set", "task.num_sample_generations=1", "--set", "task.sample_max_new_tokens=4"]
     if 'name = "seq2seq"' in text:  # metrics come from generating: keep the smoke run's eval small
         args += ["--set", "task.max_rows=16", "--set", "task.max_new_tokens=8"]
+    if 'name = "grpo"' in text:  # generating is the slow part: few prompts, short completions
+        args += ["--set", "task.max_rows=8", "--set", "task.num_generations=2", "--set",
+                 "task.max_completion_length=8", "--set", "task.num_sample_generations=1"]
     if 'name = "qa"' in text:
         args += ["--set", "task.max_rows=32"]
     if "early_stopping_patience" not in text:
