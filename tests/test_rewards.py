@@ -380,3 +380,88 @@ def test_the_example_reward_package_is_listed_and_its_options_checked(tmp_path):
     assert "colour" in unknown and "Extra inputs are not permitted" in unknown
     assert "keywords" in empty and "at least 1 item" in empty
     assert "case_sensitive" in strict
+
+
+BROKEN_PACKAGE = {
+    "pyproject.toml": """[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "petune-broken-reward"
+version = "0.0.1"
+
+[project.entry-points.petune]
+broken = "petune_broken_reward"
+""",
+    "petune_broken_reward.py": """from petune import hookimpl
+from petune.api import Reward
+
+
+class Broken(Reward):
+    name = "broken"
+
+    def score(self, prompts, completions, fields, options):
+        raise KeyError("a field this reward expected")
+
+
+@hookimpl
+def register_rewards(register):
+    register(Broken)
+""",
+}
+
+
+def test_an_installed_reward_package_trains_a_grpo_run_and_a_raising_one_is_blamed(tmp_path):
+    """The example package's reward in a 2-step GRPO run on a tiny model through the CLI; a reward
+    from another installed package that raises stops the run with exit 2, naming that package."""
+    site, broken = tmp_path / "site", tmp_path / "broken"
+    broken.mkdir()
+    for name, text in BROKEN_PACKAGE.items():
+        (broken / name).write_text(text)
+    for package in (REPO / "examples" / "petune-reward-example", broken):
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--no-index", "--target", str(site), str(package)], check=True, capture_output=True)
+    rows = [{"prompt": f"name an animal that starts with {c}", "answer": c} for c in "abcdefgh"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def recipe(reward: str, out: str) -> Path:
+        path = tmp_path / f"{out}.toml"
+        path.write_text(f"""
+[model]
+name = "random:tiny-llama"
+[task]
+name = "grpo"
+train = "prompts.jsonl"
+validation_split = 0.25
+num_generations = 2
+max_prompt_length = 64
+max_completion_length = 4
+chat_template = "chatml"
+num_sample_generations = 1
+[[task.rewards]]
+name = "{reward}"
+{'keywords = ["cat", "dog"]' if reward == "keywords" else ""}
+[strategy]
+name = "lora"
+r = 4
+[train]
+max_steps = 2
+batch_size = 2
+[eval]
+strategy = "no"
+[output]
+dir = "{out}"
+""")
+        return path
+
+    env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1")
+    trained = subprocess.run([sys.executable, "-m", "petune", "run", str(recipe("keywords", "run_ok"))],
+                             check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run_ok" / "metrics.json").read_text())
+    assert 0 <= metrics["validation"]["keywords"] <= 1
+    failed = subprocess.run([sys.executable, "-m", "petune", "run", str(recipe("broken", "run_broken"))],
+                            check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "petune-broken-reward" in failed.stderr and "a field this reward expected" in failed.stderr

@@ -248,3 +248,17 @@ def test_the_estimate_counts_the_generated_completions(grpo_host, tmp_path):
     assert four.batch == 2 * one.batch  # each prompt trains on its group of completions
     assert four.parts["generation"] > one.parts["generation"] > 0
     assert GrpoOptions.model_fields["num_generations"].default >= 2
+
+
+def test_prompt_and_completion_must_fit_the_context(grpo_host, tmp_path):
+    from petune.api import ModelInfo
+    from petune.errors import Refusal
+    from petune_plugins.sources.random_init import RandomInitSource
+
+    write_jsonl(tmp_path / "train.jsonl", _problems(2))
+    write_jsonl(tmp_path / "validation.jsonl", _problems(1))
+    recipe = _recipe(grpo_host, tmp_path, task={"max_prompt_length": 250, "max_completion_length": 16})
+    info = ModelInfo.from_path("tiny", RandomInitSource().resolve("random:tiny-llama"))
+    with pytest.raises(Refusal, match="do not fit the model's context") as caught:
+        GrpoTask().check(info, recipe.task)
+    assert caught.value.where == "task.max_prompt_length"

@@ -475,6 +475,15 @@ class GrpoTask(CausalLmTask):
     def primary_metric_for(self, options: GrpoOptions) -> str:
         return "reward"
 
+    def check(self, model_info, options: GrpoOptions) -> None:
+        limit = model_info.max_positions
+        if limit and options.max_length > limit:
+            raise Refusal(f"a prompt of max_prompt_length = {options.max_prompt_length} tokens and a completion of "
+                          f"max_completion_length = {options.max_completion_length} do not fit the model's context "
+                          f"({limit} positions)", where="task.max_prompt_length",
+                          hint=f"lower task.max_prompt_length or task.max_completion_length (together ≤ {limit})")
+        super().check(model_info, options.model_copy(update={"max_prompt_length": 1, "max_completion_length": 1}))
+
     def sequences_per_example(self, options: GrpoOptions) -> int:
         return options.num_generations  # each prompt trains on its group of completions
 
@@ -483,6 +492,9 @@ class GrpoTask(CausalLmTask):
 
     def generation_cache(self, options: GrpoOptions, batch_size: int) -> tuple[int, int]:
         return batch_size * options.num_generations, options.max_length
+
+    def loss_memory(self, options: GrpoOptions, batch_size: int, config, device: str | None = None) -> str:
+        return "chunked"  # TRL's GRPOTrainer always reads log-probabilities through its fused LM head
 
     def progress_metrics(self, options: GrpoOptions) -> dict[str, str]:
         return {"reward": "reward", "reward_std": "±", "completions/mean_length": "len",
