@@ -77,6 +77,7 @@ def test_schema_shows_every_plugin_and_a_third_party_ones_options(tmp_path, monk
     schema = client.get("/api/schema").json()
     assert {"sft", "classification", "text_regression"} <= set(schema["tasks"])
     assert {"lora", "qlora", "bitfit"} <= set(schema["strategies"])
+    assert {"math_answer", "regex", "reward_model"} <= set(schema["rewards"])  # for the grpo task's [[task.rewards]]
     bitfit = schema["strategies"]["bitfit"]
     assert bitfit["package"] == "petune-plugin-example" and "bias" in bitfit["description"]
     assert bitfit["schema"]["properties"]["train_layer_norm"] == {"default": False, "title": "Train Layer Norm",

@@ -103,7 +103,8 @@ def schema(host) -> dict:
             continue
     return {"sections": list(FORM_SECTIONS),
             "core": {name: _CORE[name].model_json_schema() for name in FORM_SECTIONS if name in _CORE},
-            "tasks": plugins("task"), "strategies": plugins("strategy"), "models": sorted(set(models)),
+            "tasks": plugins("task"), "strategies": plugins("strategy"), "rewards": plugins("reward"),
+            "models": sorted(set(models)),
             "failures": [str(f) for f in host.failures]}
 
 
