@@ -4,7 +4,7 @@ through petune's ``register_commands`` hook; the core does not import it).
 The suite pairs every configuration (shape × strategy) with a plain transformers + peft
 loop measured in the same run, each side in a process of its own (see ``worker.py``),
 and writes a rich table, ``results.json`` and ``bench.png`` to the output folder. It is
-installed with petune (as ``petune_benchmarks``) and also runs from a checkout as
+installed with petune (as ``benchmarks``) and also runs from a checkout as
 ``python -m benchmarks``.
 """
 
@@ -25,7 +25,7 @@ from petune import hookimpl
 from petune.console import err, human_bytes, human_count, out
 from petune.errors import UserError
 
-#: this package's name: ``benchmarks`` in a checkout, ``petune_benchmarks`` when installed
+#: this package's name (``benchmarks``)
 PACKAGE = __package__ or "benchmarks"
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]  # on PYTHONPATH for the worker processes
 DEFAULT_OUT = Path("benchmarks") / "out"

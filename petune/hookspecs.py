@@ -15,7 +15,7 @@ and implementing any of the hooks below with ``@petune.hookimpl``::
         register(MyStrategy)
 
 First-party strategies, tasks and model sources are registered the same way, from
-``petune_plugins`` (see ``plugins/`` in the repository).
+``petune_plugins`` (the folder of that name in the repository).
 
 Order: first-party plugins load first, then third-party packages sorted by
 distribution name and then entry-point name.

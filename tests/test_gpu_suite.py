@@ -161,12 +161,12 @@ def test_two_versions_of_one_wheel_are_refused_by_name(tmp_path):
 def test_site_makes_petune_importable_from_the_checkout_with_its_entry_points(tmp_path):
     site = tmp_path / "site"
     gpu_suite.make_site(site, None)
-    assert (site / "petune_plugins").resolve() == REPO / "plugins"
-    assert (site / "petune_benchmarks").resolve() == REPO / "benchmarks"
+    assert (site / "petune_plugins").resolve() == REPO / "petune_plugins"
+    assert (site / "benchmarks").resolve() == REPO / "benchmarks"
     (dist,) = metadata.distributions(path=[str(site)])
     assert dist.metadata["Name"] == "petune"
     names = {ep.name: ep.value for ep in dist.entry_points if ep.group == "petune"}
-    assert names["lora"] == "petune_plugins.strategies.lora" and names["bench_command"] == "petune_benchmarks.suite"
+    assert names["lora"] == "petune_plugins.strategies.lora" and names["bench_command"] == "benchmarks.suite"
     gpu_suite.make_site(site, None)  # again over the same folder: links replaced, not nested
 
 

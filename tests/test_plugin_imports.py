@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PLUGINS = Path(__file__).resolve().parents[1] / "plugins"
+PLUGINS = Path(__file__).resolve().parents[1] / "petune_plugins"
 PACKAGE = "petune_plugins"
 #: the modules a new causal-LM task (e.g. GRPO) builds on: each states its public API
 SHARED = ("tasks.causal_lm", "tasks.chat_records", "tasks.chat_templates", "tasks.sft", "tasks.preference")

@@ -1,4 +1,4 @@
-"""The built-in rewards (plugins/rewards/) by hand: math answers on the math-verify path and the
+"""The built-in rewards (petune_plugins/rewards/) by hand: math answers on the math-verify path and the
 plain-number path, regex, length, JSON with and without a schema, a trained reward model (equal
 to ``petune predict`` on its run), and the third-party reward example installed as a package."""
 

@@ -1,4 +1,4 @@
-"""What every task shares (plugins/tasks/_common.py): one meaning of the split options, the
+"""What every task shares (petune_plugins/tasks/_common.py): one meaning of the split options, the
 shared reader's formats, and task objects that keep nothing between calls."""
 
 from __future__ import annotations

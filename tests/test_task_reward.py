@@ -113,7 +113,7 @@ def test_reward_by_strategy_trains_saves_and_reloads(host, tmp_path, strategy, m
         assert any(("score" in n or "classifier" in n) and "lora" not in n for n in names), sorted(names)
     loaded = run_folders.load_run(tmp_path / "run", host)
     data = loaded.task.load_eval_data(loaded.recipe.task, loaded.tokenizer, loaded.state)
-    # a reloaded 4-bit model computes in bf16 (see plugins/strategies/qlora.py): scores agree to bf16 rounding
+    # a reloaded 4-bit model computes in bf16 (see petune_plugins/strategies/qlora.py): scores agree to bf16 rounding
     tolerance = {"rel": 2e-2} if strategy == "qlora" else {"abs": 1e-4}
     assert score_pairs(loaded.model, data.validation) == pytest.approx(after, **tolerance)
 
