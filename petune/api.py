@@ -32,7 +32,7 @@ and registering one that does not is refused:
   ``sequence_length``, ``sequences_per_example``, ``frozen_reference``, ``loss_memory``,
   ``prepare_skeleton``, ``progress_metrics``, ``generation_cache``;
 * **Strategy** — required: ``apply``, ``restore``; optional: ``check``, ``check_recipe``,
-  ``load_kwargs``, ``resolved_options``, ``prepare``, ``make_optimizer``, ``training_plan``,
+  ``load_kwargs``, ``resolved_options``, ``prepare``, ``make_optimizer``, ``trainer_callbacks``, ``training_plan``,
   ``save``, ``for_inference``, ``dequantize``, ``merge``, ``base_is_gguf_file``, ``skeleton_options``;
 * **ModelSource** — required: ``claims``, ``resolve``; optional: ``names``, ``gguf_file``;
 * **Reward** — required: ``score``; optional: ``fields``, ``prepare``; scores completions for a
@@ -467,6 +467,11 @@ class Strategy(_Plugin):
         ``weight_decay``, betas ...) with this strategy's own parameter groups, e.g. LoRA+'s
         higher learning rate for LoRA's B matrices. None (the default): the trainer's own."""
         return None
+
+    def trainer_callbacks(self, options: Options) -> list:
+        """``transformers.TrainerCallback`` objects this strategy needs while training (e.g.
+        AdaLoRA's rank reallocation after every optimizer step). Default: none."""
+        return []
 
     def training_plan(self, options: Options) -> dict[str, str]:
         """Rows for the plan about what these settings cost beyond training itself (e.g. an

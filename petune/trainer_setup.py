@@ -18,12 +18,15 @@ from petune.recipe import Recipe
 def build_trainer(recipe: Recipe, host: PluginHost, task: Task, strategy: Strategy, *, model, tokenizer, data: TaskData,
                   run_dir: Path, model_type: str | None, extra_callbacks: list = ()) -> tuple[object, list]:
     """The task's trainer for this model and data, as a run trains it: arguments from the recipe,
-    petune's callbacks (progress, checkpoints, early stopping, ``extra_callbacks`` — e.g. the
-    ``trainer_callbacks`` hook's), petune's changes to the trainer, activation offloading, the
+    petune's callbacks (progress, checkpoints, early stopping, the strategy's own, ``extra_callbacks``
+    — e.g. the ``trainer_callbacks`` hook's), petune's changes to the trainer, activation offloading, the
     strategy's ``prepare`` and its optimizer. Returns the trainer and its callbacks."""
     args = training_arguments(recipe, run_dir, task, data, model_type=model_type)
-    callbacks = [training_progress_callback(task.progress_metrics(recipe.task)), *checkpoints.callbacks(recipe.train.save_total_limit),
-                 *early_stopping(recipe), *extra_callbacks]
+    with host.blame("strategy", strategy.name, "trainer_callbacks"):
+        own = list(strategy.trainer_callbacks(recipe.strategy))
+    callbacks = [training_progress_callback(task.progress_metrics(recipe.task)),
+                 *checkpoints.callbacks(recipe.train.save_total_limit), *early_stopping(recipe), *own,
+                 *extra_callbacks]
     with host.blame("task", task.name, "make_trainer"):
         trainer = task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=recipe.task,
                                     args=args, callbacks=callbacks)

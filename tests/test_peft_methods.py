@@ -291,15 +291,11 @@ def test_data_driven_init_refusals():
 def test_adalora_allocates_ranks_through_a_trainer_callback(build):
     from types import SimpleNamespace
 
-    from petune_plugins.strategies import peft_methods
-
     model, task, batch = build("bert-seq")
     s, opts = peft_strategy("adalora", total_step=10, init_r=4, target_r=2)
     peft_model = s.apply(model, task, opts)
-    run = SimpleNamespace(strategy=s, recipe=SimpleNamespace(strategy=opts))
-    (callback,) = peft_methods.trainer_callbacks(run)
-    assert peft_methods.trainer_callbacks(SimpleNamespace(strategy=s, recipe=SimpleNamespace(
-        strategy=peft_strategy("ia3")[1]))) is None
+    (callback,) = s.trainer_callbacks(opts)  # the strategy's own contract, not a global hook
+    assert s.trainer_callbacks(peft_strategy("ia3")[1]) == []
     peft_model.train()
     peft_model(**batch).loss.backward()
     allocator = peft_model.base_model.rankallocator

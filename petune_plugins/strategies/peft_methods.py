@@ -408,6 +408,9 @@ class PeftMethodStrategy(Strategy):
             peft_model.train()
         return peft_model
 
+    def trainer_callbacks(self, options: PeftOptions) -> list:
+        return [adalora_allocation()] if options.method == "adalora" else []
+
     def restore(self, base, path, task, options):
         return restore_peft(base, path)
 
@@ -447,13 +450,6 @@ def adalora_allocation():
                 getattr(model, "module", model).base_model.update_and_allocate(state.global_step)
 
     return AdaLoraAllocation()
-
-
-@hookimpl
-def trainer_callbacks(run):
-    if run.strategy.name == PeftMethodStrategy.name and getattr(run.recipe.strategy, "method", None) == "adalora":
-        return [adalora_allocation()]
-    return None
 
 
 @hookimpl
