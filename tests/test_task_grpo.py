@@ -262,3 +262,42 @@ def test_prompt_and_completion_must_fit_the_context(grpo_host, tmp_path):
     with pytest.raises(Refusal, match="do not fit the model's context") as caught:
         GrpoTask().check(info, recipe.task)
     assert caught.value.where == "task.max_prompt_length"
+
+
+def test_full_logit_log_probs_equal_trls_fused_head(tiny_llama_path):
+    """The CPU path (logits at the completion positions only) computes what TRL's fused LM head does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from petune_plugins.tasks.grpo import completion_logps
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_path).eval()
+    add_fused_lm_head(model, temperature=0.7)
+    ids = torch.randint(3, model.config.vocab_size, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded prompt
+    mask[1, -2:] = 0  # a completion that stopped early
+    keep = 5
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :-keep] = -100
+    with torch.no_grad():
+        fused = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs[:, -keep:]
+        ours, entropy = completion_logps(model, ids, mask, keep, 0.7, compute_entropy=True)
+    valid = mask[:, -keep:].bool()
+    torch.testing.assert_close(ours[valid], fused[valid], rtol=1e-4, atol=1e-4)
+    assert entropy.shape == ours.shape and (entropy > 0).all()
+
+
+@pytest.mark.parametrize("loss", ["chunked", "full"])
+def test_both_log_prob_paths_train(grpo_host, tmp_path, monkeypatch, loss):
+    from petune import runner
+
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "train.jsonl", _problems(4))
+    write_jsonl(tmp_path / "validation.jsonl", _problems(1, start=10))
+    result = runner.run(_recipe(grpo_host, tmp_path, task={"loss": loss, "num_sample_generations": 0}), grpo_host)
+    assert result.status == "completed"
+    history = json.loads((tmp_path / "run" / "log_history.json").read_text())
+    assert all(isinstance(h["loss"], float) for h in history if "loss" in h and "step" in h)

@@ -82,6 +82,7 @@ from petune_plugins.tasks.chat_templates import (
 )
 from petune_plugins.tasks.encoding import Spool, encode_split
 from petune_plugins.tasks.preference import drop_reference_adapter, frozen_copy
+from petune_plugins.tasks.sft import loss_memory
 
 __all__ = ["GrpoOptions", "GrpoTask", "PromptRow", "RewardSpec", "RunRewards", "read_prompts", "summarise"]
 
@@ -166,6 +167,11 @@ class GrpoOptions(SplitOptions):
         "group", description="divide advantages by the reward spread of the group, the batch, or not (Dr. GRPO)")
     mask_truncated_completions: bool = Field(False, description="leave completions cut at max_completion_length "
                                                                 "out of the loss (DAPO)")
+    loss: Literal["auto", "chunked", "full"] = Field(
+        "auto", description="how the completions' log-probabilities are computed: chunked (TRL's fused LM head: no "
+                            "full-vocabulary logits, every position scored off CUDA) or full (logits at the "
+                            "completion positions only); auto: chunked on a GPU, full on a CPU unless those logits "
+                            "would pass a quarter of the free memory")
     generation: Literal["auto", "transformers", "vllm"] = Field(
         "auto", description="auto: transformers; vllm: colocated vLLM (CUDA, vllm installed)")
     chat_template: Literal["auto", "model", "chatml", "gemma", "alpaca", "plain"] = Field(
@@ -464,6 +470,53 @@ def plot_rewards(log_history: list[dict], labels: list[str], path: Path) -> None
     plt.close(fig)
 
 
+def completion_logps(model, input_ids, attention_mask, logits_to_keep: int, temperature: float,
+                     compute_entropy: bool = False):
+    """Per-token log-probabilities (and entropies) of the last ``logits_to_keep`` tokens of each row
+    from the model's own logits at those positions only, divided by ``temperature`` as TRL does."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                   logits_to_keep=logits_to_keep + 1).logits[:, :-1].float() / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    targets = input_ids[:, -logits_to_keep:]
+    per_token = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1) if compute_entropy else None
+    return per_token, entropy
+
+
+def grpo_trainer_class():
+    """TRL's GRPOTrainer reading log-probabilities from the completions' logits alone. Why: off
+    CUDA, TRL's fused LM head scores every position of prompt and completion (its compact path
+    needs Triton), computing and back-propagating the full-vocabulary projection for prompt tokens
+    it then masks out — about 40% of a CPU step for the packaged Gemma. Multimodal and MoE
+    batches keep TRL's own path."""
+    from trl import GRPOTrainer
+
+    class PetuneGRPOTrainer(GRPOTrainer):
+        def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep,
+                                               batch_size=None, compute_entropy=False, compute_aux_loss=False,
+                                               **extra):
+            import torch
+
+            if compute_aux_loss or any(value is not None for value in extra.values()):
+                return super()._get_per_token_logps_and_entropies(
+                    model, input_ids, attention_mask, logits_to_keep, batch_size=batch_size,
+                    compute_entropy=compute_entropy, compute_aux_loss=compute_aux_loss, **extra)
+            batch_size = batch_size or input_ids.size(0)
+            logps, entropies = [], []
+            for start in range(0, input_ids.size(0), batch_size):
+                with self.accelerator.autocast():
+                    found = completion_logps(model, input_ids[start:start + batch_size],
+                                             attention_mask[start:start + batch_size], logits_to_keep,
+                                             self.temperature, compute_entropy)
+                logps.append(found[0])
+                entropies.append(found[1])
+            return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    return PetuneGRPOTrainer
+
+
 # -- the task -------------------------------------------------------------------------------------
 class GrpoTask(CausalLmTask):
     name = "grpo"
@@ -494,7 +547,10 @@ class GrpoTask(CausalLmTask):
         return batch_size * options.num_generations, options.max_length
 
     def loss_memory(self, options: GrpoOptions, batch_size: int, config, device: str | None = None) -> str:
-        return "chunked"  # TRL's GRPOTrainer always reads log-probabilities through its fused LM head
+        # "logits" counts every position's logits: the full path keeps only the completions', so the
+        # estimate errs on the safe side there
+        return loss_memory(options.loss, batch_size * options.num_generations, options.max_completion_length + 1,
+                           config, device)
 
     def progress_metrics(self, options: GrpoOptions) -> dict[str, str]:
         return {"reward": "reward", "reward_std": "±", "completions/mean_length": "len",
@@ -589,8 +645,11 @@ class GrpoTask(CausalLmTask):
             use_vllm=vllm, **({"vllm_mode": "colocate"} if vllm else {}))
         config.pop("metric_for_best_model", None)
         config.pop("greater_is_better", None)
-        trainer = GRPOTrainer(model=model, reward_funcs=rewards.functions(), args=GRPOConfig(**config),
-                              train_dataset=data.train, processing_class=tokenizer, callbacks=callbacks)
+        full_logits = loss_memory(options.loss, config["per_device_train_batch_size"], options.max_completion_length + 1,
+                                  model.config, model_device(model).type) == "logits"
+        trainer_class = grpo_trainer_class() if full_logits else GRPOTrainer
+        trainer = trainer_class(model=model, reward_funcs=rewards.functions(), args=GRPOConfig(**config),
+                                train_dataset=data.train, processing_class=tokenizer, callbacks=callbacks)
         trainer._petune_rewards = rewards
         if full_reference:
             trainer.beta = options.beta
