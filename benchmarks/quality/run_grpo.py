@@ -40,7 +40,7 @@ BEGIN, END = "<!-- grpo:begin (written by benchmarks/quality/run_grpo.py) -->", 
 PETUNE = str(REPO / ".venv" / "bin" / "petune")
 ROWS = {  # id → (what the row is, the petune run arguments)
     "grpo_arithmetic": ("GRPO (DAPO loss), lora — math_answer + format regex",
-                        ["recipes/grpo_arithmetic.toml", "--set", "train.max_steps=40",
+                        ["recipes/grpo_arithmetic.toml", "--set", "train.max_steps=60",
                          "--set", 'output.dir="runs/quality/grpo_arithmetic"']),
     "grpo_reward_model": ("GRPO (DAPO loss), lora — reward model (+ math_answer at weight 0)",
                           ["benchmarks/quality/grpo_reward_model.toml"]),
