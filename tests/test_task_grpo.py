@@ -142,7 +142,7 @@ def test_summary_means_skip_rewards_that_do_not_apply():
 
 
 # -- runs -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("strategy, beta", [("lora", 0.0), ("lora", 0.05), ("full", 0.05)])
+@pytest.mark.parametrize("strategy, beta", [("lora", 0.0), ("lora", 0.05), ("full", 0.05), ("qlora", 0.0)])
 def test_a_two_step_run_logs_rewards_and_scores_held_out_prompts(grpo_host, tmp_path, monkeypatch, strategy, beta):
     from petune import runner
 
@@ -301,3 +301,27 @@ def test_both_log_prob_paths_train(grpo_host, tmp_path, monkeypatch, loss):
     assert result.status == "completed"
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())
     assert all(isinstance(h["loss"], float) for h in history if "loss" in h and "step" in h)
+
+
+def test_grpo_on_a_gguf_file_kept_quantised(grpo_host, tiny_llama_path, tmp_path, monkeypatch):
+    """The GGUF backend (qlora, quant_type "gguf"): GRPO trains LoRA on the file's own Q8_0 blocks."""
+    from test_model_sources import write_tiny_gguf
+
+    from petune import runner
+    from petune.recipe import validate
+
+    monkeypatch.setenv("PETUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    gguf_file = write_tiny_gguf(tiny_llama_path, tmp_path / "tiny-q8_0.gguf")
+    write_jsonl(tmp_path / "train.jsonl", _problems(4))
+    write_jsonl(tmp_path / "validation.jsonl", _problems(1, start=10))
+    recipe = validate({"model": {"name": str(gguf_file)},
+                       "task": {"name": "grpo", "train": "train.jsonl", "validation": "validation.jsonl",
+                                "num_generations": 2, "max_completion_length": 4, "max_prompt_length": 48,
+                                "num_sample_generations": 0, "chat_template": "chatml",
+                                "rewards": [{"name": "short", "limit": 12}]},
+                       "strategy": {"name": "qlora", "quant_type": "gguf", "r": 4},
+                       "train": {"max_steps": 2, "batch_size": 2, "logging_steps": 1},
+                       "eval": {"strategy": "no"}, "output": {"dir": "run"}}, grpo_host, path=tmp_path / "r.toml")
+    assert runner.run(recipe, grpo_host).status == "completed"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["validation"]["prompts"] == 1
