@@ -38,6 +38,8 @@ import tomllib
 from datetime import datetime
 from pathlib import Path
 
+from sections import replace_section  # benchmarks/quality/sections.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RESULTS = HERE / "results.json"
@@ -636,15 +638,7 @@ def publish(results: dict) -> None:
         else:
             out.append(line)
     out += ["", END]
-    section = "\n".join(out)
-    text = QUALITY_MD.read_text() if QUALITY_MD.exists() else "# Quality on real data\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section + tail
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    QUALITY_MD.write_text(text)
+    replace_section(QUALITY_MD, BEGIN, END, "\n".join(out), title="# Quality on real data\n\n")
     print(f"wrote {QUALITY_MD.relative_to(REPO)} and {CHART.relative_to(REPO)}")
 
 

@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from sections import replace_section  # benchmarks/quality/sections.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RESULTS = HERE / "grpo_results.json"
@@ -119,14 +121,7 @@ def section(results: dict) -> str:
 
 
 def write_report(results: dict) -> None:
-    text = QUALITY_MD.read_text()
-    block = section(results)
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    QUALITY_MD.write_text(text)
+    replace_section(QUALITY_MD, BEGIN, END, section(results))
     print(f"wrote the GRPO section of {QUALITY_MD}")
 
 

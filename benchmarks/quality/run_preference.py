@@ -26,6 +26,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from sections import replace_section  # benchmarks/quality/sections.py, beside this script
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 RESULTS = HERE / "preference_results.json"
@@ -200,14 +202,7 @@ def section(results: dict) -> list[str]:
 
 
 def publish(results: dict) -> None:
-    text = QUALITY_MD.read_text()
-    block = "\n".join(section(results))
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    QUALITY_MD.write_text(text)
+    replace_section(QUALITY_MD, BEGIN, END, "\n".join(section(results)))
 
 
 if __name__ == "__main__":
