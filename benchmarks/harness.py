@@ -367,10 +367,11 @@ def model_dtypes(model) -> dict:
 
 
 def dir_size(path: Path) -> int:
+    """Bytes of a saved artifact: a file, or a folder (petune's own count)."""
+    from petune.artifacts import folder_size
+
     path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.is_file() else folder_size(path)
 
 
 def set_threads(case: Case) -> None:

@@ -53,6 +53,7 @@ The hooks that register plugins and follow a run are in :mod:`petune.hookspecs`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -641,3 +642,30 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += n
     return trainable, total
+
+
+def model_device(model) -> torch.device:
+    """The device a model's inputs go to: its ``device`` (transformers and peft models have
+    one), else its first parameter's, else the CPU."""
+    import torch
+
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextmanager
+def seeded(seed: int | None, device):
+    """Seed sampling for the block without touching the caller's random state (None: unseeded)."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield

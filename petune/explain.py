@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from petune.api import model_device
 from petune.errors import UserError
 
 if TYPE_CHECKING:
@@ -99,13 +100,6 @@ def _accepted_inputs(model) -> set[str] | None:
     return named or None
 
 
-def _device(model):
-    import torch
-
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def _finish(model, tokenizer, encoding, spans, segments, **extra) -> Encoded:
@@ -118,7 +112,7 @@ def _finish(model, tokenizer, encoding, spans, segments, **extra) -> Encoded:
     if not ids:
         raise UserError("the text gives no tokens", where="--text")
     keep = _accepted_inputs(model)
-    device = _device(model)
+    device = model_device(model)
     inputs = {k: torch.tensor([list(v)], device=device) for k, v in encoding.items()
               if k in ("input_ids", "attention_mask", "token_type_ids") and (keep is None or k in keep)}
     inputs.setdefault("attention_mask", torch.ones(1, len(ids), dtype=torch.long, device=device))

@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from petune import hookimpl
+from petune.api import model_device
 from petune.console import err, out
 from petune.errors import UserError
 
@@ -109,7 +110,7 @@ def logits_of(model, batch: dict) -> dict:
     import torch
 
     with torch.no_grad():
-        output = model(**{k: v.to(_device(model)) for k, v in batch.items()})
+        output = model(**{k: v.to(model_device(model)) for k, v in batch.items()})
     found = {name: value.detach().float().cpu() for name, value in output.items()
              if name.endswith("logits") and torch.is_tensor(value) and value.is_floating_point()}
     if not found:
@@ -124,7 +125,7 @@ def greedy(model, tokenizer, batch: dict) -> list[int] | None:
     can = getattr(model, "can_generate", None)
     if not (can and can()):
         return None
-    kwargs = {k: v.to(_device(model)) for k, v in batch.items() if k != "decoder_input_ids"}
+    kwargs = {k: v.to(model_device(model)) for k, v in batch.items() if k != "decoder_input_ids"}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     with torch.no_grad():
         ids = model.generate(**kwargs, max_new_tokens=GREEDY_TOKENS, do_sample=False, num_beams=1,
@@ -132,8 +133,6 @@ def greedy(model, tokenizer, batch: dict) -> list[int] | None:
     return ids[0].tolist()
 
 
-def _device(model):
-    return next(model.parameters()).device
 
 
 def load_plain(folder: Path, dtype):

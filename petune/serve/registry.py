@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petune.api import Generates, ModelInfo, Predicts, require
+from petune.api import Generates, ModelInfo, Predicts, require, seeded
 from petune.errors import UserError
 
 #: line breaks as str.splitlines() sees them: each becomes a space in /v1/predict inputs
@@ -538,7 +538,7 @@ def raw_generate(model, tokenizer, prompt: str, params: Sampling) -> str:
                   temperature=params.temperature if sampling else None, top_p=params.top_p if sampling else None,
                   top_k=None, min_new_tokens=None)
     extra = {"stop_strings": list(params.stop), "tokenizer": tokenizer} if params.stop else {}
-    with torch.no_grad(), _seeded(params.seed if sampling else None, device):
+    with torch.no_grad(), seeded(params.seed if sampling else None, device):
         output = model.generate(**inputs, generation_config=config, **extra)
     new = output[0, prompt_length:].tolist()
     cut = next((i for i, t in enumerate(new) if t in stop_ids), len(new))
@@ -549,13 +549,3 @@ def raw_generate(model, tokenizer, prompt: str, params: Sampling) -> str:
     return text
 
 
-@contextmanager
-def _seeded(seed: int | None, device):
-    if seed is None:
-        yield
-        return
-    import torch
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar
 
 from pydantic import BeforeValidator, Field, model_serializer, model_validator
 
-from petune.api import DataPath, ModelInfo, ModelShape, Options, Task, TaskData
+from petune.api import DataPath, ModelInfo, ModelShape, Options, Task, TaskData, model_device  # noqa: F401 - model_device: the tasks' import of it
 from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
@@ -313,20 +313,6 @@ def find_head_modules(model, known: Sequence[str] = ("classifier", "score", "cla
         heads = [name for name in known if hasattr(model, name)]
     new = [m for m in getattr(model, "petune_new_modules", []) if not any(m == h or m.startswith(h + ".") for h in heads)]
     return heads + new
-
-
-def model_device(model):
-    """The device a model's inputs go to: its ``device`` (transformers and peft models have
-    one), else its first parameter's, else the CPU."""
-    import torch
-
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 @contextmanager

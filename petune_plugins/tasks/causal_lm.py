@@ -7,9 +7,8 @@ checkpointing arguments TRL's trainers need, and the held-out loss per answer to
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
 
-from petune.api import ModelInfo, ModelShape, Task
+from petune.api import ModelInfo, ModelShape, Task, seeded
 from petune.errors import Refusal, UserError
 from petune_plugins.tasks._common import check_data_paths, evaluating, model_device
 from petune_plugins.tasks.chat_records import chat_message
@@ -161,19 +160,3 @@ def is_prompt_learning(model) -> bool:
     """Whether the model carries prompt or prefix tuning (virtual tokens)."""
     configs = getattr(model, "peft_config", None)
     return isinstance(configs, dict) and any(getattr(c, "is_prompt_learning", False) for c in configs.values())
-
-
-@contextmanager
-def seeded(seed: int | None, device):
-    """Seed sampling without touching the caller's random state."""
-    if seed is None:
-        with nullcontext():
-            yield
-        return
-    import torch
-
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
