@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import TINY_STRATEGY_OPTIONS
+from helpers import TINY_STRATEGY_OPTIONS, tiny_strategy, write_recipe
 
 from petune.errors import Refusal
 from petune.recipe import load_recipe
@@ -24,11 +24,12 @@ PAIRS = "".join(json.dumps({"source": f"a good movie {i}", "target": f"good {i}"
 SFT = "".join(json.dumps({"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"}) + "\n" for i in range(12))
 
 TASKS = {
-    "classification": ("random:tiny-bert", "data.csv", CSV, ""),
-    "ner": ("random:tiny-bert", "data.conll", CONLL, ""),
-    "sft": ("random:tiny-llama", "data.jsonl", SFT, "max_length = 64\nnum_sample_generations = 1\n"),
-    "qa": ("random:tiny-bert", "data.jsonl", QA, "max_length = 32\ndoc_stride = 8\nmax_question_length = 12\n"),
-    "seq2seq": ("random:tiny-t5", "data.jsonl", PAIRS, "max_source_length = 16\nmax_target_length = 8\nmax_new_tokens = 4\n"),
+    "classification": ("random:tiny-bert", "data.csv", CSV, {}),
+    "ner": ("random:tiny-bert", "data.conll", CONLL, {}),
+    "sft": ("random:tiny-llama", "data.jsonl", SFT, {"max_length": 64, "num_sample_generations": 1}),
+    "qa": ("random:tiny-bert", "data.jsonl", QA, {"max_length": 32, "doc_stride": 8, "max_question_length": 12}),
+    "seq2seq": ("random:tiny-t5", "data.jsonl", PAIRS, {"max_source_length": 16, "max_target_length": 8,
+                                                        "max_new_tokens": 4}),
 }
 STRATEGIES = TINY_STRATEGY_OPTIONS
 # Mixes a strategy refuses, with words its reason must contain.
@@ -39,20 +40,20 @@ EXPECTED_METRICS = {"classification": {"accuracy", "macro_f1"}, "ner": {"f1", "p
                     "seq2seq": {"loss", "bleu", "chrf", "rougeL"}}
 
 
-def recipe_text(task: str, strategy: str, out: Path) -> str:
-    model, data_name, _, task_extra = TASKS[task]
-    return (f'[model]\nname = "{model}"\n\n[task]\nname = "{task}"\ntrain = "{data_name}"\nvalidation = "{data_name}"\n'
-            f'{task_extra}\n[strategy]\nname = "{strategy}"\n{STRATEGIES[strategy]}\n'
-            f'[train]\nmax_steps = 2\nbatch_size = 2\nlearning_rate = 1e-3\n\n[output]\ndir = "{out}"\n')
+def matrix_recipe(folder: Path, task: str, strategy: str, *, train=None, eval=None) -> Path:
+    """The task's data and a recipe in ``folder``, evaluating on the training file (each epoch, unless ``eval``)."""
+    model, data_name, data, task_options = TASKS[task]
+    (folder / data_name).write_text(data)
+    return write_recipe(folder / "recipe.toml", model=model,
+                        task={"name": task, "train": data_name, "validation": data_name, **task_options},
+                        strategy=tiny_strategy(strategy), train={"learning_rate": 1e-3, **(train or {})},
+                        eval=eval or {"strategy": "epoch"})
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("task", list(TASKS))
 def test_task_strategy_mix(task, strategy, tmp_path, host):
-    _, data_name, data, _ = TASKS[task]
-    (tmp_path / data_name).write_text(data)
-    (tmp_path / "recipe.toml").write_text(recipe_text(task, strategy, tmp_path / "run"))
-    recipe = load_recipe(tmp_path / "recipe.toml", host)
+    recipe = load_recipe(matrix_recipe(tmp_path, task, strategy), host)
     if (strategy, task) in REFUSED:
         with pytest.raises(Refusal, match=REFUSED[strategy, task]):
             run(recipe, host)
@@ -72,11 +73,9 @@ def test_task_strategy_mix(task, strategy, tmp_path, host):
 
 def test_qlora_survives_evaluation_during_training(tmp_path, host):
     """bitsandbytes repacks 4-bit weights for CPU inference in eval mode; training must go on after it."""
-    (tmp_path / "data.csv").write_text(CSV)
-    text = recipe_text("classification", "qlora", tmp_path / "run").replace(
-        "max_steps = 2", "max_steps = 3\nlogging_steps = 1") + '\n[eval]\nstrategy = "steps"\nsteps = 1\n'
-    (tmp_path / "recipe.toml").write_text(text)
-    result = run(load_recipe(tmp_path / "recipe.toml", host), host)
+    recipe = matrix_recipe(tmp_path, "classification", "qlora", train={"max_steps": 3, "logging_steps": 1},
+                           eval={"strategy": "steps", "steps": 1})
+    result = run(load_recipe(recipe, host), host)
     assert result.status == "completed"
     history = json.loads((tmp_path / "run" / "log_history.json").read_text())
     assert sum("eval_loss" in h for h in history) >= 3

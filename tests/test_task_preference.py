@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_strategy, validated_recipe, write_recipe
 
 from petune.errors import DataError, Refusal
 from petune_plugins.tasks.preference import (
@@ -142,10 +143,9 @@ def test_bad_input_exits_2_naming_file_and_line(tmp_path, capsys):
 
     write_jsonl(tmp_path / "train.jsonl", [FORMATS["pairs"], {"prompt": PROMPT, "chosen": GOOD}])
     (tmp_path / "empty.jsonl").write_text("")
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text('[model]\nname = "random:tiny-llama"\n[task]\nname = "preference"\ntrain = "train.jsonl"\nmax_length = 64\n'
-                      '[strategy]\nname = "lora"\n[train]\nmax_steps = 1\nbatch_size = 1\n'
-                      f'[output]\ndir = "{tmp_path / "run"}"\n')
+    recipe = write_recipe(tmp_path / "recipe.toml",
+                          task={"name": "preference", "train": "train.jsonl", "max_length": 64},
+                          strategy={"name": "lora"}, train={"max_steps": 1, "batch_size": 1}, eval={"strategy": "epoch"})
     assert main(["run", str(recipe)]) == 2
     assert f"{tmp_path / 'train.jsonl'}:2" in capsys.readouterr().err.replace("\n", "")
     assert main(["run", str(recipe), "--set", "task.train=empty.jsonl", "--overwrite"]) == 2
@@ -240,19 +240,13 @@ def test_prompt_tuning_is_refused(host, task, tokenizer, tiny_llama_path, tmp_pa
         task.make_trainer(model=model, tokenizer=tokenizer, data=data, options=opts, args=_args(tmp_path), callbacks=[])
 
 
-STRATEGY_OPTIONS = {"full": {}, "lora": {"r": 4}, "qlora": {"r": 4, "compute_dtype": "float32"}}
-
-
 def _recipe(host, tmp_path, task_opts, strategy, model="random:tiny-llama", out="run", eval_opts=None):
-    from petune.recipe import validate
-
-    return validate({"model": {"name": model},
-                     "task": {"name": "preference", "train": "train.jsonl", "validation": "validation.jsonl",
-                              "max_length": 64, "num_sample_generations": 1, "sample_max_new_tokens": 4, **task_opts},
-                     "strategy": {"name": strategy, **STRATEGY_OPTIONS[strategy]},
-                     "train": {"max_steps": 2, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3},
-                     "eval": eval_opts or {"strategy": "no"}, "output": {"dir": str(tmp_path / out)}},
-                    host, path=tmp_path / "recipe.toml")
+    return validated_recipe(host, tmp_path, model=model,
+                            task={"name": "preference", "train": "train.jsonl", "validation": "validation.jsonl",
+                                  "max_length": 64, "num_sample_generations": 1, "sample_max_new_tokens": 4,
+                                  **task_opts},
+                            strategy=tiny_strategy(strategy), train={"logging_steps": 1, "learning_rate": 1e-3},
+                            eval=eval_opts, output=tmp_path / out)
 
 
 @pytest.mark.parametrize("strategy, method", [("full", "dpo"), ("lora", "dpo"), ("qlora", "dpo"), ("lora", "simpo"),
@@ -286,17 +280,14 @@ def test_start_from_a_finished_sft_run(host, tmp_path, monkeypatch):
 
     from petune import run_folders, runner
     from petune.models import resolve_model
-    from petune.recipe import validate
 
     monkeypatch.setenv("PETUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     write_jsonl(tmp_path / "sft.jsonl", [{"instruction": f"what is {a} plus 1 ?", "output": f"{a + 1}"}
                                          for a in range(8)])
-    sft = validate({"model": {"name": "random:tiny-llama"},
-                    "task": {"name": "sft", "train": "sft.jsonl", "max_length": 64, "num_sample_generations": 0,
-                             "chat_template": "chatml"},
-                    "strategy": {"name": "lora", "r": 4}, "train": {"max_steps": 2, "batch_size": 4},
-                    "eval": {"strategy": "no"}, "output": {"dir": "runs/my_sft"}}, host, path=tmp_path / "sft.toml")
+    sft = validated_recipe(host, tmp_path, task={"name": "sft", "train": "sft.jsonl", "max_length": 64,
+                                                 "num_sample_generations": 0, "chat_template": "chatml"},
+                           strategy={"name": "lora", "r": 4}, train={"batch_size": 4}, output="runs/my_sft")
     assert runner.run(sft, host).status == "completed"
 
     info = resolve_model("runs/my_sft", host.model_sources())
@@ -342,16 +333,14 @@ def test_start_from_a_full_fine_tuning_run(host, tmp_path, monkeypatch):
 
     from petune import runner
     from petune.models import resolve_model
-    from petune.recipe import validate
 
     monkeypatch.setenv("PETUNE_CACHE", str(tmp_path / "cache"))
     write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"what is {a} plus 1 ?", "completion": f"{a + 1}"}
                                          for a in range(4)])
-    sft = validate({"model": {"name": "random:tiny-llama"},
-                    "task": {"name": "sft", "train": "sft.jsonl", "max_length": 64, "num_sample_generations": 0},
-                    "strategy": {"name": "full"}, "train": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-2},
-                    "eval": {"strategy": "no"}, "output": {"dir": str(tmp_path / "full_sft")}}, host,
-                   path=tmp_path / "sft.toml")
+    sft = validated_recipe(host, tmp_path, task={"name": "sft", "train": "sft.jsonl", "max_length": 64,
+                                                 "num_sample_generations": 0},
+                           strategy={"name": "full"}, train={"max_steps": 1, "batch_size": 4, "learning_rate": 1e-2},
+                           output=tmp_path / "full_sft")
     assert runner.run(sft, host).status == "completed"
     info = resolve_model(str(tmp_path / "full_sft"), host.model_sources())
     started = AutoModelForCausalLM.from_pretrained(info.path).state_dict()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_STRATEGY_OPTIONS
+from helpers import tiny_strategy, write_recipe
 
 from petune.errors import DataError, Refusal
 from petune_plugins.tasks import text_metrics
@@ -199,19 +199,20 @@ def profile_rows(count: int) -> list[dict]:
     return rows
 
 
-STRATEGIES = {**TINY_STRATEGY_OPTIONS, "prefix_tuning": 'method = "prefix"\nnum_virtual_tokens = 4\n'}
 REFUSED = {"prompt_tuning": "start/end logits"}
 
 
-def qa_recipe(tmp_path: Path, strategy: str, model: str = "random:tiny-bert", steps: int = 2, extra: str = "") -> Path:
+def qa_recipe(tmp_path: Path, strategy: str, model: str = "random:tiny-bert", steps: int = 2) -> Path:
     write_jsonl(tmp_path / "train.jsonl", profile_rows(24))
-    name = "prompt_tuning" if strategy == "prefix_tuning" else strategy
-    (tmp_path / "recipe.toml").write_text(
-        f'[model]\nname = "{model}"\n\n[task]\nname = "qa"\ntrain = "train.jsonl"\nvalidation_split = 0.25\n'
-        f'test = "train.jsonl"\nmax_length = 32\ndoc_stride = 8\nmax_question_length = 12\n{extra}\n'
-        f'[strategy]\nname = "{name}"\n{STRATEGIES[strategy]}\n'
-        f'[train]\nmax_steps = {steps}\nbatch_size = 4\nlearning_rate = 1e-3\n\n[output]\ndir = "{tmp_path / "run"}"\n')
-    return tmp_path / "recipe.toml"
+    if strategy == "prefix_tuning":  # the prompt_tuning strategy's prefix method
+        options = {"name": "prompt_tuning", "method": "prefix", "num_virtual_tokens": 4}
+    else:
+        options = tiny_strategy(strategy)
+    return write_recipe(tmp_path / "recipe.toml", model=model,
+                        task={"name": "qa", "train": "train.jsonl", "validation_split": 0.25, "test": "train.jsonl",
+                              "max_length": 32, "doc_stride": 8, "max_question_length": 12},
+                        strategy=options, train={"max_steps": steps, "batch_size": 4, "learning_rate": 1e-3},
+                        eval={"strategy": "epoch"})
 
 
 @pytest.mark.parametrize("strategy", ["lora", "prefix_tuning"])  # every strategy: tests/test_matrix.py

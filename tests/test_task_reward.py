@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import petune
+from helpers import petune, tiny_strategy, validated_recipe
 
 from petune.errors import DataError
 from petune_plugins.tasks.reward import RewardOptions, RewardTask, reward_metrics, score_pairs
@@ -80,17 +80,12 @@ def test_pairs_cut_to_nothing_or_identical_are_counted(tiny_bert_path, tmp_path)
                                        max_prompt_length=11), tokenizer)  # no room left for the answers
 
 
-def _recipe(host, tmp_path, strategy: str, model: str, out: str = "run"):
-    from petune.recipe import validate
-
-    strategies = {"full": {}, "lora": {"r": 4}, "qlora": {"r": 4, "compute_dtype": "float32"}}
-    return validate({"model": {"name": model},
-                     "task": {"name": "reward", "train": "train.jsonl", "validation": "validation.jsonl",
-                              "max_length": 48},
-                     "strategy": {"name": strategy, **strategies[strategy]},
-                     "train": {"max_steps": 3, "batch_size": 2, "logging_steps": 1, "learning_rate": 1e-3},
-                     "eval": {"strategy": "no"}, "output": {"dir": str(tmp_path / out)}},
-                    host, path=tmp_path / "recipe.toml")
+def _recipe(host, tmp_path, strategy: str, model: str):
+    return validated_recipe(host, tmp_path, model=model,
+                            task={"name": "reward", "train": "train.jsonl", "validation": "validation.jsonl",
+                                  "max_length": 48},
+                            strategy=tiny_strategy(strategy),
+                            train={"max_steps": 3, "logging_steps": 1, "learning_rate": 1e-3})
 
 
 @pytest.mark.parametrize("strategy, model", [("full", "random:tiny-llama"), ("lora", "random:tiny-llama"),

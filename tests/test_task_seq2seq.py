@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
-from helpers import TINY_STRATEGY_OPTIONS, petune
+from helpers import TINY_STRATEGY_OPTIONS, petune, tiny_strategy, write_recipe
 
 from petune.errors import DataError, Refusal, UserError
 from petune_plugins.tasks import text_metrics
@@ -262,17 +262,15 @@ MODELS = {"t5": "random:tiny-t5", "llama": "random:tiny-llama"}
 METRICS = {"loss", "perplexity", "bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_len", "gen_words"}
 
 
-def recipe(tmp_path: Path, model: str, strategy: str, extra: str = "") -> Path:
+def recipe(tmp_path: Path, model: str, strategy: str, **task) -> Path:
     write_pair_files(tmp_path)
     write_pair_files(tmp_path, stem="test", repeat=1)
-    text = (f'[model]\nname = "{MODELS[model]}"\n\n[task]\nname = "seq2seq"\n'
-            'train = { source = "train.en", target = "train.de" }\nvalidation_split = 0.25\n'
-            'test = { source = "test.en", target = "test.de" }\nsource_lang = "English"\ntarget_lang = "German"\n'
-            f'max_source_length = 16\nmax_target_length = 8\nmax_new_tokens = 4\nnum_beams = 2\n{extra}\n'
-            f'[strategy]\nname = "{strategy}"\n{STRATEGIES[strategy]}\n'
-            f'[train]\nmax_steps = 2\nbatch_size = 2\nlearning_rate = 1e-3\n\n[output]\ndir = "{tmp_path / "run"}"\n')
-    (tmp_path / "recipe.toml").write_text(text)
-    return tmp_path / "recipe.toml"
+    return write_recipe(tmp_path / "recipe.toml", model=MODELS[model],
+                        task={"name": "seq2seq", "train": {"source": "train.en", "target": "train.de"},
+                              "validation_split": 0.25, "test": {"source": "test.en", "target": "test.de"},
+                              "source_lang": "English", "target_lang": "German", "max_source_length": 16,
+                              "max_target_length": 8, "max_new_tokens": 4, "num_beams": 2, **task},
+                        strategy=tiny_strategy(strategy), train={"learning_rate": 1e-3}, eval={"strategy": "epoch"})
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
@@ -309,13 +307,14 @@ def test_a_trained_model_learns_and_generate_predict_work_on_the_run(tmp_path, h
 
     source, target = "a good movie today", "ein guter film heute"
     write_pair_files(tmp_path, pairs=[(source, target)], repeat=8)
-    (tmp_path / "recipe.toml").write_text(
-        '[model]\nname = "random:tiny-llama"\n\n[task]\nname = "seq2seq"\n'
-        'train = { source = "train.en", target = "train.de" }\ntest = { source = "train.en", target = "train.de" }\n'
-        'source_lang = "English"\ntarget_lang = "German"\nmax_new_tokens = 24\n'
-        'max_source_length = 32\nmax_target_length = 24\n\n[strategy]\nname = "full"\n\n'
-        f'[train]\nmax_steps = 60\nbatch_size = 4\nlearning_rate = 3e-3\n\n[output]\ndir = "{tmp_path / "run"}"\n')
-    result = runner.run(load_recipe(tmp_path / "recipe.toml", host), host)
+    pair = {"source": "train.en", "target": "train.de"}
+    path = write_recipe(tmp_path / "recipe.toml",
+                        task={"name": "seq2seq", "train": pair, "test": pair, "source_lang": "English",
+                              "target_lang": "German", "max_new_tokens": 24, "max_source_length": 32,
+                              "max_target_length": 24},
+                        strategy={"name": "full"}, train={"max_steps": 60, "batch_size": 4, "learning_rate": 3e-3},
+                        eval={"strategy": "epoch"})
+    result = runner.run(load_recipe(path, host), host)
     assert result.metrics["test"]["bleu"] == pytest.approx(100)
     assert result.metrics["test"]["chrf"] == pytest.approx(100)
     assert result.metrics["test"]["gen_words"] == len(target.split())
@@ -339,7 +338,7 @@ def test_eval_command_with_a_line_aligned_test_file(tmp_path, host):
     from petune import runner
     from petune.recipe import load_recipe
 
-    runner.run(load_recipe(recipe(tmp_path, "t5", "lora", 'generate_on = ["test"]\n'), host), host)
+    runner.run(load_recipe(recipe(tmp_path, "t5", "lora", generate_on=["test"]), host), host)
     result = petune("eval", tmp_path / "run", "--data", tmp_path / "test.en", "--out", tmp_path / "eval")
     assert result.returncode == 0, result.stderr
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
