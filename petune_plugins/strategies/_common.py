@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field
 
-from petune.api import ModelInfo, Options, Task
+from petune.api import ModelInfo, Options, Task, contiguous_head_input  # noqa: F401 - re-exported for the strategies
 from petune.errors import Refusal, UserError
 
 if TYPE_CHECKING:
@@ -403,14 +403,3 @@ def merge_lora(model) -> PreTrainedModel:
             "loses accuracy. Load the base unquantised (bf16/fp32), restore the adapter on it, then merge.",
             UserWarning, stacklevel=2)
     return model.merge_and_unload()
-
-
-def contiguous_head_input(model) -> None:
-    """Give the output layer plain rows. When generating, transformers hands it a strided
-    slice (each row's last position), and torch's bf16 linear on a CPU then copies the whole
-    weight first: 2.3 s per answer for Gemma's 262k-row head (benchmarks/RESULTS.md)."""
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if get_head is not None else None
-    if head is not None and not getattr(head, "_petune_contiguous_input", False):
-        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else args)
-        head._petune_contiguous_input = True

@@ -51,7 +51,7 @@ from typing import Literal, NamedTuple
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from petune import hookimpl
-from petune.api import DataPath, Options, TaskData
+from petune.api import DataPath, Options, TaskData, contiguous_head_input
 from petune.errors import DataError, PluginError, Refusal
 from petune_plugins.tasks._common import (
     SplitOptions,
@@ -651,6 +651,7 @@ class GrpoTask(CausalLmTask):
         trainer = trainer_class(model=model, reward_funcs=rewards.functions(), args=GRPOConfig(**config),
                                 train_dataset=data.train, processing_class=tokenizer, callbacks=callbacks)
         trainer._petune_rewards = rewards
+        contiguous_head_input(trainer.model)  # training generates: 4× faster rollouts on a CPU (see there)
         if full_reference:
             trainer.beta = options.beta
             trainer.ref_model = trainer.accelerator.prepare_model(frozen_copy(model), evaluation_mode=True)
