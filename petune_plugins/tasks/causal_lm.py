@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from petune.api import ModelInfo, ModelShape, Task, seeded
+from petune.api import ModelInfo, ModelShape, Task, contiguous_head_input, seeded
 from petune.errors import Refusal, UserError
 from petune_plugins.tasks._common import check_data_paths, evaluating, model_device
 from petune_plugins.tasks.chat_records import chat_message
@@ -67,6 +67,7 @@ class CausalLmTask(Task):
 
         import torch
 
+        contiguous_head_input(model)  # also while training (sample generations): see there
         messages = [chat_message(m, i) for i, m in enumerate(messages)]
         prompt = render(tokenizer, template_for(tokenizer, state), messages, add_generation_prompt=True)
         device = model_device(model)

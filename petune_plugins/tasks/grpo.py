@@ -394,6 +394,7 @@ def greedy_completions(model, tokenizer, prompts: list[list[dict]], state: dict,
     """(text, tokens, clipped) of a greedy completion per prompt, a batch of prompts at a time."""
     import torch
 
+    contiguous_head_input(model)
     template = template_for(tokenizer, state)
     stop_ids = stop_token_ids(tokenizer, state, model)
     device = model_device(model)
