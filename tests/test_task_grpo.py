@@ -325,3 +325,15 @@ def test_grpo_on_a_gguf_file_kept_quantised(grpo_host, tiny_llama_path, tmp_path
                        "eval": {"strategy": "no"}, "output": {"dir": "run"}}, grpo_host, path=tmp_path / "r.toml")
     assert runner.run(recipe, grpo_host).status == "completed"
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["validation"]["prompts"] == 1
+
+
+def test_prompts_from_csv_and_parquet_keep_their_columns_as_fields(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "p.csv").write_text("prompt,answer\nwhat is 2 plus 2 ?,4\nwhat is 3 plus 3 ?,6\n")
+    pq.write_table(pa.table({"prompt": ["what is 2 plus 2 ?"], "answer": [4]}), tmp_path / "p.parquet")
+    rows = list(read_prompts(tmp_path / "p.csv", "auto", None, None)[0])
+    assert [r.fields["answer"] for r in rows] == ["4", "6"] and rows[1].where.endswith("p.csv:3")
+    (row,) = list(read_prompts(tmp_path / "p.parquet", "auto", None, None)[0])
+    assert row.messages == [{"role": "user", "content": "what is 2 plus 2 ?"}] and row.fields == {"answer": 4}
