@@ -11,6 +11,7 @@ from pathlib import Path
 
 import datasets  # noqa: F401
 import pytest
+from helpers import recipe_data, validated_recipe
 
 from petune import datacache
 from petune.api import TaskData
@@ -43,11 +44,8 @@ def tokenizer_of(path):
 
 
 def sft_options(host, folder: Path, **task):
-    recipe = validate({"model": {"name": "random:tiny-llama"},
-                       "task": {"name": "sft", "train": "train.jsonl", "max_length": 96, **task},
-                       "strategy": {"name": "lora", "r": 4}, "output": {"dir": str(folder / "run")}},
-                      host, path=folder / "recipe.toml")
-    return recipe.task
+    return validated_recipe(host, folder, task={"name": "sft", "train": "train.jsonl", "max_length": 96, **task},
+                            strategy={"name": "lora", "r": 4}).task
 
 
 def prepare(task, options, tokenizer_path, **settings):
@@ -142,12 +140,10 @@ def test_resume_and_eval_use_the_cache(host, tmp_path, cache):
 
     write_jsonl(tmp_path / "train.jsonl")
     write_jsonl(tmp_path / "test.jsonl", ROWS[:3])
-    data = {"model": {"name": "random:tiny-llama"},
-            "task": {"name": "sft", "train": "train.jsonl", "test": "test.jsonl", "max_length": 64,
-                     "num_sample_generations": 0},
-            "strategy": {"name": "lora", "r": 4},
-            "train": {"max_steps": 2, "batch_size": 4, "save_steps": 1},
-            "eval": {"strategy": "no"}, "output": {"dir": str(tmp_path / "run")}}
+    data = recipe_data(task={"name": "sft", "train": "train.jsonl", "test": "test.jsonl", "max_length": 64,
+                             "num_sample_generations": 0},
+                       strategy={"name": "lora", "r": 4}, train={"batch_size": 4, "save_steps": 1},
+                       output=tmp_path / "run")
     recipe = validate(data, host, path=tmp_path / "recipe.toml")
     calls = []
     task = host.task("sft")
@@ -392,8 +388,7 @@ def test_validate_refuses_a_cache_dir_that_is_a_file_and_resolves_relative_ones(
     from petune.errors import RecipeError
 
     (tmp_path / "cachefile").write_text("x")
-    base = {"model": {"name": "random:tiny-llama"}, "task": {"name": "sft", "train": "train.jsonl"},
-            "strategy": {"name": "lora"}}
+    base = recipe_data(task={"name": "sft", "train": "train.jsonl"}, strategy={"name": "lora"})
     write_jsonl(tmp_path / "train.jsonl")
     with pytest.raises(RecipeError, match="is a file, not a folder"):
         validate({**base, "data": {"cache_dir": "cachefile"}}, host, path=tmp_path / "recipe.toml")

@@ -11,8 +11,7 @@ from pathlib import Path
 import datasets  # noqa: F401
 import pytest
 import zstandard
-
-from petune.recipe import validate
+from helpers import validated_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "recipes" / "data"
@@ -91,9 +90,8 @@ def prepared(host, task_name: str, path: Path, folder: Path) -> dict:
     from petune.models import load_tokenizer
 
     model, options, _ = CASES[task_name]
-    recipe = validate({"model": {"name": model}, "task": {"name": task_name, "train": str(path), **options},
-                       "strategy": {"name": "lora", "r": 4}, "output": {"dir": str(folder / "run")}},
-                      host, path=folder / "recipe.toml")
+    recipe = validated_recipe(host, folder, model=model, task={"name": task_name, "train": path, **options},
+                              strategy={"name": "lora", "r": 4})
     task = host.task(task_name)
     tokenizer = load_tokenizer(_model_path(model))
     data = task.load_data(recipe.task, tokenizer)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import recipe_data
 from test_strategies import build, check_training, logits, n_trainable, trainable_names  # noqa: F401 (fixture)
 
 from petune.errors import RecipeError, Refusal, UserError
@@ -26,8 +27,8 @@ def peft_strategy(method, **options):
 def validate(strategy: dict, host):
     from petune.recipe import validate as validate_recipe
 
-    data = {"model": {"name": "random:tiny-bert"}, "task": {"name": "classification", "train": "x.csv"},
-            "strategy": strategy, "output": {"dir": "runs/x"}}
+    data = recipe_data(model="random:tiny-bert", task={"name": "classification", "train": "x.csv"}, strategy=strategy,
+                       output="runs/x")
     return validate_recipe(data, host, check_paths=False)
 
 

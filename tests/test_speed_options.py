@@ -13,6 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import validated_recipe
 
 from petune import speed
 from petune.errors import Refusal, UserError
@@ -201,17 +202,14 @@ def test_liger_on_a_model_type_without_kernels_is_refused_before_data_and_weight
     """The model type is known once its config is read: the refusal comes there, not after
     data preparation and model loading (the plan used to be where it was found)."""
     from petune import precision, runner
-    from petune.recipe import validate
 
     monkeypatch.setattr(speed, "liger_installed", lambda: True)
     monkeypatch.setattr(speed, "liger_model_types", lambda: {"gemma3"})
     monkeypatch.setattr(precision, "cuda_device", lambda device=None: True)
     monkeypatch.setattr(runner, "prepare_data", lambda *a: pytest.fail("data prepared before the refusal"))
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
-    recipe = validate({"model": {"name": "random:tiny-llama"},
-                       "task": {"name": "sft", "train": "train.jsonl", "max_length": 64},
-                       "strategy": {"name": "lora"}, "train": {"kernels": "liger"},
-                       "output": {"dir": str(tmp_path / "run")}}, host, path=tmp_path / "recipe.toml")
+    recipe = validated_recipe(host, tmp_path, task={"name": "sft", "train": "train.jsonl", "max_length": 64},
+                              strategy={"name": "lora"}, train={"kernels": "liger"})
     with pytest.raises(UserError, match="no kernels for model type 'llama'"):
         runner.run(recipe, host, dry_run=True)
 

@@ -13,19 +13,16 @@ import fastapi  # noqa: F401
 import httpx  # noqa: F401
 import pytest
 from fastapi.testclient import TestClient
-from helpers import REPO
+from helpers import REPO, recipe_data
 
 PROMPTS = ["what is the capital of france ?", "hello", "write a short poem about the sea .",
            "answer the question below .", "i loved it ."]
 
-RECIPE = {
-    "model": {"name": "random:tiny-llama"},
-    "task": {"name": "sft", "train": "data/train.jsonl", "max_length": 48, "num_sample_generations": 0},
-    "strategy": {"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
-    "train": {"max_steps": 400, "batch_size": 5, "learning_rate": 0.05, "logging_steps": 1, "save_steps": 1000},
-    "eval": {"strategy": "no"},
-    "output": {"dir": "runs/tiny"},
-}
+RECIPE = recipe_data(task={"name": "sft", "train": "data/train.jsonl", "max_length": 48, "num_sample_generations": 0},
+                     strategy={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                     train={"max_steps": 400, "batch_size": 5, "learning_rate": 0.05, "logging_steps": 1,
+                            "save_steps": 1000},
+                     output="runs/tiny")
 
 
 def make_workspace(folder: Path) -> Path:

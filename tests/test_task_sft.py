@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import validated_recipe
 
 from petune.errors import DataError, Refusal, UserError
 from petune_plugins.tasks.sft import SftOptions, SftTask
@@ -498,16 +499,14 @@ def test_registered_through_the_entry_point(host):
 def test_a_recipe_runs_end_to_end(host, tmp_path):
     """Through the runner: plan, LoRA training, metrics, samples; then generate from the run folder."""
     from petune import run_folders, runner
-    from petune.recipe import validate
 
     rows = [{"instruction": f"what is {a} plus {b} ?", "output": f"{a + b}"} for a in range(4) for b in range(3)]
     write_jsonl(tmp_path / "train.jsonl", rows)
-    recipe = validate({"model": {"name": "random:tiny-llama"},
-                       "task": {"name": "sft", "train": "train.jsonl", "validation_split": 0.25, "max_length": 128,
-                                "num_sample_generations": 1},
-                       "strategy": {"name": "lora", "r": 4},
-                       "train": {"max_steps": 2, "batch_size": 4, "logging_steps": 1},
-                       "output": {"dir": str(tmp_path / "run")}}, host, path=tmp_path / "recipe.toml")
+    recipe = validated_recipe(host, tmp_path,
+                              task={"name": "sft", "train": "train.jsonl", "validation_split": 0.25, "max_length": 128,
+                                    "num_sample_generations": 1},
+                              strategy={"name": "lora", "r": 4}, train={"batch_size": 4, "logging_steps": 1},
+                              eval={"strategy": "epoch"})
     result = runner.run(recipe, host)
     assert result.status == "completed"
     assert set(result.metrics) == {"validation"} and result.metrics["validation"]["examples"] == 3
