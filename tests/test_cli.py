@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import write_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,7 @@ def petune(*args, cwd=REPO, input=None):
                           cwd=cwd, env=env, timeout=300, input=input, check=False)
 
 
+# written as text: two tests check the line and column their errors name
 RECIPE = """\
 [model]
 name = "random:tiny-bert"
@@ -52,9 +54,13 @@ def test_plugins_json_lists_every_first_party_plugin():
     assert {("task", t) for t in ("classification", "ner", "sft")} <= kinds
 
 
+def valid_recipe(folder: Path) -> Path:
+    return write_recipe(folder / "r.toml", model="random:tiny-bert", task={"name": "classification", "train": "train.csv"},
+                        strategy={"name": "lora", "r": 4}, output="runs/x")
+
+
 def test_validate_ok(recipe_dir):
-    (recipe_dir / "r.toml").write_text(RECIPE)
-    result = petune("validate", str(recipe_dir / "r.toml"))
+    result = petune("validate", str(valid_recipe(recipe_dir)))
     assert result.returncode == 0, result.stderr
     assert "ok" in result.stdout
 
@@ -77,8 +83,7 @@ def test_validate_toml_syntax_error_exits_2_with_line_and_column(recipe_dir):
 
 
 def test_set_overrides_on_validate(recipe_dir):
-    (recipe_dir / "r.toml").write_text(RECIPE)
-    result = petune("validate", str(recipe_dir / "r.toml"), "--set", "train.learning_rate=-1")
+    result = petune("validate", str(valid_recipe(recipe_dir)), "--set", "train.learning_rate=-1")
     assert result.returncode == 2 and "train.learning_rate" in result.stderr and "greater than 0" in result.stderr
 
 

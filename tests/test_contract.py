@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from helpers import write_recipe
 
 from petune.api import Generates, Predicts, Task, require
 from petune.errors import UserError
@@ -100,28 +101,6 @@ def test_a_command_needing_a_capability_the_task_lacks_names_it():
 
 
 # -- a third-party task with only the required methods ------------------------------------------
-REGRESSION_RECIPE = """\
-[model]
-name = "random:tiny-bert"
-
-[task]
-name = "text_regression"
-train = "train.csv"
-validation = "validation.csv"
-
-[strategy]
-name = "lora"
-r = 4
-
-[train]
-max_steps = 2
-batch_size = 4
-
-[output]
-dir = "{out}"
-"""
-
-
 def test_a_minimal_third_party_task_runs_evaluates_estimates_and_is_refused_by_predict_and_serve(tmp_path):
     import os
     import subprocess
@@ -135,7 +114,10 @@ def test_a_minimal_third_party_task_runs_evaluates_estimates_and_is_refused_by_p
     for name in ("train.csv", "validation.csv"):
         (tmp_path / name).write_text("text,score\n" + rows)
     run_dir = tmp_path / "run"
-    (tmp_path / "recipe.toml").write_text(REGRESSION_RECIPE.format(out=run_dir))
+    write_recipe(tmp_path / "recipe.toml", model="random:tiny-bert",
+                 task={"name": "text_regression", "train": "train.csv", "validation": "validation.csv"},
+                 strategy={"name": "lora", "r": 4}, train={"batch_size": 4}, eval={"strategy": "epoch"},
+                 output=run_dir)
     env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1", COLUMNS="200")
 
     def petune(*args):

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import write_recipe
 
 from petune.cli import main
 from petune.recipe import load_recipe
@@ -23,25 +24,25 @@ QA = "".join(json.dumps({"id": str(i), "question": "where does mary live ?", "co
 
 # task: (model, file suffix, rows, task options, a test metric)
 TASKS = {
-    "classification": ("random:tiny-bert", "csv", CSV, "", "accuracy"),
-    "ner": ("random:tiny-bert", "conll", CONLL, "", "f1"),
-    "sft": ("random:tiny-llama", "jsonl", SFT, "max_length = 64\n", "loss"),
-    "seq2seq": ("random:tiny-llama", "jsonl", SEQ2SEQ, "max_source_length = 32\nmax_target_length = 16\nmax_new_tokens = 4\n",
-                "chrf"),
-    "qa": ("random:tiny-bert", "jsonl", QA, "max_length = 32\ndoc_stride = 8\nmax_question_length = 12\n", "f1"),
+    "classification": ("random:tiny-bert", "csv", CSV, {}, "accuracy"),
+    "ner": ("random:tiny-bert", "conll", CONLL, {}, "f1"),
+    "sft": ("random:tiny-llama", "jsonl", SFT, {"max_length": 64}, "loss"),
+    "seq2seq": ("random:tiny-llama", "jsonl", SEQ2SEQ, {"max_source_length": 32, "max_target_length": 16,
+                                                        "max_new_tokens": 4}, "chrf"),
+    "qa": ("random:tiny-bert", "jsonl", QA, {"max_length": 32, "doc_stride": 8, "max_question_length": 12}, "f1"),
 }
 
 
 def train_tiny_run(tmp_path: Path, host, task: str, *, validation_file: bool) -> Path:
-    model, suffix, rows, extra, _ = TASKS[task]
+    model, suffix, rows, task_options, _ = TASKS[task]
     for name in ("train", "validation", "test"):
         (tmp_path / f"{name}.{suffix}").write_text(rows)
-    validation = f'validation = "validation.{suffix}"\n' if validation_file else ""
-    (tmp_path / "recipe.toml").write_text(
-        f'[model]\nname = "{model}"\n\n[task]\nname = "{task}"\ntrain = "train.{suffix}"\n{validation}'
-        f'test = "test.{suffix}"\n{extra}\n[strategy]\nname = "lora"\nr = 4\n\n'
-        f'[train]\nmax_steps = 2\nbatch_size = 2\nlearning_rate = 1e-3\n\n[output]\ndir = "{tmp_path / "run"}"\n')
-    assert run(load_recipe(tmp_path / "recipe.toml", host), host).status == "completed"
+    validation = {"validation": f"validation.{suffix}"} if validation_file else {}
+    recipe = write_recipe(tmp_path / "recipe.toml", model=model,
+                          task={"name": task, "train": f"train.{suffix}", **validation, "test": f"test.{suffix}",
+                                **task_options},
+                          strategy={"name": "lora", "r": 4}, train={"learning_rate": 1e-3}, eval={"strategy": "epoch"})
+    assert run(load_recipe(recipe, host), host).status == "completed"
     return tmp_path / "run"
 
 

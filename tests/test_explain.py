@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import write_recipe
 from PIL import Image
 from rich.console import Console
 
@@ -23,24 +24,23 @@ DATA_ROWS = "".join(f"the movie was good {i},positive\nthe film was bad {i},nega
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def make_run(host, folder: Path, name: str, *, model: str = "random:tiny-bert", task: str, strategy: str,
-             train: str = "max_steps = 2", evals: str = 'strategy = "no"') -> Path:
-    """Train a tiny run through the real runner and return its folder."""
+def make_run(host, folder: Path, name: str, *, model: str = "random:tiny-bert", task: dict, strategy: dict,
+             train: dict | None = None) -> Path:
+    """Train a tiny run (two steps of batch 8 unless ``train`` says) through the real runner and return its folder."""
     from petune import runner
     from petune.recipe import load_recipe
 
     run_dir = folder / "runs" / name
-    recipe = folder / f"{name}.toml"
-    recipe.write_text(f'[model]\nname = "{model}"\n\n[task]\n{task}\n\n[strategy]\n{strategy}\n\n'
-                      f'[train]\n{train}\nbatch_size = 8\n\n[eval]\n{evals}\n\n[output]\ndir = "{run_dir}"\n')
+    recipe = write_recipe(folder / f"{name}.toml", model=model, task=task, strategy=strategy,
+                          train={"batch_size": 8, **(train or {})}, output=run_dir)
     result = runner.run(load_recipe(recipe, host), host)
     assert result.status == "completed", result.error
     return run_dir
 
 
-def classification_task(folder: Path) -> str:
+def classification_task(folder: Path) -> dict:
     (folder / "train.csv").write_text("text,label\n" + DATA_ROWS)
-    return 'name = "classification"\ntrain = "train.csv"\nvalidation_split = 0.0\nmax_length = 32'
+    return {"name": "classification", "train": "train.csv", "validation_split": 0.0, "max_length": 32}
 
 
 def parse(argv: list[str]):
@@ -245,10 +245,11 @@ def test_keyword_classifier_attributes_its_prediction_to_the_keyword(host, tmp_p
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in keyword_sentences(200, 1)))
     (tmp_path / "validation.csv").write_text("text,label\n"
                                              + "".join(f"{t},{y}\n" for t, y in keyword_sentences(40, 2)))
-    run_dir = make_run(host, tmp_path, "keyword", strategy='name = "full"',
-                       task='name = "classification"\ntrain = "train.csv"\nvalidation = "validation.csv"\n'
-                            'max_length = 32',
-                       train="max_steps = 100\nlearning_rate = 1e-3\nwarmup_ratio = 0.0\nseed = 0\nlogging_steps = 50")
+    run_dir = make_run(host, tmp_path, "keyword", strategy={"name": "full"},
+                       task={"name": "classification", "train": "train.csv", "validation": "validation.csv",
+                             "max_length": 32},
+                       train={"max_steps": 100, "learning_rate": 1e-3, "warmup_ratio": 0.0, "seed": 0,
+                              "logging_steps": 50})
     accuracy = json.loads((run_dir / "metrics.json").read_text())["validation"]["accuracy"]
     assert accuracy >= 0.9, "the classifier did not learn the keyword rule; the attribution check would mean nothing"
 
@@ -267,24 +268,24 @@ NER_TRAIN = "".join(f"{name} B-PER\n{last} I-PER\nlives O\nin O\n{city} B-LOC\n\
                     for name, last, city in [("john", "smith", "london"), ("mary", "jones", "paris")] * 6)
 
 CASES = {
-    "lora": ("classification", 'name = "lora"\nr = 4'),
-    "adapters": ("classification", 'name = "adapters"\nconfig = "houlsby"'),
-    "prompt": ("classification", 'name = "prompt_tuning"\nnum_virtual_tokens = 3\ninit = "random"'),
-    "prefix": ("classification", 'name = "prompt_tuning"\nmethod = "prefix"\nnum_virtual_tokens = 3'),
-    "ner": ("ner", 'name = "lora"\nr = 4'),
-    "sft": ("sft", 'name = "lora"\nr = 4'),
+    "lora": ("classification", {"name": "lora", "r": 4}),
+    "adapters": ("classification", {"name": "adapters", "config": "houlsby"}),
+    "prompt": ("classification", {"name": "prompt_tuning", "num_virtual_tokens": 3, "init": "random"}),
+    "prefix": ("classification", {"name": "prompt_tuning", "method": "prefix", "num_virtual_tokens": 3}),
+    "ner": ("ner", {"name": "lora", "r": 4}),
+    "sft": ("sft", {"name": "lora", "r": 4}),
 }
 
 
-def _task(kind: str, folder: Path) -> tuple[str, str]:
+def _task(kind: str, folder: Path) -> tuple[str, dict]:
     if kind == "classification":
         return "random:tiny-bert", classification_task(folder)
     if kind == "ner":
         (folder / "train.conll").write_text(NER_TRAIN)
-        return "random:tiny-bert", 'name = "ner"\ntrain = "train.conll"\nvalidation_split = 0.0'
+        return "random:tiny-bert", {"name": "ner", "train": "train.conll", "validation_split": 0.0}
     (folder / "train.jsonl").write_text("".join(json.dumps({"instruction": f"say {w}", "output": w}) + "\n"
                                                 for w in ("hello", "paris", "london", "sea") * 3))
-    return "random:tiny-llama", 'name = "sft"\ntrain = "train.jsonl"\nmax_length = 64\nnum_sample_generations = 0'
+    return "random:tiny-llama", {"name": "sft", "train": "train.jsonl", "max_length": 64, "num_sample_generations": 0}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -312,7 +313,7 @@ def test_explain_command_on_saved_runs(host, tmp_path, terminal, case):
 def test_explain_command_on_a_4bit_base(host, tmp_path, terminal):
     """qlora saves a plain LoRA adapter; explained on the 4-bit base it was trained on."""
     import bitsandbytes  # noqa: F401
-    run_dir = make_run(host, tmp_path, "lora", task=classification_task(tmp_path), strategy='name = "lora"\nr = 4')
+    run_dir = make_run(host, tmp_path, "lora", task=classification_task(tmp_path), strategy={"name": "lora", "r": 4})
     qlora = tmp_path / "runs" / "qlora"
     shutil.copytree(run_dir, qlora)
     recipe = (qlora / "recipe.toml").read_text()
@@ -324,7 +325,7 @@ def test_explain_command_on_a_4bit_base(host, tmp_path, terminal):
 
 
 def test_explain_command_options_and_refusals(host, tmp_path, terminal, capsys):
-    run_dir = make_run(host, tmp_path, "full", task=classification_task(tmp_path), strategy='name = "full"')
+    run_dir = make_run(host, tmp_path, "full", task=classification_task(tmp_path), strategy={"name": "full"})
     args = parse(["explain", str(run_dir), "--text", "the film was bad", "--layer", "0", "--head", "1",
                   "--method", "gradxinput", "--json", "--out", str(tmp_path / "e.png")])
     capsys.readouterr()  # the training run's own output

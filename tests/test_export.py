@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import write_recipe
 
 from petune.cli import main
 from petune.errors import UserError
@@ -18,20 +19,18 @@ SFT = "".join(json.dumps({"instruction": f"Add {i} and {i}.", "input": "", "outp
 CSV = "text,label\n" + "".join(f"a good movie {i},pos\na bad film {i},neg\n" for i in range(8))
 
 
-def train(folder: Path, host, model: str, task: str, data: str, suffix: str, extra: str = "") -> Path:
+def train(folder: Path, host, model: str, task: str, data: str, suffix: str, **options) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"train.{suffix}").write_text(data)
-    (folder / "recipe.toml").write_text(
-        f'[model]\nname = "{model}"\n\n[task]\nname = "{task}"\ntrain = "train.{suffix}"\n{extra}\n'
-        f'[strategy]\nname = "lora"\nr = 4\n\n[train]\nmax_steps = 2\nbatch_size = 2\nlearning_rate = 5e-2\n\n'
-        f'[eval]\nstrategy = "no"\n\n[output]\ndir = "{folder / "run"}"\n')
-    assert run(load_recipe(folder / "recipe.toml", host), host).status == "completed"
+    recipe = write_recipe(folder / "recipe.toml", model=model, task={"name": task, "train": f"train.{suffix}", **options},
+                          strategy={"name": "lora", "r": 4}, train={"learning_rate": 5e-2})
+    assert run(load_recipe(recipe, host), host).status == "completed"
     return folder / "run"
 
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, host) -> Path:
-    return train(tmp_path_factory.mktemp("sft"), host, "random:tiny-llama", "sft", SFT, "jsonl", "max_length = 64\n")
+    return train(tmp_path_factory.mktemp("sft"), host, "random:tiny-llama", "sft", SFT, "jsonl", max_length=64)
 
 
 def merged_model(run_dir: Path, host):

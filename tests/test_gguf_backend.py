@@ -13,7 +13,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 import transformers  # noqa: E402
-from helpers import petune  # noqa: E402
+from helpers import petune, write_recipe  # noqa: E402
 
 from petune.api import Task  # noqa: E402
 from petune.errors import Refusal  # noqa: E402
@@ -152,26 +152,12 @@ def _with_unsupported_tensor(source: Path, target: Path) -> Path:
 def test_a_file_with_an_unsupported_type_is_refused_naming_it(tiny_gguf, tmp_path, cache):
     path, _ = tiny_gguf
     bad = _with_unsupported_tensor(path, tmp_path / "iq4.gguf")
-    recipe = tmp_path / "recipe.toml"
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"instruction": f"say {i}", "input": "", "output": f"{i}"}) + "\n"
                             for i in range(8)))
-    recipe.write_text(f"""
-[model]
-name = "{bad}"
-[task]
-name = "sft"
-train = "{data}"
-format = "alpaca"
-max_length = 64
-[strategy]
-name = "qlora"
-quant_type = "gguf"
-[train]
-max_steps = 1
-[output]
-dir = "{tmp_path / 'run'}"
-""")
+    recipe = write_recipe(tmp_path / "recipe.toml", model=bad,
+                          task={"name": "sft", "train": data, "format": "alpaca", "max_length": 64},
+                          strategy={"name": "qlora", "quant_type": "gguf"}, train={"max_steps": 1})
     result = petune("run", recipe, "--dry-run")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "IQ4_NL" in result.stderr

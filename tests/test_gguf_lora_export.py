@@ -18,6 +18,7 @@ from petune.recipe import load_recipe  # noqa: E402
 from petune.runner import run  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import write_recipe  # noqa: E402
 from test_model_sources import write_tiny_gguf  # noqa: E402
 
 SFT = "".join(json.dumps({"instruction": f"Add {i} and {i}.", "input": "", "output": f"{2 * i}"}) + "\n"
@@ -31,15 +32,13 @@ def gguf_run(tmp_path_factory, tiny_llama_path, host):
     mp.setenv("PETUNE_CACHE", str(folder / "cache"))
     base = write_tiny_gguf(tiny_llama_path, folder / "tiny-q8_0.gguf")
     (folder / "train.jsonl").write_text(SFT)
-    (folder / "recipe.toml").write_text(
-        f'[model]\nname = "{base}"\ndtype = "float32"\n\n'
-        '[task]\nname = "sft"\ntrain = "train.jsonl"\nmax_length = 64\n\n'
-        '[strategy]\nname = "qlora"\nquant_type = "gguf"\ncompute_dtype = "float32"\nr = 4\nalpha = 8\n'
-        'target_modules = ["q_proj", "k_proj", "v_proj", "down_proj"]\n\n'
-        '[train]\nmax_steps = 3\nbatch_size = 2\nlearning_rate = 5e-2\n\n'
-        f'[eval]\nstrategy = "no"\n\n[output]\ndir = "{folder / "run"}"\n')
+    recipe = write_recipe(folder / "recipe.toml", model={"name": base, "dtype": "float32"},
+                          task={"name": "sft", "train": "train.jsonl", "max_length": 64},
+                          strategy={"name": "qlora", "quant_type": "gguf", "compute_dtype": "float32", "r": 4,
+                                    "alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "down_proj"]},
+                          train={"max_steps": 3, "learning_rate": 5e-2})
     try:
-        assert run(load_recipe(folder / "recipe.toml", host), host).status == "completed"
+        assert run(load_recipe(recipe, host), host).status == "completed"
         yield folder / "run", base
     finally:
         mp.undo()
@@ -105,10 +104,8 @@ def test_gguf_lora_needs_a_gguf_base(tmp_path, host):
     folder = tmp_path / "plain"
     folder.mkdir()
     (folder / "train.jsonl").write_text(SFT)
-    (folder / "recipe.toml").write_text(
-        '[model]\nname = "random:tiny-llama"\n\n[task]\nname = "sft"\ntrain = "train.jsonl"\nmax_length = 64\n\n'
-        '[strategy]\nname = "lora"\nr = 4\n\n[train]\nmax_steps = 1\nbatch_size = 2\n\n'
-        f'[eval]\nstrategy = "no"\n\n[output]\ndir = "{folder / "run"}"\n')
-    assert run(load_recipe(folder / "recipe.toml", host), host).status == "completed"
+    recipe = write_recipe(folder / "recipe.toml", task={"name": "sft", "train": "train.jsonl", "max_length": 64},
+                          strategy={"name": "lora", "r": 4}, train={"max_steps": 1})
+    assert run(load_recipe(recipe, host), host).status == "completed"
     assert main(["export", str(folder / "run"), "--format", "gguf-lora", "--out", str(tmp_path / "a.gguf")]) == 2
     assert not (tmp_path / "a.gguf").exists()

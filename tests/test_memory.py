@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_recipe
 
 from petune import memory
 from petune.api import ModelShape
@@ -132,34 +132,17 @@ def test_warns_when_the_device_is_too_small():
     assert roomy.fits and roomy.warning is None
 
 
-def write_recipe(tmp_path, strategy: str = "qlora", extra: str = "") -> Path:
-    data = tmp_path / "train.jsonl"
-    data.write_text('{"instruction": "say hi", "output": "hi"}\n' * 4)
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(textwrap.dedent(f"""
-        [model]
-        name = "random:tiny-llama"
-        [task]
-        name = "sft"
-        train = "train.jsonl"
-        max_length = 128
-        [strategy]
-        name = "{strategy}"
-        {extra}
-        [train]
-        batch_size = 4
-        gradient_checkpointing = true
-        [output]
-        dir = "{tmp_path / 'run'}"
-    """))
-    return recipe
+def sft_recipe(tmp_path, strategy: str = "qlora") -> Path:
+    (tmp_path / "train.jsonl").write_text('{"instruction": "say hi", "output": "hi"}\n' * 4)
+    return write_recipe(tmp_path / "r.toml", task={"name": "sft", "train": "train.jsonl", "max_length": 128},
+                        strategy={"name": strategy}, train={"batch_size": 4, "gradient_checkpointing": True})
 
 
 @pytest.mark.parametrize("strategy", ["full", "lora", "qlora", "adapters", "prompt_tuning"])
 def test_estimate_recipe_for_every_strategy(host, tmp_path, strategy):
     from petune.recipe import load_recipe
 
-    recipe = load_recipe(write_recipe(tmp_path, strategy), host)
+    recipe = load_recipe(sft_recipe(tmp_path, strategy), host)
     est = memory.estimate_recipe(recipe, host, device="cpu")
     assert est.batch == 4 and est.seq == 128 and est.gradient_checkpointing
     assert est.peak > est.parts["weights"] > 0
@@ -178,14 +161,14 @@ def test_estimate_command_prints_a_table(host, tmp_path, capsys):
 
     parser = argparse.ArgumentParser()
     estimate.register_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["estimate", str(write_recipe(tmp_path)), "--device", "cpu",
+    args = parser.parse_args(["estimate", str(sft_recipe(tmp_path)), "--device", "cpu",
                               "--set", "train.batch_size=2"])
     assert args.func(args) == 0
     text = capsys.readouterr().out
     for word in ("Peak training memory", "weights", "gradients", "optimizer", "activations", "logits", "peak",
                  "batch 2 × 128"):
         assert word in text
-    args = parser.parse_args(["estimate", str(write_recipe(tmp_path)), "--device", "cpu", "--json"])
+    args = parser.parse_args(["estimate", str(sft_recipe(tmp_path)), "--device", "cpu", "--json"])
     assert args.func(args) == 0
     import json
 
@@ -196,7 +179,7 @@ def test_estimate_command_prints_a_table(host, tmp_path, capsys):
 def test_plan_row_for_dry_run(host, tmp_path):
     from petune.recipe import load_recipe
 
-    key, text = memory.plan_row(load_recipe(write_recipe(tmp_path), host), host, device="cpu")
+    key, text = memory.plan_row(load_recipe(sft_recipe(tmp_path), host), host, device="cpu")
     assert key == "memory" and "peak on cpu" in text
 
 
@@ -205,7 +188,7 @@ def test_petune_estimate_cli(tmp_path):
     import subprocess
     import sys
 
-    recipe = write_recipe(tmp_path)
+    recipe = sft_recipe(tmp_path)
     done = subprocess.run([sys.executable, "-m", "petune", "estimate", str(recipe), "--device", "cpu"],
                           check=False, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
@@ -220,23 +203,10 @@ def test_estimate_follows_the_seq2seq_model_kind(host, tmp_path, monkeypatch, mo
     from petune.recipe import load_recipe
 
     (tmp_path / "train.jsonl").write_text('{"source": "a b", "target": "c d"}\n' * 4)
-    recipe_path = tmp_path / "r.toml"
-    recipe_path.write_text(textwrap.dedent(f"""
-        [model]
-        name = "{model}"
-        [task]
-        name = "seq2seq"
-        train = "train.jsonl"
-        max_source_length = 48
-        max_target_length = 16
-        [strategy]
-        name = "lora"
-        [train]
-        batch_size = 2
-        [output]
-        dir = "{tmp_path / 'run'}"
-    """))
-    recipe = load_recipe(recipe_path, host)
+    recipe = load_recipe(write_recipe(tmp_path / "r.toml", model=model,
+                                      task={"name": "seq2seq", "train": "train.jsonl", "max_source_length": 48,
+                                            "max_target_length": 16},
+                                      strategy={"name": "lora"}), host)
     built = []
     skeleton_of = memory.build_skeleton
     monkeypatch.setattr(memory, "build_skeleton",

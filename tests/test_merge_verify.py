@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import tiny_strategy, write_recipe
 
 from petune.cli import main
 from petune.recipe import load_recipe
@@ -19,26 +20,23 @@ SFT = "".join(json.dumps({"instruction": f"Add {i} and {i}.", "input": "", "outp
 
 # name: (model, task, data suffix, rows, task options, strategy options)
 RUNS = {
-    "lora-classification": ("random:tiny-bert", "classification", "csv", CSV, "", 'name = "lora"\nr = 4\n'),
-    "dora-ner": ("random:tiny-bert", "ner", "conll", CONLL, "", 'name = "lora"\nr = 4\nuse_dora = true\n'),
-    "lora-sft": ("random:tiny-llama", "sft", "jsonl", SFT, "max_length = 64\n", 'name = "lora"\nr = 4\n'),
-    "qlora-sft": ("random:tiny-llama", "sft", "jsonl", SFT, "max_length = 64\n",
-                  'name = "qlora"\nr = 4\ncompute_dtype = "float32"\n'),
-    "full-sft": ("random:tiny-llama", "sft", "jsonl", SFT, "max_length = 64\n", 'name = "full"\n'),
-    "adapters-classification": ("random:tiny-bert", "classification", "csv", CSV, "",
-                                'name = "adapters"\nconfig = "houlsby"\nreduction_factor = 4\n'),
+    "lora-classification": ("random:tiny-bert", "classification", "csv", CSV, {}, tiny_strategy("lora")),
+    "dora-ner": ("random:tiny-bert", "ner", "conll", CONLL, {}, tiny_strategy("lora", use_dora=True)),
+    "lora-sft": ("random:tiny-llama", "sft", "jsonl", SFT, {"max_length": 64}, tiny_strategy("lora")),
+    "qlora-sft": ("random:tiny-llama", "sft", "jsonl", SFT, {"max_length": 64}, tiny_strategy("qlora")),
+    "full-sft": ("random:tiny-llama", "sft", "jsonl", SFT, {"max_length": 64}, tiny_strategy("full")),
+    "adapters-classification": ("random:tiny-bert", "classification", "csv", CSV, {}, tiny_strategy("adapters")),
 }
 
 
 def train(folder: Path, host, kind: str) -> Path:
-    model, task, suffix, rows, task_extra, strategy = RUNS[kind]
+    model, task, suffix, rows, task_options, strategy = RUNS[kind]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"train.{suffix}").write_text(rows)
-    (folder / "recipe.toml").write_text(
-        f'[model]\nname = "{model}"\n\n[task]\nname = "{task}"\ntrain = "train.{suffix}"\n{task_extra}\n'
-        f'[strategy]\n{strategy}\n[train]\nmax_steps = 2\nbatch_size = 2\nlearning_rate = 5e-2\n\n'
-        f'[eval]\nstrategy = "no"\n\n[output]\ndir = "{folder / "run"}"\n')
-    assert run(load_recipe(folder / "recipe.toml", host), host).status == "completed"
+    recipe = write_recipe(folder / "recipe.toml", model=model,
+                          task={"name": task, "train": f"train.{suffix}", **task_options}, strategy=strategy,
+                          train={"learning_rate": 5e-2})
+    assert run(load_recipe(recipe, host), host).status == "completed"
     return folder / "run"
 
 

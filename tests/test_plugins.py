@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from demo_plugins import DemoStrategy, demo_host, plugin_module
+from helpers import write_recipe
 
 from petune.errors import PluginError
 from petune.plugins import PluginHost, PluginOrigin
@@ -186,10 +187,9 @@ def test_broken_plugin_is_fatal_in_strict_mode(broken_site):
 
 
 def test_a_recipe_can_use_the_third_party_strategy(plugin_site, tmp_path):
-    recipe = tmp_path / "bitfit.toml"
-    recipe.write_text(
-        '[model]\nname = "random:tiny-bert"\n[task]\nname = "classification"\ntrain = "train.csv"\n'
-        '[strategy]\nname = "bitfit"\ntrain_layer_norm = true\n[output]\ndir = "runs/bitfit"\n')
+    recipe = write_recipe(tmp_path / "bitfit.toml", model="random:tiny-bert",
+                          task={"name": "classification", "train": "train.csv"},
+                          strategy={"name": "bitfit", "train_layer_norm": True}, output="runs/bitfit")
     (tmp_path / "train.csv").write_text("text,label\n" + "".join(f"good movie {i},pos\nbad film {i},neg\n" for i in range(8)))
     result = petune("validate", str(recipe), paths=[plugin_site])
     assert result.returncode == 0, result.stderr

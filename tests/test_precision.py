@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import write_recipe
 
 from petune import precision
 
@@ -112,24 +113,10 @@ def test_plan_shows_what_auto_chose(machine, tmp_path, host, tiny_llama_path, ca
     machine(cpu_bf16=False)
     (tmp_path / "train.jsonl").write_text("".join(
         f'{{"instruction": "say {i}", "output": "{i}"}}\n' for i in range(12)))
-    (tmp_path / "recipe.toml").write_text(f"""
-[model]
-name = "{tiny_llama_path}"
-[task]
-name = "sft"
-train = "train.jsonl"
-format = "alpaca"
-max_length = 128
-[strategy]
-name = "qlora"
-r = 4
-[train]
-max_steps = 1
-batch_size = 2
-[output]
-dir = "{tmp_path / 'run'}"
-""")
-    result = run(load_recipe(tmp_path / "recipe.toml", host), host, dry_run=True)
+    recipe = write_recipe(tmp_path / "recipe.toml", model=tiny_llama_path,
+                          task={"name": "sft", "train": "train.jsonl", "format": "alpaca", "max_length": 128},
+                          strategy={"name": "qlora", "r": 4}, train={"max_steps": 1})
+    result = run(load_recipe(recipe, host), host, dry_run=True)
     assert result.status == "planned"
     text = " ".join(capsys.readouterr().err.split())
     assert "compute_dtype=float32 (auto: CPU without native bf16)" in text

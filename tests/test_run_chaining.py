@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import tiny_classification_recipe
+from helpers import tiny_classification_recipe, write_recipe
 
 from petune.cli import main
 
@@ -19,12 +19,11 @@ def test_a_reward_run_from_a_classification_run_gets_a_new_head(tmp_path, capsys
     classifier.mkdir()
     assert main(["run", str(tiny_classification_recipe(classifier, classifier / "run", max_steps=2))]) == 0
     (tmp_path / "pairs.jsonl").write_text(PAIRS)
-    (tmp_path / "reward.toml").write_text(
-        f'[model]\nname = "{classifier / "run"}"\n\n[task]\nname = "reward"\ntrain = "pairs.jsonl"\nmax_length = 32\n\n'
-        f'[strategy]\nname = "lora"\nr = 4\n\n[train]\nmax_steps = 2\nbatch_size = 2\n\n[eval]\nstrategy = "no"\n\n'
-        f'[output]\ndir = "{tmp_path / "reward"}"\n')
+    recipe = write_recipe(tmp_path / "reward.toml", model=classifier / "run",
+                          task={"name": "reward", "train": "pairs.jsonl", "max_length": 32},
+                          strategy={"name": "lora", "r": 4}, output=tmp_path / "reward")
     capsys.readouterr()
-    assert main(["run", str(tmp_path / "reward.toml")]) == 0
+    assert main(["run", str(recipe)]) == 0
     message = " ".join(capsys.readouterr().err.split())
     assert "a new head is drawn and trained" in message and "2 output(s)" in message
     # the run loads again (the same new-head path, then its trained head from the adapter)

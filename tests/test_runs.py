@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import write_recipe
 from PIL import Image
 from rich.console import Console
 
@@ -21,16 +22,17 @@ from petune.errors import UserError
 DATA_ROWS = "".join(f"the movie was good {i},positive\nthe film was bad {i},negative\n" for i in range(20))
 
 
-def make_run(host, folder: Path, name: str, strategy: str, *, steps: int = 4) -> Path:
+def make_run(host, folder: Path, name: str, strategy: dict, *, steps: int = 4) -> Path:
     from petune import runner
     from petune.recipe import load_recipe
 
     run_dir = folder / "runs" / name
-    recipe = folder / f"{name}.toml"
-    recipe.write_text(f'[model]\nname = "random:tiny-bert"\n\n[task]\nname = "classification"\ntrain = "train.csv"\n'
-                      f'validation_split = 0.2\nmax_length = 16\n\n[strategy]\n{strategy}\n\n'
-                      f'[train]\nmax_steps = {steps}\nbatch_size = 8\nlogging_steps = 1\nsave_steps = 2\n\n'
-                      f'[eval]\nstrategy = "steps"\nsteps = 2\n\n[output]\ndir = "{run_dir}"\n')
+    recipe = write_recipe(folder / f"{name}.toml", model="random:tiny-bert",
+                          task={"name": "classification", "train": "train.csv", "validation_split": 0.2,
+                                "max_length": 16},
+                          strategy=strategy, train={"max_steps": steps, "batch_size": 8, "logging_steps": 1,
+                                                    "save_steps": 2},
+                          eval={"strategy": "steps", "steps": 2}, output=run_dir)
     result = runner.run(load_recipe(recipe, host), host)
     assert result.status == "completed", result.error
     return run_dir
@@ -49,8 +51,8 @@ def runs_root(host, tmp_path_factory) -> Path:
     """runs/: two finished runs (lora, full), one interrupted at step 2, one whose process died."""
     folder = tmp_path_factory.mktemp("runs")
     (folder / "train.csv").write_text("text,label\n" + DATA_ROWS)
-    make_run(host, folder, "a_lora", 'name = "lora"\nr = 4')
-    make_run(host, folder, "b_full", 'name = "full"')
+    make_run(host, folder, "a_lora", {"name": "lora", "r": 4})
+    make_run(host, folder, "b_full", {"name": "full"})
 
     # interrupted: what a run stopped after its step-2 checkpoint leaves (no final metrics, no log_history.json)
     stopped = folder / "runs" / "c_stopped"

@@ -23,7 +23,7 @@ import fastapi  # noqa: F401
 import httpx
 import pytest
 import uvicorn  # noqa: F401
-from helpers import REPO, petune, write_classification_data
+from helpers import REPO, petune, write_classification_data, write_recipe
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -32,63 +32,25 @@ MAX_TOKENS = 16
 PREDICT_ROWS = ["a good movie number 3", "a bad film number 3", "i loved it", "boring and far too long"]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", COLUMNS="200", TOKENIZERS_PARALLELISM="false")
 
-SFT_RECIPE = """\
-[model]
-name = "random:tiny-llama"
 
-[task]
-name = "sft"
-train = "{data}"
-max_length = 64
-num_sample_generations = 0
+def sft_recipe(path: Path, data: Path, seed: int, out: Path) -> Path:
+    return write_recipe(path, task={"name": "sft", "train": data, "max_length": 64, "num_sample_generations": 0},
+                        strategy={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+                        train={"max_steps": 15, "batch_size": 5, "learning_rate": 0.05, "logging_steps": 5,
+                               "save_steps": 1000, "seed": seed},
+                        eval={"strategy": "epoch"}, output=out)
 
-[strategy]
-name = "lora"
-r = 4
-alpha = 8
-dropout = 0.0
 
-[train]
-max_steps = 15
-batch_size = 5
-learning_rate = 0.05
-logging_steps = 5
-save_steps = 1000
-seed = {seed}
+def classification_recipe(path: Path, out: Path) -> Path:
+    return write_recipe(path, model="random:tiny-bert",
+                        task={"name": "classification", "train": "train.csv", "validation": "validation.csv",
+                              "max_length": 32},
+                        strategy={"name": "lora", "r": 4, "alpha": 8},
+                        # 5e-3 left this seed's tiny classifier at chance with the current library versions
+                        train={"batch_size": 8, "learning_rate": 2e-2, "max_steps": 30, "logging_steps": 5,
+                               "save_steps": 1000, "seed": 7},
+                        output=out)
 
-[output]
-dir = "{out}"
-"""
-
-CLASSIFICATION_RECIPE = """\
-[model]
-name = "random:tiny-bert"
-
-[task]
-name = "classification"
-train = "train.csv"
-validation = "validation.csv"
-max_length = 32
-
-[strategy]
-name = "lora"
-r = 4
-alpha = 8
-
-[train]
-batch_size = 8
-learning_rate = 2e-2  # 5e-3 left this seed's tiny classifier at chance with the current library versions
-max_steps = 30
-logging_steps = 5
-save_steps = 1000
-seed = 7
-
-[eval]
-strategy = "no"
-
-[output]
-dir = "{out}"
-"""
 
 #: a test server: the real `petune serve` code, plus injected faults (a message holding
 #: "__boom__" makes generation raise; one holding "__slow__" makes each token take
@@ -137,15 +99,11 @@ def make_runs(base: Path) -> dict[str, Path]:
     for seed, (name, answer) in enumerate(answers.items(), 1):
         data = folder / f"{name}.jsonl"
         data.write_text("".join(json.dumps({"instruction": p, "output": answer}) + "\n" for p in prompts))
-        recipe = folder / f"{name}.toml"
-        recipe.write_text(SFT_RECIPE.format(data=data, seed=seed, out=runs[name]))
-        recipes.append(recipe)
+        recipes.append(sft_recipe(folder / f"{name}.toml", data, seed, runs[name]))
     cls_folder = folder / "cls-data"
     cls_folder.mkdir(exist_ok=True)
     write_classification_data(cls_folder)
-    recipe = cls_folder / "recipe.toml"
-    recipe.write_text(CLASSIFICATION_RECIPE.format(out=runs["cls"]))
-    recipes.append(recipe)
+    recipes.append(classification_recipe(cls_folder / "recipe.toml", runs["cls"]))
     procs = [subprocess.Popen([sys.executable, "-m", "petune", "run", str(r), "--overwrite"], cwd=REPO, env=ENV,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in recipes]
     for recipe, proc in zip(recipes, procs):
