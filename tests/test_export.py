@@ -108,7 +108,7 @@ def test_ollama_layouts_render_like_the_run_templates():
 
     from petune.ollama import LAYOUTS, PROBES
 
-    templates = Path(__file__).resolve().parents[1] / "plugins" / "tasks" / "templates"
+    templates = Path(__file__).resolve().parents[1] / "petune_plugins" / "tasks" / "templates"
     ends = {"chatml": "<|im_end|>", "gemma": "<end_of_turn>", "alpaca": "</s>"}  # as each template sets end_of_turn
     layouts = {layout.name: layout for layout in LAYOUTS}
     for name, end in ends.items():
