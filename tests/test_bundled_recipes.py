@@ -37,12 +37,14 @@ def short_run_args(recipe: Path, out: Path) -> list:
     return args
 
 
-def test_every_bundled_recipe_is_listed_and_valid():
+def test_every_bundled_recipe_is_listed_and_valid(host):
+    from petune.recipe import load_recipe
+
     listed = petune("recipes")
     for recipe in RECIPES:
         assert recipe.name in listed.stdout
-        result = petune("validate", recipe)
-        assert result.returncode == 0, f"{recipe.name}: {result.stderr}"
+        load_recipe(recipe, host)  # what `petune validate` checks, in this process: a process per recipe took a minute
+    assert petune("validate", RECIPES[0]).returncode == 0
     expected = {"qlora_sft", "lora_sft", "full_classification", "lora_classification", "adapters_classification",
                 "prompt_tuning_classification", "lora_ner", "adapters_ner"}
     assert expected <= {r.stem for r in RECIPES}
