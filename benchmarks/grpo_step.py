@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "grpo_arithmetic.toml"
 DATA = REPO / "recipes" / "data" / "arithmetic_train.jsonl"
-PATTERN = r"[^\n]*\n\s*Answer:\s*-?\d+\.?"  # the recipe's format reward
+PATTERN = r"\d{1,3} [-+*] \d{1,3} = \d{1,4}\nAnswer: \d{1,4}"  # the recipe's format reward
 
 
 def run_child(command: list, work: Path, name: str) -> tuple[int, str, int]:
@@ -91,7 +91,7 @@ def trl_side(steps: int, rows: int, work: Path) -> None:
         return [float(bool(f) and f[-1] == a) for f, a in zip(found, answer)]
 
     def format_reward(prompts, completions, **_):
-        return [float(re.fullmatch(PATTERN, text(c).strip()) is not None) for c in completions]
+        return [float(re.fullmatch(PATTERN, text(c)) is not None) for c in completions]
 
     config = GRPOConfig(
         output_dir=str(work / "trl-run"), max_steps=steps, per_device_train_batch_size=16, num_generations=4,
