@@ -95,16 +95,16 @@ def trl_side(steps: int, rows: int, work: Path) -> None:
 
     config = GRPOConfig(
         output_dir=str(work / "trl-run"), max_steps=steps, per_device_train_batch_size=16, num_generations=4,
-        max_completion_length=24, temperature=1.0, learning_rate=1e-4, warmup_ratio=0.05,
+        max_completion_length=24, temperature=1.0, learning_rate=1e-4, warmup_steps=0.05,  # a ratio (transformers 5)
         lr_scheduler_type="constant_with_warmup", loss_type="dapo", beta=0.0, reward_weights=[1.0, 0.5],
         logging_steps=1, save_strategy="no", report_to="none", seed=42,
-        bf16=train_precision == "bf16", fp16=train_precision == "fp16")
+        gradient_checkpointing=False,  # TRL's default is on; petune's recipe leaves it off
+        bf16=train_precision == "bf16", fp16=train_precision == "fp16", use_cpu=not torch.cuda.is_available())
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=[math_answer, format_reward], args=config, train_dataset=dataset,
                           processing_class=tokenizer, peft_config=peft_config)
     trainer.train()
     (work / "trl-history.json").write_text(json.dumps(trainer.state.log_history))
-    del torch
 
 
 def _record(side: str, history: list[dict], wall: float, peak_bytes: int) -> dict:
