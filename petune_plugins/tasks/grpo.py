@@ -453,14 +453,19 @@ def plot_rewards(log_history: list[dict], labels: list[str], path: Path) -> None
         steps = [h["step"] for h in logged]
         mean = [h["reward"] for h in logged]
         spread = [h.get("reward_std", 0.0) for h in logged]
-        ax.plot(steps, mean, label="reward (weighted total)", color="tab:blue")
+        window = max(1, len(steps) // 10)  # a step's mean is over a few completions: show the trend too
+        ax.plot(steps, mean, label="reward (weighted total)", color="tab:blue", alpha=0.45, linewidth=1)
         ax.fill_between(steps, [m - s for m, s in zip(mean, spread)], [m + s for m, s in zip(mean, spread)],
-                        color="tab:blue", alpha=0.15, label="± spread over completions")
+                        color="tab:blue", alpha=0.1, label="± spread over completions")
+        if window > 1:
+            ax.plot(steps, _running_mean(mean, window), color="tab:blue", linewidth=2.2,
+                    label=f"reward, mean of the last {window} steps")
         for label in labels:
             key = f"rewards/{label}/mean"
             points = [(h["step"], h[key]) for h in logged if key in h]
             if points and len(labels) > 1:
-                ax.plot(*zip(*points), "--", label=label)
+                xs, ys = zip(*points)
+                ax.plot(xs, _running_mean(list(ys), window), "--", label=f"{label} (mean of the last {window})")
         ax.legend(fontsize=8)
     else:
         ax.text(0.5, 0.5, "no reward logged", ha="center", va="center", transform=ax.transAxes)
@@ -516,6 +521,10 @@ def grpo_trainer_class():
             return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     return PetuneGRPOTrainer
+
+
+def _running_mean(values: list[float], window: int) -> list[float]:
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 # -- the task -------------------------------------------------------------------------------------
