@@ -17,6 +17,12 @@ os.environ.setdefault("PETUNE_DATA_CACHE", "off")
 # "auto" dtypes resolve the same on every CPU (float32), so a test's numbers do not depend on whether
 # the CPU it runs on has native bf16; tests/test_precision.py pretends to be each kind of machine
 os.environ.setdefault("PETUNE_CPU_BF16", "0")
+# several xdist workers share the cores: one compute thread each (and in the petune processes they start).
+# With two threads per process on a machine whose cores are all taken, every parallel region waits for a
+# thread that is not running: a packaged-model smoke run took several times longer
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import pytest
 
