@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import write_recipe
 from pydantic import ValidationError
 
 from petune.errors import Refusal, UserError
@@ -426,34 +427,12 @@ def test_an_installed_reward_package_trains_a_grpo_run_and_a_raising_one_is_blam
     (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def recipe(reward: str, out: str) -> Path:
-        path = tmp_path / f"{out}.toml"
-        path.write_text(f"""
-[model]
-name = "random:tiny-llama"
-[task]
-name = "grpo"
-train = "prompts.jsonl"
-validation_split = 0.25
-num_generations = 2
-max_prompt_length = 64
-max_completion_length = 4
-chat_template = "chatml"
-num_sample_generations = 1
-[[task.rewards]]
-name = "{reward}"
-{'keywords = ["cat", "dog"]' if reward == "keywords" else ""}
-[strategy]
-name = "lora"
-r = 4
-[train]
-max_steps = 2
-batch_size = 2
-[eval]
-strategy = "no"
-[output]
-dir = "{out}"
-""")
-        return path
+        options = {"keywords": ["cat", "dog"]} if reward == "keywords" else {}
+        return write_recipe(tmp_path / f"{out}.toml", output=out, strategy={"name": "lora", "r": 4},
+                            task={"name": "grpo", "train": "prompts.jsonl", "validation_split": 0.25,
+                                  "num_generations": 2, "max_prompt_length": 64, "max_completion_length": 4,
+                                  "chat_template": "chatml", "num_sample_generations": 1,
+                                  "rewards": [{"name": reward, **options}]})
 
     env = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1")
     trained = subprocess.run([sys.executable, "-m", "petune", "run", str(recipe("keywords", "run_ok"))],
