@@ -99,10 +99,15 @@ def run(case: Case) -> dict:
 
     # -- model --------------------------------------------------------------------------------
     load = load_kwargs(case, options, dtype, causal)
+    from petune.api import load_pretrained
+
+    # load_pretrained is from_pretrained for a folder of weights; for a GGUF base it reads the
+    # file's tensors dequantised (transformers refuses bitsandbytes with gguf_file=, so a plain
+    # script would first write a dequantised copy, then load that)
     if causal:
-        model = AutoModelForCausalLM.from_pretrained(path, **load)
+        model = load_pretrained(AutoModelForCausalLM, path, **load)
     else:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **load)
+        model = load_pretrained(AutoModelForSequenceClassification, path, num_labels=2, **load)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if case.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -221,10 +226,12 @@ def load_kwargs(case: Case, options: dict, dtype, causal: bool) -> dict:
     if case.strategy != "qlora":
         return {"dtype": dtype}
     device_map = {"": torch.device(case.device)}
-    if case.own_defaults:
+    if case.own_defaults:  # a GGUF base's own quantisation (petune's quant_type "gguf") is not bitsandbytes':
+        # the plain loop re-quantises the file's tensors to NF4, as QLoRA's documentation does
+        gguf_base = options["quant_type"] == "gguf"
         return {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=options["quant_type"],
-            bnb_4bit_use_double_quant=options["double_quant"]), "device_map": device_map}
+            load_in_4bit=True, bnb_4bit_quant_type="nf4" if gguf_base else options["quant_type"],
+            bnb_4bit_use_double_quant=True if gguf_base else options["double_quant"]), "device_map": device_map}
     return {"dtype": dtype, "device_map": device_map, "quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=options["quant_type"], bnb_4bit_use_double_quant=options["double_quant"],
         bnb_4bit_compute_dtype=getattr(torch, options["compute_dtype"]),

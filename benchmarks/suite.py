@@ -149,7 +149,7 @@ def plan_real_length(*, smoke: bool = False, device: str = "cpu", shapes: list[s
 #: (whose shape holds the recipe's batch_size and max_length) and its [strategy] table
 QUICKSTART_SHAPE = "gemma-3-270m"
 QUICKSTART_STRATEGY = {"name": "qlora", "r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear",
-                       "quant_type": "nf4", "double_quant": True}
+                       "quant_type": "gguf"}
 
 
 def plan_quickstart(*, steps: int | None = None, warmup: int | None = None, threads: int | None = None,
@@ -158,8 +158,10 @@ def plan_quickstart(*, steps: int | None = None, warmup: int | None = None, thre
     (compute_dtype auto); petune with the loss from full logits (variant ``plain-loss``: the
     sft task's "auto" loss is TRL's chunked one for Gemma's 262k-token vocabulary); on a CPU
     with native bf16 also petune as "auto" runs where bf16 is emulated (float32, variant
-    ``no-cpu-bf16``); and the plain loop as bitsandbytes' documentation writes it (compute
-    dtype float32). No gradient checkpointing: the recipe leaves petune's default (off)."""
+    ``no-cpu-bf16``); and the plain loop as bitsandbytes' documentation writes it (NF4 with
+    double quantisation, compute dtype float32: bitsandbytes cannot keep a GGUF file's own
+    quantisation, see baseline.load_kwargs). No gradient checkpointing: the recipe leaves
+    petune's default (off)."""
     harness, shape_mod = _benchmarks()
     from petune import precision
 

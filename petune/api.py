@@ -536,8 +536,11 @@ class ModelSource(_Plugin):
 
     @required
     def resolve(self, name: str) -> Path:
-        """Return a local folder with config, weights and tokenizer (may convert and cache).
-        Raise :class:`petune.errors.UserError` with what to do when it cannot."""
+        """Return a local folder with config and tokenizer (may convert and cache), and the
+        weights — or a loader for folders whose weights stay elsewhere, registered with
+        :func:`register_weights_loader` (a GGUF file's own blocks); tasks load bases with
+        :func:`load_pretrained`, which asks it. Raise :class:`petune.errors.UserError` with
+        what to do when it cannot."""
         raise NotImplementedError
 
     def names(self) -> list[str]:
@@ -681,3 +684,27 @@ def contiguous_head_input(model) -> None:
     if head is not None and not getattr(head, "_petune_contiguous_input", False):
         head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else args)
         head._petune_contiguous_input = True
+
+
+#: loaders for model folders whose weights a source keeps elsewhere (see :func:`load_pretrained`)
+_WEIGHTS_LOADERS: list = []
+
+
+def register_weights_loader(loader) -> None:
+    """Register ``loader(auto_class, folder, kwargs) -> model | None``: it builds the model of a
+    folder whose weights its source keeps outside it (e.g. in a GGUF file, read as stored) and
+    returns None for every other folder. Sources register one when their module is imported."""
+    if loader not in _WEIGHTS_LOADERS:
+        _WEIGHTS_LOADERS.append(loader)
+
+
+def load_pretrained(auto_class, path: Path, **kwargs):
+    """``auto_class.from_pretrained(path, **kwargs)`` for any folder a model source gives: tasks
+    build their base with it. Keys a strategy's ``load_kwargs`` addresses to a weights loader
+    (``petune_...``) reach only that loader."""
+    for loader in _WEIGHTS_LOADERS:
+        model = loader(auto_class, Path(path), kwargs)
+        if model is not None:
+            return model
+    kwargs = {k: v for k, v in kwargs.items() if not k.startswith("petune_")}
+    return auto_class.from_pretrained(path, **kwargs)

@@ -73,6 +73,7 @@ def qlora_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("qlora") / "run"
     result = petune(*short_run_args(REPO / "recipes" / "qlora_sft.toml", out), timeout=SMOKE_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
+    (out.parent / "console.txt").write_text(result.stdout + result.stderr)
     return out
 
 
@@ -85,6 +86,13 @@ def test_qlora_run_folder_holds_everything(qlora_run):
     manifest = json.loads((qlora_run / "manifest.json").read_text())
     assert {"versions", "seed", "device", "started", "ended", "git_commit", "plugins", "command"} <= set(manifest)
     assert {"loss", "perplexity"} <= set(json.loads((qlora_run / "metrics.json").read_text())["validation"])
+    # trained on the packaged Q4_K_M file's own blocks: the plan lists them by type, and no weights were converted
+    plan = " ".join((qlora_run.parent / "console.txt").read_text().split())
+    for kept in ("Q4_K: 27 layers", "Q5_0: 81 layers", "Q6_K: 9 layers", "Q8_0: 9 layers"):
+        assert kept in plan, plan
+    from petune.models import cache_dir
+
+    assert not list(cache_dir("models", "gguf").rglob("*.safetensors"))
 
 
 def _logits(model, tokenizer, text="What is the capital of France?"):
@@ -93,28 +101,30 @@ def _logits(model, tokenizer, text="What is the capital of France?"):
         return model(**batch).logits.float()
 
 
+def _close(got, want):
+    """Same greedy tokens, and logits within bf16 compute's rounding of each other."""
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 @pytest.mark.slow
 def test_qlora_adapter_loads_with_plain_transformers_and_peft(qlora_run, host):
+    """The Quickstart trains on the GGUF file's own blocks; its adapter is a plain peft folder
+    that transformers' own GGUF loader (dequantising the same file) and peft load to the same
+    model."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from petune import precision
     from petune.models import resolve_model
     from petune.run_folders import load_run
+    from petune_plugins.sources.gguf_file import gguf_for_folder
 
     loaded = load_run(qlora_run, host)
-    base_path = resolve_model("gemma-3-270m", host.model_sources()).path
-    compute = precision.resolve(loaded.recipe.strategy.compute_dtype).torch_dtype  # what "auto" chose here
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=compute,
-                             llm_int8_skip_modules=["lm_head", "embed_out", "score", "classifier", "qa_outputs", "pooler.dense"])
-    base = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=bnb, dtype=torch.float32, device_map={"": "cpu"})
+    gguf = gguf_for_folder(resolve_model("gemma-3-270m", host.model_sources()).path)
+    base = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = PeftModel.from_pretrained(base, qlora_run / "adapter").eval()
-    for module in plain.modules():  # on AVX512-BF16 CPUs bitsandbytes would repack for bf16 inference,
-        if hasattr(module, "support_avx512bf16_for_cpu"):  # not the compute dtype the run trained in
-            module.support_avx512bf16_for_cpu = False
     tokenizer = AutoTokenizer.from_pretrained(qlora_run / "tokenizer")
-    torch.testing.assert_close(_logits(plain, tokenizer), _logits(loaded.model, loaded.tokenizer), rtol=1e-4, atol=1e-4)
+    _close(_logits(plain, tokenizer), _logits(loaded.model, loaded.tokenizer))
 
 
 @pytest.mark.slow
@@ -126,11 +136,10 @@ def test_generate_answers_with_the_adapter(qlora_run):
 
 @pytest.mark.slow
 def test_exported_gguf_computes_what_the_run_computes(qlora_run, tmp_path, host):
-    """The packaged Gemma's QLoRA run written as an f16 GGUF file and read by transformers'
-    GGUF loader computes what the 4-bit run (petune generate) computes: the adapter is folded
-    into the 4-bit base as trained, dequantised. Folded into the original checkpoint, the
-    model would differ by far more (measured: max |Δ| 1.5 vs 27.6 of 102, argmax 100% vs 75%).
-    After two steps the answers are near-ties, so logits are compared, not greedy text."""
+    """The packaged Gemma's QLoRA run (on the GGUF file's own blocks) merged and written as an
+    f16 GGUF file, read by transformers' GGUF loader, computes what the run (petune generate)
+    computes: the adapter is folded into the blocks as trained, dequantised. After two steps
+    the answers are near-ties, so logits are compared, not greedy text."""
     from transformers import AutoModelForCausalLM
 
     from petune.merge import logits_of
@@ -141,12 +150,7 @@ def test_exported_gguf_computes_what_the_run_computes(qlora_run, tmp_path, host)
     assert result.returncode == 0, result.stderr[-3000:]
     run = load_run(qlora_run, host)  # as petune generate loads it
     exported = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
-    original = load_run(qlora_run, host, quantized=False)  # the adapter on the original checkpoint
     text = run.tokenizer.apply_chat_template([{"role": "user", "content": "Give three tips for staying focused."}],
                                              tokenize=False, add_generation_prompt=True)
     batch = dict(run.tokenizer(text, return_tensors="pt", add_special_tokens=False))
-    want = logits_of(run.model, batch)["logits"]
-    got, other = logits_of(exported, batch)["logits"], logits_of(original.model, batch)["logits"]
-    assert torch.equal(got.argmax(-1), want.argmax(-1))
-    assert (got - want).abs().max() < 0.05 * want.abs().max()  # bf16 compute of the 4-bit run vs f32
-    assert (got - want).abs().max() < (other - want).abs().max() / 5
+    _close(logits_of(exported, batch)["logits"], logits_of(run.model, batch)["logits"])

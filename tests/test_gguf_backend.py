@@ -62,8 +62,11 @@ def logits(model, inputs):
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
 
 
-def load(folder, s, opts):
-    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **s.load_kwargs(opts))
+def load(folder, s=None, opts=None):
+    from petune.api import load_pretrained
+
+    kwargs = s.load_kwargs(opts) if s is not None else {}
+    return load_pretrained(transformers.AutoModelForCausalLM, folder, dtype=torch.float32, **kwargs)
 
 
 def test_blocks_compute_what_transformers_gguf_loader_computes(tiny_gguf):
@@ -71,7 +74,7 @@ def test_blocks_compute_what_transformers_gguf_loader_computes(tiny_gguf):
 
     path, folder = tiny_gguf
     reference = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = load(folder)  # dense, then the blocks swapped in
     swapped = gguf_backend.swap_in_blocks(model, path, torch.float32)
     layers = gguf_backend.gguf_layers(model)
     assert len(layers) == 2 * 7 and {layer.gguf_type for layer in layers} == {"Q8_0"}
@@ -79,6 +82,13 @@ def test_blocks_compute_what_transformers_gguf_loader_computes(tiny_gguf):
     assert type(model.lm_head) is torch.nn.Linear  # the output layer stays dense (fused losses read it)
     assert "Q8_0: 14 layers" in swapped.rows()["gguf base"]
     torch.testing.assert_close(logits(model, batch()), logits(reference, batch()), atol=0, rtol=0)
+
+    # loaded with the strategy's load_kwargs: the blocks go straight into a weightless skeleton
+    s, opts = qlora(compute_dtype="float32")
+    direct = load(folder, s, opts)
+    assert len(gguf_backend.gguf_layers(direct)) == 14 and not any(p.is_meta for p in direct.parameters())
+    assert direct._petune_gguf_swapped.quantised == swapped.quantised
+    torch.testing.assert_close(logits(direct, batch()), logits(reference, batch()), atol=0, rtol=0)
 
 
 def test_lora_trains_on_the_blocks_and_restores_merges_and_infers_alike(tiny_gguf, tmp_path):
@@ -108,7 +118,7 @@ def test_lora_trains_on_the_blocks_and_restores_merges_and_infers_alike(tiny_ggu
     torch.testing.assert_close(logits(fast, batch()), expected, atol=1e-5, rtol=1e-4)
 
     # merge path: the base as trained, dequantised to plain Linear layers, adapter folded in
-    plain = s.dequantize(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), opts)
+    plain = s.dequantize(load(folder, s, opts), opts)
     assert not gguf_backend.gguf_layers(plain)
     merged = s.merge(s.restore(plain, tmp_path / "adapter", CausalLM(), opts))
     torch.testing.assert_close(logits(merged, batch()), expected, atol=1e-4, rtol=1e-4)

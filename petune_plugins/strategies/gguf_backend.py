@@ -139,21 +139,34 @@ def check_types(gguf_path: Path) -> None:
         gguf_quants.check_supported(tensor.tensor_type.name, where=f"{tensor.name} in {gguf_path.name}")
 
 
-def swap_in_blocks(model: torch.nn.Module, gguf_path: Path, compute_dtype: torch.dtype, *,
-                   keep_quantised: bool = True) -> Swapped:
-    """Put the file's tensors into ``model`` (in place): quantised weights of linear layers
-    as :class:`GGUFLinear` blocks (``keep_quantised``; else dequantised into the plain
-    layer), every other mapped tensor as floats in its parameter's dtype."""
+def _mapping(model, reader):
+    """(tensor processor, GGUF name -> transformers name) for ``model``, as transformers'
+    own GGUF loader maps them."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    reader = reader_of(gguf_path)
     arch_field = reader.fields["general.architecture"]
     architecture = bytes(arch_field.parts[arch_field.data[0]]).decode()
     config = model.config.to_dict()
     if hasattr(model.config, "get_text_config"):
         config = {**model.config.get_text_config().to_dict(), **config}
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=config)
-    names = get_gguf_hf_weights_map(model, processor)
+    return processor, get_gguf_hf_weights_map(model, processor)
+
+
+def _raw(tensor) -> torch.Tensor:
+    """A file tensor's bytes as uint8, one row of blocks per row (a copy: the reader's memory map is read-only)."""
+    raw = torch.from_numpy(np.ascontiguousarray(tensor.data).view(np.uint8).copy())
+    return raw.reshape(*tensor.data.shape[:-1], -1) if raw.dim() > 1 else raw
+
+
+def swap_in_blocks(model: torch.nn.Module, gguf_path: Path, compute_dtype: torch.dtype, *,
+                   fill_meta: bool = False) -> Swapped:
+    """Put the file's tensors into ``model`` (in place): quantised weights of linear layers
+    as :class:`GGUFLinear` blocks, every other mapped tensor as floats in its parameter's
+    dtype. Parameters on the meta device (a weightless skeleton) get shapes only (memory
+    estimates: nothing is read), or, with ``fill_meta``, the file's values."""
+    reader = reader_of(gguf_path)
+    processor, names = _mapping(model, reader)
     modules = dict(model.named_modules())
     # the output layer stays dense, as bitsandbytes leaves it: fused losses (TRL's chunked
     # cross-entropy) read its weight directly, and tied models share it with the embeddings
@@ -162,31 +175,33 @@ def swap_in_blocks(model: torch.nn.Module, gguf_path: Path, compute_dtype: torch
     for tensor in reader.tensors:
         type_name = tensor.tensor_type.name
         gguf_quants.check_supported(type_name, where=f"{tensor.name} in {gguf_path.name}")
-        if tensor.name not in names:
-            continue
-        hf_name = names[tensor.name]
-        owner_name, _, attr = hf_name.rpartition(".")
-        owner = modules.get(owner_name)
+        owner_name, _, attr = names.get(tensor.name, "").rpartition(".")
+        owner = modules.get(owner_name) if owner_name else None
         if owner is None:
             continue
-        quantised = type_name not in gguf_quants.FLOAT_TYPES
-        if getattr(owner, attr).is_meta:  # a weightless skeleton (memory estimates): shapes only, nothing read
-            if quantised and attr == "weight" and type(owner) is torch.nn.Linear and owner is not output:
+        target = getattr(owner, attr)
+        blocks_here = (type_name not in gguf_quants.FLOAT_TYPES and attr == "weight"
+                       and type(owner) is torch.nn.Linear and owner is not output)
+        if target.is_meta and not fill_meta:  # shapes only
+            if blocks_here:
                 blocks = torch.empty(owner.out_features, gguf_quants.row_bytes(type_name, owner.in_features),
                                      dtype=torch.uint8, device="meta")
                 _replace(model, modules, owner_name, owner, blocks, type_name, compute_dtype, done)
             continue
-        raw = torch.from_numpy(np.ascontiguousarray(tensor.data).view(np.uint8).copy())
-        raw = raw.reshape(*tensor.data.shape[:-1], -1) if raw.dim() > 1 else raw
-        if (keep_quantised and quantised and attr == "weight" and type(owner) is torch.nn.Linear and owner is not output
-                and raw.dim() == 2 and raw.shape[0] == owner.out_features):
+        raw = _raw(tensor)
+        if blocks_here and raw.dim() == 2 and raw.shape[0] == owner.out_features:
             permuted = processor.process(weights=raw.numpy(), name=tensor.name, tensor_key_mapping=names,
                                          parsed_parameters={"tensors": {}})
             blocks = torch.from_numpy(permuted.weights.copy())
             if blocks.dtype == torch.uint8 and blocks.shape == raw.shape:
                 _replace(model, modules, owner_name, owner, blocks, type_name, compute_dtype, done)
                 continue
-        _put_dense(owner, attr, raw, type_name, tensor.name, processor, names)
+        value = _dense(raw, type_name, tensor.name, processor, names, target.shape, target.dtype)
+        if target.is_meta:
+            setattr(owner, attr, torch.nn.Parameter(value, requires_grad=target.requires_grad))
+        else:
+            with torch.no_grad():
+                target.copy_(value)
         done.dense[type_name] += 1
     if hasattr(model, "tie_weights"):
         model.tie_weights()
@@ -204,29 +219,50 @@ def _replace(model, modules, owner_name, owner, blocks, type_name, compute_dtype
     done.nbytes[type_name] += blocks.numel()
 
 
-def _put_dense(owner, attr, raw, type_name, gguf_name, processor, names) -> None:
-    target = getattr(owner, attr)
-    if raw.dim() == 2 and raw.shape[0] == target.shape[0] and target.dim() == 2:
+def dense_state_dict(skeleton: torch.nn.Module, gguf_path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor of the file the model (a meta skeleton: names and shapes) maps, dequantised
+    to ``dtype`` under its transformers name: what a converted checkpoint would hold. Types the
+    torch dequantiser does not read go through llama.cpp's numpy reference."""
+    reader = reader_of(gguf_path)
+    processor, names = _mapping(skeleton, reader)
+    expected = dict(skeleton.state_dict())
+    weights = {}
+    for tensor in reader.tensors:
+        name = names.get(tensor.name)
+        if name is None or name not in expected:
+            continue
+        weights[name] = _dense(_raw(tensor), tensor.tensor_type.name, tensor.name, processor, names,
+                               expected[name].shape, dtype, tensor=tensor)
+    return weights
+
+
+def _dense(raw, type_name, gguf_name, processor, names, shape, dtype, tensor=None) -> torch.Tensor:
+    """One file tensor as floats of ``shape`` and ``dtype``, reordered as the architecture's
+    processor reorders it (llama's q/k rows, Gemma's 1 + w norms)."""
+    def floats(data):
+        if type_name in gguf_quants.SUPPORTED or tensor is None:
+            return _dequantize(data, type_name, torch.float32)
+        import gguf
+
+        return torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32))
+
+    if raw.dim() == 2 and len(shape) == 2 and raw.shape[0] == shape[0] and type_name in gguf_quants.SUPPORTED:
         # a matrix (an embedding): the processor only reorders rows, which it may do on the
-        # raw rows; then dequantised a slice of rows at a time, straight into the parameter
+        # raw rows; then dequantised a slice of rows at a time, straight into the result
         # (the 262k-row Gemma embedding would otherwise take two float32 copies at once)
         n = raw.shape[0]
         probe = processor.process(weights=np.arange(n, dtype=np.float64)[:, None], name=gguf_name,
                                   tensor_key_mapping=names, parsed_parameters={"tensors": {}}).weights.reshape(-1)
         if probe.shape == (n,) and np.array_equal(np.sort(probe), np.arange(n)):  # only reorders rows
             rows = raw[torch.from_numpy(probe.astype(np.int64))]
-            with torch.no_grad():
-                for start in range(0, rows.shape[0], 8192):
-                    chunk = _dequantize(rows[start:start + 8192].contiguous(), type_name, torch.float32)
-                    target[start:start + 8192].copy_(chunk.to(target.dtype))
-            return
-    values = _dequantize(raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1), type_name,
-                         torch.float32)
+            out = torch.empty(shape, dtype=dtype)
+            for start in range(0, n, 8192):
+                out[start:start + 8192] = floats(rows[start:start + 8192].contiguous())
+            return out
+    values = floats(raw.reshape(-1, raw.shape[-1]) if raw.dim() > 1 else raw.reshape(1, -1))
     result = processor.process(weights=values.numpy(), name=gguf_name, tensor_key_mapping=names,
                                parsed_parameters={"tensors": {}})
-    values = torch.from_numpy(result.weights.copy()).reshape(target.shape)
-    with torch.no_grad():
-        target.copy_(values.to(target.dtype))
+    return torch.from_numpy(result.weights.copy()).reshape(shape).to(dtype)
 
 
 def dequantize_layers(model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -283,3 +319,68 @@ def add_gguf_lora(model: torch.nn.Module, adapter_path: Path, gguf_architecture:
 
         module.register_forward_hook(hook)
     return len(pairs)
+
+
+#: a ``from_pretrained`` keyword a strategy's ``load_kwargs`` gives to keep the file's blocks
+#: (:class:`GGUFLinear`), computing in this dtype; without it the base loads dense
+KEEP_BLOCKS = "petune_gguf_blocks"
+
+
+def load_model(auto_class, folder: Path, gguf_path: Path, kwargs: dict):
+    """``auto_class.from_pretrained(folder, **kwargs)`` for a folder whose weights stay in
+    ``gguf_path`` (config and tokenizer only). With :data:`KEEP_BLOCKS`, a weightless
+    skeleton gets the file's blocks and floats (nothing dense is ever built); without it,
+    transformers loads the file's tensors dequantised, as from a converted checkpoint
+    (bitsandbytes then quantises them as usual)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    kwargs = dict(kwargs)
+    compute = kwargs.pop(KEEP_BLOCKS, None)
+    with_info = kwargs.pop("output_loading_info", False)
+    model_kwargs = {k: kwargs.pop(k) for k in ("dtype", "attn_implementation", "device_map", "quantization_config",
+                                               "ignore_mismatched_sizes", "low_cpu_mem_usage") if k in kwargs}
+    kwargs.pop("trust_remote_code", None)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False, **kwargs)  # e.g. num_labels
+    dtype = model_kwargs.get("dtype")
+    dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
+    skeleton = _skeleton(auto_class, config, dtype, model_kwargs.get("attn_implementation"))
+    if compute is None:
+        weights = dense_state_dict(skeleton, gguf_path, dtype)
+        model_class = type(skeleton)  # an Auto class takes no state dict without a folder of weights
+        del skeleton
+        model, info = model_class.from_pretrained(None, config=config, state_dict=weights, output_loading_info=True,
+                                                  **model_kwargs)
+    else:
+        model = skeleton
+        model._petune_gguf_swapped = swap_in_blocks(model, gguf_path, getattr(torch, str(compute).removeprefix(
+            "torch.")), fill_meta=True)
+        missing = _initialise_missing(model)
+        info = {"missing_keys": missing, "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        device = (model_kwargs.get("device_map") or {}).get("") if isinstance(model_kwargs.get("device_map"), dict) else None
+        if device is not None:
+            model.to(device)
+        model.eval()
+    model.name_or_path = model.config._name_or_path = str(folder)
+    if (Path(folder) / "generation_config.json").is_file() and model.can_generate():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return (model, info) if with_info else model
+
+
+def _skeleton(auto_class, config, dtype, attn_implementation):
+    """The model with every parameter on the meta device (buffers real: rotary tables)."""
+    from accelerate import init_empty_weights
+
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with init_empty_weights(include_buffers=False):
+        return auto_class.from_config(config, dtype=dtype, **extra)
+
+
+def _initialise_missing(model) -> list[str]:
+    """Parameters the file has no tensor for (a new task head) get real memory and the
+    model's own initialisation, as ``from_pretrained`` gives missing weights. Returns their names."""
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    for owner_name in sorted({name.rpartition(".")[0] for name in missing}):
+        owner = model.get_submodule(owner_name)
+        owner.to_empty(device="cpu", recurse=False)
+        model._init_weights(owner)
+    return missing

@@ -99,10 +99,13 @@ class QloraStrategy(Strategy):
                           hint=f"set strategy.quant_storage = \"{_compute_dtype(options).dtype}\" (same as compute_dtype)")
 
     def load_kwargs(self, options):
-        if options.quant_type == "gguf":
-            return {}  # built from the folder; apply() swaps the file's blocks in
-        import torch
         from accelerate import PartialState
+
+        if options.quant_type == "gguf":  # the GGUF weights loader keeps the file's blocks as stored
+            from petune_plugins.strategies.gguf_backend import KEEP_BLOCKS
+
+            return {KEEP_BLOCKS: _compute_dtype(options, PartialState().device).dtype}
+        import torch
         from transformers import BitsAndBytesConfig
 
         return {
@@ -121,7 +124,8 @@ class QloraStrategy(Strategy):
 
     def apply(self, model, task, options):
         if options.quant_type == "gguf":
-            self._gguf_swapped = _swap_gguf(model, options)
+            # loaded with the blocks (load_kwargs), or a skeleton for estimates: swapped here
+            self._gguf_swapped = getattr(model, "_petune_gguf_swapped", None) or _swap_gguf(model, options)
             model = apply_lora(model, task, options)
             model.train()
             return model
@@ -161,7 +165,7 @@ class QloraStrategy(Strategy):
     def restore(self, base, path, task, options):
         # bitsandbytes' own inference kernels, as plain peft gets them: a reloaded adapter
         # gives the same outputs here and in any other tool (see _keep_trainable_layout)
-        if options.quant_type == "gguf" and not getattr(base, "_petune_gguf_dequantized", False):
+        if options.quant_type == "gguf" and not _has_blocks(base) and not getattr(base, "_petune_gguf_dequantized", False):
             _swap_gguf(base, options)  # the blocks training computed with (unless dequantize() did it)
         return restore_peft(base, path)
 
@@ -171,7 +175,8 @@ class QloraStrategy(Strategy):
         if options.quant_type == "gguf":
             from petune_plugins.strategies import gguf_backend
 
-            _swap_gguf(base, options)
+            if not _has_blocks(base):
+                _swap_gguf(base, options)
             base = gguf_backend.dequantize_layers(base, base.dtype)
             base._petune_gguf_dequantized = True
             return base
@@ -240,6 +245,12 @@ def _swap_gguf(model, options):
     swapped = gguf_backend.swap_in_blocks(model, path, _compute_dtype(options).torch_dtype)
     gguf_backend.require_layers(model, path)
     return swapped
+
+
+def _has_blocks(model) -> bool:
+    from petune_plugins.strategies import gguf_backend
+
+    return bool(gguf_backend.gguf_layers(model))
 
 
 def _is_4bit_linear(module) -> bool:

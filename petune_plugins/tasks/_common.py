@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar
 
 from pydantic import BeforeValidator, Field, model_serializer, model_validator
 
-from petune.api import DataPath, ModelInfo, ModelShape, Options, Task, TaskData, model_device  # noqa: F401 - model_device: the tasks' import of it
+from petune.api import DataPath, ModelInfo, ModelShape, Options, Task, TaskData, load_pretrained, model_device  # noqa: F401 - model_device: the tasks' import of it
 from petune.errors import DataError, Refusal
 
 if TYPE_CHECKING:
@@ -273,7 +273,7 @@ def load_with_head(auto_class, model_info: ModelInfo, **kwargs):
     random, so they must train and be saved with an adapter (see find_head_modules)."""
     if replaces_head(auto_class, model_info, kwargs.get("num_labels")):
         kwargs["ignore_mismatched_sizes"] = True
-    model, loading = auto_class.from_pretrained(model_info.path, output_loading_info=True, **kwargs)
+    model, loading = load_pretrained(auto_class, model_info.path, output_loading_info=True, **kwargs)
     new = {key for key in loading.get("missing_keys", ())} | {row[0] for row in loading.get("mismatched_keys", ())}
     model.petune_new_modules = sorted({key.rpartition(".")[0] for key in new if "." in key})
     return model

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from petune.api import ModelInfo, ModelShape, Task, contiguous_head_input, seeded
+from petune.api import ModelInfo, ModelShape, Task, contiguous_head_input, load_pretrained, seeded
 from petune.errors import Refusal, UserError
 from petune_plugins.tasks._common import check_data_paths, evaluating, model_device
 from petune_plugins.tasks.chat_records import chat_message
@@ -106,7 +106,7 @@ def build_causal_lm(model_info: ModelInfo, state: dict, **load_kwargs):
     with the seq2seq task's decoder-only models."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_info.path, **load_kwargs)
+    model = load_pretrained(AutoModelForCausalLM, model_info.path, **load_kwargs)
     vocab_size = state.get("vocab_size")
     if vocab_size and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)  # a pad token was added (the tokenizer had none to reuse)

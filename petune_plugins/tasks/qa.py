@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from pydantic import Field
 
 from petune import hookimpl
-from petune.api import ModelInfo, TaskData
+from petune.api import ModelInfo, TaskData, load_pretrained
 from petune.errors import DataError, Refusal
 from petune_plugins.tasks import datafiles, reports, text_metrics
 from petune_plugins.tasks._common import (
@@ -497,7 +497,7 @@ class QaTask(EncoderTask):
             from transformers import AutoModel
 
             load_kwargs.pop("pad_token_id", None)
-            body = AutoModel.from_pretrained(model_info.path, **load_kwargs)
+            body = load_pretrained(AutoModel, model_info.path, **load_kwargs)
             if type(body) is not type(getattr(model, prefix)):
                 raise Refusal(f"the {type(model).__name__} head cannot take the weights of {model_info.name}",
                               where="model.name", hint="use an encoder such as minilm-l6 for the qa task")

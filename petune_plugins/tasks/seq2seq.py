@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, field_validator, model_validator
 
 from petune import hookimpl
-from petune.api import DataPath, ModelInfo, ModelShape, Task, TaskData
+from petune.api import DataPath, ModelInfo, ModelShape, Task, TaskData, load_pretrained
 from petune.errors import DataError, Refusal, UserError
 from petune_plugins.tasks import datafiles, reports, sft, text_metrics
 from petune_plugins.tasks._common import (
@@ -625,7 +625,7 @@ class Seq2SeqTask(Task):
             return build_causal_lm(model_info, state, **load_kwargs)
         from transformers import AutoModelForSeq2SeqLM
 
-        return AutoModelForSeq2SeqLM.from_pretrained(model_info.path, **load_kwargs)
+        return load_pretrained(AutoModelForSeq2SeqLM, model_info.path, **load_kwargs)
 
     # -- training ---------------------------------------------------------------------------
     def make_trainer(self, *, model, tokenizer, data: TaskData, options, args: dict, callbacks: list) -> Trainer:
