@@ -44,6 +44,9 @@ and registering one that does not is refused:
   :class:`Generates` (``petune generate``, ``chat``, the server's chat and completions),
   :class:`Explains` (``petune explain``).
   A command that needs one the task lacks refuses with exit 2 (:func:`require`).
+* **loading a base**: a task builds its model with :func:`load_pretrained` (``from_pretrained``
+  for any folder a source gives, including one whose weights stay in a GGUF file; a
+  strategy's ``load_kwargs`` may address that file's loader, e.g. to keep its blocks).
 * **read while preparing data** (set by the core around ``load_data`` / ``held_out_data``):
   :func:`data_workers` (processes to tokenize with) and :func:`data_scratch` (where to write
   scratch files).
@@ -266,7 +269,8 @@ class Task(_Plugin):
 
     @required
     def build_model(self, model_info: ModelInfo, options: Options, state: dict, **load_kwargs) -> PreTrainedModel:
-        """Load the base model with this task's head (``load_kwargs`` come from the strategy)."""
+        """Load the base model with this task's head (``load_kwargs`` come from the strategy),
+        through :func:`load_pretrained` so every source's folders load."""
         raise NotImplementedError
 
     def head_modules(self, model: PreTrainedModel) -> list[str]:

@@ -116,6 +116,25 @@ def test_lora_trains_on_the_blocks_and_restores_merges_and_infers_alike(tiny_ggu
     fast = s.for_inference(restored, opts)
     assert all(layer._dense is not None for layer in gguf_backend.gguf_layers(fast))
     torch.testing.assert_close(logits(fast, batch()), expected, atol=1e-5, rtol=1e-4)
+    lora_calls = []  # folded: one matmul per layer, LoRA's own two are not run
+    for name, module in fast.named_modules():
+        if name.endswith("lora_A.default"):
+            module.register_forward_hook(lambda *args: lora_calls.append(1))
+    logits(fast, batch())
+    assert not lora_calls
+    # the adapter is folded into the kept weights for the one active adapter: switching to
+    # another (petune serve) or disabling it (the base alone) folds again
+    s.save(s.apply(load(folder, s, opts), CausalLM(), opts), tmp_path / "untrained")  # B = 0: the base
+    fast.load_adapter(str(tmp_path / "untrained"), adapter_name="untrained")
+    base_alone = logits(load(folder, s, opts), batch())
+    fast.set_adapter("untrained")
+    torch.testing.assert_close(logits(fast, batch()), base_alone, atol=1e-5, rtol=1e-4)
+    fast.set_adapter("default")
+    torch.testing.assert_close(logits(fast, batch()), expected, atol=1e-5, rtol=1e-4)
+    with fast.disable_adapter():
+        torch.testing.assert_close(logits(fast, batch()), base_alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits(fast, batch()), expected, atol=1e-5, rtol=1e-4)
+    assert (base_alone - expected).abs().max() > 1e-3
 
     # merge path: the base as trained, dequantised to plain Linear layers, adapter folded in
     plain = s.dequantize(load(folder, s, opts), opts)
@@ -190,3 +209,27 @@ def test_memory_estimate_counts_the_blocks_at_their_bits_per_weight(tiny_gguf):
     assert inventory["quantised"] == block_weights
     dense = sum(p.numel() * 4 for n, p in model.named_parameters() if p.dtype == torch.float32)
     assert inventory["weights"] == dense + block_weights * gguf_quants.bits_per_weight("Q8_0") / 8
+
+
+@pytest.mark.parametrize("quantize", [True, False])
+def test_tensor_table_matches_gguf_py_and_refuses_a_cut_file(tiny_llama_path, tmp_path, quantize):
+    """The light tensor table (no metadata values built) finds every tensor gguf-py's reader
+    finds, with the same type and bytes; a file cut short is refused, not read past its end."""
+    import numpy as np
+
+    from petune_plugins.strategies.gguf_tensors import read_table
+
+    path = write_tiny_gguf(tiny_llama_path, tmp_path / "tiny.gguf", quantize=quantize)
+    ours, theirs = read_table(path), gguf.GGUFReader(path)
+    assert ours.architecture == "llama" and len(ours.tensors) == len(theirs.tensors) == 21
+    for mine, reference in zip(ours.tensors, theirs.tensors):
+        assert (mine.name, mine.tensor_type) == (reference.name, reference.tensor_type)
+        assert mine.data.dtype == np.uint8 and mine.data.shape[:-1] == reference.data.shape[:-1]
+        assert np.array_equal(np.asarray(mine.data).reshape(-1), np.asarray(reference.data).view(np.uint8).reshape(-1))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="runs past the end"):
+        read_table(cut)
+    (tmp_path / "other.gguf").write_bytes(b"GGML" + bytes(100))
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        read_table(tmp_path / "other.gguf")

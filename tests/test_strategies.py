@@ -401,16 +401,22 @@ def test_qlora_for_inference_keeps_outputs_and_dequantises_once(build, monkeypat
     s, opts, kwargs = qlora_kwargs(r=4, compute_dtype=compute_dtype)
     model, task, batch = build("llama-lm", **kwargs)
     peft_model = s.apply(model, task, opts)
+    with torch.no_grad():
+        base_alone = logits(peft_model, batch)  # LoRA's B starts at zero
     train(peft_model, batch)
     with torch.no_grad():
         expected = logits(peft_model, batch)
         assert s.for_inference(peft_model, opts) is peft_model
+        logits(peft_model, batch)  # the first forward folds the adapter into the kept weights
         calls = []
         real = bnb.functional.dequantize_4bit
         monkeypatch.setattr(bnb.functional, "dequantize_4bit", lambda *a, **k: calls.append(1) or real(*a, **k))
         monkeypatch.setattr(torch.ops.bitsandbytes, "gemm_4bit", None, raising=False)
         fast = logits(peft_model, batch)
-    assert not calls
+        assert not calls
+        with peft_model.disable_adapter():  # the base alone: the fold is taken out again ...
+            without = logits(peft_model, batch)
+        again = logits(peft_model, batch)  # ... and put back
     head = peft_model.get_output_embeddings()  # generation hands it a strided slice: it gets plain rows
     seen = []
     head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
@@ -419,6 +425,9 @@ def test_qlora_for_inference_keeps_outputs_and_dequantises_once(build, monkeypat
     assert seen == [True]
     tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[compute_dtype]
     torch.testing.assert_close(fast, expected, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(again, fast, atol=0, rtol=0)
+    torch.testing.assert_close(without, base_alone, atol=tolerance, rtol=tolerance)
+    assert (without - fast).abs().max() > 10 * tolerance  # the adapter matters
 
 
 def test_qlora_merge_into_4bit_warns(build):

@@ -216,9 +216,7 @@ def _parsed_once(gguf: Path) -> Iterator[None]:
         if Path(path).resolve() != target or args or kwargs:
             return real_reader(path, *args, **kwargs)
         if "reader" not in readers:
-            from petune_plugins.strategies.gguf_backend import reader_of
-
-            readers["reader"] = reader_of(target)  # shared with the weights loader later
+            readers["reader"] = real_reader(path)
         return readers["reader"]
 
     def load(path, return_tensors=False, **kwargs):

@@ -403,3 +403,50 @@ def merge_lora(model) -> PreTrainedModel:
             "loses accuracy. Load the base unquantised (bf16/fp32), restore the adapter on it, then merge.",
             UserWarning, stacklevel=2)
     return model.merge_and_unload()
+
+
+def fold_lora_into_kept_weights(model) -> int:
+    """Inference on a CPU: a LoRA layer over a base layer that keeps a dequantised weight (a
+    4-bit or GGUF layer after ``for_inference``; it offers ``petune_fold(delta)``) computes one
+    matmul with ``weight + scale·B·A`` instead of three: most of a generated token's time on a
+    small model is spent in these small extra matmuls (benchmarks/RESULTS.md). The fold is
+    made for the adapter active at each forward and made again when another one is activated
+    (``petune serve`` switches adapters on one base) or when adapters are disabled (the base
+    alone, e.g. "before" evaluations); a layer in training mode, with several active adapters
+    or a LoRA variant (DoRA ...) computes as peft does. Returns how many layers fold."""
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for layer in model.modules():
+        base = layer.get_base_layer() if isinstance(layer, LoraLayer) else None
+        if base is None or not callable(getattr(base, "petune_fold", None)):
+            continue
+        layer.forward = _folding_forward(layer, base, layer.forward)
+        count += 1
+    return count
+
+
+def _folding_forward(layer, base, peft_forward):
+    folded: list = [None]  # the adapter whose delta the base's kept weight holds
+
+    def forward(x, *args, **kwargs):
+        name = _single_plain_adapter(layer) if kwargs.get("adapter_names") is None else None
+        if name != folded[0]:
+            base.petune_fold(None if name is None else layer.get_delta_weight(name).float())
+            folded[0] = name
+        if name is None:
+            return peft_forward(x, *args, **kwargs)
+        kwargs.pop("adapter_names", None)
+        return base(x, *args, **kwargs)
+
+    return forward
+
+
+def _single_plain_adapter(layer) -> str | None:
+    """The one plain LoRA adapter this layer would apply in eval mode, else None."""
+    if layer.training or layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1 or active[0] in getattr(layer, "lora_variant", {}) or getattr(layer, "lora_bias", {}).get(active[0]):
+        return None
+    return active[0]

@@ -82,8 +82,15 @@ class GGUFLinear(torch.nn.Linear):
         return _dequantize(self.weight, self.gguf_type, dtype or self.compute_dtype)
 
     def keep_dequantized(self) -> None:
-        """Dequantise once and compute from the dense weight from now on (inference only)."""
+        """Dequantise once and compute from the dense weight from now on (inference only); a
+        LoRA adapter may then be folded into it (``petune_fold``, see _common.fold_lora_into_kept_weights)."""
         self._dense = self.dequantized()
+        self.petune_fold = self._fold
+
+    def _fold(self, delta: torch.Tensor | None) -> None:
+        """Keep ``weight + delta`` (summed in float32) as the dense weight; None: the weight alone."""
+        weight = self.dequantized(torch.float32)
+        self._dense = (weight if delta is None else weight + delta.to(weight.device)).to(self.compute_dtype)
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -119,17 +126,17 @@ class Swapped:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_reader(path: str, size: int, mtime_ns: int):
-    import gguf
+def _cached_table(path: str, size: int, mtime_ns: int):
+    from petune_plugins.strategies.gguf_tensors import read_table
 
-    return gguf.GGUFReader(path)
+    return read_table(Path(path))
 
 
 def reader_of(path: Path):
-    """A parsed ``GGUFReader`` of ``path``, shared by the check, the estimate and the load of
-    one run: parsing a large vocabulary's metadata takes seconds each time."""
+    """The tensor table of ``path`` (:mod:`gguf_tensors`), shared by the check, the estimate
+    and the load of one run."""
     stat = Path(path).stat()
-    return _cached_reader(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _cached_table(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def check_types(gguf_path: Path) -> None:
@@ -144,8 +151,7 @@ def _mapping(model, reader):
     own GGUF loader maps them."""
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    arch_field = reader.fields["general.architecture"]
-    architecture = bytes(arch_field.parts[arch_field.data[0]]).decode()
+    architecture = reader.architecture
     config = model.config.to_dict()
     if hasattr(model.config, "get_text_config"):
         config = {**model.config.get_text_config().to_dict(), **config}

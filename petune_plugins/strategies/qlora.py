@@ -36,6 +36,7 @@ from petune_plugins.strategies._common import (
     apply_lora,
     check_lora_init,
     contiguous_head_input,
+    fold_lora_into_kept_weights,
     head_modules,
     init_plan,
     loraplus_optimizer,
@@ -193,10 +194,11 @@ class QloraStrategy(Strategy):
             for layer in gguf_backend.gguf_layers(model):
                 if layer.weight.device.type == "cpu":
                     layer.keep_dequantized()
-            return model
-        for module in model.modules():
-            if _is_4bit_linear(module) and module.weight.device.type == "cpu":
-                _keep_dequantised(module, _compute_dtype(options, "cpu").torch_dtype)
+        else:
+            for module in model.modules():
+                if _is_4bit_linear(module) and module.weight.device.type == "cpu":
+                    _keep_dequantised(module, _compute_dtype(options, "cpu").torch_dtype)
+        fold_lora_into_kept_weights(model)  # one matmul per layer instead of three
         return model
 
     def merge(self, model):
@@ -273,13 +275,18 @@ def _keep_dequantised(module, compute_dtype) -> None:
         return
     state = copy.copy(state)
     state.dtype = module.compute_dtype or compute_dtype
-    weight = bnb.functional.dequantize_4bit(module.weight.data, state)
-    bias = None if module.bias is None else module.bias.detach().to(weight.dtype)
+    kept = [bnb.functional.dequantize_4bit(module.weight.data, state)]
+    bias = None if module.bias is None else module.bias.detach().to(kept[0].dtype)
 
     def forward(x):
-        return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+        return torch.nn.functional.linear(x.to(kept[0].dtype), kept[0], bias).to(x.dtype)
+
+    def fold(delta):  # a LoRA adapter folded in (see _common.fold_lora_into_kept_weights)
+        weight = bnb.functional.dequantize_4bit(module.weight.data, state)
+        kept[0] = weight if delta is None else (weight.float() + delta).to(weight.dtype)
 
     module.forward = forward
+    module.petune_fold = fold
 
 
 def _keep_trainable_layout(model):

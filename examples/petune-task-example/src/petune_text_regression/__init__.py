@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 
 from petune import hookimpl
-from petune.api import DataPath, Options, Task, TaskData
+from petune.api import DataPath, Options, Task, TaskData, load_pretrained
 from petune.errors import DataError
 
 
@@ -56,8 +56,9 @@ class TextRegressionTask(Task):
     def build_model(self, model_info, options, state, **load_kwargs):
         from transformers import AutoModelForSequenceClassification
 
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_info.path, num_labels=1, problem_type="regression", **load_kwargs)
+        # load_pretrained: from_pretrained for any folder a model source gives (a GGUF file's too)
+        return load_pretrained(AutoModelForSequenceClassification, model_info.path, num_labels=1,
+                               problem_type="regression", **load_kwargs)
 
     def make_trainer(self, *, model, tokenizer, data, options, args, callbacks):
         from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
