@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/llamacpp_check.py RUN --llama-python /work/llama/venv/bin/python
 
-RUN is a finished run of ``recipes/gguf_qlora_sft.toml`` (strategy qlora, quant_type gguf:
+RUN is a finished run of ``recipes/qlora_sft.toml`` (the Quickstart: strategy qlora, quant_type gguf:
 the base kept in the GGUF file's own quantisation). The script
 
 1. exports the adapter with ``petune export RUN --format gguf-lora`` (and, with ``--merged``,

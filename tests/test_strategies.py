@@ -428,6 +428,8 @@ def test_qlora_for_inference_keeps_outputs_and_dequantises_once(build, monkeypat
     torch.testing.assert_close(again, fast, atol=0, rtol=0)
     torch.testing.assert_close(without, base_alone, atol=tolerance, rtol=tolerance)
     assert (without - fast).abs().max() > 10 * tolerance  # the adapter matters
+    folding = [m for m in peft_model.modules() if callable(getattr(m, "petune_fold", None))]
+    assert len(folding) == (14 if compute_dtype == "float32" else 0)  # bf16 keeps peft's exact path
 
 
 def test_qlora_merge_into_4bit_warns(build):

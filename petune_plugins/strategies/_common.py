@@ -413,7 +413,10 @@ def fold_lora_into_kept_weights(model) -> int:
     made for the adapter active at each forward and made again when another one is activated
     (``petune serve`` switches adapters on one base) or when adapters are disabled (the base
     alone, e.g. "before" evaluations); a layer in training mode, with several active adapters
-    or a LoRA variant (DoRA ...) computes as peft does. Returns how many layers fold."""
+    or a LoRA variant (DoRA ...) computes as peft does. Base layers offer the fold only for a
+    float32 weight: rounded to bfloat16, the sum moves the outputs (the Quickstart's held-out
+    loss 0.196 → 0.191), so a bf16 model keeps peft's separate, exact path. Returns how many
+    layers fold."""
     from peft.tuners.lora import LoraLayer
 
     count = 0

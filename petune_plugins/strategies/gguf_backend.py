@@ -85,7 +85,8 @@ class GGUFLinear(torch.nn.Linear):
         """Dequantise once and compute from the dense weight from now on (inference only); a
         LoRA adapter may then be folded into it (``petune_fold``, see _common.fold_lora_into_kept_weights)."""
         self._dense = self.dequantized()
-        self.petune_fold = self._fold
+        if self.compute_dtype == torch.float32:  # see _common.fold_lora_into_kept_weights
+            self.petune_fold = self._fold
 
     def _fold(self, delta: torch.Tensor | None) -> None:
         """Keep ``weight + delta`` (summed in float32) as the dense weight; None: the weight alone."""

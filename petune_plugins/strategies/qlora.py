@@ -286,7 +286,8 @@ def _keep_dequantised(module, compute_dtype) -> None:
         kept[0] = weight if delta is None else (weight.float() + delta).to(weight.dtype)
 
     module.forward = forward
-    module.petune_fold = fold
+    if kept[0].dtype == torch.float32:  # see _common.fold_lora_into_kept_weights
+        module.petune_fold = fold
 
 
 def _keep_trainable_layout(model):
