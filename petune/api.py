@@ -552,7 +552,7 @@ class ModelSource(_Plugin):
         return []
 
     def gguf_file(self, name: str, workdir: Path) -> Path | None:
-        """The GGUF file the model ``name`` was converted from, for exports that reuse its
+        """The GGUF file the model ``name`` comes from, for exports that reuse its
         tokenizer metadata (``petune export --format gguf``); a source that has to assemble
         it writes it into ``workdir`` (deleted afterwards). Default: None, not from a GGUF."""
         return None
