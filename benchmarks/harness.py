@@ -355,14 +355,18 @@ def trainer_clock_callback(case: Case, clock: StepClock, meter: Meter, memory: d
 
 # -- results --------------------------------------------------------------------------------
 def model_dtypes(model) -> dict:
-    """What a model computes in: its 4-bit layers' compute dtype (None without any) and the
-    dtype of its other weights (the input embedding's)."""
+    """What a model computes in: its quantised layers' compute dtype (bitsandbytes 4-bit or a
+    GGUF file's blocks; None without any), their kind, and the dtype of its other weights (the
+    input embedding's)."""
     import sys
 
     bnb = sys.modules.get("bitsandbytes")  # imported wherever a model holds 4-bit layers
-    compute = bnb and next((str(m.compute_dtype).removeprefix("torch.") for m in model.modules()
-                            if isinstance(m, bnb.nn.Linear4bit)), None)
-    return {"compute_dtype": compute,
+    gguf = sys.modules.get("petune_plugins.strategies.gguf_backend")
+    quantised = next(((("GGUF blocks" if gguf and isinstance(m, gguf.GGUFLinear) else "4-bit"), m.compute_dtype)
+                      for m in model.modules() if (bnb and isinstance(m, bnb.nn.Linear4bit))
+                      or (gguf and isinstance(m, gguf.GGUFLinear))), (None, None))
+    return {"compute_dtype": str(quantised[1]).removeprefix("torch.") if quantised[1] else None,
+            "quantised_as": quantised[0],
             "weights_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")}
 
 

@@ -788,7 +788,7 @@ def quickstart_rows(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
         if not row.get("ok"):
             lines.append(head + [f"failed: {str(row.get('error', '?'))[:80]}"] + [""] * (len(cols) - 3))
             continue
-        computes = f"4-bit → {row.get('compute_dtype')}, weights {row.get('weights_dtype')}"
+        computes = f"{row.get('quantised_as') or '4-bit'} → {row.get('compute_dtype')}, weights {row.get('weights_dtype')}"
         if row.get("precision"):
             computes += f", {row['precision']} autocast" if row["precision"] != "fp32" else ", no autocast"
         ratios = ["", ""] if row is base or base is None else [
