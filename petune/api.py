@@ -679,16 +679,22 @@ def seeded(seed: int | None, device):
 
 
 def contiguous_head_input(model) -> None:
-    """Give the output layer plain rows. When generating, transformers hands it a strided
-    slice (each row's last position), and torch's bf16 linear on a CPU then copies the whole
-    weight first: 2.3 s per answer for Gemma's 262k-row head (benchmarks/RESULTS.md), four
-    times the whole generation of a batch of 16 with a LoRA adapter."""
+    """Give the output layer its input as plain 2-D rows. When generating, transformers hands
+    it a strided 3-D slice (each row's last position), and torch's bf16 linear on a CPU then
+    takes a batched-matmul path that copies the whole weight first: 1.4-2.3 s per answer for
+    Gemma's 262k-row head (benchmarks/RESULTS.md), more than the rest of a 32-token answer."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
-    if head is not None and not getattr(head, "_petune_contiguous_input", False):
-        head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else args)
-        head._petune_contiguous_input = True
+    if head is None or getattr(head, "_petune_row_input", False):
+        return
+    layer_forward = head.forward
 
+    def forward(x, *args, **kwargs):
+        out = layer_forward(x.reshape(-1, x.shape[-1]).contiguous(), *args, **kwargs)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    head.forward = forward
+    head._petune_row_input = True
 
 #: loaders for model folders whose weights a source keeps elsewhere (see :func:`load_pretrained`)
 _WEIGHTS_LOADERS: list = []

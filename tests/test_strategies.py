@@ -417,12 +417,16 @@ def test_qlora_for_inference_keeps_outputs_and_dequantises_once(build, monkeypat
         with peft_model.disable_adapter():  # the base alone: the fold is taken out again ...
             without = logits(peft_model, batch)
         again = logits(peft_model, batch)  # ... and put back
-    head = peft_model.get_output_embeddings()  # generation hands it a strided slice: it gets plain rows
+    head = peft_model.get_output_embeddings()  # generation hands it a strided 3-D slice: it computes on 2-D rows
     seen = []
-    head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
+    real_linear = torch.nn.functional.linear
+    monkeypatch.setattr(torch.nn.functional, "linear",
+                        lambda x, *args, **kw: seen.append((x.dim(), x.is_contiguous())) or real_linear(x, *args, **kw))
     with torch.no_grad():
-        head(torch.randn(2, 5, head.in_features)[:, -1:, :])
-    assert seen == [True]
+        x = torch.randn(2, 5, head.in_features)[:, -1:, :]
+        out = head(x)
+    assert seen == [(2, True)] and out.shape == (2, 1, head.out_features)
+    torch.testing.assert_close(out, real_linear(x, head.weight, head.bias))
     tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[compute_dtype]
     torch.testing.assert_close(fast, expected, atol=tolerance, rtol=tolerance)
     torch.testing.assert_close(again, fast, atol=0, rtol=0)
