@@ -564,10 +564,11 @@ def lora_tensors_for_gguf(adapter_dir: Path, config, base_names: set[str]) -> tu
 def write_lora_gguf(adapter_dir: Path, config, base_gguf: Path, path: Path, *, name: str) -> LoraWritten:
     import gguf
 
-    reader = gguf.GGUFReader(base_gguf)
-    field = reader.fields["general.architecture"]
-    base_arch = bytes(field.parts[field.data[0]]).decode()
-    alpha, rank, tensors = lora_tensors_for_gguf(adapter_dir, config, {t.name for t in reader.tensors})
+    from petune.gguf_tensors import read_table
+
+    table = read_table(base_gguf)  # names only: gguf-py's reader would build the whole vocabulary first
+    base_arch = table.architecture
+    alpha, rank, tensors = lora_tensors_for_gguf(adapter_dir, config, {t.name for t in table.tensors})
     writer = gguf.GGUFWriter(path, base_arch)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

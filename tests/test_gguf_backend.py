@@ -217,7 +217,7 @@ def test_tensor_table_matches_gguf_py_and_refuses_a_cut_file(tiny_llama_path, tm
     finds, with the same type and bytes; a file cut short is refused, not read past its end."""
     import numpy as np
 
-    from petune_plugins.strategies.gguf_tensors import read_table
+    from petune.gguf_tensors import read_table
 
     path = write_tiny_gguf(tiny_llama_path, tmp_path / "tiny.gguf", quantize=quantize)
     ours, theirs = read_table(path), gguf.GGUFReader(path)

@@ -128,13 +128,13 @@ class Swapped:
 
 @functools.lru_cache(maxsize=4)
 def _cached_table(path: str, size: int, mtime_ns: int):
-    from petune_plugins.strategies.gguf_tensors import read_table
+    from petune.gguf_tensors import read_table
 
     return read_table(Path(path))
 
 
 def reader_of(path: Path):
-    """The tensor table of ``path`` (:mod:`gguf_tensors`), shared by the check, the estimate
+    """The tensor table of ``path`` (:mod:`petune.gguf_tensors`), shared by the check, the estimate
     and the load of one run."""
     stat = Path(path).stat()
     return _cached_table(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
