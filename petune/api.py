@@ -451,7 +451,8 @@ class Strategy(_Plugin):
     def resolved_options(self, options: Options) -> dict[str, str]:
         """What options left to be chosen on this machine (``"auto"``) resolve to, and why,
         shown in the plan in place of their setting: ``{"compute_dtype": "float32 (auto: CPU
-        without native bf16)"}``. Default: none."""
+        without native bf16)"}`` — or that a setting does nothing with the others
+        (``{"double_quant": "n/a (gguf)"}``). Default: none."""
         return {}
 
     # -- training ------------------------------------------------------------------------------

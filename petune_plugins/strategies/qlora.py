@@ -148,11 +148,13 @@ class QloraStrategy(Strategy):
         return {**rows, **({"warning": warning} if warning else {})}
 
     def resolved_options(self, options):
+        # bitsandbytes' own settings say nothing about a GGUF file's blocks: the plan says so
+        unused = {"double_quant": "n/a (gguf)", "quant_storage": "n/a (gguf)"} if options.quant_type == "gguf" else {}
         if options.compute_dtype != "auto":
-            return {}
+            return unused
         from accelerate import PartialState
 
-        return {"compute_dtype": str(_compute_dtype(options, PartialState().device))}
+        return {**unused, "compute_dtype": str(_compute_dtype(options, PartialState().device))}
 
     def prepare(self, model, task, options, batches, total_steps):
         prepare_lora(model, options, batches)  # EVA: from the task's own training batches
