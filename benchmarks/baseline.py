@@ -232,8 +232,9 @@ def load_kwargs(case: Case, options: dict, dtype, causal: bool) -> dict:
         return {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4" if gguf_base else options["quant_type"],
             bnb_4bit_use_double_quant=True if gguf_base else options["double_quant"]), "device_map": device_map}
+    quant_type = "nf4" if options["quant_type"] == "gguf" else options["quant_type"]  # as above
     return {"dtype": dtype, "device_map": device_map, "quantization_config": BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=options["quant_type"], bnb_4bit_use_double_quant=options["double_quant"],
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=options["double_quant"],
         bnb_4bit_compute_dtype=getattr(torch, options["compute_dtype"]),
         llm_int8_skip_modules=["lm_head"] if causal else ["classifier", "pooler.dense"])}
 

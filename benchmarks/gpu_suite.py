@@ -326,8 +326,10 @@ def gpu_plan(device: str, dry_run: bool, work: Path) -> list[Job]:
         group = suite.plan_real_length(device=device, shapes=[shape], strategies=[strategy], work_dir=work, **kw)[0]
         return Job(f"real-{shape}-{strategy}", "real-length", group)
 
+    gguf = {"strategy_options": {"quant_type": "gguf"}}  # QLoRA on a GGUF file's own blocks (issue 35)
     if dry_run:
-        return [fixed("tiny-llama", "lora", steps=1, warmup=1), real("tiny-llama", "lora", steps=2, warmup=1)]
+        return [fixed("tiny-llama", "lora", steps=1, warmup=1), real("tiny-llama", "lora", steps=2, warmup=1),
+                fixed("tiny-llama-q4_k_m", "qlora", steps=1, warmup=1, **gguf)]
     steps = {"steps": 5, "warmup": 2}
     return [
         fixed("llama-3-8b", "qlora", **steps),
@@ -335,6 +337,7 @@ def gpu_plan(device: str, dry_run: bool, work: Path) -> list[Job]:
         real("llama-3.2-1b", "lora", steps=8, warmup=2),
         fixed("llama-3-8b", "qlora", batch=1, seq=4096, steps=3, warmup=1),
         fixed("llama-3-8b", "qlora", variant="no-kernels", **steps),  # the first job without the fused kernels
+        fixed("llama-3-8b-q4_k_m", "qlora", **steps, **gguf),  # an 8B Q4_K_M file kept as its blocks
         *(fixed("llama-3.2-1b", s, **steps) for s in ("qlora", "lora", "full", "adapters", "prompt_tuning")),
         real("llama-3-8b", "qlora", steps=6, warmup=2),
         *(fixed("llama-3-8b", s, **steps) for s in ("adapters", "prompt_tuning")),
@@ -390,7 +393,8 @@ def _build_shape(name: str, timeout: float, log: Path) -> str | None:
     on the GPU, which this process should not hold on to); the error, or None."""
     from .shapes import SHAPES, model_path
 
-    if SHAPES[name].source is not None:  # petune's own random test models: small, built here
+    source = SHAPES[name].source
+    if source is not None and not source.startswith("gguf-of:"):  # petune's own small models: built here
         model_path(name)
         return None
     with open(log, "ab") as f:

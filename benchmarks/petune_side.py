@@ -40,7 +40,7 @@ from .harness import (
     synthetic_rows,
     trainer_clock_callback,
 )
-from .shapes import SHAPES, model_path
+from .shapes import SHAPES, model_name
 
 
 def recipe_data(case: Case, model: str, data_file: Path) -> dict:
@@ -103,10 +103,10 @@ def build(case: Case, extra_callbacks: list = ()):
     data_file = work / ("synthetic.jsonl" if SHAPES[case.shape].task == "sft" else "synthetic.csv")
     data_file.write_text('{"prompt": "a", "completion": "b"}\n' if data_file.suffix == ".jsonl" else "text,label\na,0\nb,1\n")
 
-    path = model_path(case.shape)
-    # the Quickstart case names its model as the recipe does: resolved through petune's sources
-    model_name = SHAPES[case.shape].source if case.own_defaults else str(path)
-    recipe = validate(recipe_data(case, model_name, data_file), host, check_paths=False)
+    # the Quickstart case names its model as the recipe does (resolved through petune's sources),
+    # a GGUF shape by its file
+    recipe = validate(recipe_data(case, model_name(case.shape, case.own_defaults), data_file), host,
+                      check_paths=False)
     task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
     runner.check_recipe(recipe, host, task, strategy)
     info = runner.check_model(recipe, host, task, strategy)

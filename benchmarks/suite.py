@@ -61,8 +61,9 @@ def plan(*, smoke: bool = False, device: str = "auto", shapes: list[str] | None 
          strategies: list[str] | None = None, steps: int | None = None, warmup: int | None = None,
          threads: int | None = None, batch: int | None = None, seq: int | None = None,
          gradient_checkpointing: bool | None = None, work_dir: Path = DEFAULT_OUT / "work",
-         baseline_kbit_prep: bool = False, variant: str = "") -> list[tuple]:
-    """(petune case, baseline case) pairs."""
+         baseline_kbit_prep: bool = False, variant: str = "", strategy_options: dict | None = None) -> list[tuple]:
+    """(petune case, baseline case) pairs; ``strategy_options`` change the suite's shared ones
+    (e.g. ``quant_type = "gguf"`` for a GGUF shape: the plain loop then takes NF4)."""
     harness, shape_mod = _benchmarks()
     device, shapes, strategies = _choose(smoke, device, shapes, strategies or harness.STRATEGIES)
     if steps is None:
@@ -79,7 +80,8 @@ def plan(*, smoke: bool = False, device: str = "auto", shapes: list[str] | None 
         for strategy in strategies:
             common = {"shape": shape_name, "strategy": strategy, "batch": batch or shape.batch,
                       "seq": seq or shape.seq, "steps": steps, "warmup": warmup, "gradient_checkpointing": gc,
-                      "device": device, "threads": threads, "baseline_kbit_prep": baseline_kbit_prep}
+                      "device": device, "threads": threads, "baseline_kbit_prep": baseline_kbit_prep,
+                      "strategy_options": dict(strategy_options or {})}
             pair = tuple(harness.Case(side=side, work_dir=str(Path(work_dir) / f"{shape_name}-{strategy}-{side}"),
                                       variant=variant if side == "petune" else "", **common)
                          for side in ("petune", "baseline"))
@@ -397,11 +399,11 @@ def predict(case) -> dict:
         from petune.api import ModelInfo
         from petune.recipe import validate
 
-        from .shapes import SHAPES, build_config
+        from .shapes import SHAPES, build_config, model_name
 
         host = _plugin_host()
         shape = SHAPES[case.shape]
-        config = build_config(shape) if shape.source is None else _source_config(shape.source)
+        config = build_config(shape) if shape.source is None else _source_config(model_name(shape))
         data = petune_side.recipe_data(case, shape.name, Path(case.work_dir) / "synthetic.jsonl")
         recipe = validate(data, host, check_paths=False)
         task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)

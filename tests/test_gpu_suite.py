@@ -39,8 +39,12 @@ def test_dry_run_of_the_gpu_script_writes_every_result(tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["bench.png", "logs.tar.gz", "results.json", "results.md"]
     results = json.loads((out / "results.json").read_text())
-    assert results["not_run"] == [] and results["started"] == ["tiny-llama-lora", "real-tiny-llama-lora"]
-    assert [(r["case"]["side"], r["ok"]) for r in results["rows"]] == [("petune", True), ("baseline", True)]
+    assert results["not_run"] == [] and results["started"] == ["tiny-llama-lora", "real-tiny-llama-lora",
+                                                                "tiny-llama-q4_k_m-qlora"]
+    assert [(r["case"]["side"], r["ok"]) for r in results["rows"]] == [("petune", True), ("baseline", True)] * 2
+    gguf = results["rows"][2:]  # petune on the GGUF file's own blocks, the plain loop on NF4 of its tensors
+    assert gguf[0]["case"]["strategy_options"] == {"quant_type": "gguf"} and gguf[0]["quantised_as"] == "GGUF blocks"
+    assert gguf[1]["quantised_as"] == "4-bit"
     real = results["real_length"]
     assert [(r["case"]["side"], r["case"]["variant"], r["ok"]) for r in real] == [
         ("petune", "", True), ("petune", "packing", True), ("baseline", "", True)]
@@ -221,3 +225,5 @@ def test_gpu_plan_puts_the_issue_targets_first_and_runs_everything_on_cuda(tmp_p
             assert [c.side for c in job.cases] == ["petune", "baseline"] and job.cases[0].gradient_checkpointing
     assert {(c.batch, c.seq) for c in jobs[3].cases} == {(1, 4096)}
     assert names[4] == "llama-3-8b-qlora-no-kernels" and jobs[4].cases[0].variant == "no-kernels"
+    assert names[5] == "llama-3-8b-q4_k_m-qlora"  # QLoRA on an 8B GGUF file's own blocks (issue 35)
+    assert jobs[5].cases[0].strategy_options == jobs[5].cases[1].strategy_options == {"quant_type": "gguf"}
