@@ -176,14 +176,7 @@ def _write_random_gguf(base: Shape, path: Path) -> None:
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-5))
     writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
     writer.add_vocab_size(config["vocab_size"])
-    vocab = sorted(tokenizer["model"]["vocab"], key=tokenizer["model"]["vocab"].get)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab)
-    writer.add_token_types([gguf.TokenType.CONTROL if i < 4 else gguf.TokenType.NORMAL for i in range(len(vocab))])
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tokenizer["model"]["merges"]])
-    writer.add_bos_token_id(tiny["bos_token_id"])
-    writer.add_eos_token_id(tiny["eos_token_id"])
+    add_bpe_tokenizer(writer, tokenizer, tiny)
     rng = np.random.default_rng(0)
 
     def blocks(rows: int, row_length: int, kind) -> np.ndarray:
@@ -216,6 +209,24 @@ def _write_random_gguf(base: Shape, path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def add_bpe_tokenizer(writer, tokenizer: dict, config: dict) -> None:
+    """A tokenizer.json's byte-level BPE (petune's tiny random models') as GGUF metadata, with the
+    config's special token ids (the first four tokens are the control ones)."""
+    import gguf
+
+    vocab = sorted(tokenizer["model"]["vocab"], key=tokenizer["model"]["vocab"].get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(vocab)
+    writer.add_token_types([gguf.TokenType.CONTROL if i < 4 else gguf.TokenType.NORMAL for i in range(len(vocab))])
+    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tokenizer["model"]["merges"]])
+    writer.add_add_bos_token(True)
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    if config.get("pad_token_id") is not None:
+        writer.add_pad_token_id(config["pad_token_id"])
 
 
 def _materialise(shape: Shape, folder: Path, device: str) -> None:

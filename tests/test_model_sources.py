@@ -194,6 +194,8 @@ def write_tiny_gguf(model_dir: Path, path: Path, *, quantize: bool = True) -> Pa
     import gguf
     from safetensors.torch import load_file
 
+    from benchmarks.shapes import add_bpe_tokenizer
+
     config = json.loads((model_dir / "config.json").read_text())
     tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
     weights = load_file(model_dir / "model.safetensors")
@@ -210,16 +212,7 @@ def write_tiny_gguf(model_dir: Path, path: Path, *, quantize: bool = True) -> Pa
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_rope_freq_base(10000.0)
     writer.add_vocab_size(config["vocab_size"])
-    vocab = sorted(tokenizer["model"]["vocab"], key=tokenizer["model"]["vocab"].get)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(vocab)
-    writer.add_token_types([gguf.TokenType.CONTROL if i < 4 else gguf.TokenType.NORMAL for i in range(len(vocab))])
-    writer.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in tokenizer["model"]["merges"]])
-    writer.add_add_bos_token(True)
-    writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(config["eos_token_id"])
-    writer.add_pad_token_id(config["pad_token_id"])
+    add_bpe_tokenizer(writer, tokenizer, config)
 
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
