@@ -403,7 +403,7 @@ def predict(case) -> dict:
 
         host = _plugin_host()
         shape = SHAPES[case.shape]
-        config = build_config(shape) if shape.source is None else _source_config(model_name(shape))
+        config = build_config(shape) if shape.source is None else _source_config(model_name(shape, own_defaults=True))
         data = petune_side.recipe_data(case, shape.name, Path(case.work_dir) / "synthetic.jsonl")
         recipe = validate(data, host, check_paths=False)
         task, strategy = host.task(recipe.task_name), host.strategy(recipe.strategy_name)
