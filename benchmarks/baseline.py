@@ -226,13 +226,14 @@ def load_kwargs(case: Case, options: dict, dtype, causal: bool) -> dict:
     if case.strategy != "qlora":
         return {"dtype": dtype}
     device_map = {"": torch.device(case.device)}
-    if case.own_defaults:  # a GGUF base's own quantisation (petune's quant_type "gguf") is not bitsandbytes':
-        # the plain loop re-quantises the file's tensors to NF4, as QLoRA's documentation does
-        gguf_base = options["quant_type"] == "gguf"
+    # a GGUF base's own quantisation (petune's quant_type "gguf") is not bitsandbytes': the
+    # plain loop re-quantises the file's tensors to NF4, as QLoRA's documentation does
+    gguf_base = options["quant_type"] == "gguf"
+    quant_type = "nf4" if gguf_base else options["quant_type"]
+    if case.own_defaults:
         return {"quantization_config": BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4" if gguf_base else options["quant_type"],
+            load_in_4bit=True, bnb_4bit_quant_type=quant_type,
             bnb_4bit_use_double_quant=True if gguf_base else options["double_quant"]), "device_map": device_map}
-    quant_type = "nf4" if options["quant_type"] == "gguf" else options["quant_type"]  # as above
     return {"dtype": dtype, "device_map": device_map, "quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=options["double_quant"],
         bnb_4bit_compute_dtype=getattr(torch, options["compute_dtype"]),

@@ -361,12 +361,12 @@ def model_dtypes(model) -> dict:
     import sys
 
     bnb = sys.modules.get("bitsandbytes")  # imported wherever a model holds 4-bit layers
-    gguf = sys.modules.get("petune_plugins.strategies.gguf_backend")
-    quantised = next(((("GGUF blocks" if gguf and isinstance(m, gguf.GGUFLinear) else "4-bit"), m.compute_dtype)
-                      for m in model.modules() if (bnb and isinstance(m, bnb.nn.Linear4bit))
-                      or (gguf and isinstance(m, gguf.GGUFLinear))), (None, None))
-    return {"compute_dtype": str(quantised[1]).removeprefix("torch.") if quantised[1] else None,
-            "quantised_as": quantised[0],
+    gguf = sys.modules.get("petune_plugins.strategies.gguf_backend")  # likewise for GGUF blocks
+    kinds = [(bnb.nn.Linear4bit, "4-bit")] if bnb else []
+    kinds += [(gguf.GGUFLinear, "GGUF blocks")] if gguf else []
+    layer, kind = next(((m, k) for m in model.modules() for cls, k in kinds if isinstance(m, cls)), (None, None))
+    return {"compute_dtype": str(layer.compute_dtype).removeprefix("torch.") if layer is not None else None,
+            "quantised_as": kind,
             "weights_dtype": str(model.get_input_embeddings().weight.dtype).removeprefix("torch.")}
 
 

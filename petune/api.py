@@ -697,6 +697,7 @@ def contiguous_head_input(model) -> None:
     head.forward = forward
     head._petune_row_input = True
 
+
 #: loaders for model folders whose weights a source keeps elsewhere (see :func:`load_pretrained`)
 _WEIGHTS_LOADERS: list = []
 

@@ -181,11 +181,11 @@ def describe_gguf(gguf: Path, out: Path) -> None:
 
 def _load_from_file(auto_class, folder: Path, kwargs: dict):
     """The weights loader for described folders (see :func:`petune.api.load_pretrained`)."""
-    if not is_described(folder):
+    info = _marker(folder)
+    if info is None:
         return None
     gguf = gguf_for_folder(folder)
     if gguf is None:
-        info = _marker(folder) or {}
         raise UserError(f"the GGUF file behind {folder} is gone ({info.get('file', '?')})", where="model.name",
                         hint="put the file back, or give its new path as model.name")
     from petune_plugins.strategies import gguf_backend

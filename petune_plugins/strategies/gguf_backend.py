@@ -363,9 +363,9 @@ def load_model(auto_class, folder: Path, gguf_path: Path, kwargs: dict):
             "torch.")), fill_meta=True)
         missing = _initialise_missing(model)
         info = {"missing_keys": missing, "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
-        device = (model_kwargs.get("device_map") or {}).get("") if isinstance(model_kwargs.get("device_map"), dict) else None
-        if device is not None:
-            model.to(device)
+        device_map = model_kwargs.get("device_map")
+        if isinstance(device_map, dict) and "" in device_map:  # the whole model on one device
+            model.to(device_map[""])
         model.eval()
     model.name_or_path = model.config._name_or_path = str(folder)
     if (Path(folder) / "generation_config.json").is_file() and model.can_generate():
