@@ -73,6 +73,29 @@ def test_delimiter_from_content_and_text_input():
     assert table.rows[1].where == "<stdin>:2"
 
 
+def test_semicolon_csv_is_read_with_semicolons(tmp_path, capsys):
+    # what spreadsheets save as "CSV" where the decimal mark is a comma; quoted fields may hold either
+    text = '\ufefftext;label;score\n"great; film";pos;0,9\n"ok, then";pos;0,5\nbad;neg;0,1\n"two\nlines";neg;0,2\n'
+    path = write(tmp_path, "d.csv", text)
+    table = datafiles.read_table(path)
+    assert table.columns == ["text", "label", "score"]
+    assert table.rows == [["great; film", "pos", "0,9"], ["ok, then", "pos", "0,5"], ["bad", "neg", "0,1"],
+                          ["two\nlines", "neg", "0,2"]]
+    assert 'read with ";" as the delimiter' in capsys.readouterr().err
+    assert datafiles.read_records(path)[2] == {"text": "bad", "label": "neg", "score": "0,1"}
+    with pytest.raises(DataError, match="cannot parse this row"):  # a delimiter set is kept
+        datafiles.read_table(path, delimiter=",")
+
+
+@pytest.mark.parametrize("text, first_row", [
+    ("text,label\na; b,pos\nc,neg\n", ["text", "label"]),  # commas split evenly: semicolons are text
+    ("text\nwhat; then\nand; so\n", ["text"]),             # one column: the semicolons are text
+    ("a;b\n", ["a;b"]),                                      # one row: nothing to compare, the standard comma
+])
+def test_comma_csv_stays_comma(tmp_path, text, first_row):
+    assert datafiles.read_table(write(tmp_path, "d.csv", text), header=False).rows[0] == first_row
+
+
 # -- JSON -----------------------------------------------------------------------------------
 def test_jsonl_records_know_their_line(tmp_path):
     path = write(tmp_path, "d.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n')

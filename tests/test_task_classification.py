@@ -292,6 +292,8 @@ def test_train_evaluate_predict(tmp_path, tiny_bert_path, bert_info, bert_tokeni
 
     table_rows = task.parse_inputs(opts, "nice one\tpositive\nawful\tnegative\n", "in.tsv")
     assert [(r["text"], r["label"]) for r in table_rows] == [("nice one", "positive"), ("awful", "negative")]
+    semicolons = task.parse_inputs(opts, "text;label\nnice, really;positive\nawful;negative\n", "in.csv")
+    assert [(r["text"], r["label"]) for r in semicolons] == [("nice, really", "positive"), ("awful", "negative")]
     json_rows = task.parse_inputs(opts, '{"text": "fine"}\n', "in.jsonl")
     assert json_rows[0]["text"] == "fine" and json_rows[0]["label"] is None
 

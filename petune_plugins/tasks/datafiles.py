@@ -315,13 +315,30 @@ def read_text(path: str | Path) -> str:
 
 
 # -- tables ---------------------------------------------------------------------------------
-def guess_delimiter(source: str | Path, first_line: str = "") -> str:
-    """The delimiter from the extension (.csv comma, .tsv/.tab tab); otherwise a tab if
-    the first line has one, else a comma."""
+def guess_delimiter(source: str | Path, sample: str = "") -> str:
+    """The delimiter from the extension (.tsv/.tab tab, .csv comma); otherwise a tab if the
+    first line of ``sample`` (the file's first lines) has one, else a comma. A comma file
+    whose sample does not split into the same number of fields on every row with commas,
+    but does with semicolons, is read with ``;``: what spreadsheets save as "CSV" where the
+    decimal mark is a comma."""
     suffix = data_suffix(source)
-    if suffix in TABLE_SUFFIXES:
+    if suffix in TABLE_SUFFIXES and TABLE_SUFFIXES[suffix] != ",":
         return TABLE_SUFFIXES[suffix]
-    return "\t" if "\t" in first_line else ","
+    first = next((line for line in sample.splitlines() if line.strip()), "")
+    if suffix not in TABLE_SUFFIXES and "\t" in first:
+        return "\t"
+    return ";" if _splits_evenly(sample, ";") and not _splits_evenly(sample, ",") else ","
+
+
+def _splits_evenly(sample: str, delimiter: str) -> bool:
+    """Whether ``sample``'s rows, two at least, have the same number of fields, two at least,
+    read with ``delimiter`` and CSV quoting (a shorter last row may be cut off by the sample)."""
+    widths = []
+    with contextlib.suppress(csv.Error):  # a quote that CSV cannot read: not this delimiter's table
+        widths = [len(row) for row in csv.reader(sample.splitlines(keepends=True), delimiter=delimiter) if row]
+    if len(widths) > 2 and widths[-1] < widths[0]:
+        widths.pop()
+    return len(widths) >= 2 and len(set(widths)) == 1 and widths[0] >= 2
 
 
 def looks_like_header(first: list[str], rows: list[list[str]]) -> bool:
@@ -342,7 +359,8 @@ def looks_like_header(first: list[str], rows: list[list[str]]) -> bool:
 
 
 _SNIFF_LINES = 2000  # lines of a TSV file that quoting = "auto" looks at
-_announced: set[tuple[str, str]] = set()
+_DELIMITER_LINES = 20  # lines after the first non-blank one that guess_delimiter looks at
+_announced: set[str] = set()
 
 
 def sniff_quoting(lines: list[tuple[int, str]], delimiter: str, *, complete: bool = True) -> tuple[str, str]:
@@ -401,18 +419,24 @@ def sniff_quoting(lines: list[tuple[int, str]], delimiter: str, *, complete: boo
 
 def _announce(source: str, quoting: str, why: str) -> None:
     """One line per file saying how quotes were read, where it changes the rows."""
-    if not why or (source, quoting) in _announced:
+    if why:
+        other = "none" if quoting == "csv" else "csv"
+        reading = "as CSV quoting" if quoting == "csv" else "as part of the text"
+        _say(f'{source}: quotes read {reading} (quoting = "auto" chose "{quoting}": {why}); '
+             f'set quoting = "{other}" for the other reading')
+
+
+def _say(message: str) -> None:
+    """A dim line on stderr, once per message (a file is read by several splits and commands)."""
+    if message in _announced:
         return
-    _announced.add((source, quoting))
+    _announced.add(message)
     from rich.markup import escape
 
     from petune.console import err, is_main_process
 
     if is_main_process():
-        other = "none" if quoting == "csv" else "csv"
-        reading = "as CSV quoting" if quoting == "csv" else "as part of the text"
-        err.print(escape(f'{source}: quotes read {reading} (quoting = "auto" chose "{quoting}": {why}); '
-                         f'set quoting = "{other}" for the other reading'), style="dim", soft_wrap=True)
+        err.print(escape(message), style="dim", soft_wrap=True)
 
 
 def _quote_error(source: str, line: int, exc: csv.Error) -> DataError:
@@ -445,14 +469,19 @@ def parse_table(lines: Iterable[tuple[int, str]], source: str, *, delimiter: str
         raise DataError("the file is empty" if not peeked else "the file has only blank lines", where=source,
                         hint="check the path, or that the file was fully written")
     if delimiter is None:
-        delimiter = guess_delimiter(source, peeked[-1][1])
+        peeked += itertools.islice(lines, _DELIMITER_LINES)
+        delimiter = guess_delimiter(source, "".join(line for _, line in peeked))
+        if delimiter == ";":
+            _say(f'{source}: read with ";" as the delimiter (its first rows have as many fields each with '
+                 'semicolons, not with commas); set delimiter = "," in [task] where the task has that option, to read commas')
     if quoting not in ("auto", "csv", "none"):
         raise ValueError(f"quoting must be auto, csv or none, not {quoting!r}")
     if quoting == "auto" and delimiter != "\t":
         quoting = "csv"  # the CSV standard
     elif quoting == "auto":
-        peeked += itertools.islice(lines, _SNIFF_LINES)
-        complete = len(peeked) < _SNIFF_LINES
+        more = list(itertools.islice(lines, _SNIFF_LINES))
+        complete = len(more) < _SNIFF_LINES
+        peeked += more
         quoting, why = sniff_quoting(peeked, delimiter, complete=complete)
         _announce(source, quoting, why)
 
