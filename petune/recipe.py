@@ -198,10 +198,40 @@ def read_toml(path: Path) -> tuple[dict, str]:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
-        msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
-        where = f"{path}:{m.group(1)}:{m.group(2)}" if m else str(path)
-        detail = f" (line {m.group(1)}, column {m.group(2)})" if m else ""
-        raise RecipeError(f"invalid TOML{detail}: {msg}", where=where) from None
+        msg = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(exc))
+        line, column = (int(m.group(1)), int(m.group(2))) if m else (_repeated_key_line(text), None)
+        where = f"{path}:{line}" + (f":{column}" if column else "") if line else str(path)
+        shown = text.splitlines()[line - 1].strip() if line and line <= len(text.splitlines()) else ""
+        detail = f" (line {line}" + (f", column {column})" if column else ")") if line else ""
+        hint = next((h for start, h in _TOML_HINTS if msg.startswith(start)), None)
+        raise RecipeError(f"invalid TOML{detail}: {msg}" + (f": {shown}" if shown else ""), where=where,
+                          hint=hint) from None
+
+
+_TOML_HINTS = [  # tomllib's message → what to do about it
+    ("Invalid value", 'text needs quotes (name = "lora"), true and false are lowercase, numbers are plain (1e-4)'),
+    ("Cannot overwrite a value", "a key is set twice in the same [section] (or a key and a [section] share a name): "
+                                 "keep one"),
+    ("Cannot declare", "a [section] appears twice: put its keys under one header"),
+    ("Unterminated string", "a string is missing its closing quote"),
+    ("Unclosed", "a [list] or {table} is missing its closing bracket"),
+]
+
+
+def _repeated_key_line(text: str) -> int | None:
+    """The line of the first plain ``key =`` set a second time in its [section]: tomllib says
+    "at end of document" for a repeated last key."""
+    seen, section = set(), ""
+    for number, line in enumerate(text.splitlines(), 1):
+        header = re.match(r"\s*\[+\s*([^\]]+?)\s*\]", line)
+        key = re.match(r"\s*([A-Za-z0-9_.\-\"']+)\s*=", line)
+        if header:
+            section = header.group(1)
+        elif key:
+            if (section, key.group(1)) in seen:
+                return number
+            seen.add((section, key.group(1)))
+    return None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

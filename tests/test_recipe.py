@@ -109,6 +109,25 @@ def test_toml_syntax_error_gives_line_and_column(tmp_path, host):
     assert f"{path}:11:5" in message
 
 
+@pytest.mark.parametrize("edit, expect", [
+    (("r = 4", "r = 4\nr = 5"), ["(line 12, column 6): Cannot overwrite a value: r = 5", "a key is set twice"]),
+    (("r = 4", 'r = 4\n[strategy]\nalpha = 8'), ["Cannot declare ('strategy',) twice: [strategy]",
+                                                 "a [section] appears twice"]),
+    (('name = "demo_strategy"', "name = demo_strategy"), ["Invalid value: name = demo_strategy", "text needs quotes"]),
+])
+def test_toml_mistakes_get_the_line_and_a_hint(tmp_path, host, edit, expect):
+    message = error_of(write_recipe(tmp_path, GOOD.replace(*edit)), host)
+    assert all(part in message for part in expect), message
+
+
+def test_repeated_last_key_is_found_at_the_end_of_the_document(tmp_path, host):
+    # tomllib says "at end of document" when the repeated key is the recipe's last line
+    path = write_recipe(tmp_path, GOOD.rstrip("\n") + "\n" + GOOD.rstrip("\n").splitlines()[-1])
+    last = len(path.read_text().splitlines())
+    message = error_of(path, host)
+    assert f"{path}:{last}" in message and "Cannot overwrite a value" in message, message
+
+
 def test_unknown_plugin_names_are_errors_with_suggestions(tmp_path, host):
     message = error_of(write_recipe(tmp_path, GOOD.replace('name = "demo_strategy"', 'name = "demo_stratgy"')), host)
     assert "strategy.name: unknown strategy 'demo_stratgy'" in message and "did you mean 'demo_strategy'" in message
