@@ -108,6 +108,63 @@ def test_answer_first_conversation_is_masked_right(task, tokenizer, tmp_path):
     assert labelled_spans(tokenizer, row) == ["hello , how can i help ?" + tokenizer.eos_token]
 
 
+# -- plain text records --------------------------------------------------------------------
+TEXTS = [{"text": "### Human: what is the capital of france ? ### Assistant: paris ."},
+         {"text": "the quick brown fox jumps over the lazy dog .", "id": 7}]
+
+
+@pytest.mark.parametrize("declared", ["auto", "text"])
+def test_text_records_train_every_token_as_written(task, tokenizer, tmp_path, declared):
+    path = write_jsonl(tmp_path / "t.jsonl", TEXTS)
+    data = task.load_data(options(train=path, format=declared), tokenizer)
+    assert data.state["format"] == "text" and data.state["chat_template"] == "plain"
+    assert data.notes["chat_template"] == "plain (built-in)"
+    for record, row in zip(TEXTS, data.train):
+        # BOS, the text with no chat markup, EOS; every token after BOS is trained (EOS too: where to stop)
+        assert tokenizer.decode(row["input_ids"]) == f"<s>{record['text']}</s>"
+        assert row["labels"] == [-100, *row["input_ids"][1:]]
+
+
+def test_text_records_refuse_a_chat_template(task, tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", TEXTS)
+    with pytest.raises(DataError, match="chat_template = 'chatml' would wrap each text") as info:
+        task.load_data(options(train=path, chat_template="chatml"), tokenizer)
+    assert info.value.where == str(path)
+
+
+@pytest.mark.parametrize("rows, message, hint", [
+    ([TEXTS[0], {"text": "  "}], "t.jsonl:2: 'text' is empty: nothing to train on", None),
+    ([TEXTS[0], {"instruction": "hi", "output": "ho"}], "t.jsonl:2: missing 'text'", "looks like alpaca data"),
+    ([{"body": "x"}], "t.jsonl:1: cannot tell the data format", "text {text} (plain text, trained as it is)"),
+])
+def test_bad_text_records_name_file_and_line(task, tokenizer, tmp_path, rows, message, hint):
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        task.load_data(options(train=path), tokenizer)
+    assert message in str(info.value) and (hint is None or hint in info.value.hint)
+
+
+def test_text_runs_continue_prompts_as_written(task, tokenizer, tiny_llama_path, tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", TEXTS)
+    opts = options(train=train, validation=train, num_sample_generations=1)
+    data = task.load_data(opts, tokenizer)
+    model = _tiny_model(tiny_llama_path)
+    samples = task.sample_generations(model, tokenizer, opts, data, 1)
+    words = TEXTS[0]["text"].split(" ")
+    assert samples[0]["messages"] == [{"role": "user", "content": " ".join(words[:len(words) // 2])}]
+    assert samples[0]["expected"] == " ".join(words[len(words) // 2:])
+    # the prompt goes in as written after BOS, with nothing around it: the plain continuation
+    prompt = tokenizer("the quick brown", return_tensors="pt")
+    greedy = model.generate(**prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    expected = tokenizer.decode(greedy[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.generation_config.eos_token_id = None
+    assert task.generate(model, tokenizer, opts, {**data.state, "stop_tokens": []},
+                         [{"role": "user", "content": "the quick brown"}], max_new_tokens=6) == expected
+    rows = task.parse_inputs(opts, '{"text": "the quick brown"}\n"fox"\n', "p.jsonl")
+    assert [r["messages"] for r in rows] == [[{"role": "user", "content": "the quick brown"}],
+                                             [{"role": "user", "content": "fox"}]]
+
+
 # -- chat templates -------------------------------------------------------------------------
 def test_builtin_template_when_the_model_has_none(task, tokenizer, tmp_path):
     assert tokenizer.chat_template is None  # like the packaged Gemma 3 base model
@@ -253,7 +310,7 @@ def test_bad_record_in_a_json_list_names_record_and_line(task, tokenizer, tmp_pa
     ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
     ({"messages": "hello"}, "must be a non-empty list"),
     ({"prompt": "x", "completion": 3}, "'completion' must be a string"),
-    ({"text": "x"}, "cannot tell the data format"),
+    ({"body": "x"}, "cannot tell the data format"),
     (["not", "an", "object"], "cannot tell the data format"),
 ])
 def test_malformed_rows(task, tokenizer, tmp_path, record, message):
@@ -488,8 +545,10 @@ def test_predict_from_jsonl_prompts(task, tokenizer, tiny_llama_path, tmp_path):
     lines = task.format_predictions(rows[:1], task_predict).splitlines()
     assert json.loads(lines[0])["where"] == "prompts.jsonl:1" and "generated" in json.loads(lines[0])
     with pytest.raises(DataError, match="cannot tell the format") as info:
-        task.parse_inputs(opts, '"ok"\n{"text": 1}\n', "p.jsonl")
-    assert info.value.where == "p.jsonl:2"
+        task.parse_inputs(opts, '"ok"\n{"body": 1}\n', "p.jsonl")
+    assert info.value.where == "p.jsonl:2" and "text {text}" in info.value.hint
+    with pytest.raises(DataError, match="'text' must be a string, got a number"):
+        task.parse_inputs(opts, '{"text": 1}\n', "p.jsonl")
 
 
 def test_registered_through_the_entry_point(host):

@@ -11,9 +11,11 @@ knowing where it is (``file:line``, and ``record [i]`` for an item of a JSON lis
     prompt-completion  {"prompt", "completion"}           strings, or lists of messages
     messages           {"messages": [{"role": "system" | "user" | "assistant", "content"}]}
     sharegpt           {"conversations": [{"from": "system" | "human" | "gpt", "value"}]}
+    text               {"text"}   plain text, trained as it is (only where a task reads with text=True)
 
 Every record becomes a conversation; an optional top-level ``"system"`` string becomes its
-system message. A problem with a record is a :class:`BadRow` inside the readers, raised to the
+system message. A text record is a conversation of one assistant turn (to train on) or, as a
+prompt (``need_answer=False``), of one user turn (to continue). A problem with a record is a :class:`BadRow` inside the readers, raised to the
 user as a DataError at the record's place.
 """
 
@@ -30,7 +32,7 @@ from petune_plugins.tasks.datafiles import json_type
 from petune_plugins.tasks.encoding import Spool
 
 __all__ = [
-    "FORMAT_HINT", "ROLES", "BadRow", "Example", "Row", "as_text", "chat_message", "detect_format", "iter_rows",
+    "FORMAT_HINT", "ROLES", "TEXT_FORMAT_HINT", "BadRow", "Example", "Row", "as_text", "chat_message", "detect_format", "iter_rows",
     "message_list", "parse_records", "read_examples", "record_keys", "to_conversation",
 ]
 
@@ -98,6 +100,7 @@ _FORMAT_BY_KEY = (("messages", "messages"), ("conversations", "sharegpt"), ("ins
                   ("prompt", "prompt-completion"))
 FORMAT_HINT = ("expected one of: alpaca {instruction, input, output}; prompt-completion {prompt, completion}; "
                "messages {messages: [{role, content}]}; sharegpt {conversations: [{from, value}]}")
+TEXT_FORMAT_HINT = FORMAT_HINT + "; text {text} (plain text, trained as it is)"
 
 
 class BadRow(Exception):
@@ -108,11 +111,15 @@ class BadRow(Exception):
         self.hint = hint
 
 
-def detect_format(record) -> str | None:
+def detect_format(record, *, text: bool = False) -> str | None:
+    """The format of a record by its keys; ``text``: a record with none of the chat formats'
+    keys but a "text" is in the text format (for tasks that train on plain text)."""
     if isinstance(record, dict):
         for key, name in _FORMAT_BY_KEY:
             if key in record:
                 return name
+        if text and "text" in record:
+            return "text"
     return None
 
 
@@ -196,6 +203,11 @@ def to_conversation(record, fmt: str, *, need_answer: bool = True) -> list[dict]
         if key not in record:
             raise BadRow(f"missing {key!r}; the record has {record_keys(record)}")
         messages = message_list(record[key], key, need_answer=need_answer)
+    elif fmt == "text":
+        text = _field(record, "text", answer=need_answer)
+        if not text.strip():
+            raise BadRow("'text' is empty: there is no prompt to continue")
+        return [{"role": "assistant" if need_answer else "user", "content": text}]
     else:  # pragma: no cover - Options restrict the names
         raise ValueError(fmt)
     system = record.get("system")
@@ -206,39 +218,40 @@ def to_conversation(record, fmt: str, *, need_answer: bool = True) -> list[dict]
     return messages
 
 
-def _format_of(row: Row, fmt: str) -> str:
+def _format_of(row: Row, fmt: str, text: bool) -> str:
     """``fmt``, or for "auto" the format the file's first record is in."""
     if fmt != "auto":
         return fmt
-    found = detect_format(row.data)
+    found = detect_format(row.data, text=text)
     if found is None:
         first = row.data
         has = f"its first record has keys {record_keys(first)}" if isinstance(first, dict) else \
             f"its first record is {json_type(first)}"
         raise DataError(f"cannot tell the data format: {has}", where=row.where,
-                        hint=f"{FORMAT_HINT}; or set task.format")
+                        hint=f"{TEXT_FORMAT_HINT if text else FORMAT_HINT}; or set task.format")
     return found
 
 
-def read_examples(path: Path, fmt: str, max_rows: int | None) -> tuple[Spool, str]:
-    """Conversations of a data file and the format it was read as. They are spooled to disk
-    as they are read (:class:`~petune_plugins.tasks.encoding.Spool`): one pass over the file,
-    never all of its records in memory."""
+def read_examples(path: Path, fmt: str, max_rows: int | None, *, text: bool = False) -> tuple[Spool, str]:
+    """Conversations of a data file and the format it was read as (``text``: the text format
+    is one of those "auto" tells apart). They are spooled to disk as they are read
+    (:class:`~petune_plugins.tasks.encoding.Spool`): one pass over the file, never all of its
+    records in memory."""
     rows = iter_rows(Path(path), max_rows)
     first = next(rows, None)
     if first is None:
         raise DataError("the data file holds no records", where=str(path))
-    fmt = _format_of(first, fmt)
-    return Spool.write(_examples(itertools.chain([first], rows), fmt), desc=Path(path).name), fmt
+    fmt = _format_of(first, fmt, text)
+    return Spool.write(_examples(itertools.chain([first], rows), fmt, text), desc=Path(path).name), fmt
 
 
-def _examples(rows: Iterable[Row], fmt: str) -> Iterator[Example]:
+def _examples(rows: Iterable[Row], fmt: str, text: bool) -> Iterator[Example]:
     for row in rows:
         try:
             yield Example(to_conversation(row.data, fmt), row.where, row.record)
         except BadRow as exc:
             hint = exc.hint
-            looks_like = detect_format(row.data)
+            looks_like = detect_format(row.data, text=text)
             if hint is None and looks_like not in (None, fmt):
                 hint = f"this record looks like {looks_like} data; all records of a file must be in one format"
             raise DataError(f"{row.prefix}{exc} ({fmt} format)", where=row.where, hint=hint) from None

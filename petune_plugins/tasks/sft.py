@@ -1,16 +1,20 @@
 """Supervised fine-tuning (SFT) of causal language models on instructions and chats.
 
 Data: JSON (a list of records) or JSON Lines (also .gz/.zst), or any other records file the
-shared reader takes (CSV/TSV, Parquet, Arrow), in one of four formats; ``format = "auto"``
+shared reader takes (CSV/TSV, Parquet, Arrow), in one of five formats; ``format = "auto"``
 tells them apart by their keys (from the first record of each file)::
 
     alpaca             {"instruction", "input" (optional), "output"}
     prompt-completion  {"prompt", "completion"}           strings, or lists of messages
     messages           {"messages": [{"role": "system" | "user" | "assistant", "content"}]}
     sharegpt           {"conversations": [{"from": "system" | "human" | "gpt", "value"}]}
+    text               {"text"}                            plain text (none of the keys above)
 
 Every row becomes a conversation (role/content messages); an optional top-level
 ``"system"`` string becomes its system message (:mod:`~petune_plugins.tasks.chat_records`).
+Text records (continued pre-training, or chats already written out as text, like the QLoRA
+paper's Guanaco data) are trained as they are, every token and an EOS after each text, with
+the ``plain`` template: no chat markup is added, and generation continues the prompt as written.
 
 Chat template: the model's own when it has one (``chat_template = "auto"`` or ``"model"``);
 otherwise a built-in from ``templates/``: ``gemma`` for tokenizers that have Gemma's turn
@@ -62,7 +66,7 @@ from petune.errors import DataError, Refusal, UserError
 from petune_plugins.tasks._common import SplitOptions, evaluating, hold_out, model_device, read_held_out
 from petune_plugins.tasks.causal_lm import CausalLmTask, checkpointing_args, held_out_loss, is_prompt_learning
 from petune_plugins.tasks.chat_records import (
-    FORMAT_HINT,
+    TEXT_FORMAT_HINT,
     BadRow,
     Example,
     detect_format,
@@ -90,8 +94,9 @@ SAMPLE_MAX_NEW_TOKENS = 128
 class SftOptions(SplitOptions):
     train: DataPath = Field(description="training data: JSON Lines, a JSON list of records, or any records file")
     validation: DataPath | None = Field(None, description="held-out data: loss, perplexity and sample generations")
-    format: Literal["auto", "alpaca", "prompt-completion", "messages", "sharegpt"] = Field(
-        "auto", description="data format; auto: by the keys of each file's first record")
+    format: Literal["auto", "alpaca", "prompt-completion", "messages", "sharegpt", "text"] = Field(
+        "auto", description="data format; auto: by the keys of each file's first record (text: plain text records, "
+                            "trained as they are)")
     chat_template: Literal["auto", "model", "chatml", "gemma", "alpaca", "plain"] = Field(
         "auto", description="auto: the model's own, else a built-in (gemma for Gemma tokenizers, else chatml)")
     loss_on: Literal["completion", "all"] = Field(
@@ -289,7 +294,7 @@ class SftTask(CausalLmTask):
     # -- data -------------------------------------------------------------------------------
     def load_data(self, options: SftOptions, tokenizer: PreTrainedTokenizerBase) -> TaskData:
         examples: dict[str, Spool] = {}
-        examples["train"], fmt = read_examples(options.train, options.format, options.max_rows)
+        examples["train"], fmt = read_examples(options.train, options.format, options.max_rows, text=True)
         examples.update(self._read_held_out(options))
         examples["train"] = hold_out(examples["train"], examples, options, str(options.train))
         return self._encode(examples, options, tokenizer, fmt)
@@ -301,11 +306,12 @@ class SftTask(CausalLmTask):
 
     @staticmethod
     def _read_held_out(options: SftOptions) -> dict[str, Spool]:
-        return read_held_out(options, lambda split, path: read_examples(path, options.format, options.max_rows)[0])
+        return read_held_out(options, lambda split, path: read_examples(path, options.format, options.max_rows,
+                                                                        text=True)[0])
 
     @staticmethod
     def _encode(examples: dict[str, Spool], options: SftOptions, tokenizer, fmt) -> TaskData:
-        chat = prepare_chat_tokenizer(tokenizer, options.chat_template)  # a saved run's tokenizer keeps its own
+        chat = prepare_chat_tokenizer(tokenizer, _chat_template(options, fmt))  # a saved run's tokenizer keeps its own
         encoder = Encoder(tokenizer, chat.template, chat.end_of_turn, loss_on=options.loss_on,
                           max_length=options.max_length)
         datasets, notes = {}, {}
@@ -379,10 +385,13 @@ class SftTask(CausalLmTask):
             messages = row["conversation"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+            expected = messages[last]["content"]
+            if not prompt:  # a text record: continue its first half
+                prompt, expected = _continuation_prompt(expected)
             generated = self.generate(model, tokenizer, options, data.state, prompt,
                                       max_new_tokens=SAMPLE_MAX_NEW_TOKENS)
             samples.append({"split": split, "where": row["where"], "messages": prompt,
-                            "expected": messages[last]["content"], "generated": generated})
+                            "expected": expected, "generated": generated})
         return samples
 
     # -- batch prediction (petune predict) --------------------------------------------------
@@ -396,11 +405,12 @@ class SftTask(CausalLmTask):
                 if isinstance(record, str):
                     messages = [{"role": "user", "content": record}]
                 else:
-                    fmt = options.format if options.format != "auto" else detect_format(record)
+                    fmt = options.format if options.format != "auto" else detect_format(record, text=True)
                     if fmt is None:
                         raise BadRow(f"cannot tell the format of this record (keys {record_keys(record)})"
                                      if isinstance(record, dict) else f"expected a string or an object, got "
-                                                                         f"{json_type(record)}", hint=FORMAT_HINT)
+                                                                         f"{json_type(record)}",
+                                     hint=TEXT_FORMAT_HINT)
                     messages = to_conversation(record, fmt, need_answer=False)
             except BadRow as exc:
                 raise DataError(f"{row.prefix}{exc}", where=row.where, hint=exc.hint) from None
@@ -426,6 +436,24 @@ class SftTask(CausalLmTask):
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _chat_template(options: SftOptions, fmt: str | None) -> str:
+    """Text records are trained as they are: the plain template (BOS, the text, EOS)."""
+    if fmt != "text":
+        return options.chat_template
+    if options.chat_template in ("auto", "plain"):
+        return "plain"
+    raise DataError(f"text records are trained as they are, with no chat markup, and task.chat_template = "
+                    f"{options.chat_template!r} would wrap each text in it", where=str(options.train),
+                    hint="leave task.chat_template at 'auto' (or 'plain'), or give the data as chats (e.g. "
+                         "{\"messages\": [...]}) to train with a template")
+
+
+def _continuation_prompt(text: str) -> tuple[list[dict], str]:
+    """A text record as a sample generation: its first half as the prompt, the rest expected."""
+    words = text.split(" ")
+    half = max(1, len(words) // 2)
+    return [{"role": "user", "content": " ".join(words[:half])}], " ".join(words[half:])
+
 
 def loss_memory(loss: str, batch_size: int, max_length: int, config, device: str | None = None) -> str:
     """"chunked" (TRL's fused LM head: no full-vocabulary logits) or "logits" (plain cross-entropy).
