@@ -125,6 +125,25 @@ def test_text_records_train_every_token_as_written(task, tokenizer, tmp_path, de
         assert row["labels"] == [-100, *row["input_ids"][1:]]
 
 
+def test_long_texts_are_split_so_every_token_is_trained_once(task, tokenizer, tmp_path):
+    long = {"text": " ".join(["the quick brown fox jumps over the lazy dog ."] * 4)}
+    path = write_jsonl(tmp_path / "t.jsonl", [long, TEXTS[1]])
+    data = task.load_data(options(train=path, max_length=16), tokenizer)
+    whole = tokenizer(long["text"])["input_ids"] + [tokenizer.eos_token_id]  # BOS, text, EOS
+    pieces = [row for row in data.train if row["where"].endswith(":1")]
+    assert len(pieces) == len(data.train) - 1 > 1 and all(len(p["input_ids"]) <= 16 for p in pieces)
+    # each piece starts on the token its predecessor ends with: its context, predicted once, there
+    assert all(a["input_ids"][-1] == b["input_ids"][0] for a, b in zip(pieces, pieces[1:]))
+    assert pieces[0]["input_ids"] + [t for p in pieces[1:] for t in p["input_ids"][1:]] == whole
+    targets = [label for p in pieces for label in p["labels"][1:]]  # what the loss predicts
+    assert targets == whole[1:]
+    assert data.notes["train_split"] == f"1 text(s) longer than max_length = 16 split into pieces: " \
+                                        f"{len(data.train)} examples in all"
+    assert pieces[0]["conversation"] == [{"role": "assistant", "content": long["text"]}]
+    assert all(p["conversation"][0]["content"] == "" for p in pieces[1:])  # the text is stored once
+    assert "train_truncated" not in data.notes
+
+
 def test_text_records_refuse_a_chat_template(task, tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", TEXTS)
     with pytest.raises(DataError, match="chat_template = 'chatml' would wrap each text") as info:
@@ -160,6 +179,13 @@ def test_text_runs_continue_prompts_as_written(task, tokenizer, tiny_llama_path,
     model.generation_config.eos_token_id = None
     assert task.generate(model, tokenizer, opts, {**data.state, "stop_tokens": []},
                          [{"role": "user", "content": "the quick brown"}], max_new_tokens=6) == expected
+    # a long text split into pieces gives one sample, not one per piece
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": "the quick brown fox jumps over the lazy dog . " * 3},
+                                                 TEXTS[0]])
+    split_opts = options(train=long, validation=long, max_length=12)
+    split_data = task.load_data(split_opts, tokenizer)
+    samples = task.sample_generations(model, tokenizer, split_opts, split_data, 2)
+    assert [s["where"] for s in samples] == [f"{long}:1", f"{long}:2"]
     rows = task.parse_inputs(opts, '{"text": "the quick brown"}\n"fox"\n', "p.jsonl")
     assert [r["messages"] for r in rows] == [[{"role": "user", "content": "the quick brown"}],
                                              [{"role": "user", "content": "fox"}]]

@@ -15,6 +15,7 @@ Every row becomes a conversation (role/content messages); an optional top-level
 Text records (continued pre-training, or chats already written out as text, like the QLoRA
 paper's Guanaco data) are trained as they are, every token and an EOS after each text, with
 the ``plain`` template: no chat markup is added, and generation continues the prompt as written.
+A text longer than ``max_length`` is split into pieces rather than cut (:class:`Encoder`).
 
 Chat template: the model's own when it has one (``chat_template = "auto"`` or ``"model"``);
 otherwise a built-in from ``templates/``: ``gemma`` for tokenizers that have Gemma's turn
@@ -124,11 +125,14 @@ class SftOptions(SplitOptions):
 
 # -- tokenization and the loss mask ---------------------------------------------------------
 class Encoder:
-    """Conversations → input_ids and labels (-100 outside assistant answers)."""
+    """Conversations → input_ids and labels (-100 outside assistant answers). ``split_long``:
+    an example longer than ``max_length`` becomes several, each starting on the token the one
+    before it ends with (so every token is trained once), instead of being cut."""
 
-    def __init__(self, tokenizer, template: str, end_of_turn: str, *, loss_on: str, max_length: int):
+    def __init__(self, tokenizer, template: str, end_of_turn: str, *, loss_on: str, max_length: int,
+                 split_long: bool = False):
         self.tokenizer, self.template, self.end_of_turn = tokenizer, template, end_of_turn
-        self.loss_on, self.max_length = loss_on, max_length
+        self.loss_on, self.max_length, self.split_long = loss_on, max_length, split_long
         end_ids = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"]
         self.end_of_turn_id = end_ids[0] if len(end_ids) == 1 else None
 
@@ -171,7 +175,7 @@ class Encoder:
         encoded = self.tokenizer([text for text, _ in rendered], add_special_tokens=False,
                                  return_offsets_mapping=True, verbose=False)  # cut below, not here: to count
         columns: dict[str, list] = {"input_ids": [], "labels": [], "conversation": [], "where": []}
-        truncated = dropped = 0
+        truncated = dropped = long_texts = 0
         shortest_prompt = None
         for example, (_, spans), ids, offsets in zip(examples, rendered, encoded["input_ids"],
                                                      encoded["offset_mapping"]):
@@ -183,6 +187,17 @@ class Encoder:
                                     f"do not line up with the rendered text ({self.end_of_turn!r} of an answer was "
                                     f"not found)", where=example.where,
                                     hint="report it with the model's name; loss_on = 'all' trains without a mask")
+            if len(ids) > self.max_length and self.split_long:
+                long_texts += 1
+                step = self.max_length - 1  # a piece starts on its predecessor's last token: its context
+                for start in range(0, len(ids) - 1, step):
+                    columns["input_ids"].append(list(ids[start: start + self.max_length]))
+                    columns["labels"].append(labels[start: start + self.max_length])
+                    # the text once (for sample generations), not once per piece: a long text would be
+                    # stored (length / max_length) times
+                    columns["conversation"].append(example.messages if start == 0 else _NO_TEXT)
+                    columns["where"].append(example.place)
+                continue
             if len(ids) > self.max_length:
                 truncated += 1
                 ids, labels = ids[: self.max_length], labels[: self.max_length]
@@ -197,9 +212,14 @@ class Encoder:
             columns["conversation"].append(example.messages)
             columns["where"].append(example.place)
         counts = {"examples": len(columns["input_ids"]), "truncated": truncated, "dropped": dropped}
+        if self.split_long:
+            counts["split"] = long_texts
         if shortest_prompt is not None:
             counts["shortest_dropped_prompt"] = shortest_prompt
         return columns, counts
+
+
+_NO_TEXT = [{"role": "assistant", "content": ""}]  # a long text's later pieces (see Encoder.encode)
 
 
 def _labels_in_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
@@ -313,7 +333,7 @@ class SftTask(CausalLmTask):
     def _encode(examples: dict[str, Spool], options: SftOptions, tokenizer, fmt) -> TaskData:
         chat = prepare_chat_tokenizer(tokenizer, _chat_template(options, fmt))  # a saved run's tokenizer keeps its own
         encoder = Encoder(tokenizer, chat.template, chat.end_of_turn, loss_on=options.loss_on,
-                          max_length=options.max_length)
+                          max_length=options.max_length, split_long=fmt == "text")
         datasets, notes = {}, {}
         notes["chat_template"] = chat.note
         for split, split_examples in examples.items():
@@ -327,8 +347,12 @@ class SftTask(CausalLmTask):
                                 f"(the shortest takes {counts.get('shortest_dropped_prompt')} tokens)", where=where,
                                 hint="raise task.max_length, or shorten the prompts")
             datasets[split] = dataset
-            notes[f"{split}_truncated"] = counts["truncated"]
-            notes[f"{split}_dropped"] = counts["dropped"]
+            if "split" in counts:  # text records: nothing is cut or dropped
+                notes[f"{split}_split"] = (f"{counts['split']} text(s) longer than max_length = {options.max_length} "
+                                           f"split into pieces: {counts['examples']} examples in all")
+            else:
+                notes[f"{split}_truncated"] = counts["truncated"]
+                notes[f"{split}_dropped"] = counts["dropped"]
 
         state = {"format": fmt, **chat.state, "loss_on": options.loss_on, "max_length": options.max_length}
         return TaskData(train=datasets.get("train"), validation=datasets.get("validation"), test=datasets.get("test"),
@@ -380,8 +404,13 @@ class SftTask(CausalLmTask):
         split, dataset = next(((name, d) for name, d in splits if d is not None and len(d)), (None, None))
         if dataset is None:
             return []
-        samples = []
-        for row in dataset.select(range(min(count, len(dataset)))):
+        samples, seen = [], set()
+        for row in dataset:
+            if len(samples) == count:
+                break
+            if row["where"] in seen:  # another piece of a long text
+                continue
+            seen.add(row["where"])
             messages = row["conversation"]
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
