@@ -88,6 +88,18 @@ def rotate(output_dir: Path, keep: int | None, also_keep: str | None = None) -> 
         shutil.rmtree(path, ignore_errors=True)
 
 
+_holding_signals: list = []  # StopOnSignal callbacks whose handlers are installed
+
+
+def release_signals() -> None:
+    """SIGINT/SIGTERM back to the handlers they had before training, where a training raised
+    (``on_train_end`` never ran): the stop-on-signal handler would outlive it in this process
+    and be inherited by every process forked later (a data pool's workers then ignored the
+    SIGTERM that ends them)."""
+    while _holding_signals:
+        _holding_signals.pop().restore()
+
+
 def callbacks(save_total_limit: int | None = None) -> list:
     """Mark finished checkpoints, then delete the old ones; stop cleanly (with a
     checkpoint) on SIGINT/SIGTERM."""
@@ -124,6 +136,7 @@ def callbacks(save_total_limit: int | None = None) -> list:
                     self._previous[sig] = signal.signal(sig, self._handler)
                 except ValueError:  # not in the main thread: leave signals alone
                     pass
+            _holding_signals.append(self)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.requested:
@@ -131,6 +144,11 @@ def callbacks(save_total_limit: int | None = None) -> list:
                 control.should_training_stop = True
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.restore()
+            if self in _holding_signals:
+                _holding_signals.remove(self)
+
+        def restore(self):
             for sig, previous in self._previous.items():
                 signal.signal(sig, previous)
             self._previous.clear()

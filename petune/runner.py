@@ -219,7 +219,10 @@ def train(trainer, start: Start) -> None:
         err.print(f"training had reached step {resumed_at}: writing the final artifacts only")
         checkpoints.restore(trainer, start.checkpoint)
         return
-    trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
+    finally:
+        checkpoints.release_signals()  # where training raised
     whole_run_train_loss(trainer.state.log_history, resumed_at)
 
 

@@ -262,3 +262,24 @@ def test_disk_check_on_resume_counts_the_runs_own_checkpoints_as_free(tmp_path, 
     shutil_module.rmtree(checkpoint)
     with pytest.raises(UserError, match="not enough disk space"):
         check_disk_space(tmp_path / "run", recipe, strategy, trainable=2**20, total=2**22)
+
+
+def test_a_training_that_raises_gives_the_signal_handlers_back():
+    """The stop-on-signal handlers go back when training raises (on_train_end never runs), so they do
+    not outlive the run in this process nor reach the processes it forks later (a data pool's workers)."""
+    import signal
+    from types import SimpleNamespace
+
+    from petune.runner import Start, train
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stop = checkpoints.callbacks()[-1]
+
+    def failing_train(**_):
+        stop.on_train_begin(None, None, None)
+        assert signal.getsignal(signal.SIGTERM) == stop._handler  # installed while training
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(SimpleNamespace(train=failing_train), Start(checkpoint=None, finished=False))
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -158,3 +158,30 @@ def test_an_error_in_a_worker_names_file_and_line(tmp_path, calls, tiny_llama_pa
     with pytest.raises(DataError, match="cannot render") as info:
         load(preference.PreferenceTask(), preference.PreferenceOptions(train=path, validation_split=0), tiny_llama_path, 2)
     assert info.value.where == f"{path}:8" and calls[-1][1] == 2
+
+
+def _signal_dispositions(items: list) -> tuple[dict, dict]:
+    import os
+    import signal
+
+    return ({"pid": [os.getpid()] * len(items), "term": [signal.getsignal(signal.SIGTERM) is signal.SIG_DFL] * len(items),
+             "int": [signal.getsignal(signal.SIGINT) is signal.SIG_IGN] * len(items)}, {"examples": len(items)})
+
+
+@pytest.mark.timeout(120)
+def test_workers_take_sigterm_whatever_handler_this_process_holds():
+    """A training that raised leaves its stop-on-signal handler for SIGTERM in the process (a test
+    process, a notebook); forked workers inherited it and could swallow Pool.terminate()'s SIGTERM,
+    so the pool's clean-up waited on them forever. Workers end on SIGTERM and leave Ctrl-C to us."""
+    import os
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    token = DATA_WORKERS.set(2)
+    try:
+        dataset, counts = encoding.encode_split(list(range(12)), _signal_dispositions, desc="t", batch_size=3)
+    finally:
+        DATA_WORKERS.reset(token)
+        signal.signal(signal.SIGTERM, previous)
+    assert counts == {"examples": 12} and os.getpid() not in dataset["pid"]  # encoded by the workers
+    assert all(dataset["term"]) and all(dataset["int"])

@@ -156,6 +156,16 @@ def _run(items: list):
         return "error", (type(exc), exc.message, exc.where, exc.hint)
 
 
+def _worker_signals() -> None:
+    """In a forked worker: SIGTERM ends it, whatever handler the parent holds (a training's
+    stop-on-signal handler swallows it, and Pool.terminate() then waits on the workers forever);
+    Ctrl-C is the parent's to handle (it terminates the pool)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _batches(items: Sequence | Spool, size: int):
     if isinstance(items, Spool):
         yield from items.batches(size)
@@ -203,7 +213,7 @@ def encode_split(items: Sequence | Spool, encode: Encode, *, desc: str, batch_si
         if workers > 1:
             import multiprocessing
 
-            pool = multiprocessing.get_context("fork").Pool(workers)
+            pool = multiprocessing.get_context("fork").Pool(workers, initializer=_worker_signals)
             results = pool.imap(_run, _batches(items, batch_size))
         else:
             results = map(_run, _batches(items, batch_size))
