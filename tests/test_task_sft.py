@@ -137,8 +137,8 @@ def test_long_texts_are_split_so_every_token_is_trained_once(task, tokenizer, tm
     assert pieces[0]["input_ids"] + [t for p in pieces[1:] for t in p["input_ids"][1:]] == whole
     targets = [label for p in pieces for label in p["labels"][1:]]  # what the loss predicts
     assert targets == whole[1:]
-    assert data.notes["train_split"] == f"1 text(s) longer than max_length = 16 split into pieces: " \
-                                        f"{len(data.train)} examples in all"
+    assert data.notes["train_long_texts"] == f"1 longer than max_length = 16, split into pieces: " \
+                                             f"{len(data.train)} examples in all"
     assert pieces[0]["conversation"] == [{"role": "assistant", "content": long["text"]}]
     assert all(p["conversation"][0]["content"] == "" for p in pieces[1:])  # the text is stored once
     assert "train_truncated" not in data.notes

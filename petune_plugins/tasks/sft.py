@@ -348,8 +348,8 @@ class SftTask(CausalLmTask):
                                 hint="raise task.max_length, or shorten the prompts")
             datasets[split] = dataset
             if "split" in counts:  # text records: nothing is cut or dropped
-                notes[f"{split}_split"] = (f"{counts['split']} text(s) longer than max_length = {options.max_length} "
-                                           f"split into pieces: {counts['examples']} examples in all")
+                notes[f"{split}_long_texts"] = (f"{counts['split']} longer than max_length = {options.max_length}, "
+                                                f"split into pieces: {counts['examples']} examples in all")
             else:
                 notes[f"{split}_truncated"] = counts["truncated"]
                 notes[f"{split}_dropped"] = counts["dropped"]
