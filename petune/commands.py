@@ -99,12 +99,15 @@ def _unzstd(data: bytes) -> bytes:
 
 
 def cmd_predict(args) -> int:
+    if args.input_file is not None and args.input is not None and args.input_file != args.input:
+        raise UserError(f"two inputs: {args.input_file} and --input {args.input}", hint="give one")
+    given = args.input if args.input is not None else args.input_file
+    from_file = given is not None and str(given) != "-"
+    text, source = (read_input(Path(given)), str(given)) if from_file else (None, "<stdin>")  # before the model loads
     run = _load(args.run_dir)
     predict = require(run.task, Predicts, where=str(run.dir)).predict
-    if args.input is None or str(args.input) == "-":
-        text, source = sys.stdin.read(), "<stdin>"
-    else:
-        text, source = read_input(Path(args.input)), str(args.input)
+    if not from_file:
+        text = sys.stdin.read()
     rows = run.task.parse_inputs(run.recipe.task, text, source)
     predictions = predict(run.model, run.tokenizer, run.recipe.task, run.state, rows)
     formatted = run.task.format_predictions(rows, predictions)
@@ -169,7 +172,8 @@ def add_to(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
     p = run_arg(sub.add_parser("predict", help="predict labels / entities for an input file or stdin"))
-    p.add_argument("--input", type=Path, help="input file (default: stdin)")
+    p.add_argument("input_file", nargs="?", type=Path, metavar="INPUT", help="input file (default: stdin)")
+    p.add_argument("--input", type=Path, help="the same as INPUT")
     p.add_argument("--output", type=Path, help="write predictions here (default: stdout)")
     p.set_defaults(func=cmd_predict)
 

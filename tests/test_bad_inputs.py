@@ -203,3 +203,13 @@ def test_existing_output_folder_is_never_overwritten(tmp_path, capsys, monkeypat
 def test_predict_on_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["predict", str(tmp_path), "--input", os.devnull]) == 2
     assert "not a finished petune run" in capsys.readouterr().err
+
+
+def test_predict_input_is_checked_before_the_run_loads(tmp_path, capsys, monkeypatch):
+    from petune import commands
+
+    monkeypatch.setattr(commands, "_load", lambda *_: pytest.fail("the run loaded before its input was read"))
+    assert main(["predict", str(tmp_path), str(tmp_path / "missing.csv")]) == 2
+    assert "missing.csv" in capsys.readouterr().err
+    assert main(["predict", str(tmp_path), os.devnull, "--input", str(tmp_path / "b.csv")]) == 2
+    assert "two inputs" in capsys.readouterr().err

@@ -28,4 +28,4 @@ def test_a_reward_run_from_a_classification_run_gets_a_new_head(tmp_path, capsys
     assert "a new head is drawn and trained" in message and "2 output(s)" in message
     # the run loads again (the same new-head path, then its trained head from the adapter)
     (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": "question 1 ?", "completion": "a good answer 1 ."}) + "\n")
-    assert main(["predict", str(tmp_path / "reward"), "--input", str(tmp_path / "rows.jsonl")]) == 0
+    assert main(["predict", str(tmp_path / "reward"), str(tmp_path / "rows.jsonl")]) == 0  # INPUT, or --input
