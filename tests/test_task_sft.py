@@ -119,6 +119,7 @@ def test_text_records_train_every_token_as_written(task, tokenizer, tmp_path, de
     data = task.load_data(options(train=path, format=declared), tokenizer)
     assert data.state["format"] == "text" and data.state["chat_template"] == "plain"
     assert data.notes["chat_template"] == "plain (built-in)"
+    assert data.notes["train_long_texts"] == "0 of 2 longer than max_length = 256"
     for record, row in zip(TEXTS, data.train):
         # BOS, the text with no chat markup, EOS; every token after BOS is trained (EOS too: where to stop)
         assert tokenizer.decode(row["input_ids"]) == f"<s>{record['text']}</s>"
@@ -137,8 +138,8 @@ def test_long_texts_are_split_so_every_token_is_trained_once(task, tokenizer, tm
     assert pieces[0]["input_ids"] + [t for p in pieces[1:] for t in p["input_ids"][1:]] == whole
     targets = [label for p in pieces for label in p["labels"][1:]]  # what the loss predicts
     assert targets == whole[1:]
-    assert data.notes["train_long_texts"] == f"1 longer than max_length = 16, split into pieces: " \
-                                             f"{len(data.train)} examples in all"
+    assert data.notes["train_long_texts"] == f"1 of 2 longer than max_length = 16, split into pieces: " \
+                                             f"{len(data.train)} examples"
     assert pieces[0]["conversation"] == [{"role": "assistant", "content": long["text"]}]
     assert all(p["conversation"][0]["content"] == "" for p in pieces[1:])  # the text is stored once
     assert "train_truncated" not in data.notes

@@ -213,7 +213,7 @@ class Encoder:
             columns["where"].append(example.place)
         counts = {"examples": len(columns["input_ids"]), "truncated": truncated, "dropped": dropped}
         if self.split_long:
-            counts["split"] = long_texts
+            counts.update(split=long_texts, texts=len(examples))
         if shortest_prompt is not None:
             counts["shortest_dropped_prompt"] = shortest_prompt
         return columns, counts
@@ -348,8 +348,9 @@ class SftTask(CausalLmTask):
                                 hint="raise task.max_length, or shorten the prompts")
             datasets[split] = dataset
             if "split" in counts:  # text records: nothing is cut or dropped
-                notes[f"{split}_long_texts"] = (f"{counts['split']} longer than max_length = {options.max_length}, "
-                                                f"split into pieces: {counts['examples']} examples in all")
+                notes[f"{split}_long_texts"] = (
+                    f"{counts['split']} of {counts['texts']} longer than max_length = {options.max_length}"
+                    + (f", split into pieces: {counts['examples']} examples" if counts["split"] else ""))
             else:
                 notes[f"{split}_truncated"] = counts["truncated"]
                 notes[f"{split}_dropped"] = counts["dropped"]
