@@ -15,8 +15,8 @@ knowing where it is (``file:line``, and ``record [i]`` for an item of a JSON lis
 
 Every record becomes a conversation; an optional top-level ``"system"`` string becomes its
 system message. A text record is a conversation of one assistant turn (to train on) or, as a
-prompt (``need_answer=False``), of one user turn (to continue). A problem with a record is a :class:`BadRow` inside the readers, raised to the
-user as a DataError at the record's place.
+prompt (``need_answer=False``), of one user turn (to continue). A problem with a record is a
+:class:`BadRow` inside the readers, raised to the user as a DataError at the record's place.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from petune_plugins.tasks.datafiles import json_type
 from petune_plugins.tasks.encoding import Spool
 
 __all__ = [
-    "FORMAT_HINT", "ROLES", "TEXT_FORMAT_HINT", "BadRow", "Example", "Row", "as_text", "chat_message", "detect_format", "iter_rows",
-    "message_list", "parse_records", "read_examples", "record_keys", "to_conversation",
+    "FORMAT_HINT", "ROLES", "TEXT_FORMAT_HINT", "BadRow", "Example", "Row", "as_text", "chat_message",
+    "detect_format", "iter_rows", "message_list", "parse_records", "read_examples", "record_keys", "to_conversation",
 ]
 
 
