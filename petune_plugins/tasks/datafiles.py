@@ -472,8 +472,8 @@ def parse_table(lines: Iterable[tuple[int, str]], source: str, *, delimiter: str
         peeked += itertools.islice(lines, _DELIMITER_LINES)
         delimiter = guess_delimiter(source, "".join(line for _, line in peeked))
         if delimiter == ";":
-            _say(f'{source}: read with ";" as the delimiter (its first rows have as many fields each with '
-                 'semicolons, not with commas); set delimiter = "," in [task] where the task has that option, to read commas')
+            _say(f'{source}: read with ";" as the delimiter (its first rows split evenly on ";", not on ","); '
+                 'set delimiter = "," in [task], where the task has that option, to read commas')
     if quoting not in ("auto", "csv", "none"):
         raise ValueError(f"quoting must be auto, csv or none, not {quoting!r}")
     if quoting == "auto" and delimiter != "\t":
