@@ -180,13 +180,16 @@ def test_text_runs_continue_prompts_as_written(task, tokenizer, tiny_llama_path,
     model.generation_config.eos_token_id = None
     assert task.generate(model, tokenizer, opts, {**data.state, "stop_tokens": []},
                          [{"role": "user", "content": "the quick brown"}], max_new_tokens=6) == expected
-    # a long text split into pieces gives one sample, not one per piece
-    long = write_jsonl(tmp_path / "long.jsonl", [{"text": "the quick brown fox jumps over the lazy dog . " * 3},
+    # a long text split into pieces gives one sample, not one per piece, from its first piece: the whole
+    # text (here 40 times the model's context) could not be a prompt
+    long = write_jsonl(tmp_path / "long.jsonl", [{"text": "the quick brown fox jumps over the lazy dog . " * 1000},
                                                  TEXTS[0]])
     split_opts = options(train=long, validation=long, max_length=12)
     split_data = task.load_data(split_opts, tokenizer)
     samples = task.sample_generations(model, tokenizer, split_opts, split_data, 2)
     assert [s["where"] for s in samples] == [f"{long}:1", f"{long}:2"]
+    first_piece = tokenizer.decode(split_data.validation[0]["input_ids"], skip_special_tokens=True)
+    assert samples[0]["messages"][0]["content"] + " " + samples[0]["expected"] == first_piece
     rows = task.parse_inputs(opts, '{"text": "the quick brown"}\n"fox"\n', "p.jsonl")
     assert [r["messages"] for r in rows] == [[{"role": "user", "content": "the quick brown"}],
                                              [{"role": "user", "content": "fox"}]]

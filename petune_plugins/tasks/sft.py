@@ -416,8 +416,9 @@ class SftTask(CausalLmTask):
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
             expected = messages[last]["content"]
-            if not prompt:  # a text record: continue its first half
-                prompt, expected = _continuation_prompt(expected)
+            if not prompt:  # a text record: continue the first half of its first piece (a whole text may be
+                # longer than the model's context)
+                prompt, expected = _continuation_prompt(tokenizer.decode(row["input_ids"], skip_special_tokens=True))
             generated = self.generate(model, tokenizer, options, data.state, prompt,
                                       max_new_tokens=SAMPLE_MAX_NEW_TOKENS)
             samples.append({"split": split, "where": row["where"], "messages": prompt,
@@ -479,7 +480,7 @@ def _chat_template(options: SftOptions, fmt: str | None) -> str:
 
 
 def _continuation_prompt(text: str) -> tuple[list[dict], str]:
-    """A text record as a sample generation: its first half as the prompt, the rest expected."""
+    """A text as a sample generation: its first half (in words) as the prompt, the rest expected."""
     words = text.split(" ")
     half = max(1, len(words) // 2)
     return [{"role": "user", "content": " ".join(words[:half])}], " ".join(words[half:])
