@@ -416,8 +416,8 @@ class SftTask(CausalLmTask):
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
             expected = messages[last]["content"]
-            if not prompt:  # a text record: continue the first half of its first piece (a whole text may be
-                # longer than the model's context)
+            if data.state.get("format") == "text":  # continue the first half of a text's first piece (a whole
+                # text may be longer than the model's context)
                 prompt, expected = _continuation_prompt(tokenizer.decode(row["input_ids"], skip_special_tokens=True))
             generated = self.generate(model, tokenizer, options, data.state, prompt,
                                       max_new_tokens=SAMPLE_MAX_NEW_TOKENS)
