@@ -145,6 +145,29 @@ def test_long_texts_are_split_so_every_token_is_trained_once(task, tokenizer, tm
     assert "train_truncated" not in data.notes
 
 
+def test_a_txt_file_is_text_records_one_per_block_of_lines(task, tokenizer, tmp_path, monkeypatch):
+    import gzip
+
+    from petune_plugins.tasks import chat_records
+
+    book = ("Chapter one .\r\nthe quick brown fox\r\njumps over the lazy dog .\r\n  \r\n\r\n"
+            "a good movie with a great story\r\nand fine acting .\r\n\r\nthe end .")
+    path = tmp_path / "book.txt.gz"
+    path.write_bytes(gzip.compress(book.encode()))
+    data = task.load_data(options(train=path), tokenizer)
+    assert data.state["format"] == "text"
+    texts = [tokenizer.decode(row["input_ids"], skip_special_tokens=True) for row in data.train]
+    assert texts == ["Chapter one .\nthe quick brown fox\njumps over the lazy dog .",
+                     "a good movie with a great story\nand fine acting .", "the end ."]
+    assert [row["where"] for row in data.train] == [f"{path}:1", f"{path}:6", f"{path}:9"]
+    assert len(task.load_data(options(train=path, max_rows=2), tokenizer).train) == 2
+    # a file without blank lines is not held whole: its block is cut at a line past the limit
+    monkeypatch.setattr(chat_records, "_BLOCK_CHARACTERS", 30)
+    rows = list(chat_records.iter_rows(write_jsonl(tmp_path / "lines.txt", [f"line number {i} ." for i in range(6)])))
+    assert [r.data["text"] for r in rows] == ["line number 0 .\nline number 1 .", "line number 2 .\nline number 3 .",
+                                              "line number 4 .\nline number 5 ."]
+
+
 def test_text_records_refuse_a_chat_template(task, tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", TEXTS)
     with pytest.raises(DataError, match="chat_template = 'chatml' would wrap each text") as info:

@@ -13,6 +13,11 @@ knowing where it is (``file:line``, and ``record [i]`` for an item of a JSON lis
     sharegpt           {"conversations": [{"from": "system" | "human" | "gpt", "value"}]}
     text               {"text"}   plain text, trained as it is (only where a task reads with text=True)
 
+A ``.txt`` file (also .gz/.zst) holds text records as plain text: each block of lines between
+blank lines is one ``{"text"}`` record, its line breaks kept (a file without blank lines is one
+text, cut at a line past a million characters). Not lines: a book or an article wrapped at 80
+columns would become a record per line.
+
 Every record becomes a conversation; an optional top-level ``"system"`` string becomes its
 system message. A text record is a conversation of one assistant turn (to train on) or, as a
 prompt (``need_answer=False``), of one user turn (to continue). A problem with a record is a
@@ -64,7 +69,9 @@ def iter_rows(path: Path, max_rows: int | None = None) -> Iterator[Row]:
     :func:`datafiles.iter_records`. JSON Lines and columnar files are streamed; a JSON list's
     text is read whole (a record at a time is parsed from it)."""
     kind = datafiles.data_format(path)
-    if kind == "jsonl":  # line by line: the whole text is never held, nor a list of its lines
+    if datafiles.data_suffix(path) == ".txt":
+        yield from itertools.islice(_text_blocks(path), max_rows)
+    elif kind == "jsonl":  # line by line: the whole text is never held, nor a list of its lines
         values = datafiles.iter_json_lines(datafiles.iter_lines(path), str(path), max_rows=max_rows, objects=False)
         yield from map(_row, values)
     elif kind in ("json", None):
@@ -73,6 +80,25 @@ def iter_rows(path: Path, max_rows: int | None = None) -> Iterator[Row]:
     else:
         for record in datafiles.iter_records(path, max_rows):
             yield Row(dict(record), record.where)
+
+
+_BLOCK_CHARACTERS = 1_000_000  # a block without blank lines is cut (at a line) past this: never a whole file in memory
+
+
+def _text_blocks(path: Path) -> Iterator[Row]:
+    """The blank-line separated blocks of a plain text file as ``{"text"}`` records, each at its
+    first line (line breaks as "\\n")."""
+    block: list[str] = []
+    size = start = 0
+    for number, line in datafiles.iter_lines(path):
+        if line.strip():
+            block.append(line.rstrip("\r\n"))
+            size, start = size + len(line), start or number
+        if block and (not line.strip() or size > _BLOCK_CHARACTERS):
+            yield Row({"text": "\n".join(block)}, datafiles.where(path, start))
+            block, size, start = [], 0, 0
+    if block:
+        yield Row({"text": "\n".join(block)}, datafiles.where(path, start))
 
 
 def parse_records(text: str, source: str, *, jsonl: bool | None = None, max_rows: int | None = None) -> list[Row]:

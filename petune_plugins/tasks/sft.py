@@ -1,7 +1,8 @@
 """Supervised fine-tuning (SFT) of causal language models on instructions and chats.
 
 Data: JSON (a list of records) or JSON Lines (also .gz/.zst), or any other records file the
-shared reader takes (CSV/TSV, Parquet, Arrow), in one of five formats; ``format = "auto"``
+shared reader takes (CSV/TSV, Parquet, Arrow), or plain text (.txt: text records, see
+:mod:`~petune_plugins.tasks.chat_records`), in one of five formats; ``format = "auto"``
 tells them apart by their keys (from the first record of each file)::
 
     alpaca             {"instruction", "input" (optional), "output"}
@@ -93,7 +94,8 @@ SAMPLE_MAX_NEW_TOKENS = 128
 
 
 class SftOptions(SplitOptions):
-    train: DataPath = Field(description="training data: JSON Lines, a JSON list of records, or any records file")
+    train: DataPath = Field(description="training data: JSON Lines, a JSON list of records, any records file, or "
+                                        "plain text (.txt: a text per block of lines between blank lines)")
     validation: DataPath | None = Field(None, description="held-out data: loss, perplexity and sample generations")
     format: Literal["auto", "alpaca", "prompt-completion", "messages", "sharegpt", "text"] = Field(
         "auto", description="data format; auto: by the keys of each file's first record (text: plain text records, "
