@@ -102,6 +102,14 @@ def test_every_format_gives_the_prompt_and_keeps_the_other_fields(tmp_path, fmt)
         assert row.fields["output"] == "4"  # the reference answer reaches the rewards too
 
 
+def test_plain_text_prompts_are_refused_saying_what_they_are(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("what is 2 plus 2 ?\n\nwhat is 3 plus 3 ?\n")
+    with pytest.raises(DataError, match="plain text, which sft trains on, while GRPO answers prompts") as caught:
+        read_prompts(path, "auto", None, None)
+    assert caught.value.where == f"{path}:1" and "prompt-completion {prompt, completion}" in caught.value.hint
+
+
 def test_a_row_without_a_user_turn_is_refused_at_its_line(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [RECORDS["messages"], {"messages": [{"role": "system", "content": "x"}]}])
     with pytest.raises(DataError, match="no user turn") as caught:

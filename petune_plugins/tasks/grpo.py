@@ -231,7 +231,10 @@ def read_prompts(path: Path, fmt: str, max_rows: int | None, system_prompt: str 
         fmt = detect_format(first.data)
         if fmt is None:
             has = f"keys {record_keys(first.data)}" if isinstance(first.data, dict) else "no object"
-            raise DataError(f"cannot tell the data format: its first record has {has}", where=first.where,
+            plain = detect_format(first.data, text=True) == "text"  # sft's plain text (a .txt file, {"text"})
+            raise DataError(f"cannot tell the data format: its first record has {has}"
+                            + (": plain text, which sft trains on, while GRPO answers prompts" if plain else ""),
+                            where=first.where,
                             hint=f"{FORMAT_HINT} (the answer may be left out); or set task.format")
 
     def prompts():
