@@ -36,7 +36,6 @@ Metrics
 from __future__ import annotations
 
 import csv
-import io
 import itertools
 import re
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -483,7 +482,7 @@ class ClassificationTask(common.EncoderTask):
         settings = FileSettings.of(options)
         if table and settings.header == "auto" and not settings.named_columns():
             # a header guessed wrong would drop a row without a word: here only usual names count
-            settings.header = _has_usual_names(text, settings.delimiter or datafiles.guess_delimiter(source, _head(text)))
+            settings.header = _has_usual_names(text, settings.delimiter or datafiles.guess_delimiter(source, text))
         if table or _is_records(source):
             examples = read_examples(settings, need_label=False, text=text, source=source)
             return [{"text": e.text, "text_pair": e.pair, "label": e.label, "where": e.where} for e in examples]
@@ -534,10 +533,6 @@ class ClassificationTask(common.EncoderTask):
             cells += [prediction["label"], f"{prediction['probability']:.4f}"]
             lines.append("\t".join(_one_line(c) for c in cells))
         return "\n".join(lines) + "\n"
-
-
-def _head(text: str, lines: int = 21) -> str:
-    return "".join(itertools.islice(io.StringIO(text), lines))
 
 
 def _has_usual_names(text: str, delimiter: str) -> bool:

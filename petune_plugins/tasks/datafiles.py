@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import itertools
 import json
 import re
@@ -315,15 +316,19 @@ def read_text(path: str | Path) -> str:
 
 
 # -- tables ---------------------------------------------------------------------------------
+_DELIMITER_LINES = 20  # lines after the first one that guess_delimiter looks at
+
+
 def guess_delimiter(source: str | Path, sample: str = "") -> str:
     """The delimiter from the extension (.tsv/.tab tab, .csv comma); otherwise a tab if the
-    first line of ``sample`` (the file's first lines) has one, else a comma. A comma file
-    whose sample does not split into the same number of fields on every row with commas,
-    but does with semicolons, is read with ``;``: what spreadsheets save as "CSV" where the
-    decimal mark is a comma."""
+    first line of ``sample`` (the file's text, of which its first lines are read) has one,
+    else a comma. A comma file whose sample does not split into the same number of fields on
+    every row with commas, but does with semicolons, is read with ``;``: what spreadsheets
+    save as "CSV" where the decimal mark is a comma."""
     suffix = data_suffix(source)
     if suffix in TABLE_SUFFIXES and TABLE_SUFFIXES[suffix] != ",":
         return TABLE_SUFFIXES[suffix]
+    sample = "".join(itertools.islice(io.StringIO(sample), _DELIMITER_LINES + 1))
     first = next((line for line in sample.splitlines() if line.strip()), "")
     if suffix not in TABLE_SUFFIXES and "\t" in first:
         return "\t"
@@ -359,7 +364,6 @@ def looks_like_header(first: list[str], rows: list[list[str]]) -> bool:
 
 
 _SNIFF_LINES = 2000  # lines of a TSV file that quoting = "auto" looks at
-_DELIMITER_LINES = 20  # lines after the first non-blank one that guess_delimiter looks at
 _announced: set[str] = set()
 
 
