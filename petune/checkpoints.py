@@ -96,8 +96,8 @@ def release_signals() -> None:
     (``on_train_end`` never ran): the stop-on-signal handler would outlive it in this process
     and be inherited by every process forked later (a data pool's workers then ignored the
     SIGTERM that ends them)."""
-    while _holding_signals:
-        _holding_signals.pop().restore()
+    for holder in list(_holding_signals):
+        holder.restore()
 
 
 def callbacks(save_total_limit: int | None = None) -> list:
@@ -145,13 +145,13 @@ def callbacks(save_total_limit: int | None = None) -> list:
 
         def on_train_end(self, args, state, control, **kwargs):
             self.restore()
-            if self in _holding_signals:
-                _holding_signals.remove(self)
 
         def restore(self):
             for sig, previous in self._previous.items():
                 signal.signal(sig, previous)
             self._previous.clear()
+            if self in _holding_signals:
+                _holding_signals.remove(self)
 
     return [MarkCompleteCheckpoints(), StopOnSignal()]
 

@@ -201,7 +201,8 @@ def read_toml(path: Path) -> tuple[dict, str]:
         msg = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(exc))
         line, column = (int(m.group(1)), int(m.group(2))) if m else (_repeated_key_line(text), None)
         where = f"{path}:{line}" + (f":{column}" if column else "") if line else str(path)
-        shown = text.splitlines()[line - 1].strip() if line and line <= len(text.splitlines()) else ""
+        lines = text.splitlines()
+        shown = lines[line - 1].strip() if line and line <= len(lines) else ""
         detail = f" (line {line}" + (f", column {column})" if column else ")") if line else ""
         hint = next((h for start, h in _TOML_HINTS if msg.startswith(start)), None)
         raise RecipeError(f"invalid TOML{detail}: {msg}" + (f": {shown}" if shown else ""), where=where,
