@@ -414,13 +414,14 @@ class SftTask(CausalLmTask):
             if row["where"] in seen:  # another piece of a long text
                 continue
             seen.add(row["where"])
-            messages = row["conversation"]
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
-            expected = messages[last]["content"]
             if data.state.get("format") == "text":  # continue the first half of a text's first piece (a whole
                 # text may be longer than the model's context)
                 prompt, expected = _continuation_prompt(tokenizer.decode(row["input_ids"], skip_special_tokens=True))
+            else:
+                messages = row["conversation"]
+                last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+                prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+                expected = messages[last]["content"]
             generated = self.generate(model, tokenizer, options, data.state, prompt,
                                       max_new_tokens=SAMPLE_MAX_NEW_TOKENS)
             samples.append({"split": split, "where": row["where"], "messages": prompt,
